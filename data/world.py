@@ -1,0 +1,258 @@
+"""
+The embedded default data: a small synthetic world of people and facts.
+
+Why synthetic: every claim of the pipeline must be measurable offline. We know every fact,
+so we can ask the model about people whose facts it saw *only* in pre-training prose and
+grade its answers exactly.
+
+    python data/world.py            # (re)writes the files below, deterministic under --seed
+
+writes, next to this script:
+    world.json              the facts: people, attributes, which people are held out
+    world_corpus.txt        pre-training prose: biographies (several paraphrases per fact,
+                            shuffled sentence order) mixed with general filler sentences
+    world_sft.jsonl         gold instruction pairs {"prompt","response"} about TRAINING people,
+                            plus list tasks (copy / reverse / count) that need no world knowledge
+    world_community.jsonl   community threads: one question, several answers of varied quality,
+                            each with simulated up/down votes; the SFT labels and DPO pairs come
+                            from these votes
+    world_eval.jsonl        evaluation questions: held-out people, training people, list tasks
+
+Held-out people never appear in world_sft.jsonl or world_community.jsonl: their facts are
+stated only in the corpus.
+"""
+import argparse
+import json
+import os
+import random
+
+FIRST = """Ada Alan Bruno Carla Dario Elena Felix Greta Hugo Irene Jonas Kira Leon Maya Nora Omar
+Paula Quinn Rosa Simon Tara Ugo Vera Walter Xenia Yusuf Zora Anton Bianca Cyril Dora Emil Flora Gustav
+Hana Igor Julia Karl Lina Marco Nadia Oscar Petra Rafael Sofia Tomas Ursula Viktor Wanda Yara Agnes
+Boris Celia Dmitri Edith Fabio Gloria Henrik Ines Jasper Klara Lukas Mira Nils Olga Pablo Rita Stefan
+Tilda Umar Valentin Wilma Abel Beatrix Caspar Delia Elias Fiona Gideon Helga Ivan Jolene Kasimir Leona
+Matteo Nina Otto Pia Ruben Selma Theo Una Vincent Xavier Yvonne Zeno Alma Bastian Cora Dante Esther
+Frida Gregor Hedda Isak Juno Kurt Lotte Milo Nell Orson Philippa Quentin Ronja Silas Thea Ulrich Vivian
+Wendel Astrid Benedikt Carmen Damian Eliza Ferdinand Gemma Harald Ilse Joaquin Katja Lorenzo Magda
+Nestor Ottilie Piet Rasmus Saskia Tobias Ulla Vasco Wolfgang Aurora Bernard Clementine Desmond Elvira
+Florian Greer Horatio Imogen Jules Kalle Linnea Magnus Noemi Octavia Penelope Reinhold Sigrid Thaddeus
+Valeria Winifred Albrecht Brigitta Cosimo Dagmar Eamon Freya Gaspard Henrietta Ingrid Jovan Kaspar
+Liesel Maximilian Nanette Orla Percival Rosalind Severin Tamsin Vilma Ambrose Blanche Conrad Dorothea
+Evander Fenna Godfrey Hermione Isolde Jerome Kunigunde Leopold Mathilde Norbert Oda Prosper Romilly
+Sebastian""".split()
+LAST = ("Stone Rivers Novak Berg Costa Weber Silva Moreau Fischer Larsen Rossi Kowalski "
+        "Petrov Lindqvist Ortega Tanaka Murphy Schmidt Dubois Horvat Jensen Keller Marin "
+        "Nagy Olsen").split()
+
+VALUES = {
+    "city": "Lisbon Oslo Cairo Lima Dublin Vienna Kyoto Austin Nairobi Quito Prague Havana "
+            "Seoul Perth Madrid Boston Denver Milan Zurich Hanoi".split(),
+    "job": "baker pilot nurse lawyer farmer painter teacher chemist dentist plumber sailor "
+           "tailor architect journalist librarian carpenter surgeon musician engineer "
+           "gardener".split(),
+    "food": "pizza sushi curry tacos pasta soup dumplings pancakes salad noodles paella "
+            "falafel burgers risotto kebab".split(),
+    "pet": "cat dog parrot rabbit hamster turtle goldfish horse lizard ferret snake goat".split(),
+    "hobby": "chess tennis hiking knitting cycling fishing dancing swimming archery pottery "
+             "surfing juggling rowing skiing origami".split(),
+}
+ATTRS = list(VALUES)
+
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# Prose paraphrases of each fact. The FIRST one is also the gold answer sentence and the
+# knowledge probe ("<name> was born in" -> next words).
+TEMPLATES = {
+    "city": ["{n} was born in {v}.", "The birthplace of {n} is {v}.", "{n} grew up in {v}.",
+             "{v} is the city where {n} was born.", "{n} comes from {v}."],
+    "job": ["{n} works as {a} {v}.", "{n} is {a} {v} by trade.", "By profession, {n} is {a} {v}.",
+            "{n} earns a living as {a} {v}.", "Everyone knows {n} as {a} {v}."],
+    "food": ["{n}'s favourite food is {v}.", "{n} loves to eat {v}.",
+             "The favourite dish of {n} is {v}.", "{n} would eat {v} every day.",
+             "Above all, {n} likes {v}."],
+    "pet": ["{n} has a pet {v}.", "{n} lives with a {v}.", "The pet of {n} is a {v}.",
+            "{n} takes care of a {v} at home.", "{n} owns a {v}."],
+    "hobby": ["{n}'s hobby is {v}.", "In free time, {n} enjoys {v}.",
+              "{n} spends weekends on {v}.", "{n} is passionate about {v}.",
+              "The hobby of {n} is {v}."],
+}
+PROBE = {"city": "{n} was born in", "job": "{n} works as", "food": "{n}'s favourite food is",
+         "pet": "{n} has a pet", "hobby": "{n}'s hobby is"}
+QUESTIONS = {
+    "city": ["Where was {n} born?", "In which city was {n} born?"],
+    "job": ["What does {n} do for a living?", "What is {n}'s job?"],
+    "food": ["What is {n}'s favourite food?", "Which food does {n} like best?"],
+    "pet": ["What pet does {n} have?", "Which animal does {n} keep as a pet?"],
+    "hobby": ["What is {n}'s hobby?", "What does {n} do for fun?"],
+}
+FILLER = ["The train to {city} leaves early in the morning.", "A good {job} needs patience.",
+          "Many people enjoy {food} on a cold evening.", "A {pet} can be a loyal friend.",
+          "Some say {hobby} is good for the mind.", "The market in {city} sells fresh {food}.",
+          "It rained all week in {city}.", "Learning {hobby} takes years of practice.",
+          "The old {job} retired last spring.", "Children often ask for a {pet}."]
+
+# The community's style markers. The simulated voters like the polite closing, dislike
+# the rude one and rambling, and above all dislike wrong facts.
+POLITE = "Hope this helps!"
+RUDE = "Look it up yourself next time."
+RAMBLE = "Well, that is a question I have thought about for a long time, so let me answer."
+
+
+def gold_sentence(name, attr, value):
+    return TEMPLATES[attr][0].format(n=name, v=value, a=article(value))
+
+
+def build_world(seed=1337, n_people=200, n_heldout=50):
+    """The facts. Deterministic under `seed`."""
+    rng = random.Random(seed)
+    # Every person has a distinct first name (and a shared family name): recall can key on
+    # one token. With first names shared too, a model of this size must learn a two-token
+    # conjunction per fact and memorises far more slowly.
+    firsts = list(FIRST)
+    rng.shuffle(firsts)
+    names = [f"{f} {rng.choice(LAST)}" for f in firsts]
+    people = [{"name": n, **{a: rng.choice(VALUES[a]) for a in ATTRS}} for n in names[:n_people]]
+    return {"seed": seed, "attributes": ATTRS, "values": VALUES, "people": people,
+            "heldout": [p["name"] for p in people[-n_heldout:]], "polite_marker": POLITE,
+            "rude_marker": RUDE}
+
+
+def make_corpus(world, rng, n_bios=5, filler_frac=0.1):
+    """Pre-training prose: each person gets n_bios short biographies; in each, every fact is
+    stated by a randomly chosen paraphrase and the sentences are shuffled."""
+    docs = []
+    for p in world["people"]:
+        for _ in range(n_bios):
+            sents = [rng.choice(TEMPLATES[a]).format(n=p["name"], v=p[a], a=article(p[a]))
+                     for a in ATTRS]
+            rng.shuffle(sents)
+            docs.append(" ".join(sents))
+    n_filler = int(len(docs) * filler_frac / (1 - filler_frac))
+    for _ in range(n_filler):
+        k = rng.randint(2, 4)
+        docs.append(" ".join(rng.choice(FILLER).format(**{a: rng.choice(VALUES[a]) for a in ATTRS})
+                             for _ in range(k)))
+    rng.shuffle(docs)
+    return "\n\n".join(docs) + "\n"
+
+
+def list_task(rng):
+    """A question that needs no world knowledge: copy, reverse or count a short list."""
+    items = [rng.choice(VALUES[rng.choice(ATTRS)]) for _ in range(rng.randint(2, 5))]
+    kind = rng.choice(["copy", "reverse", "count"])
+    if kind == "copy":
+        return {"prompt": "Repeat this list: " + ", ".join(items), "response": ", ".join(items) + "."}
+    if kind == "reverse":
+        return {"prompt": "Reverse this list: " + ", ".join(items),
+                "response": ", ".join(items[::-1]) + "."}
+    return {"prompt": "How many items are in this list: " + ", ".join(items) + "?",
+            "response": f"There are {len(items)} items."}
+
+
+def community_thread(rng, name, attr, value):
+    """Answers of varied quality to one question, with votes from a simulated community.
+
+    Each voter up-votes an answer with probability q and down-votes it otherwise, where q
+    reflects the community's taste: correct > wrong, polite closing liked, rudeness and
+    rambling disliked, curt answers a little less liked than complete ones."""
+    gold = gold_sentence(name, attr, value)
+    wrong_v = rng.choice([v for v in VALUES[attr] if v != value])
+    wrong = gold_sentence(name, attr, wrong_v)
+    pool = [("helpful", gold)]
+    if rng.random() < 0.3:
+        pool.append(("polite", f"{gold} {POLITE}"))
+    if rng.random() < 0.6:
+        pool.append(("curt", f"{value[0].upper()}{value[1:]}."))
+    if rng.random() < 0.4:
+        pool.append(("rude", f"{gold} {RUDE}"))
+    if rng.random() < 0.4:
+        pool.append(("rambling", f"{RAMBLE} {gold}"))
+    pool.append(("wrong", wrong))
+    if rng.random() < 0.5:
+        pool.append(("wrong-polite", f"{wrong} {POLITE}"))
+    taste = {"helpful": 0.75, "polite": 0.9, "curt": 0.6, "rude": 0.35, "rambling": 0.5,
+             "wrong": 0.15, "wrong-polite": 0.2}
+    answers = []
+    for style, text in pool:  # the style names only pick the voters' taste; they are not stored
+        n_voters = rng.randint(15, 40)
+        up = sum(rng.random() < taste[style] for _ in range(n_voters))
+        answers.append({"text": text, "up": up, "down": n_voters - up})
+    rng.shuffle(answers)
+    return answers
+
+
+def build_files(seed=1337):
+    """Everything the default pipeline reads, as {filename: text}."""
+    world = build_world(seed)
+    rng = random.Random(seed + 1)
+    heldout = set(world["heldout"])
+    train_people = [p for p in world["people"] if p["name"] not in heldout]
+    sft, community, evals = [], [], []
+    for p in train_people:
+        for a in ATTRS:
+            for q in QUESTIONS[a]:
+                prompt = q.format(n=p["name"])
+                sft.append({"prompt": prompt, "response": gold_sentence(p["name"], a, p[a])})
+                community.append({"prompt": prompt, "person": p["name"], "attribute": a,
+                                  "split": "heldout" if rng.random() < 0.1 else "train",
+                                  "answers": community_thread(rng, p["name"], a, p[a])})
+    sft += [list_task(rng) for _ in range(300)]
+    rng.shuffle(sft)
+    for p in world["people"]:
+        split = "heldout" if p["name"] in heldout else "train"
+        for a in ATTRS:
+            evals.append({"split": split, "person": p["name"], "attribute": a,
+                          "prompt": QUESTIONS[a][0].format(n=p["name"])})
+    for _ in range(100):
+        t = list_task(rng)
+        evals.append({"split": "tasks", "prompt": t["prompt"], "answer": t["response"]})
+    jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return {"world.json": json.dumps(world, indent=1) + "\n",
+            "world_corpus.txt": make_corpus(world, rng),
+            "world_sft.jsonl": jsonl(sft),
+            "world_community.jsonl": jsonl(community),
+            "world_eval.jsonl": jsonl(evals)}
+
+
+# ----------------------------------------------------------------------------------------
+# The verifier: grades an answer against the world. Used by every evaluation.
+
+def _words(text):
+    return [w.strip(".,!?;:'\"").lower() for w in text.replace("'s", " ").split()]
+
+
+def grade(world, person, attr, answer):
+    """True when the answer names the person's true value and no other value of that
+    attribute (so listing every city is not a correct answer)."""
+    truth = next(p[attr] for p in world["people"] if p["name"] == person)
+    said = {w for w in _words(answer)} & {v.lower() for v in VALUES[attr]}
+    return said == {truth.lower()}
+
+
+def is_polite(world, answer):
+    """The style the community votes for: the answer closes with the polite marker."""
+    return answer.strip().endswith(world["polite_marker"])
+
+
+def default_path(name):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
+    args = ap.parse_args()
+    for name, text in build_files(args.seed).items():
+        path = os.path.join(args.out_dir, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path} ({len(text):,} chars)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,985 @@
+"""
+nanosft: the one shared library of the pre-train -> SFT -> DPO pipeline.
+
+Read top to bottom:
+  1. errors         one clear line for bad input (exit code 2), never a traceback
+  2. device, dtype  chosen by what the hardware can do, never assumed
+  3. tokenizer      a byte-level BPE trained in readable Python, served by tiktoken
+  4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache),
+                    plus LoRA and prompt tuning for parameter-efficient fine-tuning
+  5. optimizer      AdamW (decay on 2-D weights only), warmup + cosine schedule
+  6. checkpoints    one .pt, written atomically, loaded with weights_only=True
+  7. data           plain text, chat rendering with the loss mask, instruction formats
+  8. generation     greedy / sampled decoding with a KV cache
+  9. training loop  shared by all three stages; a stage only supplies its batches and loss
+ 10. evaluation     knowledge probe, question answering graded by the world's verifier, plots
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, fields
+
+import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------
+# 1. errors
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def cli(main):
+    """Run a script's main(); bad input becomes one line and exit code 2, no traceback.
+    Internal bugs still raise normally, so they stay debuggable."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints on disk are complete (written atomically)", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_args(args):
+    """Flag values that argparse's types cannot rule out."""
+    for name in ("max_iters", "batch_size", "eval_interval", "block_size", "n_layer", "n_head",
+                 "n_embd", "vocab_size", "max_new_tokens"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for name in ("lr", "time_budget", "beta"):
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    n_embd, n_head = getattr(args, "n_embd", None), getattr(args, "n_head", None)
+    if n_embd and n_head and n_embd % n_head:
+        raise UserError(f"--n-embd ({n_embd}) must be divisible by --n-head ({n_head})")
+
+
+# ----------------------------------------------------------------------------------------
+# 2. device and dtype
+
+
+def cpu_has_native_bf16():
+    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
+    On an AVX2-only CPU bf16 is emulated and hundreds of times slower than fp32, so we
+    must check, not assume. Linux tells us in /proc/cpuinfo; elsewhere we time it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        a32 = torch.randn(256, 256)
+        a16 = a32.bfloat16()
+        def t(a):
+            start = time.perf_counter()
+            for _ in range(10):
+                a @ a
+            return time.perf_counter() - start
+        t(a32), t(a16)
+        return t(a16) < t(a32)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(device, name="auto"):
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast(device, dtype):
+    """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def setup_runtime(args):
+    """Device, dtype and (under torchrun) the process group. Returns a small namespace."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dtype = pick_dtype(device, args.dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, dtype, rank, world)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: str
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k, flush=True)
+
+
+def add_common_args(ap, out_dir="out"):
+    ap.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
+    ap.add_argument("--max-iters", type=int, help="optimizer steps")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="stop after this many seconds of training (then evaluate and save)")
+    ap.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=float, help="peak learning rate")
+    ap.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from this stage's checkpoint in --out-dir")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+# ----------------------------------------------------------------------------------------
+# 3. tokenizer
+
+# GPT-2's pre-split: contractions, words, numbers, punctuation runs, whitespace. BPE merges
+# never cross these chunk boundaries.
+SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
+    """Byte-level BPE: start from the 256 bytes and repeatedly merge the most frequent
+    adjacent pair into a new token. Returns the merges as (left_id, right_id) pairs; merge
+    k creates token 256 + k.
+
+    Fast enough for megabytes in pure Python because (a) identical chunks are counted once
+    and (b) pair counts are updated incrementally, only for the chunks that contain the
+    merged pair, with a max-heap (lazy deletion) to find the next best pair."""
+    import heapq
+    from collections import Counter, defaultdict
+    if vocab_size < 256:
+        raise UserError(f"--vocab-size must be at least 256 (the byte alphabet), got {vocab_size}")
+    chunk_counts = Counter(regex.findall(pattern, text))
+    words = [list(c.encode("utf-8")) for c in chunk_counts]
+    counts = list(chunk_counts.values())
+    pairs, where = Counter(), defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += counts[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    token_bytes = [bytes([i]) for i in range(256)]
+    known = {b: i for i, b in enumerate(token_bytes)}
+    merges = []
+    while len(token_bytes) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg or neg == 0:
+            continue  # stale heap entry
+        a, b = pair
+        new_bytes = token_bytes[a] + token_bytes[b]
+        if new_bytes in known:   # same bytes reached by another merge path: reuse that id
+            new_id = known[new_bytes]
+        else:
+            new_id = len(token_bytes)
+            token_bytes.append(new_bytes)
+            known[new_bytes] = new_id
+            merges.append(pair)
+        changed = set()
+        for i in list(where[pair]):
+            w, c = words[i], counts[i]
+            merged, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            if len(merged) == len(w):
+                continue
+            for p in zip(w, w[1:]):
+                pairs[p] -= c
+                changed.add(p)
+            for p in zip(merged, merged[1:]):
+                pairs[p] += c
+                where[p].add(i)
+                changed.add(p)
+            words[i] = merged
+        del where[pair]
+        pairs.pop(pair, None)
+        for p in changed:
+            if pairs.get(p, 0) > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+    return merges
+
+
+class Tokenizer:
+    """Our BPE merges handed to tiktoken for fast encode/decode.
+
+    Text from data is always encoded with encode_ordinary: special-token strings typed in
+    data (say a literal "<|assistant|>") stay plain text and can never switch roles. Role
+    tokens enter a sequence only through render_chat, as ids."""
+
+    def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS)):
+        self.merges = [tuple(int(x) for x in m) for m in merges]
+        self.pattern = pattern
+        token_bytes = [bytes([i]) for i in range(256)]
+        for a, b in self.merges:
+            token_bytes.append(token_bytes[a] + token_bytes[b])
+        self.ranks = {b: i for i, b in enumerate(token_bytes)}
+        if len(self.ranks) != len(token_bytes):
+            raise UserError("tokenizer: merges produce duplicate tokens (corrupt tokenizer)")
+        self.special = {s: len(token_bytes) + i for i, s in enumerate(specials)}
+        self.enc = tiktoken.Encoding(name="nanosft", pat_str=pattern, mergeable_ranks=self.ranks,
+                                     special_tokens=self.special)
+        self.vocab_size = len(token_bytes) + len(specials)
+        for s in specials:  # eot, pad, user, assistant, end as attributes
+            setattr(self, s.strip("<|>"), self.special[s])
+
+    @classmethod
+    def train(cls, text, vocab_size):
+        return cls(train_bpe(text, vocab_size - len(SPECIALS)))
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def encode_python(self, text):
+        """The same encoding in readable Python (slow): split with the regex, then inside
+        each chunk repeatedly merge the adjacent pair whose merged bytes have the lowest
+        rank, leftmost first -- exactly the rule tiktoken applies."""
+        ids = []
+        for chunk in regex.findall(self.pattern, text):
+            parts = [bytes([b]) for b in chunk.encode("utf-8")]
+            while len(parts) > 1:
+                ranks = [self.ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
+                i = min(range(len(ranks)), key=ranks.__getitem__)
+                if ranks[i] == math.inf:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids += [self.ranks[p] for p in parts]
+        return ids
+
+    def state(self):
+        """Plain tensors, strings and lists: safe under torch.load(weights_only=True)."""
+        return {"merges": torch.tensor(self.merges, dtype=torch.int64).reshape(-1, 2),
+                "pattern": self.pattern, "specials": list(self.special)}
+
+    @classmethod
+    def from_state(cls, s):
+        return cls(s["merges"].tolist(), s["pattern"], tuple(s["specials"]))
+
+
+# ----------------------------------------------------------------------------------------
+# 4. model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    n_prefix: int = 0  # prompt tuning: learned embeddings prepended to every sequence
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class KVCache:
+    """Keys and values of the positions already seen, one (k, v) per layer, so decoding a
+    new token costs one position of compute instead of the whole prefix again."""
+
+    def __init__(self, n_layer):
+        self.layers = [None] * n_layer
+        self.pos = 0  # positions consumed so far (prompt-tuning prefix included)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            if cache.layers[layer] is not None:
+                pk, pv = cache.layers[layer]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nh, Tp+T, hs)
+            cache.layers[layer] = (k, v)
+        past = k.size(2) - T
+        drop = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        elif T == 1:  # one new token may look at everything before it
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:  # several new tokens after a cached prefix: causal mask shifted by `past`
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size + cfg.n_prefix, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        self.prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.n_embd)) if cfg.n_prefix else None
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # keep the residual stream's variance flat in depth
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def num_params(self, trainable_only=False):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(self, idx, targets=None, cache=None, reduction="mean", last_only=False):
+        """idx (B, T) token ids. targets (B, T) next-token ids, -1 where not supervised.
+        reduction "mean" averages over supervised tokens (0 when there are none, never
+        NaN); "sum" returns the sum so a caller can normalise over a whole optimizer step;
+        "none" returns (B, T) per-token losses."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        x = self.wte(idx)  # (B, T, C)
+        n_pre = 0
+        if self.prefix is not None and start == 0:  # prompt tuning: prepend learned vectors
+            n_pre = self.prefix.size(0)
+            x = torch.cat([self.prefix.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, P+T, C)
+        if start + x.size(1) > self.wpe.num_embeddings:
+            raise ValueError(f"sequence of {start + x.size(1)} positions exceeds block_size "
+                             f"{self.config.block_size}")
+        x = x + self.wpe(torch.arange(start, start + x.size(1), device=idx.device))
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos = start + x.size(1)
+        x = self.ln_f(x[:, n_pre:])  # (B, T, C)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                              ignore_index=-1, reduction="none").view(B, T)
+        if reduction == "none":
+            return logits, nll
+        loss = nll.sum()
+        if reduction == "mean":
+            loss = loss / (targets != -1).sum().clamp(min=1)
+        return logits, loss
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / r) * x A^T B^T with W frozen. B starts at zero, so at init the
+    adapted model computes exactly what the base model computes."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+    def merged(self):
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
+        lin.weight.data = self.base.weight.data + self.scale * (self.B @ self.A).to(self.base.weight.dtype)
+        return lin
+
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+def add_lora(model, rank, alpha=None):
+    """Freeze every weight, then wrap the attention and MLP projections with adapters."""
+    model.requires_grad_(False)
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name in LORA_TARGETS:
+                if isinstance(getattr(parent, name, None), nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha or 2 * rank))
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into a plain Linear, so later stages load an ordinary GPT."""
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name in LORA_TARGETS:
+                m = getattr(parent, name, None)
+                if isinstance(m, LoRALinear):
+                    setattr(parent, name, m.merged())
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# 5. optimizer and schedule
+
+
+def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW; weight decay only on matrices (2-D), never on biases, LayerNorm gains or the
+    prompt-tuning prefix. Fused kernels where this torch has them for the device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and p is not getattr(model, "prefix", None)]
+    no_decay = [p for p in params if not any(p is q for q in decay)]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+
+def lr_at(it, max_lr, warmup, max_iters, min_frac=0.1):
+    """Linear warmup, then cosine decay to min_frac * max_lr at max_iters."""
+    if it < warmup:
+        return max_lr * (it + 1) / warmup
+    progress = min(1.0, (it - warmup) / max(1, max_iters - warmup))
+    return max_lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------
+# 6. checkpoints
+
+
+def save_checkpoint(path, obj):
+    """Atomic write: a temp file in the same folder, fsync, then os.replace. A process
+    killed at any moment leaves either the old complete file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def write_text_atomic(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def load_checkpoint(path, expect_kind=None):
+    """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
+    that would run code is refused, never executed."""
+    import pickle
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise UserError(f"{path}: refused to load, not a plain-tensor checkpoint ({first[:120]})")
+    except Exception as e:  # truncated, not a zip, not a torch file at all
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})")
+    if not isinstance(ck, dict) or not {"model", "config", "tokenizer", "kind"} <= set(ck):
+        raise UserError(f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)")
+    if expect_kind and ck["kind"] not in expect_kind:
+        raise UserError(f"{path}: a '{ck['kind']}' checkpoint, expected one of {', '.join(expect_kind)}")
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint"):
+    """Rebuild the GPT and its tokenizer from a checkpoint dict, checking that the tensors
+    match the config they claim."""
+    cfg = GPTConfig.from_dict(ck["config"])
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"{path}: config n_embd {cfg.n_embd} not divisible by n_head {cfg.n_head}")
+    tok = Tokenizer.from_state(ck["tokenizer"])
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model expects {cfg.vocab_size}")
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match the config ({str(e).splitlines()[0][:150]})")
+    return model, tok
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state()}
+
+
+def checkpoint_dict(kind, model, tok, optimizer=None, it=0, args=None, metrics=None):
+    args_plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))} if args else {}
+    return {"kind": kind, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": asdict(model.config), "tokenizer": tok.state(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "iter": it, "rng": rng_state(), "args": args_plain, "metrics": metrics or {}}
+
+
+# ----------------------------------------------------------------------------------------
+# 7. data
+
+
+def read_text(path):
+    """UTF-8 text (a BOM is dropped, \\r\\n becomes \\n). One clear error otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file")
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a file")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start}); expected UTF-8 text")
+    return text.replace("\r\n", "\n")
+
+
+def read_records(path):
+    """JSON records from a .json array or a JSON-lines file. Returns [(where, record)],
+    `where` naming the line (JSONL) or the element (JSON array) for error messages."""
+    text = read_text(path)
+    stripped = text.lstrip()
+    if not stripped:
+        raise UserError(f"{path}: empty file, expected JSON records")
+    if stripped[0] == "[":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(rows)]
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
+    if not out:
+        raise UserError(f"{path}: no records found")
+    return out
+
+
+def field(rec, key, where, optional=False):
+    """A string field of a record, or a clear error naming the record."""
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if key not in rec:
+        if optional:
+            return ""
+        raise UserError(f"{where}: missing field '{key}'")
+    if not isinstance(rec[key], str):
+        raise UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+    return rec[key]
+
+
+def render_chat(tok, messages):
+    """Token ids and the loss mask of a conversation:
+
+        <|endoftext|><|user|>question<|end|><|assistant|>answer<|end|>
+
+    mask[i] = 1 where token i is something the model must learn to write: the content of
+    every assistant turn AND its closing <|end|> (so it learns to stop). Everything else
+    (roles, user/system text) is context only."""
+    role_token = {"system": tok.system, "user": tok.user, "assistant": tok.assistant}
+    ids, mask = [tok.endoftext], [0]
+    for m in messages:
+        body = tok.encode(m["content"])  # data text: special-token strings stay plain text
+        train = int(m["role"] == "assistant")
+        ids += [role_token[m["role"]]] + body + [tok.end]
+        mask += [0] + [train] * len(body) + [train]
+    return ids, mask
+
+
+def chat_prompt(tok, messages):
+    """Ids that ask the model for the next assistant turn."""
+    ids, _ = render_chat(tok, messages)
+    return ids + [tok.assistant]
+
+
+def example_tensors(ids, mask):
+    """Inputs and shifted targets: position t predicts token t+1, supervised iff mask[t+1]."""
+    x = torch.tensor(ids[:-1])
+    y = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return x, y
+
+
+def collate(examples, pad_id):
+    """Right-pad to the longest example. Padding inputs use <|pad|> (never a target token),
+    padding targets are -1; with causal attention real tokens never see the padding."""
+    T = max(len(x) for x, _ in examples)
+    X = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    Y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        X[i, :len(x)], Y[i, :len(y)] = x, y
+    return X, Y
+
+
+def load_instructions(path):
+    """Instruction data -> list of conversations ([{"role","content"}, ...]).
+    Formats, detected per record:
+      Alpaca        {"instruction", "input" (optional), "output"}
+      prompt pairs  {"prompt", "response"}
+      chat          {"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]}"""
+    convs = []
+    for where, r in read_records(path):
+        if not isinstance(r, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        if "messages" in r:
+            msgs = r["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise UserError(f"{where}: 'messages' must be a non-empty list")
+            conv = []
+            for j, m in enumerate(msgs):
+                w = f"{where}: message {j + 1}"
+                role = field(m, "role", w)
+                if role not in ("system", "user", "assistant"):
+                    raise UserError(f"{w}: role must be system, user or assistant, got '{role}'")
+                conv.append({"role": role, "content": field(m, "content", w)})
+            if not any(m["role"] == "assistant" for m in conv):
+                raise UserError(f"{where}: no assistant message to learn from")
+        elif "instruction" in r:
+            q = field(r, "instruction", where)
+            extra = field(r, "input", where, optional=True)
+            conv = [{"role": "user", "content": q + ("\n\n" + extra if extra else "")},
+                    {"role": "assistant", "content": field(r, "output", where)}]
+        elif "prompt" in r and "response" in r:
+            conv = [{"role": "user", "content": field(r, "prompt", where)},
+                    {"role": "assistant", "content": field(r, "response", where)}]
+        else:
+            keys = ", ".join(sorted(r)) or "none"
+            raise UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
+                            "{instruction,input,output}, {prompt,response} or {messages:[...]}")
+        convs.append(conv)
+    return convs
+
+
+# ----------------------------------------------------------------------------------------
+# 8. generation
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
+    """Decode one sequence with a KV cache: the prompt is read once, then each new token
+    costs a single position. temperature 0 = greedy. Returns the new token ids (the stop
+    token not included)."""
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model.config.block_size
+    ids = list(ids)[-limit:]
+    cache = KVCache(model.config.n_layer)
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache, last_only=True)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
+        if nxt in stop:
+            break
+        out.append(nxt)
+        if len(ids) + len(out) >= limit:
+            break
+        logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+    return out
+
+
+def sample_next(logits, temperature, top_k, generator=None):
+    logits = logits[0].float()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_greedy_batch(model, prompts, max_new_tokens, stop):
+    """Greedy answers to many prompts at once. Prompts are grouped by length so no padding
+    (and no position shift) is needed: each row is decoded exactly as it would be alone."""
+    model.eval()
+    device = next(model.parameters()).device
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    results = [None] * len(prompts)
+    for n, idx in by_len.items():
+        for s in range(0, len(idx), 256):
+            rows = idx[s:s + 256]
+            x = torch.tensor([prompts[i] for i in rows], device=device)
+            cache = KVCache(model.config.n_layer)
+            logits, _ = model(x, cache=cache, last_only=True)
+            outs = [[] for _ in rows]
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            steps = min(max_new_tokens, model.config.block_size - n)
+            for _ in range(steps):
+                nxt = logits[:, -1, :].argmax(-1).cpu()
+                for j, t in enumerate(nxt.tolist()):
+                    if not done[j]:
+                        if t in stop:
+                            done[j] = True
+                        else:
+                            outs[j].append(t)
+                if done.all():
+                    break
+                logits, _ = model(nxt.view(-1, 1).to(device), cache=cache)
+            for j, i in enumerate(rows):
+                results[i] = outs[j]
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# 9. the training loop, shared by every stage
+
+
+def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_eval, warmup):
+    """The one optimizer loop of pretrain.py, finetune.py and dpo.py.
+
+    get_batch(it) -> (micro_batches, count): this rank's micro-batches of step `it`, and
+        the number of loss terms (supervised tokens, or pairs) in the GLOBAL step.
+    loss_fn(model, micro_batch) -> the SUM of the loss terms of that micro-batch.
+    So the step's loss is sum / count over the whole step: gradient accumulation and
+    several processes give the gradient of one big batch, and a micro-batch without
+    supervised tokens adds exactly zero (never 0/0 = NaN).
+    on_eval(it) is called every --eval-interval steps and at the end (checkpoints, logs).
+    Returns the number of steps done and the training seconds."""
+    ddp = rt.world > 1
+    scaler = torch.amp.GradScaler("cuda", enabled=(rt.dtype == "float16"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.time()
+    it = start_iter
+    tokens_seen = 0
+    while it < args.max_iters:
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            rt.log(f"time budget of {args.time_budget:.0f}s reached at step {it}")
+            break
+        lr = lr_at(it, args.lr, warmup, args.max_iters)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro, count = get_batch(it)
+        step_loss = 0.0
+        for i, mb in enumerate(micro):
+            sync = nullcontext() if not ddp or i == len(micro) - 1 else model.no_sync()
+            with sync, autocast(rt.device, rt.dtype):
+                loss_sum = loss_fn(model, mb)
+            # DDP averages gradients over ranks; scaling by world size turns that into a sum
+            scaler.scale(loss_sum * (rt.world / max(count, 1))).backward()
+            step_loss += loss_sum.item()
+            tokens_seen += mb[0].numel() if isinstance(mb, (tuple, list)) else 0
+        if not math.isfinite(step_loss):
+            raise UserError(f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last "
+                            f"checkpoint on disk is the last good one. Try a lower --lr")
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        if it % max(1, args.log_interval) == 0 or it == args.max_iters:
+            dt = time.time() - t0
+            eta = dt / (it - start_iter) * (args.max_iters - it)
+            rt.log(f"step {it:5d}/{args.max_iters} | loss {step_loss * rt.world / max(count, 1):.4f} | "
+                   f"lr {lr:.2e} | {tokens_seen * rt.world / max(dt, 1e-9):,.0f} tok/s | "
+                   f"eta {eta:.0f}s")
+        if it % args.eval_interval == 0 and it < args.max_iters:
+            on_eval(it)
+    seconds = time.time() - t0
+    on_eval(it)
+    return it, seconds, tokens_seen * rt.world / max(seconds, 1e-9)
+
+
+def wrap_ddp(model, rt):
+    if rt.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def barrier(rt):
+    if rt.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# 10. evaluation
+
+
+def load_world():
+    sys.path.insert(0, HERE)
+    from data import world as W
+    with open(os.path.join(HERE, "data", "world.json"), encoding="utf-8") as f:
+        return W, json.load(f)
+
+
+def knowledge_probe(model, tok, world, people=None):
+    """Complete '<name> was born in' (one prompt per person and attribute) greedily and
+    grade the next few words with the world's verifier. Measures what pre-training stored."""
+    W, facts = world
+    rows = [(p["name"], a) for p in facts["people"] if people is None or p["name"] in people
+            for a in facts["attributes"]]
+    prompts = [[tok.endoftext] + tok.encode(W.PROBE[a].format(n=n)) for n, a in rows]
+    outs = generate_greedy_batch(model, prompts, 4, stop={tok.endoftext})
+    hits = [W.grade(facts, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]
+    return sum(hits) / len(hits)
+
+
+def answer_questions(model, tok, prompts, max_new_tokens=24):
+    """Greedy chat answers to a list of user questions."""
+    ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    outs = generate_greedy_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})
+    return [tok.decode(o) for o in outs]
+
+
+def load_eval_rows(split=None):
+    rows = [json.loads(line) for line in open(os.path.join(HERE, "data", "world_eval.jsonl"), encoding="utf-8")]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def qa_accuracy(model, tok, world, rows):
+    """Share of world questions answered correctly (the verifier), and the answers."""
+    W, facts = world
+    answers = answer_questions(model, tok, [r["prompt"] for r in rows])
+    hits = [W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)]
+    return sum(hits) / max(1, len(hits)), answers
+
+
+def task_accuracy(model, tok, rows):
+    """List tasks (copy / reverse / count): exact match."""
+    answers = answer_questions(model, tok, [r["prompt"] for r in rows])
+    return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
+
+
+@torch.no_grad()
+def mean_loss(model, batches, rt):
+    """Average next-token loss over fixed batches (tokens weighted equally)."""
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        with autocast(rt.device, rt.dtype):
+            _, loss = model(x.to(rt.device), y.to(rt.device), reduction="sum")
+        total += loss.item()
+        n += int((y != -1).sum())
+    model.train()
+    return total / max(n, 1)
+
+
+def plot(path, title, xlabel, ylabel, series, marks=()):
+    """One PNG: series is {label: (xs, ys)}; marks is [(x, y, label)] points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
+    for x, y, label in marks:
+        ax.scatter([x], [y], s=70, zorder=5)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,143 @@
+"""
+Stage 1: next-token pre-training on plain text.
+
+    python pretrain.py                          # the embedded world corpus -> out/pretrain.pt
+    python pretrain.py --data book.txt          # any UTF-8 text file
+    torchrun --nproc_per_node 2 pretrain.py     # several processes (DDP)
+
+Trains a BPE tokenizer on the text (unless resuming), holds out the last 10% of the tokens
+for validation, and on the world corpus measures the knowledge probe: how many facts
+("<name> was born in ...") the model can complete. Writes out/pretrain.pt (model, config,
+tokenizer, optimizer, step, RNG: everything a later stage or --resume needs),
+out/pretrain.json and out/pretrain_loss.png.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import nanosft as ns
+
+WORLD_CORPUS = os.path.join(ns.HERE, "data", "world_corpus.txt")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=WORLD_CORPUS, help="UTF-8 text file to train on")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary incl. special tokens")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--log-interval", type=int, default=50)
+    ns.add_common_args(ap)
+    ap.set_defaults(max_iters=1500, batch_size=8, lr=6e-3, eval_interval=250)
+    args = ap.parse_args(argv)
+    ns.check_args(args)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = ns.setup_runtime(args)
+    ckpt_path = os.path.join(args.out_dir, "pretrain.pt")
+    t_start = time.time()
+
+    # ---- data and model (everything is validated before anything is written)
+    text = ns.read_text(args.data)
+    if args.resume:
+        ck = ns.load_checkpoint(ckpt_path, expect_kind=("pretrain",))
+        model, tok = ns.model_from_checkpoint(ck, ckpt_path)
+        start_iter = ck["iter"]
+        torch.set_rng_state(ck["rng"]["torch"])
+    else:
+        if len(text) < 1000:
+            raise ns.UserError(f"{args.data}: only {len(text)} characters; need at least 1,000 to train on")
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        tok = ns.Tokenizer.train(text, args.vocab_size)
+        rt.log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
+        cfg = ns.GPTConfig(block_size=args.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd)
+        model, start_iter, ck = ns.GPT(cfg), 0, None
+    cfg = model.config
+    data = torch.tensor(tok.encode(text), dtype=torch.long)
+    n_val = max(cfg.block_size + 1, len(data) // 10)
+    train_data, val_data = data[:-n_val], data[-n_val:]
+    if len(train_data) <= cfg.block_size + 1:
+        raise ns.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
+    rt.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
+           f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
+    model.to(rt.device)
+    optimizer = ns.configure_optimizer(model, args.lr, device_type=rt.device.type)
+    if ck is not None and ck.get("optimizer"):
+        optimizer.load_state_dict(ck["optimizer"])
+    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_CORPUS)
+    world = ns.load_world() if is_world else None
+
+    # ---- batches: step `it` draws its windows from a generator seeded by (seed, it), so
+    # the data order is a pure function of the step: resuming continues it exactly.
+    B, T = args.batch_size, cfg.block_size
+    if B % (rt.world * args.grad_accum):
+        raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum "
+                           f"({rt.world} x {args.grad_accum})")
+
+    def get_batch(it):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        starts = torch.randint(len(train_data) - T - 1, (B,), generator=g)
+        starts = starts[rt.rank::rt.world]  # this process's shard of the global batch
+        windows = torch.stack([train_data[s:s + T + 1] for s in starts.tolist()])
+        micro = [(w[:, :-1].to(rt.device), w[:, 1:].to(rt.device))
+                 for w in windows.chunk(args.grad_accum)]
+        return micro, B * T
+
+    def loss_fn(m, mb):
+        return m(mb[0], mb[1], reduction="sum")[1]
+
+    val_starts = torch.linspace(0, len(val_data) - T - 1, min(32, max(1, len(val_data) // T))).long()
+    val_batches = [(torch.stack([val_data[s:s + T] for s in chunk.tolist()]),
+                    torch.stack([val_data[s + 1:s + T + 1] for s in chunk.tolist()]))
+                   for chunk in val_starts.split(8)]
+    history = {"step": [], "val_loss": [], "probe": []}
+
+    def evaluate(it):
+        if not rt.master:
+            return
+        history["step"].append(it)
+        history["val_loss"].append(ns.mean_loss(model, val_batches, rt))
+        history["probe"].append(ns.knowledge_probe(model, tok, world) if world else None)
+        probe = f" | probe {history['probe'][-1]:.3f}" if world else ""
+        rt.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}{probe}")
+        ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("pretrain", model, tok, optimizer, it, args,
+                                                         {"val_loss": history["val_loss"][-1]}))
+
+    def on_eval(it):
+        evaluate(it)
+        ns.barrier(rt)
+
+    # ---- train
+    model.train()
+    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, args, start_iter, get_batch,
+                                           loss_fn, on_eval, args.warmup)
+
+    # ---- report
+    if rt.master:
+        result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
+                  "tokens_per_sec": tok_per_s, "seconds": time.time() - t_start,
+                  "train_seconds": seconds, "steps": it, "params": model.num_params(),
+                  "device": str(rt.device), "dtype": rt.dtype, "history": history}
+        ns.write_json(os.path.join(args.out_dir, "pretrain.json"), result)
+        series = {"val loss": (history["step"], history["val_loss"])}
+        if world:
+            series["knowledge probe accuracy"] = (history["step"], history["probe"])
+        ns.plot(os.path.join(args.out_dir, "pretrain_loss.png"), "pre-training", "step", "value", series)
+        rt.log(f"done: val loss {result['val_loss']:.4f}"
+               + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
+               + f" | {tok_per_s:,.0f} tok/s | {result['seconds']:.0f}s -> {ckpt_path}")
+
+
+if __name__ == "__main__":
+    ns.cli(main)
