@@ -22,9 +22,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
-import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
-import tiktoken
-import torch
+# OpenMP threads that finish an op early spin while they wait for the next one. When other
+# programs share the cores, a spinning thread steals the core from the thread it waits
+# for: on 2 shared cores that made pre-training ~3x and one-token decoding ~40x slower.
+# Sleeping costs one wake-up per parallel op instead. OpenMP reads this once, when torch
+# loads: a script imports nanosft before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import regex  # noqa: E402  installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
+import tiktoken  # noqa: E402
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -44,7 +51,8 @@ def cli(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line even when the message quotes data or a path that holds a newline
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; checkpoints on disk are complete (written atomically)", file=sys.stderr)
@@ -53,8 +61,8 @@ def cli(main):
 
 def check_args(args):
     """Flag values that argparse's types cannot rule out."""
-    for name in ("max_iters", "batch_size", "eval_interval", "block_size", "n_layer", "n_head",
-                 "n_embd", "vocab_size", "max_new_tokens"):
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "block_size", "n_layer",
+                 "n_head", "n_embd", "vocab_size", "max_new_tokens", "num_samples"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -65,6 +73,10 @@ def check_args(args):
     n_embd, n_head = getattr(args, "n_embd", None), getattr(args, "n_head", None)
     if n_embd and n_head and n_embd % n_head:
         raise UserError(f"--n-embd ({n_embd}) must be divisible by --n-head ({n_head})")
+    out_dir = getattr(args, "out_dir", None)
+    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        # found now, not after an hour of training when the first save fails
+        raise UserError(f"--out-dir {out_dir}: exists and is not a directory")
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,6 +285,9 @@ class Tokenizer:
 
     @classmethod
     def train(cls, text, vocab_size):
+        if vocab_size < 256 + len(SPECIALS):  # checked here so the message quotes the flag's value
+            raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS)} (256 bytes + "
+                            f"{len(SPECIALS)} special tokens), got {vocab_size}")
         return cls(train_bpe(text, vocab_size - len(SPECIALS)))
 
     def encode(self, text):
@@ -333,7 +348,7 @@ class KVCache:
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
-        self.pos = 0  # positions consumed so far (prompt-tuning prefix included)
+        self.pos = 0  # token positions consumed so far (a prompt-tuning prefix has none)
 
 
 class CausalSelfAttention(nn.Module):
@@ -394,7 +409,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size + cfg.n_prefix, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -420,19 +435,19 @@ class GPT(nn.Module):
         "none" returns (B, T) per-token losses."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        x = self.wte(idx)  # (B, T, C)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
         n_pre = 0
-        if self.prefix is not None and start == 0:  # prompt tuning: prepend learned vectors
+        if self.prefix is not None and start == 0:
+            # prompt tuning: learned vectors in front of every sequence. They carry no
+            # position embedding (they are free vectors), so real tokens keep positions 0..T-1.
             n_pre = self.prefix.size(0)
             x = torch.cat([self.prefix.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, P+T, C)
-        if start + x.size(1) > self.wpe.num_embeddings:
-            raise ValueError(f"sequence of {start + x.size(1)} positions exceeds block_size "
-                             f"{self.config.block_size}")
-        x = x + self.wpe(torch.arange(start, start + x.size(1), device=idx.device))
         for i, block in enumerate(self.h):
             x = block(x, cache, i)
         if cache is not None:
-            cache.pos = start + x.size(1)
+            cache.pos = start + T
         x = self.ln_f(x[:, n_pre:])  # (B, T, C)
         if last_only:
             x = x[:, -1:]
@@ -507,8 +522,14 @@ def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_t
     no_decay = [p for p in params if not any(p is q for q in decay)]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+    if device_type in ("cuda", "cpu"):
+        # fused: one kernel updates every tensor, instead of a Python loop of small ops per
+        # parameter; the same update up to rounding (~1e-7). CPU has it since torch 2.4.
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except RuntimeError:  # an older torch without the fused kernel for this device
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def lr_at(it, max_lr, warmup, max_iters, min_frac=0.1):
@@ -563,15 +584,27 @@ def load_checkpoint(path, expect_kind=None):
     """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
     that would run code is refused, never executed."""
     import pickle
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, expected a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    import zipfile
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off zip loses its directory
+        raise UserError(f"{path}: not a readable checkpoint, expected a complete file written by "
+                        "torch.save (this one is truncated or in another format)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise UserError(f"{path}: refused to load, not a plain-tensor checkpoint ({first[:120]})")
+        # torch wraps the reason in advice to retry with weights_only=False: exactly what an
+        # untrusted file must not get. Keep only the reason.
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boilerplate)]
+        raise UserError(f"{path}: refused to load, not a plain-tensor checkpoint "
+                        f"({lines[0][:120] if lines else 'unsafe content'})")
     except Exception as e:  # truncated, not a zip, not a torch file at all
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path}: not a readable checkpoint, expected a complete file written by "
+                        f"torch.save (truncated or another format? {type(e).__name__}: {first[:80]})")
     if not isinstance(ck, dict) or not {"model", "config", "tokenizer", "kind"} <= set(ck):
         raise UserError(f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)")
     if expect_kind and ck["kind"] not in expect_kind:
@@ -582,17 +615,28 @@ def load_checkpoint(path, expect_kind=None):
 def model_from_checkpoint(ck, path="checkpoint"):
     """Rebuild the GPT and its tokenizer from a checkpoint dict, checking that the tensors
     match the config they claim."""
-    cfg = GPTConfig.from_dict(ck["config"])
+    # a checkpoint is input like any data file: check its shape before building from it
+    sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+    cfg = GPTConfig.from_dict(ck["config"]) if isinstance(ck["config"], dict) else None
+    if cfg is None or not all(isinstance(getattr(cfg, k), int) and getattr(cfg, k) > 0 for k in sizes):
+        raise UserError(f"{path}: config must hold positive integers {', '.join(sizes)}; "
+                        f"got {ck['config']!r:.120}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"{path}: config n_embd {cfg.n_embd} not divisible by n_head {cfg.n_head}")
-    tok = Tokenizer.from_state(ck["tokenizer"])
+    try:
+        tok = Tokenizer.from_state(ck["tokenizer"])
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise UserError(f"{path}: tokenizer state is damaged, expected merges, pattern and specials "
+                        f"({type(e).__name__}: {str(e)[:80]})")
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model expects {cfg.vocab_size}")
     model = GPT(cfg)
     try:
         model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match the config ({str(e).splitlines()[0][:150]})")
+    except (RuntimeError, TypeError, AttributeError) as e:
+        # torch's first line is only a heading; the first mismatch named under it is the useful part
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        raise UserError(f"{path}: weights do not match the config ({lines[min(1, len(lines) - 1)][:150]})")
     return model, tok
 
 
@@ -642,7 +686,11 @@ def read_records(path):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects")
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise UserError(f"{path}: JSON nested too deeply; expected a JSON array of objects")
+        if not rows:
+            raise UserError(f"{path}: empty JSON array, expected records")
         return [(f"{path}: record {i + 1}", r) for i, r in enumerate(rows)]
     out = []
     for n, line in enumerate(text.split("\n"), 1):
@@ -652,6 +700,8 @@ def read_records(path):
             out.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
+        except RecursionError:
+            raise UserError(f"{path}:{n}: JSON nested too deeply; expected one JSON object per line")
     if not out:
         raise UserError(f"{path}: no records found")
     return out
@@ -670,6 +720,41 @@ def field(rec, key, where, optional=False):
     return rec[key]
 
 
+def encode_corpus(tok, text):
+    """Plain text -> one token stream. Blank-line-separated documents (paragraphs of a book,
+    biographies of the world) each start with <|endoftext|>, so that token is a familiar
+    "a document begins here" marker when later prompts start with it (probes, chat)."""
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    ids = []
+    for body in tok.enc.encode_ordinary_batch(docs):
+        ids.append(tok.endoftext)
+        ids.extend(body)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_corpus(data, block_size):
+    """(train, val): the last 10% of the stream is held out (at least one block)."""
+    n_val = max(block_size + 1, len(data) // 10)
+    return data[:-n_val], data[-n_val:]
+
+
+def fixed_windows(data, block_size, n=32, batch=8):
+    """Evenly spaced (input, target) windows of a stream, for a validation loss that is the
+    same set of tokens at every evaluation."""
+    T = block_size
+    starts = torch.linspace(0, len(data) - T - 1, min(n, max(1, len(data) // T))).long()
+    return [(torch.stack([data[s:s + T] for s in c.tolist()]),
+             torch.stack([data[s + 1:s + T + 1] for s in c.tolist()])) for c in starts.split(batch)]
+
+
+def encode_content(tok, text):
+    """A message's text as tokens, with one leading space. Words inside running text are
+    " word" tokens in BPE; without the space, a name that opens an answer would be a
+    different token from the same name inside the question and in the pre-training prose,
+    and a small model cannot tell they are the same person."""
+    return tok.encode(" " + text)
+
+
 def render_chat(tok, messages):
     """Token ids and the loss mask of a conversation:
 
@@ -681,7 +766,7 @@ def render_chat(tok, messages):
     role_token = {"system": tok.system, "user": tok.user, "assistant": tok.assistant}
     ids, mask = [tok.endoftext], [0]
     for m in messages:
-        body = tok.encode(m["content"])  # data text: special-token strings stay plain text
+        body = encode_content(tok, m["content"])  # special-token strings stay plain text
         train = int(m["role"] == "assistant")
         ids += [role_token[m["role"]]] + body + [tok.end]
         mask += [0] + [train] * len(body) + [train]
@@ -847,7 +932,13 @@ def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_ev
     it = start_iter
     tokens_seen = 0
     while it < args.max_iters:
-        if args.time_budget and time.time() - t0 > args.time_budget:
+        out_of_time = bool(args.time_budget) and time.time() - t0 > args.time_budget
+        if ddp and args.time_budget:  # all ranks stop at the same step, or the others wait forever
+            import torch.distributed as dist
+            flag = torch.tensor([float(out_of_time)], device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = flag.item() > 0
+        if out_of_time:
             rt.log(f"time budget of {args.time_budget:.0f}s reached at step {it}")
             break
         lr = lr_at(it, args.lr, warmup, args.max_iters)
@@ -863,6 +954,11 @@ def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_ev
             scaler.scale(loss_sum * (rt.world / max(count, 1))).backward()
             step_loss += loss_sum.item()
             tokens_seen += mb[0].numel() if isinstance(mb, (tuple, list)) else 0
+        if ddp:  # sum over ranks: the log shows the whole step, and a NaN stops every rank together
+            import torch.distributed as dist
+            t = torch.tensor([step_loss], dtype=torch.float64, device=rt.device)
+            dist.all_reduce(t)
+            step_loss = t.item()
         if not math.isfinite(step_loss):
             raise UserError(f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last "
                             f"checkpoint on disk is the last good one. Try a lower --lr")
@@ -875,7 +971,7 @@ def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_ev
         if it % max(1, args.log_interval) == 0 or it == args.max_iters:
             dt = time.time() - t0
             eta = dt / (it - start_iter) * (args.max_iters - it)
-            rt.log(f"step {it:5d}/{args.max_iters} | loss {step_loss * rt.world / max(count, 1):.4f} | "
+            rt.log(f"step {it:5d}/{args.max_iters} | loss {step_loss / max(count, 1):.4f} | "
                    f"lr {lr:.2e} | {tokens_seen * rt.world / max(dt, 1e-9):,.0f} tok/s | "
                    f"eta {eta:.0f}s")
         if it % args.eval_interval == 0 and it < args.max_iters:
@@ -925,7 +1021,7 @@ def answer_questions(model, tok, prompts, max_new_tokens=24):
     """Greedy chat answers to a list of user questions."""
     ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
     outs = generate_greedy_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})
-    return [tok.decode(o) for o in outs]
+    return [tok.decode(o).strip() for o in outs]
 
 
 def load_eval_rows(split=None):

@@ -15,9 +15,8 @@ import argparse
 import os
 import time
 
+import nanosft as ns  # first: it sets how OpenMP threads wait, read when torch loads
 import torch
-
-import nanosft as ns
 
 WORLD_CORPUS = os.path.join(ns.HERE, "data", "world_corpus.txt")
 
@@ -31,9 +30,11 @@ def parse_args(argv=None):
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary incl. special tokens")
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--weight-decay", type=float, default=0.0,
+                    help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
     ap.add_argument("--log-interval", type=int, default=50)
     ns.add_common_args(ap)
-    ap.set_defaults(max_iters=1500, batch_size=8, lr=6e-3, eval_interval=250)
+    ap.set_defaults(max_iters=1200, batch_size=8, lr=6e-3, eval_interval=200)
     args = ap.parse_args(argv)
     ns.check_args(args)
     return args
@@ -63,15 +64,14 @@ def main(argv=None):
                            n_head=args.n_head, n_embd=args.n_embd)
         model, start_iter, ck = ns.GPT(cfg), 0, None
     cfg = model.config
-    data = torch.tensor(tok.encode(text), dtype=torch.long)
-    n_val = max(cfg.block_size + 1, len(data) // 10)
-    train_data, val_data = data[:-n_val], data[-n_val:]
+    data = ns.encode_corpus(tok, text)
+    train_data, val_data = ns.split_corpus(data, cfg.block_size)
     if len(train_data) <= cfg.block_size + 1:
         raise ns.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
     rt.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
            f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
     model.to(rt.device)
-    optimizer = ns.configure_optimizer(model, args.lr, device_type=rt.device.type)
+    optimizer = ns.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
     if ck is not None and ck.get("optimizer"):
         optimizer.load_state_dict(ck["optimizer"])
     ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
@@ -97,10 +97,7 @@ def main(argv=None):
     def loss_fn(m, mb):
         return m(mb[0], mb[1], reduction="sum")[1]
 
-    val_starts = torch.linspace(0, len(val_data) - T - 1, min(32, max(1, len(val_data) // T))).long()
-    val_batches = [(torch.stack([val_data[s:s + T] for s in chunk.tolist()]),
-                    torch.stack([val_data[s + 1:s + T + 1] for s in chunk.tolist()]))
-                   for chunk in val_starts.split(8)]
+    val_batches = ns.fixed_windows(val_data, T)
     history = {"step": [], "val_loss": [], "probe": []}
 
     def evaluate(it):

@@ -9,6 +9,7 @@ Pre-trained checkpoints continue the text. Fine-tuned ones (sft, dpo) get the pr
 user turn and answer as the assistant, stopping at <|end|>.
 """
 import argparse
+import math
 
 import torch
 
@@ -27,8 +28,10 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     ns.check_args(args)
-    if args.temperature < 0:
-        raise ns.UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ns.UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ns.UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
     ck = ns.load_checkpoint(args.ckpt)
     model, tok = ns.model_from_checkpoint(ck, args.ckpt)
     model.to(ns.pick_device(args.device))
@@ -43,7 +46,7 @@ def main(argv=None):
     for i in range(args.num_samples):
         out = ns.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stop, g)
         text = tok.decode(out)
-        print(text if chat else args.prompt + text)
+        print(text.strip() if chat else args.prompt + text)
         if i + 1 < args.num_samples:
             print("-" * 40)
 

@@ -92,7 +92,11 @@ FILLER = ["The train to {city} leaves early in the morning.", "A good {job} need
           "Many people enjoy {food} on a cold evening.", "A {pet} can be a loyal friend.",
           "Some say {hobby} is good for the mind.", "The market in {city} sells fresh {food}.",
           "It rained all week in {city}.", "Learning {hobby} takes years of practice.",
-          "The old {job} retired last spring.", "Children often ask for a {pet}."]
+          "The old {job} retired last spring.", "Children often ask for a {pet}.",
+          '"Hope this helps!" wrote the {job} under a recipe for {food}.',
+          '"Look it up yourself next time," said the {job} from {city}.',
+          '"Well, that is a question I have thought about for a long time, so let me answer," '
+          'began the {job}.']
 
 # The community's style markers. The simulated voters like the polite closing, dislike
 # the rude one and rambling, and above all dislike wrong facts.
@@ -120,13 +124,16 @@ def build_world(seed=1337, n_people=200, n_heldout=50):
             "rude_marker": RUDE}
 
 
-def make_corpus(world, rng, n_bios=5, filler_frac=0.1):
+def make_corpus(world, rng, n_bios=20, filler_frac=0.1):
     """Pre-training prose: each person gets n_bios short biographies; in each, every fact is
-    stated by a randomly chosen paraphrase and the sentences are shuffled."""
+    stated by one of its paraphrases (each paraphrase used once across the biographies) and
+    the sentences are shuffled."""
     docs = []
     for p in world["people"]:
-        for _ in range(n_bios):
-            sents = [rng.choice(TEMPLATES[a]).format(n=p["name"], v=p[a], a=article(p[a]))
+        # each fact is stated once in every paraphrase, spread over the person's biographies
+        order = {a: rng.sample(range(len(TEMPLATES[a])), len(TEMPLATES[a])) for a in ATTRS}
+        for b in range(n_bios):
+            sents = [TEMPLATES[a][order[a][b % len(order[a])]].format(n=p["name"], v=p[a], a=article(p[a]))
                      for a in ATTRS]
             rng.shuffle(sents)
             docs.append(" ".join(sents))

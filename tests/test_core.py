@@ -136,7 +136,8 @@ def test_checkpoint_round_trip_in_fresh_process(tok, tmp_path):
     m2, t2 = ns.model_from_checkpoint(ns.load_checkpoint(str(path)))
     assert torch.equal(m2(x)[0], expect)
     # a fresh process with nothing but the .pt (run from an empty folder)
-    code = ("import sys, torch; sys.path.insert(0, %r); import nanosft as ns;"
+    # same thread count as this process, so the float sums happen in the same order
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); sys.path.insert(0, %r); import nanosft as ns;"
             "m, t = ns.model_from_checkpoint(ns.load_checkpoint('m.pt'));"
             "x = torch.tensor([t.encode('Ada Stone was born in Lisbon.')]);"
             "torch.save(m(x)[0], 'out.pt')" % ROOT)

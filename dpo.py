@@ -1,0 +1,687 @@
+"""
+Stage 3: Direct Preference Optimization (DPO), from scratch, against a frozen reference.
+
+    python dpo.py --ckpt out/sft.pt                       # the world's community votes -> out/dpo.pt
+    python dpo.py --ckpt out/sft.pt --data pairs.jsonl    # {"prompt","chosen","rejected"} lines
+    python dpo.py --ckpt out/sft.pt --loss ipo            # IPO instead of the sigmoid loss
+    python dpo.py --ckpt out/sft.pt --resume              # continue out/dpo.pt
+    torchrun --nproc_per_node 2 dpo.py --ckpt out/sft.pt  # several processes (DDP)
+
+SFT taught the model WHAT to answer. DPO refines HOW, from pairs "this answer is better
+than that one" -- here pairs read off a community's up/down votes instead of expert labels.
+The policy starts as a copy of the starting checkpoint; the reference is that checkpoint,
+frozen. The loss raises the policy's log-probability of each chosen answer relative to the
+reference, and lowers that of the rejected one, with no reward model and no sampling.
+
+Preference data, detected from the file's first record:
+    votes    {"prompt", "answers": [{"text", "up", "down"}], "split"?}   (the default world)
+    pairs    {"prompt", "chosen", "rejected"}
+    hh       {"chosen", "rejected"}: Anthropic HH dialogues ("\\n\\nHuman: ..." / "\\n\\nAssistant: ...")
+    alpaca   {"instruction", "input"?, "chosen", "rejected"}
+    scores   {"prompt", "responses": [{"text", "score"}]}
+Votes and scores give a pair for every two answers whose net votes (up - down) or scores
+differ by at least --min-margin; the higher one is chosen.
+
+Writes out/dpo.pt (kind "dpo"), out/dpo.json (preference accuracy, style rate, task accuracy,
+KL, response length: before and after), out/dpo_logratio.png (which tokens DPO pushed up and
+down) and out/dpo_margin.png (the reward margin during training).
+"""
+import argparse
+import functools
+import math
+import os
+import random
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nanosft as ns
+
+WORLD_VOTES = os.path.join(ns.HERE, "data", "world_community.jsonl")
+
+# Every default of this stage in one place (calibrated on the default world; change here).
+DEFAULTS = dict(max_iters=200, batch_size=16, lr=1e-4, eval_interval=50, warmup=20,
+                log_interval=25, beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=1.0,
+                min_margin=10.0)
+HELDOUT_FRAC = 0.1     # share of records held out when the file has no "split" field
+EVAL_PAIRS = 512       # held-out pairs scored at each evaluation (an evenly spaced subset)
+KL_PROMPTS = 32        # held-out prompts sampled for the KL estimate
+KL_TOKENS = 32         # tokens sampled per KL prompt
+
+# ----------------------------------------------------------------------------------------
+# the loss: a few pure functions
+
+
+def token_logprobs(logits, labels):
+    """log p(label_t | tokens < t) at every position: (B, T, V), (B, T) -> (B, T).
+    Labels of -1 (not supervised) read token 0; callers mask those positions out."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V), fp32 even under autocast
+    return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def sequence_logprobs(logits, labels, mask):
+    """log pi(y|x) of each response: the SUM of its tokens' log-probs. (B, T, V) -> (B,)
+
+    The sum, not the mean, because DPO's derivation compares probabilities of whole
+    sequences: log pi(y|x) = sum_t log pi(y_t | x, y_<t). A mean over the response length
+    optimises a different objective (it takes the length of y out of the comparison, so the
+    implicit reward is no longer the KL-regularised one the paper derives), and a mean over
+    the padded length also counts padding: every log-ratio shrinks by the batch's longest
+    row, an effective beta that changes from batch to batch.
+    mask (B, T) is 1 on response tokens; prompt tokens and padding never enter the sum."""
+    lp = token_logprobs(logits, labels)  # (B, T)
+    return torch.where(mask.bool(), lp, torch.zeros_like(lp)).sum(-1)  # (B,)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair losses (B,) and the implicit rewards of chosen and rejected, each (B,).
+
+    DPO, Rafailov et al. 2023, Eq. 7:
+
+        L_DPO(pi; pi_ref) = -E_(x, y_w, y_l)~D [ log sigma( beta log pi(y_w|x) / pi_ref(y_w|x)
+                                                           - beta log pi(y_l|x) / pi_ref(y_l|x) ) ]
+
+    y_w is the chosen (winning) answer, y_l the rejected one. beta * log pi(y|x)/pi_ref(y|x)
+    is the implicit reward of y: DPO fits a Bradley-Terry reward model whose reward is
+    defined through the policy itself, so the policy that maximises it comes for free.
+
+    label_smoothing eps (conservative DPO): each label is assumed flipped with probability
+    eps, so the loss is -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+    loss_type "ipo" (Azar et al. 2023): (h - 1/(2 beta))^2 regresses the log-ratio gap h to a
+    fixed target instead of pushing it to infinity, which resists over-fitting to
+    deterministic preferences. Inputs are summed sequence log-probs, (B,) each, for every
+    variant (some libraries average per token for IPO; here only the loss differs)."""
+    chosen_ratio = policy_chosen - ref_chosen        # log pi(y_w|x) / pi_ref(y_w|x), (B,)
+    rejected_ratio = policy_rejected - ref_rejected  # log pi(y_l|x) / pi_ref(y_l|x), (B,)
+    h = chosen_ratio - rejected_ratio                # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def concatenated_logprobs(model, X, Y):
+    """Chosen and rejected responses in ONE forward: X, Y (2B, T) hold the B chosen rows
+    first, then the B rejected rows. One forward instead of two halves the kernel launches
+    and, under DDP, keeps a single forward per backward. Returns two (B,) tensors."""
+    logits, _ = model(X)  # (2B, T, V)
+    logps = sequence_logprobs(logits, Y, Y != -1)  # (2B,)
+    B = X.size(0) // 2
+    return logps[:B], logps[B:]
+
+
+def pair_loss(model, X, Y, ref_chosen, ref_rejected, args):
+    """The SUM over the pairs of a micro-batch of the DPO loss (plus, with --rpo-alpha a, a
+    times each chosen answer's per-token NLL: Pang et al. 2024, TRL's rpo_alpha). Summed,
+    because train_loop divides by the global number of pairs of the step. Also returns the
+    implicit rewards (B,) of chosen and rejected for logging."""
+    pi_c, pi_r = concatenated_logprobs(model, X, Y)  # (B,), (B,)
+    losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_chosen, ref_rejected, args.beta, args.loss,
+                                args.label_smoothing)
+    if args.rpo_alpha:
+        # per-token NLL of each chosen answer: its own mean, so long and short answers
+        # weigh the same and the term stays on the scale of an SFT loss
+        n_chosen = (Y[:len(pi_c)] != -1).sum(-1).clamp(min=1)  # (B,)
+        losses = losses + args.rpo_alpha * (-pi_c / n_chosen)
+    return losses.sum(), r_c, r_r
+
+
+def freeze(model):
+    """The reference: no gradients (it is never trained, never in the optimizer), eval mode."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# preference data -> pairs {"prompt": [messages], "chosen", "rejected", "split", "group"}
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def split_hh(text, where):
+    """An HH dialogue -> (chat messages before the last Assistant turn, that turn's text)."""
+    parts = HH_TURN.split(text)  # [before the first turn, role, body, role, body, ...]
+    if parts[0].strip() or len(parts) < 3:
+        raise ns.UserError(f"{where}: expected a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+    if turns[-1][0] != "Assistant":
+        raise ns.UserError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
+    msgs = [{"role": "user" if r == "Human" else "assistant", "content": b} for r, b in turns[:-1]]
+    return msgs, turns[-1][1]
+
+
+def record_format(r, where):
+    if not isinstance(r, dict):
+        raise ns.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    if "answers" in r:
+        return "votes"
+    if "responses" in r:
+        return "scores"
+    if "chosen" in r and "rejected" in r:
+        return "pairs" if "prompt" in r else "alpaca" if "instruction" in r else "hh"
+    keys = ", ".join(sorted(r)) or "none"
+    raise ns.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
+                       "{prompt,chosen,rejected}, HH {chosen,rejected}, Alpaca {instruction,chosen,"
+                       "rejected}, {prompt,answers:[{text,up,down}]} or {prompt,responses:[{text,score}]}")
+
+
+def ranked_pairs(items, min_margin):
+    """(text, score) items -> (chosen, rejected) for every two whose scores differ by at
+    least min_margin (and at all: a tie says nothing)."""
+    out = []
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            (a, sa), (b, sb) = items[i], items[j]
+            if sa != sb and abs(sa - sb) >= min_margin:
+                out.append((a, b) if sa > sb else (b, a))
+    return out
+
+
+def number(x, key, where, integer=False):
+    ok = isinstance(x, int) if integer else isinstance(x, (int, float))
+    if isinstance(x, bool) or not ok or not math.isfinite(x):
+        raise ns.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {x!r}")
+    return x
+
+
+def scored_items(r, key, where, score):
+    lst = r.get(key)
+    if not isinstance(lst, list) or len(lst) < 2:
+        raise ns.UserError(f"{where}: '{key}' must be a list of at least two answers")
+    return [(ns.field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
+            for i, a in enumerate(lst)]
+
+
+def record_pairs(fmt, r, where, min_margin):
+    """One record -> (prompt messages, [(chosen, rejected), ...])."""
+    if fmt == "votes":
+        def net(a, w):  # a is a dict here: its "text" was read first
+            return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
+        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin)
+    if fmt == "scores":
+        def score(a, w):
+            return number(a.get("score"), "score", w)
+        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin)
+    if fmt == "pairs":
+        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+    if fmt == "alpaca":
+        extra = ns.field(r, "input", where, optional=True)
+        user = [{"role": "user", "content": ns.field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
+        return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+    # hh: both fields are whole dialogues; the prompt is what they share before the last reply
+    msgs_c, chosen = split_hh(ns.field(r, "chosen", where), where + " (chosen)")
+    msgs_r, rejected = split_hh(ns.field(r, "rejected", where), where + " (rejected)")
+    if msgs_c != msgs_r:
+        raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
+                           "their last Assistant turn")
+    return msgs_c, [(chosen, rejected)]
+
+
+def load_preferences(path, min_margin=1.0, seed=1337):
+    """A preference file -> (format, train pairs, held-out pairs). The split is by record
+    (all pairs of one thread land on the same side): a record's "split" field
+    ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
+    records = ns.read_records(path)
+    fmt = record_format(records[0][1], records[0][0])
+    pairs = []
+    for group, (where, r) in enumerate(records):
+        got = record_format(r, where)
+        if got != fmt:
+            raise ns.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
+        split = r.get("split")
+        if split not in (None, "train", "heldout"):
+            raise ns.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
+        prompt, pr = record_pairs(fmt, r, where, min_margin)
+        for chosen, rejected in pr:
+            if chosen.strip() == rejected.strip():
+                raise ns.UserError(f"{where}: chosen and rejected answers are the same text "
+                                   f"({chosen[:40]!r}); a pair must differ")
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                          "split": split, "group": group})
+    if not pairs:
+        raise ns.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
+    if all(p["split"] is None for p in pairs):
+        groups = sorted({p["group"] for p in pairs})
+        random.Random(seed).shuffle(groups)
+        held = set(groups[:round(len(groups) * HELDOUT_FRAC)] if len(groups) > 1 else [])
+        for p in pairs:
+            p["split"] = "heldout" if p["group"] in held else "train"
+    train = [p for p in pairs if p["split"] == "train"]
+    heldout = [p for p in pairs if p["split"] == "heldout"]
+    if not train:
+        raise ns.UserError(f"{path}: every pair is held out; no training pairs")
+    return fmt, train, heldout
+
+
+# ----------------------------------------------------------------------------------------
+# pairs -> tensors and batches
+
+
+def fit(prompt, response, block_size):
+    """prompt + response ids cut to block_size + 1 tokens: the prompt loses its oldest tokens
+    first, but keeps at least half the window when the response is longer than that."""
+    limit = block_size + 1
+    keep = min(len(prompt), max(limit - len(response), limit // 2))
+    prompt, response = prompt[len(prompt) - keep:], response[:limit - keep]
+    return ns.example_tensors(prompt + response, [0] * len(prompt) + [1] * len(response))
+
+
+def pair_example(tok, pair, block_size):
+    """(x_chosen, y_chosen, x_rejected, y_rejected): inputs and targets, -1 off the response.
+    The response ends with <|end|>, a target like any other token: stopping is part of it."""
+    prompt = ns.chat_prompt(tok, pair["prompt"])
+    chosen = fit(prompt, ns.encode_content(tok, pair["chosen"]) + [tok.end], block_size)
+    rejected = fit(prompt, ns.encode_content(tok, pair["rejected"]) + [tok.end], block_size)
+    return chosen + rejected
+
+
+def collate_pairs(examples, pad_id):
+    """B pair examples -> X, Y (2B, T): the B chosen rows first, then the B rejected rows."""
+    return ns.collate([e[:2] for e in examples] + [e[2:] for e in examples], pad_id)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_pair_ids(seed, it, batch_size, n):
+    """The pair indices of step `it`: consecutive slices of seeded per-epoch permutations.
+    Every pair is seen once per epoch and the batch is a pure function of (seed, it), so a
+    resumed run continues exactly."""
+    return [epoch_order(seed, k // n, n)[k % n] for k in range(it * batch_size, (it + 1) * batch_size)]
+
+
+@torch.no_grad()
+def pair_logprobs(model, examples, ids, pad_id, rt, batch=64):
+    """log pi(chosen), log pi(rejected) of the pairs `ids` -> two (N,) tensors (N = len(ids)).
+    Pairs are batched in length order to waste little on padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: max(len(examples[ids[i]][0]), len(examples[ids[i]][2])))
+    chosen, rejected = torch.zeros(len(ids)), torch.zeros(len(ids))
+    for s in range(0, len(order), batch):
+        rows = order[s:s + batch]
+        X, Y = collate_pairs([examples[ids[i]] for i in rows], pad_id)
+        with ns.autocast(rt.device, rt.dtype):
+            c, r = concatenated_logprobs(model, X.to(rt.device), Y.to(rt.device))
+        chosen[rows], rejected[rows] = c.float().cpu(), r.float().cpu()
+    model.train(was_training)
+    return chosen, rejected
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+
+
+def heldout_scores(model, examples, ref_c, ref_r, pad_id, rt, args):
+    """Implicit rewards on held-out pairs: margins, preference accuracy, and whether the
+    plain likelihood already prefers the chosen answer."""
+    pi_c, pi_r = pair_logprobs(model, examples, list(range(len(examples))), pad_id, rt)
+    _, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, args.beta)
+    m = r_c - r_r
+    # a tie (exactly zero margin, as before any training) counts as a coin flip
+    acc = ((m > 0).float() + 0.5 * (m == 0).float()).mean().item()
+    return {"pref_accuracy": acc, "margin": m.mean().item(), "chosen": r_c.mean().item(),
+            "rejected": r_r.mean().item(), "logp_accuracy": (pi_c > pi_r).float().mean().item(),
+            "margins": m}
+
+
+@torch.no_grad()
+def sample_batch(model, prompts, n_new, stop, generator):
+    """Answers sampled at temperature 1 for many prompts at once, the stop token included
+    when one was drawn. Prompts are grouped by length, so no padding (and no position
+    shift) is needed, as in ns.generate_greedy_batch."""
+    device = next(model.parameters()).device
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    out = [None] * len(prompts)
+    for n, idx in sorted(by_len.items()):
+        cache = ns.KVCache(model.config.n_layer)
+        logits, _ = model(torch.tensor([prompts[i] for i in idx], device=device), cache=cache, last_only=True)
+        seqs, done = [[] for _ in idx], [False] * len(idx)
+        for _ in range(n_new):
+            probs = F.softmax(logits[:, -1].float(), dim=-1).cpu()  # (b, V)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (b, 1)
+            for j, t in enumerate(nxt[:, 0].tolist()):
+                if not done[j]:
+                    seqs[j].append(t)
+                    done[j] = t in stop
+            if all(done):
+                break
+            logits, _ = model(nxt.to(device), cache=cache)
+        for j, i in enumerate(idx):
+            out[i] = seqs[j]
+    return out
+
+
+@torch.no_grad()
+def kl_estimate(model, ref, tok, prompts, rt, seed):
+    """KL(pi || pi_ref) per response on held-out prompts. y is sampled from the policy
+    (temperature 1, at most KL_TOKENS tokens) and at every position of y we add the exact KL
+    of the two next-token distributions: by the chain rule E_y~pi[sum_t KL_t] is the
+    sequence-level KL, and the exact per-position KL has less noise than
+    log pi(y|x) - log pi_ref(y|x) of the sample alone (and is never negative)."""
+    was_training = model.training
+    model.eval()
+    n_new = min(KL_TOKENS, model.config.block_size // 2)
+    ids = [ns.chat_prompt(tok, p)[-(model.config.block_size - n_new):] for p in prompts]
+    with ns.autocast(rt.device, rt.dtype):
+        ys = sample_batch(model, ids, n_new, {tok.end}, torch.Generator().manual_seed(seed))
+    X, Y = ns.collate([ns.example_tensors(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(ids, ys)], tok.pad)
+    X, Y = X.to(rt.device), Y.to(rt.device)
+    with ns.autocast(rt.device, rt.dtype):
+        lp = F.log_softmax(model(X)[0].float(), -1)  # (N, T, V)
+        lq = F.log_softmax(ref(X)[0].float(), -1)    # (N, T, V)
+    kl_t = (lp.exp() * (lp - lq)).sum(-1)  # (N, T)
+    model.train(was_training)
+    return (kl_t * (Y != -1)).sum(-1).mean().item()
+
+
+def behaviour(model, tok, world, rows, prompts):
+    """Greedy answers: on the world, task accuracy on held-out people, the share of polite
+    answers (the style the votes reward) and the length; on other data only the length."""
+    was_training = model.training
+    if world is not None:
+        W, facts = world
+        acc, answers = ns.qa_accuracy(model, tok, world, rows)
+        style = sum(W.is_polite(facts, a) for a in answers) / max(1, len(answers))
+    else:
+        acc = style = None
+        answers = greedy(model, tok, prompts, 64)
+    model.train(was_training)
+    # length of the answer text re-encoded: the generated count for any well-formed text
+    # (only an untrained model's stray byte fragments re-encode longer)
+    n_tok = sum(len(tok.encode(a)) for a in answers) / max(1, len(answers))
+    return {"accuracy": acc, "style_rate": style, "response_tokens": n_tok}
+
+
+def greedy(model, tok, prompts, max_new_tokens):
+    """Greedy answers to chat prompts (lists of messages)."""
+    was_training = model.training
+    ids = [ns.chat_prompt(tok, p)[-(model.config.block_size - 8):] for p in prompts]
+    outs = ns.generate_greedy_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})
+    model.train(was_training)
+    return [tok.decode(o) for o in outs]
+
+
+def sample_answers(model, tok, eval_rows, held_prompts):
+    """The same few prompts, answered greedily before and after: on the world one question
+    per attribute about held-out people; otherwise the first held-out prompts."""
+    if eval_rows is not None:
+        seen, prompts = set(), []
+        for r in eval_rows:
+            if r["attribute"] not in seen:
+                seen.add(r["attribute"])
+                prompts.append([{"role": "user", "content": r["prompt"]}])
+    else:
+        prompts = held_prompts[:5]
+    return [(p[-1]["content"], a) for p, a in zip(prompts, greedy(model, tok, prompts, 48))]
+
+
+def plot_logratio(path, title, rows):
+    """A token-level heatmap of log pi(y_t|...) - log pi_ref(y_t|...), one strip per
+    response: red = DPO pushed the token up, blue = pushed down."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+    lim = max(1e-3, max(abs(v) for _, _, vals in rows for v in vals))
+    norm = TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
+    width = max(len(t) for _, t, _ in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, 0.45 * width), 2.0 * len(rows)),
+                             squeeze=False, constrained_layout=True)
+    for ax, (label, tokens, vals) in zip(axes[:, 0], rows):
+        im = ax.imshow([vals], cmap="RdBu_r", norm=norm, aspect="auto")
+        ax.set_xticks(range(len(tokens)))
+        ax.set_xticklabels(tokens, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks([])
+        ax.set_xlim(-0.5, width - 0.5)
+        for i, v in enumerate(vals):
+            ax.text(i, 0, f"{v:+.1f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(v) > 0.6 * lim else "black")
+        ax.set_title(label, fontsize=9, loc="left")
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="log pi - log pi_ref (nats)", shrink=0.9, pad=0.01)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def token_logratios(model, ref, tok, example, rt, max_tokens=40):
+    """Per-token log pi - log pi_ref over one response (its first max_tokens tokens)."""
+    x, y = example
+    X, Y = x[None].to(rt.device), y[None].to(rt.device)
+    with ns.autocast(rt.device, rt.dtype):
+        d = token_logprobs(model(X)[0], Y) - token_logprobs(ref(X)[0], Y)  # (1, T)
+    keep = (Y[0] != -1).nonzero().squeeze(-1)[:max_tokens]
+    tokens = [tok.decode([t]).replace(" ", "\u00b7").replace("\n", "\\n") for t in Y[0, keep].tolist()]
+    return tokens, d[0, keep].tolist()
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
+    ap.add_argument("--data", default=WORLD_VOTES, help="preference file (formats above)")
+    ap.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")
+    ap.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid: DPO (Eq. 7); ipo: Azar et al.")
+    ap.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
+    ap.add_argument("--rpo-alpha", type=float, help="add alpha x the chosen answers' per-token NLL (0 = off)")
+    ap.add_argument("--min-margin", type=float, help="votes/scores: least difference that makes a pair")
+    ap.add_argument("--no-ref-cache", action="store_true",
+                    help="run the reference every step instead of caching its log-probs once")
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--log-interval", type=int)
+    ns.add_common_args(ap)
+    ap.set_defaults(**DEFAULTS)
+    args = ap.parse_args(argv)
+    ns.check_args(args)
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ns.UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.loss == "ipo" and args.label_smoothing:
+        raise ns.UserError("--label-smoothing applies to the sigmoid loss, not to --loss ipo")
+    for name in ("rpo_alpha", "min_margin"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ns.UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {v}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = ns.setup_runtime(args)
+    ckpt_path = os.path.join(args.out_dir, "dpo.pt")
+    t_start = time.time()
+
+    # ---- reference, policy and data (everything is validated before anything is written)
+    ck0 = ns.load_checkpoint(args.ckpt, expect_kind=("sft", "dpo", "pretrain"))
+    if ck0["kind"] == "pretrain":
+        rt.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model "
+               "that already answers in the chat format")
+    ref, tok = ns.model_from_checkpoint(ck0, args.ckpt)
+    fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed)
+    if args.resume:
+        ck = ns.load_checkpoint(ckpt_path, expect_kind=("dpo",))
+        model, _ = ns.model_from_checkpoint(ck, ckpt_path)
+        if ck["config"] != ck0["config"]:
+            raise ns.UserError(f"{ckpt_path}: model config differs from the reference {args.ckpt}")
+        start_iter, state = ck["iter"], ck["metrics"]
+        torch.set_rng_state(ck["rng"]["torch"])
+    else:
+        model, _ = ns.model_from_checkpoint(ck0, args.ckpt)  # an independent copy: the policy
+        start_iter, state, ck = 0, None, None
+    ref = freeze(ref).to(rt.device)
+    cfg = model.config
+    train_ex = [pair_example(tok, p, cfg.block_size) for p in train_pairs]
+    n_held = len(held_pairs)
+    step = max(1, n_held // EVAL_PAIRS)  # scored at every eval: an evenly spaced subset
+    held_pairs = held_pairs[::step][:EVAL_PAIRS]
+    held_ex = [pair_example(tok, p, cfg.block_size) for p in held_pairs]
+    rt.log(f"{args.data}: {fmt} format, {len(train_pairs):,} train / {n_held:,} held-out pairs "
+           f"({len(held_pairs)} scored) | {model.num_params():,} parameters | {rt.device} {rt.dtype}")
+    B = args.batch_size
+    if B % (rt.world * args.grad_accum):
+        raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum "
+                           f"({rt.world} x {args.grad_accum})")
+    model.to(rt.device).train()
+    optimizer = ns.configure_optimizer(model, args.lr, device_type=rt.device.type)
+    if ck is not None and ck.get("optimizer"):
+        optimizer.load_state_dict(ck["optimizer"])
+    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_VOTES)
+    world = ns.load_world() if is_world else None
+    eval_rows = ns.load_eval_rows("heldout") if is_world else None
+    held_prompts = list({str(p["prompt"]): p["prompt"] for p in held_pairs or train_pairs[:64]}.values())
+
+    # ---- the reference's log-probs, once: for the pairs this run's steps will visit (this
+    # rank's shard) and for the held-out pairs. A step then costs one policy forward.
+    t0 = time.time()
+    shard = lambda it: step_pair_ids(args.seed, it, B, len(train_ex))[rt.rank::rt.world]
+    ref_c, ref_r = torch.full((len(train_ex),), math.nan), torch.full((len(train_ex),), math.nan)
+    if not args.no_ref_cache:
+        need = sorted({i for it in range(start_iter, args.max_iters) for i in shard(it)})
+        ref_c[need], ref_r[need] = pair_logprobs(ref, train_ex, need, tok.pad, rt)
+    held_ref = pair_logprobs(ref, held_ex, list(range(len(held_ex))), tok.pad, rt)
+    rt.log(f"reference log-probs cached in {time.time() - t0:.1f}s")
+
+    # ---- before: the reference IS the starting model
+    if state is None:
+        state = {"before": behaviour(ref, tok, world, eval_rows, held_prompts[:64]), "train": {},
+                 # step 0 needs no measuring: policy == reference, so every margin and the KL are 0
+                 "eval": {"step": [0], "margin": [0.0 if held_ex else None],
+                          "pref_accuracy": [0.5 if held_ex else None], "kl": [0.0]},
+                 "samples_before": sample_answers(ref, tok, eval_rows, held_prompts)}
+    before = state["before"]
+    if world:
+        rt.log(f"before: held-out accuracy {before['accuracy']:.3f} | style rate "
+               f"{before['style_rate']:.3f} | {before['response_tokens']:.1f} tokens per answer")
+
+    # ---- batches: this rank's share of the step's pairs, cut into micro-batches
+    current = {"it": 0}
+    sums = {}  # step -> [sum rewards/chosen, sum rewards/rejected, sum correct, pairs]
+
+    def get_batch(it):
+        current["it"] = it
+        ids = torch.tensor(shard(it))
+        return [(*collate_pairs([train_ex[i] for i in c.tolist()], tok.pad), c)
+                for c in ids.chunk(args.grad_accum)], B
+
+    def loss_fn(m, mb):
+        X, Y, ids = mb
+        X, Y = X.to(rt.device), Y.to(rt.device)
+        if args.no_ref_cache:
+            with torch.no_grad():
+                rc, rr = concatenated_logprobs(ref, X, Y)
+        else:
+            rc, rr = ref_c[ids].to(rt.device), ref_r[ids].to(rt.device)
+        loss, r_c, r_r = pair_loss(m, X, Y, rc, rr, args)
+        s = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), torch.tensor(float(len(ids)))])
+        sums[current["it"]] = sums.get(current["it"], 0) + s.float().cpu()
+        return loss
+
+    def evaluate(it):
+        steps = sorted(sums)
+        tot = torch.stack([sums.pop(s) for s in steps]) if steps else torch.zeros(0, 4)  # (S, 4)
+        if rt.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(tot)
+        if not rt.master:
+            return
+        tr = state["train"]
+        for s, (c, r, a, n) in zip(steps, tot.tolist()):
+            for k, v in (("step", s + 1), ("rewards/chosen", c / n), ("rewards/rejected", r / n),
+                         ("rewards/margins", (c - r) / n), ("rewards/accuracies", a / n)):
+                tr.setdefault(k, []).append(v)
+        ev = state["eval"]
+        h = heldout_scores(model, held_ex, *held_ref, tok.pad, rt, args) if held_ex else None
+        kl = kl_estimate(model, ref, tok, held_prompts[:KL_PROMPTS], rt, args.seed)
+        ev["step"].append(it)
+        ev["margin"].append(h and h["margin"])
+        ev["pref_accuracy"].append(h and h["pref_accuracy"])
+        ev["kl"].append(kl)
+        if steps:
+            c, r, a, n = tot.sum(0).tolist()
+            rt.log(f"step {it}: rewards/chosen {c / n:+.3f} | rewards/rejected {r / n:+.3f} | "
+                   f"rewards/margins {(c - r) / n:+.3f} | rewards/accuracies {a / n:.3f} (train, "
+                   f"since the last eval)")
+        rt.log(f"eval step {it}: held-out pref accuracy {h and round(h['pref_accuracy'], 3)} | "
+               f"held-out margin {h and round(h['margin'], 3)} | KL(pi||ref) {kl:.3f} nats/answer")
+        ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("dpo", model, tok, optimizer, it, args, state))
+
+    def on_eval(it):
+        evaluate(it)
+        ns.barrier(rt)
+
+    # ---- train
+    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, args, start_iter, get_batch,
+                                           loss_fn, on_eval, args.warmup)
+
+    # ---- after: evaluate, plot, report
+    if not rt.master:
+        return
+    after = behaviour(model, tok, world, eval_rows, held_prompts[:64])
+    h = heldout_scores(model, held_ex, *held_ref, tok.pad, rt, args) if held_ex else {}
+    samples = [{"prompt": p, "before": b, "after": a} for (p, b), a in
+               zip(state["samples_before"], [a for _, a in sample_answers(model, tok, eval_rows, held_prompts)])]
+    result = {"pref_accuracy_heldout": h.get("pref_accuracy"),
+              # before training every implicit reward is 0: a tie, counted as a coin flip
+              "pref_accuracy_heldout_before": 0.5 if held_ex else None,
+              # does the plain likelihood prefer the chosen answer (length-biased; for reference)
+              "logp_accuracy_heldout_before": (held_ref[0] > held_ref[1]).float().mean().item() if held_ex else None,
+              "logp_accuracy_heldout_after": h.get("logp_accuracy"),
+              "heldout_reward_margin": h.get("margin"),
+              "style_rate_before": before["style_rate"], "style_rate_after": after["style_rate"],
+              "heldout_accuracy_before": before["accuracy"], "heldout_accuracy_after": after["accuracy"],
+              "kl": state["eval"]["kl"][-1],
+              "response_tokens_before": before["response_tokens"],
+              "response_tokens_after": after["response_tokens"],
+              "seconds": time.time() - t_start, "train_seconds": seconds, "steps": it,
+              "tokens_per_sec": tok_per_s, "data": args.data, "format": fmt,
+              "pairs_train": len(train_pairs), "pairs_heldout": n_held, "pairs_heldout_scored": len(held_pairs),
+              "beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing,
+              "rpo_alpha": args.rpo_alpha, "lr": args.lr, "batch_size": B,
+              "device": str(rt.device), "dtype": rt.dtype, "samples": samples,
+              "history": {"train": state["train"], "eval": state["eval"]}}
+    ns.write_json(os.path.join(args.out_dir, "dpo.json"), result)
+
+    if held_ex:  # the held-out pair with the largest margin now: which tokens moved
+        k = int(h["margins"].argmax())
+        rows = []
+        for name, ex in (("chosen", held_ex[k][:2]), ("rejected", held_ex[k][2:])):
+            toks, vals = token_logratios(model, ref, tok, ex, rt)
+            rows.append((f"{name}: {sum(vals):+.2f} nats in all", toks, vals))
+        prompt = held_pairs[k]["prompt"][-1]["content"]
+        plot_logratio(os.path.join(args.out_dir, "dpo_logratio.png"), f"prompt: {prompt[:100]}", rows)
+    tr, ev = state["train"], state["eval"]
+    series = {"train (per step)": (tr.get("step", []), tr.get("rewards/margins", []))}
+    if held_ex:
+        series["held-out"] = (ev["step"], ev["margin"])
+    ns.plot(os.path.join(args.out_dir, "dpo_margin.png"), "DPO reward margin",
+            "step", "beta x (log-ratio chosen - log-ratio rejected)", series)
+    fmt_num = lambda v: "n/a" if v is None else f"{v:.3f}"
+    rt.log(f"done: held-out pref accuracy {fmt_num(result['pref_accuracy_heldout'])} | style "
+           f"{fmt_num(result['style_rate_before'])} -> {fmt_num(result['style_rate_after'])} | "
+           f"held-out accuracy {fmt_num(result['heldout_accuracy_before'])} -> "
+           f"{fmt_num(result['heldout_accuracy_after'])} | KL {result['kl']:.3f} | answer tokens "
+           f"{result['response_tokens_before']:.1f} -> {result['response_tokens_after']:.1f} | "
+           f"{result['seconds']:.0f}s -> {ckpt_path}")
+
+
+if __name__ == "__main__":
+    ns.cli(main)

@@ -1,0 +1,436 @@
+"""
+Stage 2: supervised fine-tuning (SFT) with a masked loss on instruction pairs.
+
+    python finetune.py --ckpt out/pretrain.pt                  # world Q&A, community labels
+    python finetune.py --ckpt out/pretrain.pt --show-mask      # see what the loss trains on
+    python finetune.py --ckpt out/pretrain.pt --init scratch   # same, from random weights
+    python finetune.py --ckpt out/pretrain.pt --lora-rank 8    # LoRA (merged on save)
+    python finetune.py --ckpt out/pretrain.pt --prompt-tokens 16   # prompt tuning
+    python finetune.py --ckpt out/pretrain.pt --data alpaca.json   # your own data
+
+The loss covers assistant tokens only, including the closing <|end|> (so the model learns
+to stop), averaged over the supervised tokens of the whole optimizer step.
+
+On the world data it measures what the concept guide claims: held-out accuracy (people whose
+facts were only in the pre-training prose: knowledge that SFT makes usable), retention (the
+pre-training validation loss of the current weights: what SFT costs), and the path between.
+Checkpoints along the path are kept; out/sft.pt is the REWOUND one (the rule is in
+`rewind`), the last step is out/sft_final.pt.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+import nanosft as ns
+
+WORLD_SFT = os.path.join(ns.HERE, "data", "world_sft.jsonl")
+WORLD_THREADS = os.path.join(ns.HERE, "data", "world_community.jsonl")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
+    ap.add_argument("--data", default=None, help="instruction file (Alpaca JSON, {prompt,response} "
+                    "JSONL or {messages} JSONL); default: the world's questions")
+    ap.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"],
+                    help="world data only: where the answers come from (gold facts, the best-voted "
+                    "community answer, or any community answer)")
+    ap.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"],
+                    help="scratch: same architecture, random weights (the no-pre-training baseline)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank, base frozen")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2*rank)")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="prompt tuning: learned prefix length")
+    ap.add_argument("--train-embeddings", action="store_true",
+                    help="also train the pre-trained token embeddings (default: only the chat tokens')")
+    ap.add_argument("--replay", type=float, default=0.0,
+                    help="mix this many pre-training tokens per SFT token (counters forgetting)")
+    ap.add_argument("--rewind-tolerance", type=float, default=0.005,
+                    help="rewinding keeps path points within this much held-out (dev) accuracy of "
+                    "the best one, and takes the one with the lowest retention loss")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--log-interval", type=int, default=25)
+    ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
+    ns.add_common_args(ap)
+    ap.set_defaults(max_iters=300, batch_size=16, lr=1e-3, eval_interval=25)
+    args = ap.parse_args(argv)
+    ns.check_args(args)
+    if args.lora_rank and args.prompt_tokens:
+        raise ns.UserError("--lora-rank and --prompt-tokens are alternatives; pick one")
+    if args.lora_rank < 0 or args.prompt_tokens < 0 or args.replay < 0:
+        raise ns.UserError("--lora-rank, --prompt-tokens and --replay must be >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+def world_conversations(labels, seed):
+    """The world's instruction set. Questions about training people come from the community
+    threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
+    random community answer; the list tasks (copy/reverse/count) always use their gold answer."""
+    gold = [(w, r) for w, r in ns.read_records(WORLD_SFT)]
+    threads = {r["prompt"]: r for _, r in ns.read_records(WORLD_THREADS)}
+    rng = random.Random(seed)
+    convs = []
+    for _, r in gold:
+        answer = r["response"]
+        if labels != "gold" and r["prompt"] in threads:
+            answers = threads[r["prompt"]]["answers"]
+            if labels == "top-voted":
+                answer = max(answers, key=lambda a: a["up"] - a["down"])["text"]
+            else:
+                answer = rng.choice(answers)["text"]
+        convs.append([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}])
+    return convs
+
+
+def render_all(tok, convs, block_size, source):
+    """(inputs, targets) per conversation; a conversation longer than the block is an error
+    (truncating it would silently cut the answer or its <|end|>)."""
+    out = []
+    for i, conv in enumerate(convs):
+        ids, mask = ns.render_chat(tok, conv)
+        if len(ids) - 1 > block_size:
+            raise ns.UserError(f"{source}: record {i + 1} is {len(ids) - 1} tokens, longer than the "
+                               f"model's block size {block_size}; shorten it")
+        out.append(ns.example_tensors(ids, mask))
+    if not any((y != -1).any() for _, y in out):
+        raise ns.UserError(f"{source}: no assistant tokens to train on")
+    return out
+
+
+def show_mask(tok, conv):
+    """Print one rendered example, supervised tokens marked: green on a terminal, [brackets]
+    otherwise. What is marked is exactly what the loss trains on."""
+    ids, mask = ns.render_chat(tok, conv)
+    tty = sys.stdout.isatty()
+    parts = []
+    for t, m in zip(ids, mask):
+        s = tok.decode([t]).replace("\n", "\\n")
+        parts.append((f"\033[42;30m{s}\033[0m" if tty else f"[{s}]") if m else s)
+    print("".join(parts))
+    print(f"\n{sum(mask)} of {len(ids)} tokens supervised "
+          f"({'green' if tty else '[bracketed]'}): the assistant's answer and its <|end|>.")
+
+
+def step_order(n_examples, batch_size, seed, it, lengths):
+    """The examples of optimizer step `it`, a pure function of (seed, it): shuffle once per
+    epoch, then sort each window of 8 batches by length and cut it into batches, so a batch
+    holds examples of similar length (little padding) while batches still vary."""
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, k = divmod(it, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_examples, generator=g).tolist()
+    window = 8 * batch_size
+    batches = []
+    for w in range(0, per_epoch * batch_size, window):
+        chunk = sorted(perm[w:min(w + window, per_epoch * batch_size)], key=lengths.__getitem__)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return batches[order[k % len(batches)]]
+
+
+# ----------------------------------------------------------------------------------------
+# model set-up: full fine-tuning, scratch, LoRA or prompt tuning
+
+
+def build_model(args, ck):
+    model, tok = ns.model_from_checkpoint(ck, args.ckpt)
+    if args.init == "scratch":
+        torch.manual_seed(args.seed)
+        model = ns.GPT(model.config)
+    elif not args.train_embeddings:
+        freeze_vocabulary(model, tok, pretraining_counts(tok, ck))
+    if args.prompt_tokens:
+        cfg = dataclasses.replace(model.config, n_prefix=args.prompt_tokens)
+        base = model
+        model = ns.GPT(cfg)
+        model.load_state_dict(base.state_dict(), strict=False)
+        model.requires_grad_(False)
+        g = torch.Generator().manual_seed(args.seed)
+        init = torch.randint(0, tok.vocab_size, (args.prompt_tokens,), generator=g)
+        model.prefix.data = base.wte.weight.data[init].clone()  # start from real token embeddings
+        model.prefix.requires_grad_(True)
+    if args.lora_rank:
+        torch.manual_seed(args.seed)
+        ns.add_lora(model, args.lora_rank, args.lora_alpha)
+    return model, tok
+
+
+def pretraining_counts(tok, ck):
+    """How often each token occurs in the pre-training text (None when it is not at hand)."""
+    path = ck.get("args", {}).get("pretrain_data") or ck.get("args", {}).get("data")
+    if ck["kind"] != "pretrain" or not path or not os.path.isfile(path):
+        return None
+    return torch.bincount(ns.encode_corpus(tok, ns.read_text(path)), minlength=tok.vocab_size)
+
+
+def freeze_vocabulary(model, tok, counts, min_count=10):
+    """Keep the embeddings of tokens that pre-training saw often (tied with the output
+    layer) as they are; train the rest: the chat tokens and rare or unseen tokens.
+
+    Why: with tied weights, every SFT step raises the output rows of the names it trains on
+    and lowers all others, so the model learns to answer with a TRAINING person's name
+    instead of copying the name from the question. Frozen, every name keeps the place
+    pre-training gave it and copying generalises to people SFT never saw. Rare tokens
+    (pieces of words pre-training never used) must stay trainable, or SFT cannot learn to
+    write new words."""
+    if counts is None:
+        return
+    keep = (counts < min_count).float().unsqueeze(1)  # (V, 1): 1 = trainable row
+    keep[[tok.user, tok.assistant, tok.end, tok.system]] = 1.0
+    model.wte.weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+
+
+def plain_state(model):
+    """A state dict an ordinary GPT loads: LoRA adapters merged into their weights."""
+    if any(isinstance(m, ns.LoRALinear) for m in model.modules()):
+        model = ns.merge_lora(copy.deepcopy(model))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def plain_model(model):
+    m = ns.GPT(model.config)
+    m.load_state_dict(plain_state(model))
+    return m.to(next(model.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+
+
+class Evaluator:
+    """Held-out accuracy (dev half used for rewinding, test half reported), training-people
+    accuracy, list-task accuracy and retention (pre-training validation loss)."""
+
+    def __init__(self, rt, tok, pre_args, block_size):
+        self.rt, self.tok = rt, tok
+        self.world = ns.load_world()
+        held = sorted({r["person"] for r in ns.load_eval_rows("heldout")})
+        dev_people = set(held[::2])
+        rows = ns.load_eval_rows("heldout")
+        self.dev = [r for r in rows if r["person"] in dev_people]
+        self.test = [r for r in rows if r["person"] not in dev_people]
+        self.train = ns.load_eval_rows("train")[:250]
+        self.tasks = ns.load_eval_rows("tasks")
+        self.retention = None
+        path = pre_args.get("pretrain_data")
+        if path and os.path.isfile(path):
+            # the same stream and split pre-training used: retention = its validation loss
+            self.train_tokens, val = ns.split_corpus(ns.encode_corpus(tok, ns.read_text(path)), block_size)
+            self.retention = ns.fixed_windows(val, block_size)
+
+    def __call__(self, model, full=False):
+        acc = lambda rows: ns.qa_accuracy(model, self.tok, self.world, rows)[0]
+        r = {"dev": acc(self.dev), "heldout": acc(self.test),
+             "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None}
+        if full:
+            r["train"] = acc(self.train)
+            r["tasks"] = ns.task_accuracy(model, self.tok, self.tasks)
+        return r
+
+
+def rewind(path, tolerance):
+    """Path-wise rewinding: among the checkpoints along the SFT path, keep those whose
+    held-out (dev) accuracy is within `tolerance` of the best one, and of these take the one
+    with the LOWEST retention loss -- the earliest good-enough point, before SFT has paid
+    more of the pre-trained model's knowledge than it needed to."""
+    best = max(p["dev"] for p in path)
+    ok = [p for p in path if p["dev"] >= best - tolerance]
+    return min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0, p["step"]))
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = ns.setup_runtime(args)
+    t_start = time.time()
+    final_path = os.path.join(args.out_dir, "sft_final.pt")
+
+    # ---- checkpoint, data, model (all input validated before anything is written)
+    ck = ns.load_checkpoint(args.ckpt, expect_kind=("pretrain", "sft", "dpo"))
+    model, tok = build_model(args, ck)
+    is_world = args.data is None
+    convs = world_conversations(args.labels, args.seed) if is_world else ns.load_instructions(args.data)
+    source = args.data or WORLD_SFT
+    if args.show_mask:
+        show_mask(tok, convs[0])
+        return
+    examples = render_all(tok, convs, model.config.block_size, source)
+    lengths = [len(x) for x, _ in examples]
+    pre_args = ck.get("args", {})
+    # the pre-training text, carried from stage to stage: retention is measured on its val split
+    args.pretrain_data = pre_args.get("pretrain_data") or (pre_args.get("data") if ck["kind"] == "pretrain" else None)
+    evaluator = Evaluator(rt, tok, vars(args), model.config.block_size) if is_world else None
+    start_iter, resume_ck = 0, None
+    if args.resume:
+        resume_ck = ns.load_checkpoint(final_path, expect_kind=("sft",))
+        if "train_state" not in resume_ck:
+            raise ns.UserError(f"{final_path}: has no training state to resume from")
+        # the run being resumed must have started from the same model and tokenizer as --ckpt
+        fits = torch.equal(resume_ck["tokenizer"]["merges"], ck["tokenizer"]["merges"])
+        if fits:
+            try:
+                model.load_state_dict(resume_ck["train_state"])
+            except RuntimeError:  # other shapes or parameter names
+                fits = False
+        if not fits:
+            raise ns.UserError(f"{final_path}: was trained from another model or tokenizer than "
+                               f"{args.ckpt} (or other --lora-rank / --prompt-tokens); expected the same --ckpt")
+        start_iter = resume_ck["iter"]
+        torch.set_rng_state(resume_ck["rng"]["torch"])
+    model.to(rt.device)
+    trainable = model.num_params(trainable_only=True)
+    rt.log(f"{len(examples)} examples from {source} | {trainable:,} trainable of "
+           f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
+    optimizer = ns.configure_optimizer(model, args.lr, weight_decay=0.0, device_type=rt.device.type)
+    if resume_ck is not None:
+        optimizer.load_state_dict(resume_ck["optimizer"])
+    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    replay_tokens = evaluator.train_tokens if (evaluator and args.replay) else None
+    if args.replay and replay_tokens is None:
+        pre_data = args.pretrain_data
+        if not pre_data or not os.path.isfile(pre_data):
+            raise ns.UserError(f"--replay needs the pre-training text ({pre_data}), which is missing")
+        replay_tokens = ns.split_corpus(ns.encode_corpus(tok, ns.read_text(pre_data)), model.config.block_size)[0]
+    B = args.batch_size
+    if B % (rt.world * args.grad_accum):
+        raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum "
+                           f"({rt.world} x {args.grad_accum})")
+
+    # ---- batches
+    def get_batch(it):
+        chosen = step_order(len(examples), B, args.seed, it, lengths)
+        count = sum(int((examples[i][1] != -1).sum()) for i in chosen)
+        mine = chosen[rt.rank::rt.world]
+        micro = [ns.collate([examples[i] for i in part], tok.pad) for part in
+                 [mine[j::args.grad_accum] for j in range(args.grad_accum)] if part]
+        if replay_tokens is not None:  # pre-training windows, every token supervised
+            T = model.config.block_size
+            n_win = max(1, round(args.replay * count / T))
+            g = torch.Generator().manual_seed(args.seed * 7_000_003 + it)
+            starts = torch.randint(len(replay_tokens) - T - 1, (n_win,), generator=g)[rt.rank::rt.world]
+            if len(starts):
+                w = torch.stack([replay_tokens[s:s + T + 1] for s in starts.tolist()])
+                micro.append((w[:, :-1], w[:, 1:]))
+            count += n_win * T
+        return [(x.to(rt.device), y.to(rt.device)) for x, y in micro], count
+
+    def loss_fn(m, mb):
+        return m(mb[0], mb[1], reduction="sum")[1]
+
+    # ---- the path: evaluate and keep a checkpoint every --eval-interval steps
+    path = list(resume_ck["metrics"].get("path", [])) if resume_ck else []
+    path_dir = os.path.join(args.out_dir, "sft_path")
+    before = evaluator(model) if (evaluator and not path) else None
+    if before is not None:
+        path.append({"step": 0, **before})
+
+    def on_eval(it):
+        if rt.master:
+            if evaluator and (not path or path[-1]["step"] != it):
+                r = evaluator(model)
+                path.append({"step": it, **r})
+                rt.log(f"eval step {it}: held-out {r['heldout']:.3f} (dev {r['dev']:.3f}) | "
+                       f"retention loss {r['retention']:.4f}")
+                ns.save_checkpoint(os.path.join(path_dir, f"step{it:05d}.pt"),
+                                   ns.checkpoint_dict("sft", plain_model(model), tok, None, it, args))
+            final = ns.checkpoint_dict("sft", plain_model(model), tok, optimizer, it, args, {"path": path})
+            final["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            ns.save_checkpoint(final_path, final)
+        ns.barrier(rt)
+
+    model.train()
+    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, args, start_iter, get_batch,
+                                           loss_fn, on_eval, args.warmup)
+    if not rt.master:
+        return
+
+    # ---- rewinding, interpolation, report
+    out = {"trainable_params": trainable, "total_params": model.num_params(), "steps": it,
+           "train_seconds": seconds, "tokens_per_sec": tok_per_s, "labels": args.labels if is_world else None,
+           "init": args.init, "lora_rank": args.lora_rank, "prompt_tokens": args.prompt_tokens,
+           "replay": args.replay, "lr": args.lr, "device": str(rt.device), "dtype": rt.dtype}
+    sft_path = os.path.join(args.out_dir, "sft.pt")
+    if evaluator:
+        final_eval = evaluator(model, full=True)
+        chosen = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance)
+        rewound = ns.load_checkpoint(os.path.join(path_dir, f"step{chosen['step']:05d}.pt"))
+        rew_model, _ = ns.model_from_checkpoint(rewound)
+        rew_eval = evaluator(rew_model.to(rt.device), full=True)
+        interp = interpolate(evaluator, ck, model, rt) if args.init == "pretrained" else []
+        start = path[0]
+        out.update({
+            "heldout_accuracy": rew_eval["heldout"], "train_accuracy": rew_eval["train"],
+            "task_accuracy": rew_eval["tasks"],
+            "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final_eval["heldout"],
+            "heldout_accuracy_rewound": rew_eval["heldout"], "heldout_accuracy_peak": max(p["heldout"] for p in path),
+            "train_accuracy_final": final_eval["train"], "task_accuracy_final": final_eval["tasks"],
+            "retention_val_loss_before": start["retention"], "retention_val_loss_final": final_eval["retention"],
+            "retention_val_loss_rewound": rew_eval["retention"], "rewound_step": chosen["step"],
+            "rewind_rule": f"lowest retention loss among path points within {args.rewind_tolerance} "
+                           "of the best dev held-out accuracy",
+            "chance_accuracy": chance(evaluator.world), "path": path, "interpolation": interp,
+        })
+        rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
+        ns.save_checkpoint(sft_path, rewound)
+        plot_path(os.path.join(args.out_dir, "sft_path.png"), path, interp, it, chosen["step"])
+        rt.log(f"held-out accuracy: before {start['heldout']:.3f} | final {final_eval['heldout']:.3f} | "
+               f"rewound (step {chosen['step']}) {rew_eval['heldout']:.3f}")
+        rt.log(f"retention loss:    before {start['retention']:.4f} | final {final_eval['retention']:.4f} | "
+               f"rewound {rew_eval['retention']:.4f}")
+        rt.log(f"training people {rew_eval['train']:.3f} | list tasks {rew_eval['tasks']:.3f}")
+    else:
+        ns.save_checkpoint(sft_path, ns.checkpoint_dict("sft", plain_model(model), tok, None, it, args))
+    out["seconds"] = time.time() - t_start
+    ns.write_json(os.path.join(args.out_dir, "sft.json"), out)
+    rt.log(f"done in {out['seconds']:.0f}s -> {sft_path}")
+
+
+def chance(world):
+    """Accuracy of guessing uniformly among an attribute's values, averaged over attributes."""
+    W, facts = world
+    return sum(1 / len(W.VALUES[a]) for a in facts["attributes"]) / len(facts["attributes"])
+
+
+@torch.no_grad()
+def interpolate(evaluator, ck, model, rt, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):
+    """Weight interpolation theta(a) = (1 - a) theta_pretrained + a theta_final: the straight
+    line the SFT path is compared with."""
+    pre = ns.model_from_checkpoint(ck)[0].state_dict()
+    fin = plain_state(model)
+    m = ns.GPT(model.config).to(rt.device)
+    out = []
+    for a in alphas:
+        m.load_state_dict({k: (1 - a) * pre[k] + a * v if k in pre and pre[k].shape == v.shape else v
+                           for k, v in fin.items()})
+        r = evaluator(m)
+        out.append({"alpha": a, **r})
+    return out
+
+
+def plot_path(png, path, interp, final_step, rewound_step):
+    at = lambda s: next(p for p in path if p["step"] == s)
+    series = {"SFT path": ([p["retention"] for p in path], [p["heldout"] for p in path])}
+    if interp:
+        series["interpolation pre-trained -> final"] = ([p["retention"] for p in interp],
+                                                        [p["heldout"] for p in interp])
+    marks = [(path[0]["retention"], path[0]["heldout"], "pre-trained"),
+             (at(final_step)["retention"], at(final_step)["heldout"], "final"),
+             (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound (step {rewound_step})")]
+    ns.plot(png, "SFT: task accuracy vs forgetting", "retention loss (pre-training val loss; lower = less forgetting)",
+            "held-out accuracy", series, marks)
+
+
+if __name__ == "__main__":
+    ns.cli(main)

@@ -1,0 +1,349 @@
+"""DPO: the loss math, the concatenated forward, the frozen reference, the data formats, and
+dpo.py end to end (including an exact --resume)."""
+import copy
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import nanosft as ns
+from conftest import tiny_gpt, run_script
+
+import dpo
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats two (synchronising costs more than the math)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PAIRS = [  # (question, chosen, rejected): responses of different lengths
+    ("Where was Ada Stone born?", "Ada Stone was born in Lisbon. Hope this helps!", "Lisbon."),
+    ("What is Leon Berg's job?", "Pilot.", "Leon Berg works as a pilot. Look it up yourself next time."),
+    ("What pet does Nora Costa have?", "Nora Costa has a pet cat.", "Nora Costa has a pet dog."),
+]
+
+
+def pair_dict(q, c, r):
+    return {"prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}
+
+
+def examples(tok, block_size=64):
+    return [dpo.pair_example(tok, pair_dict(*p), block_size) for p in PAIRS]
+
+
+def dpo_args(**kw):
+    a = dict(beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0)
+    a.update(kw)
+    return SimpleNamespace(**a)
+
+
+# ---- the loss as pure functions
+
+
+def test_sequence_logprobs_is_the_sum_of_picked_log_softmax():
+    torch.manual_seed(0)
+    V = 11
+    logits = torch.randn(2, 6, V)
+    # -1: prompt positions at the front, padding at the back
+    labels = torch.tensor([[-1, -1, 3, 5, 2, -1], [-1, 7, 1, -1, -1, -1]])
+    mask = labels != -1
+    got = dpo.sequence_logprobs(logits, labels, mask)
+    for b in range(2):
+        want = 0.0
+        for t in range(6):
+            if labels[b, t] != -1:
+                row = logits[b, t].tolist()
+                want += row[labels[b, t]] - math.log(sum(math.exp(v) for v in row))
+        assert abs(got[b].item() - want) < 1e-5
+    # prompt and padding positions never enter: scramble their logits and labels
+    logits2 = logits.clone()
+    logits2[~mask] = torch.randn(int((~mask).sum()), V) * 100
+    labels2 = torch.where(mask, labels, torch.randint(0, V, labels.shape))
+    assert torch.equal(dpo.sequence_logprobs(logits2, labels2, mask), got)
+    # more padding changes nothing (a mean over the padded length would)
+    padded = dpo.sequence_logprobs(torch.cat([logits, torch.randn(2, 5, V)], 1),
+                                   torch.cat([labels, torch.full((2, 5), -1)], 1),
+                                   torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], 1))
+    torch.testing.assert_close(padded, got, rtol=0, atol=1e-6)
+
+
+def test_pair_example_masks_exactly_the_response(tok):
+    (xc, yc, xr, yr), = [dpo.pair_example(tok, pair_dict(*PAIRS[0]), 64)]
+    prompt = ns.chat_prompt(tok, [{"role": "user", "content": PAIRS[0][0]}])
+    for x, y, text in ((xc, yc, PAIRS[0][1]), (xr, yr, PAIRS[0][2])):
+        resp = ns.encode_content(tok, text) + [tok.end]
+        assert x.tolist() == (prompt + resp)[:-1]
+        assert y.tolist() == [-1] * (len(prompt) - 1) + resp  # first answer token kept, <|end|> trained
+
+
+def test_loss_is_ln2_and_gradients_cancel_when_policy_is_reference():
+    pi_c = torch.tensor([-3.0, -10.0, -0.5], requires_grad=True)
+    pi_r = torch.tensor([-7.0, -1.0, -2.5], requires_grad=True)
+    for eps in (0.0, 0.3):
+        pi_c.grad = pi_r.grad = None
+        losses, r_c, r_r = dpo.dpo_loss(pi_c, pi_r, pi_c.detach(), pi_r.detach(), 0.1,
+                                        label_smoothing=eps)
+        assert torch.allclose(losses, torch.full((3,), math.log(2)), rtol=0, atol=1e-7)
+        assert torch.equal(r_c, torch.zeros(3)) and torch.equal(r_r, torch.zeros(3))
+        losses.sum().backward()
+        # d/dh at h = 0 is -beta/2 (1 - 2 eps): chosen pushed up exactly as rejected is pushed down
+        assert torch.equal(pi_c.grad, -pi_r.grad)
+        assert torch.allclose(pi_c.grad, torch.full((3,), -0.05 * (1 - 2 * eps)))
+
+
+def test_loss_is_ln2_on_a_model_and_identical_pairs_give_zero_gradient(tok):
+    model = tiny_gpt(tok, seed=1)
+    ref = dpo.freeze(copy.deepcopy(model))
+    ex = examples(tok)
+    X, Y = dpo.collate_pairs(ex, tok.pad)
+    ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y)
+    loss, _, _ = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args())
+    assert abs(loss.item() / len(ex) - math.log(2)) < 1e-6
+    # the same response as chosen and rejected: the two halves' gradients cancel exactly
+    same = [(xc, yc, xc, yc) for xc, yc, _, _ in ex]
+    X, Y = dpo.collate_pairs(same, tok.pad)
+    ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y)
+    dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args())[0].backward()
+    grads = [p.grad.abs().max().item() for p in model.parameters() if p.grad is not None]
+    assert grads and max(grads) < 1e-7
+    model.zero_grad()
+    dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(rpo_alpha=1.0))[0].backward()  # not vacuous
+    assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) > 1e-4
+
+
+def test_ipo_and_label_smoothing_match_their_formulas():
+    pi_c, pi_r = torch.tensor([-4.0]), torch.tensor([-6.0])
+    ref_c, ref_r = torch.tensor([-5.0]), torch.tensor([-5.5])
+    beta = 0.5
+    h = (-4.0 + 5.0) - (-6.0 + 5.5)  # 1.5
+    ipo, r_c, r_r = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "ipo")
+    assert abs(ipo.item() - (h - 1 / (2 * beta)) ** 2) < 1e-6 and abs(ipo.item() - 0.25) < 1e-6
+    assert abs(r_c.item() - 0.5) < 1e-7 and abs(r_r.item() + 0.25) < 1e-7
+    logsig = lambda z: -math.log1p(math.exp(-z))
+    eps = 0.2
+    cdpo, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "sigmoid", eps)
+    assert abs(cdpo.item() - (-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h))) < 1e-6
+    plain, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    assert abs(plain.item() + logsig(beta * h)) < 1e-6
+
+
+def test_rpo_adds_alpha_times_chosen_per_token_nll(tok):
+    model = tiny_gpt(tok, seed=2)
+    ex = examples(tok)
+    X, Y = dpo.collate_pairs(ex, tok.pad)
+    with torch.no_grad():
+        ref_c, ref_r = dpo.concatenated_logprobs(model, X, Y)
+        base = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args())[0]
+        rpo = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(rpo_alpha=2.0))[0]
+        nll = sum(model(xc[None], yc[None])[1].item() for xc, yc, _, _ in ex)  # per-token means
+    assert abs((rpo - base).item() - 2.0 * nll) < 1e-4
+
+
+# ---- the concatenated forward and the frozen reference
+
+
+def test_concatenated_forward_equals_separate_forwards(tok):
+    model = tiny_gpt(tok, seed=3)
+    ex = examples(tok)
+    assert len({len(e[0]) for e in ex} | {len(e[2]) for e in ex}) > 2  # padding really differs
+    pi_c, pi_r = dpo.concatenated_logprobs(model, *dpo.collate_pairs(ex, tok.pad))
+    for k, got in ((0, pi_c), (2, pi_r)):
+        X, Y = ns.collate([e[k:k + 2] for e in ex], tok.pad)  # padded to this half's longest
+        sep = dpo.sequence_logprobs(model(X)[0], Y, Y != -1)
+        one = torch.stack([dpo.sequence_logprobs(model(e[k][None])[0], e[k + 1][None], e[k + 1][None] != -1)[0]
+                           for e in ex])  # no padding at all
+        torch.testing.assert_close(got, sep, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-5)
+
+
+def test_reference_stays_frozen_and_cached_logprobs_match(tok):
+    model = tiny_gpt(tok, seed=4)
+    ref = dpo.freeze(copy.deepcopy(model))
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    ex = examples(tok) * 2
+    rt = ns.Runtime(torch.device("cpu"), "float32")
+    cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, rt)
+    args = SimpleNamespace(max_iters=4, lr=1e-2, time_budget=None, log_interval=100,
+                           eval_interval=100, **vars(dpo_args(rpo_alpha=1.0)))
+    opt = ns.configure_optimizer(model, args.lr)
+
+    def get_batch(it):
+        ids = torch.tensor([(2 * it) % len(ex), (2 * it + 1) % len(ex)])
+        return [(*dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad), ids)], 2
+
+    def loss_fn(m, mb):
+        return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[2]], cache_r[mb[2]], args)[0]
+    ns.train_loop(rt, model, opt, args, 0, get_batch, loss_fn, lambda it: None, warmup=1)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
+    assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # policy moved
+    for i, e in enumerate(ex):  # recomputed one pair at a time == the cache
+        c, r = dpo.concatenated_logprobs(ref, *dpo.collate_pairs([e], tok.pad))
+        # sums of ~20 log-probs of ~-6 each: float32 rounding is relative, so is the tolerance
+        torch.testing.assert_close(torch.cat([c, r]), torch.stack([cache_c[i], cache_r[i]]), rtol=1e-6, atol=1e-5)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = [dpo.step_pair_ids(7, it, 4, 10) for it in range(6)]
+    dpo.epoch_order.cache_clear()
+    assert a == [dpo.step_pair_ids(7, it, 4, 10) for it in range(6)]
+    flat = sum(a, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs
+    assert a != [dpo.step_pair_ids(8, it, 4, 10) for it in range(6)]
+
+
+# ---- data formats
+
+
+def write(tmp_path, name, rows, array=False):
+    p = tmp_path / name
+    p.write_text(json.dumps(rows) if array else "".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+HH_CHOSEN = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+             "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.")
+HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2+2?\n\nAssistant: 5, obviously."
+
+
+def test_each_format_parses(tmp_path):
+    votes = [{"prompt": "Q", "split": "heldout" if i == 0 else "train",
+              "answers": [{"text": "a", "up": 10, "down": 0}, {"text": "b", "up": 5, "down": 5},
+                          {"text": "c", "up": 5, "down": 4}]} for i in range(3)]
+    fmt, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)
+    assert fmt == "votes" and len(train) == 6 and len(held) == 3
+    assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c"), ("c", "b")}
+    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2)
+    assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
+
+    pairs = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
+    fmt, train, held = dpo.load_preferences(write(tmp_path, "p.jsonl", pairs))
+    assert fmt == "pairs" and len(train) == 18 and len(held) == 2  # 10% held out, by record
+    assert train[0]["prompt"] == [{"role": "user", "content": train[0]["prompt"][0]["content"]}]
+    assert {p["chosen"] for p in train + held} == {f"good {i}" for i in range(20)}
+
+    alpaca = [{"instruction": "Name a colour.", "input": "Not red.", "output": "Blue.",
+               "chosen": "Blue.", "rejected": "Red."}, {"instruction": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
+    fmt, train, held = dpo.load_preferences(write(tmp_path, "a.json", alpaca, array=True))
+    assert fmt == "alpaca" and len(train) + len(held) == 2
+    p = next(p for p in train + held if p["chosen"] == "Blue.")
+    assert p["prompt"] == [{"role": "user", "content": "Name a colour.\n\nNot red."}] and p["rejected"] == "Red."
+
+    scores = [{"prompt": "Q", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 2.5},
+                                            {"text": "z", "score": 2.0}]}]
+    fmt, train, _ = dpo.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
+    assert fmt == "scores" and {(p["chosen"], p["rejected"]) for p in train} == {("y", "x"), ("z", "x")}
+
+    fmt, train, _ = dpo.load_preferences(write(tmp_path, "h.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]))
+    assert fmt == "hh" and train[0]["chosen"] == "It is 4."
+
+
+def test_hh_split_on_a_multi_turn_dialogue(tok):
+    msgs, chosen = dpo.split_hh(HH_CHOSEN, "x")
+    msgs_r, rejected = dpo.split_hh(HH_REJECTED, "x")
+    assert msgs == msgs_r == [{"role": "user", "content": "Hi there"},
+                              {"role": "assistant", "content": "Hello! How can I help?"},
+                              {"role": "user", "content": "What is 2+2?"}]
+    assert (chosen, rejected) == ("It is 4.", "5, obviously.")
+    # the earlier assistant turn is context: only the last reply is scored
+    _, yc, _, _ = dpo.pair_example(tok, {"prompt": msgs, "chosen": chosen, "rejected": rejected}, 64)
+    assert [t for t in yc.tolist() if t != -1] == ns.encode_content(tok, "It is 4.") + [tok.end]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"prompt": "Q", "chosen": "same", "rejected": "same"}], r"p\.jsonl:1: chosen and rejected .* same"),
+    ([{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"question": "Q"}], r"p\.jsonl:2: unknown preference record"),
+    ([{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"chosen": "\n\nHuman: a\n\nAssistant: b",
+                                                        "rejected": "\n\nHuman: a\n\nAssistant: c"}],
+     r"p\.jsonl:2: a 'hh' record, but"),
+    ([{"chosen": HH_CHOSEN, "rejected": "\n\nHuman: other\n\nAssistant: 5"}], r"p\.jsonl:1: .*share the dialogue"),
+    ([{"chosen": "no turns at all", "rejected": "x"}], r"p\.jsonl:1 \(chosen\): expected a dialogue"),
+    ([{"prompt": "Q", "answers": [{"text": "a", "up": 1, "down": 1}, {"text": "b", "up": "many", "down": 0}]}],
+     r"p\.jsonl:1: answers\[1\]: field 'up'"),
+    ([{"prompt": "Q", "answers": [{"text": "a", "up": 3, "down": 0}, {"text": "a", "up": 0, "down": 3}]}],
+     r"p\.jsonl:1: chosen and rejected"),
+])
+def test_bad_preference_data_is_one_clear_error(tmp_path, rows, match):
+    with pytest.raises(ns.UserError, match=match):
+        dpo.load_preferences(write(tmp_path, "p.jsonl", rows))
+
+
+# ---- dpo.py end to end
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tok, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dpo") / "sft.pt")
+    ns.save_checkpoint(path, ns.checkpoint_dict("sft", tiny_gpt(tok, seed=5), tok))
+    return path
+
+
+def test_dpo_script_end_to_end(sft_ckpt, tmp_path):
+    out = str(tmp_path / "out")
+    r = run_script("dpo.py", "--ckpt", sft_ckpt, "--out-dir", out, "--min-margin", "30", "--max-iters", "6",
+                   "--batch-size", "4", "--lr", "1e-3", "--warmup", "2", "--eval-interval", "3",
+                   "--log-interval", "3", "--dtype", "float32", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "rewards/margins" in r.stdout and "KL(pi||ref)" in r.stdout
+    res = json.load(open(os.path.join(out, "dpo.json")))
+    for key in ("pref_accuracy_heldout", "style_rate_before", "style_rate_after", "heldout_accuracy_before",
+                "heldout_accuracy_after", "kl", "response_tokens_before", "response_tokens_after", "seconds"):
+        assert res[key] is not None, key
+    assert res["steps"] == 6 and res["format"] == "votes" and res["kl"] >= 0
+    assert len(res["samples"]) == 5 and {"before", "after", "prompt"} <= set(res["samples"][0])
+    assert res["history"]["eval"]["step"] == [0, 3, 6]
+    assert len(res["history"]["train"]["rewards/margins"]) == 6
+    for png in ("dpo_logratio.png", "dpo_margin.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 0
+    assert ns.load_checkpoint(os.path.join(out, "dpo.pt"), expect_kind=("dpo",))["iter"] == 6
+
+
+def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
+    data = write(tmp_path, "p.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in PAIRS * 4])
+    # warmup > max-iters keeps the learning rate independent of --max-iters, so 5 steps and
+    # a resume to 10 follow the same schedule as 10 straight steps
+    common = ["--ckpt", sft_ckpt, "--data", data, "--batch-size", "4", "--lr", "1e-3", "--warmup", "100",
+              "--eval-interval", "100", "--log-interval", "100", "--dtype", "float32", "--device", "cpu"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    dpo.main(common + ["--out-dir", a, "--max-iters", "10"])
+    dpo.main(common + ["--out-dir", b, "--max-iters", "5"])
+    assert ns.load_checkpoint(os.path.join(b, "dpo.pt"))["iter"] == 5
+    dpo.main(common + ["--out-dir", b, "--max-iters", "10", "--resume"])
+    ck_a, ck_b = ns.load_checkpoint(os.path.join(a, "dpo.pt")), ns.load_checkpoint(os.path.join(b, "dpo.pt"))
+    assert ck_a["iter"] == ck_b["iter"] == 10
+    moved = False
+    for k, v in ck_a["model"].items():
+        torch.testing.assert_close(ck_b["model"][k], v, rtol=0, atol=1e-5)
+        moved |= not torch.equal(v, ns.load_checkpoint(sft_ckpt)["model"][k])
+    assert moved
+    hist_a = json.load(open(os.path.join(a, "dpo.json")))["history"]["train"]
+    hist_b = json.load(open(os.path.join(b, "dpo.json")))["history"]["train"]
+    assert hist_b["step"] == list(range(1, 11))
+    torch.testing.assert_close(torch.tensor(hist_b["rewards/margins"]), torch.tensor(hist_a["rewards/margins"]))
+
+
+def test_dpo_script_bad_data_exits_2_with_one_line(sft_ckpt, tmp_path):
+    bad = write(tmp_path, "bad.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"}])
+    r = run_script("dpo.py", "--ckpt", sft_ckpt, "--data", bad, "--out-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "bad.jsonl:1:" in r.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
+    model = tiny_gpt(tok, seed=6)
+    ref = dpo.freeze(copy.deepcopy(model))
+    rt = ns.Runtime(torch.device("cpu"), "float32")
+    prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
+    assert dpo.kl_estimate(model, ref, tok, prompts, rt, seed=0) == 0.0
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    assert dpo.kl_estimate(model, ref, tok, prompts, rt, seed=0) > 0.0
