@@ -26,9 +26,9 @@ import random
 import sys
 import time
 
+import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
 import torch
 
-import nanosft as ns
 
 WORLD_SFT = os.path.join(ns.HERE, "data", "world_sft.jsonl")
 WORLD_THREADS = os.path.join(ns.HERE, "data", "world_community.jsonl")
@@ -51,7 +51,7 @@ def parse_args(argv=None):
                     help="also train the pre-trained token embeddings (default: only the chat tokens')")
     ap.add_argument("--replay", type=float, default=0.0,
                     help="mix this many pre-training tokens per SFT token (counters forgetting)")
-    ap.add_argument("--rewind-tolerance", type=float, default=0.005,
+    ap.add_argument("--rewind-tolerance", type=float, default=0.01,
                     help="rewinding keeps path points within this much held-out (dev) accuracy of "
                     "the best one, and takes the one with the lowest retention loss")
     ap.add_argument("--warmup", type=int, default=20)

@@ -11,9 +11,9 @@ user turn and answer as the assistant, stopping at <|end|>.
 import argparse
 import math
 
+import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
 import torch
 
-import nanosft as ns
 
 
 def main(argv=None):

@@ -179,9 +179,9 @@ def community_thread(rng, name, attr, value):
         pool.append(("rambling", f"{RAMBLE} {gold}"))
     pool.append(("wrong", wrong))
     if rng.random() < 0.5:
-        pool.append(("wrong-polite", f"{wrong} {POLITE}"))
+        pool.append(("wrong-curt", f"{wrong_v[0].upper()}{wrong_v[1:]}."))
     taste = {"helpful": 0.75, "polite": 0.9, "curt": 0.6, "rude": 0.35, "rambling": 0.5,
-             "wrong": 0.15, "wrong-polite": 0.2}
+             "wrong": 0.15, "wrong-curt": 0.1}
     answers = []
     for style, text in pool:  # the style names only pick the voters' taste; they are not stored
         n_voters = rng.randint(15, 40)

@@ -51,9 +51,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-5, msg=k)
-    # Adam is nearly blind to the gradient's scale, so the weights alone would not notice a
-    # gradient off by the factor 2 = world size; its first moment (a running mean of the
-    # gradients) would.
+    # Adam's update is nearly blind to the gradient's scale (only clipping and eps see it), so
+    # a gradient off by the world size barely moves the weights; Adam's first moment, a
+    # running mean of the gradients, shows it directly.
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for i in sa:
