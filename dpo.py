@@ -26,7 +26,6 @@ Writes out/dpo.pt (kind "dpo"), out/dpo.json (preference accuracy, style rate, t
 KL, response length: before and after), out/dpo_logratio.png (which tokens DPO pushed up and
 down) and out/dpo_margin.png (the reward margin during training).
 """
-import argparse
 import functools
 import math
 import os
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 WORLD_VOTES = os.path.join(ns.HERE, "data", "world_community.jsonl")
 
 # Every default of this stage in one place (calibrated on the default world; change here).
-DEFAULTS = dict(max_iters=300, batch_size=16, lr=1e-4, eval_interval=50, warmup=20,
+DEFAULTS = dict(max_iters=300, batch_size=16, lr=5e-5, eval_interval=50, warmup=20,
                 log_interval=25, beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.1,
                 min_margin=20.0)
 HELDOUT_FRAC = 0.1     # share of records held out when the file has no "split" field
@@ -476,7 +475,7 @@ def token_logratios(model, ref, tok, example, rt, max_tokens=40):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ns.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     ap.add_argument("--data", default=WORLD_VOTES, help="preference file (formats above)")
     ap.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")

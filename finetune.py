@@ -17,7 +17,6 @@ pre-training validation loss of the current weights: what SFT costs), and the pa
 Checkpoints along the path are kept; out/sft.pt is the REWOUND one (the rule is in
 `rewind`), the last step is out/sft_final.pt.
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -35,7 +34,7 @@ WORLD_THREADS = os.path.join(ns.HERE, "data", "world_community.jsonl")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ns.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
     ap.add_argument("--data", default=None, help="instruction file (Alpaca JSON, {prompt,response} "
                     "JSONL or {messages} JSONL); default: the world's questions")

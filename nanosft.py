@@ -14,6 +14,7 @@ Read top to bottom:
   9. training loop  shared by all three stages; a stage only supplies its batches and loss
  10. evaluation     knowledge probe, question answering graded by the world's verifier, plots
 """
+import argparse
 import json
 import math
 import os
@@ -57,6 +58,18 @@ def cli(main):
     except KeyboardInterrupt:
         print("interrupted; checkpoints on disk are complete (written atomically)", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line ("error: ...") and exit code 2, like every other
+    bad input (plain argparse prints the whole usage first)."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_args(args):

@@ -11,7 +11,6 @@ for validation, and on the world corpus measures the knowledge probe: how many f
 tokenizer, optimizer, step, RNG: everything a later stage or --resume needs),
 out/pretrain.json and out/pretrain_loss.png.
 """
-import argparse
 import os
 import time
 
@@ -22,7 +21,7 @@ WORLD_CORPUS = os.path.join(ns.HERE, "data", "world_corpus.txt")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ns.ArgumentParser(__doc__)
     ap.add_argument("--data", default=WORLD_CORPUS, help="UTF-8 text file to train on")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--n-layer", type=int, default=4)

@@ -8,7 +8,6 @@ Generate text from any nanosft checkpoint.
 Pre-trained checkpoints continue the text. Fine-tuned ones (sft, dpo) get the prompt as a
 user turn and answer as the assistant, stopping at <|end|>.
 """
-import argparse
 import math
 
 import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
@@ -17,7 +16,7 @@ import torch
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ns.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/sft.pt")
     ap.add_argument("--prompt", default="")
     ap.add_argument("--max-new-tokens", type=int, default=100)
