@@ -51,6 +51,7 @@ def cli(main):
     Internal bugs still raise normally, so they stay debuggable."""
     try:
         main()
+        shutdown_distributed()
     except UserError as e:
         # one line even when the message quotes data or a path that holds a newline
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
@@ -70,6 +71,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def shutdown_distributed():
+    """Under torchrun: wait for every rank, then close the process group. A rank that
+    simply exits while another still works can abort inside the communication library."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_args(args):
