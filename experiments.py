@@ -5,7 +5,7 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
     python experiments.py sft        # full SFT vs scratch vs LoRA vs prompt tuning vs replay (~12 min)
     python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
     python experiments.py overshoot  # lr 1e-3, longer: the final checkpoint falls past its peak
-    python experiments.py scale      # two model sizes, each pre-trained, SFT'd and vs scratch (~30 min)
+    python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
 pre-trains its own models into out/scale/.
@@ -86,7 +86,8 @@ def main():
         md += f"\n\nrewinding recovers {100 * recovered:.0f}% of the accuracy lost between the peak and the final step."
     else:
         rows = []
-        sizes = {"small (L2 C128)": ["--n-layer", "2", "--n-head", "2", "--n-embd", "128"],
+        sizes = {"tiny (L1 C64)": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64"],
+                 "small (L2 C128)": ["--n-layer", "2", "--n-head", "2", "--n-embd", "128"],
                  "default (L4 C256)": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256"]}
         for name, arch in sizes.items():
             tag = name.split()[0]
