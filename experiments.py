@@ -4,7 +4,7 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
 
     python experiments.py sft        # full SFT vs scratch vs LoRA vs prompt tuning vs replay (~12 min)
     python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
-    python experiments.py overshoot  # lr 1e-3, longer: the final checkpoint falls past its peak
+    python experiments.py overshoot  # embeddings trained, lr 2e-3, 600 steps: accuracy peaks, then falls
     python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
@@ -75,13 +75,14 @@ def main():
                          fmt(r["retention_val_loss_rewound"])])
         md = table(["SFT labels", "held-out acc", "training-people acc", "retention loss"], rows)
     elif args.which == "overshoot":
-        r = sft(root, "lr1e-3", args.ckpt, "--lr", "1e-3", "--max-iters", "600", "--eval-interval", "25")
+        r = sft(root, "emb_lr2e-3", args.ckpt, "--train-embeddings", "--lr", "2e-3", "--max-iters", "600",
+                "--eval-interval", "50")
         peak, final, rew = r["heldout_accuracy_peak"], r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
         recovered = (rew - final) / (peak - final) if peak > final else float("nan")
         md = table(["", "held-out acc", "retention loss", "step"],
                    [["peak along the path", fmt(peak), "", ""],
                     ["final", fmt(final), fmt(r["retention_val_loss_final"]), fmt(r["steps"])],
-                    ["rewound (out/overshoot/lr1e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
+                    ["rewound (out/overshoot/emb_lr2e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
                      fmt(r["rewound_step"])]])
         md += f"\n\nrewinding recovers {100 * recovered:.0f}% of the accuracy lost between the peak and the final step."
     else:
