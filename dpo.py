@@ -184,8 +184,10 @@ def ranked_pairs(items, min_margin):
 
 def number(x, key, where, integer=False):
     ok = isinstance(x, int) if integer else isinstance(x, (int, float))
-    if isinstance(x, bool) or not ok or not math.isfinite(x):
-        raise ns.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {x!r}")
+    # abs(x) < 1e300: finite, and no integer too large for float arithmetic later
+    if isinstance(x, bool) or not ok or not abs(x) < 1e300:
+        shown = repr(x) if len(repr(x)) < 40 else repr(x)[:37] + "..."
+        raise ns.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {shown}")
     return x
 
 
