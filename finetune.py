@@ -19,6 +19,7 @@ Checkpoints along the path are kept; out/sft.pt is the REWOUND one (the rule is 
 """
 import copy
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -164,12 +165,19 @@ def build_model(args, ck):
     return model, tok
 
 
+@functools.lru_cache(maxsize=2)
+def corpus_stream(tok, path):
+    """The pre-training text as one token stream. The vocabulary freeze, the retention loss
+    and --replay all need it: read and encoded once per run."""
+    return ns.encode_corpus(tok, ns.read_text(path))
+
+
 def pretraining_counts(tok, ck):
     """How often each token occurs in the pre-training text (None when it is not at hand)."""
     path = ck.get("args", {}).get("pretrain_data") or ck.get("args", {}).get("data")
     if ck["kind"] != "pretrain" or not path or not os.path.isfile(path):
         return None
-    return torch.bincount(ns.encode_corpus(tok, ns.read_text(path)), minlength=tok.vocab_size)
+    return torch.bincount(corpus_stream(tok, path), minlength=tok.vocab_size)
 
 
 def freeze_vocabulary(model, tok, counts, min_count=10):
@@ -224,7 +232,7 @@ class Evaluator:
         path = pre_args.get("pretrain_data")
         if path and os.path.isfile(path):
             # the same stream and split pre-training used: retention = its validation loss
-            self.train_tokens, val = ns.split_corpus(ns.encode_corpus(tok, ns.read_text(path)), block_size)
+            self.train_tokens, val = ns.split_corpus(corpus_stream(tok, path), block_size)
             self.retention = ns.fixed_windows(val, block_size)
 
     def __call__(self, model, full=False):
@@ -301,7 +309,7 @@ def main(argv=None):
         pre_data = args.pretrain_data
         if not pre_data or not os.path.isfile(pre_data):
             raise ns.UserError(f"--replay needs the pre-training text ({pre_data}), which is missing")
-        replay_tokens = ns.split_corpus(ns.encode_corpus(tok, ns.read_text(pre_data)), model.config.block_size)[0]
+        replay_tokens = ns.split_corpus(corpus_stream(tok, pre_data), model.config.block_size)[0]
     B = args.batch_size
     if B % (rt.world * args.grad_accum):
         raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum "
