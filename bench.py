@@ -317,11 +317,11 @@ def bench_padding(res, tok, pre):
     try:
         dpo = load_script("dpo")
         da = dpo.parse_args([])
-        _, pairs, _ = dpo.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed)
+        _, pairs, _ = dpo.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
         ex = [dpo.pair_example(tok, p, pre.block_size) for p in pairs]
         r = t = 0
         for it in range(max(1, len(ex) // da.batch_size)):
-            X, _ = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(da.seed, it, da.batch_size, len(ex))], tok.pad)
+            X, _, _ = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(da.seed, it, da.batch_size, len(ex))], tok.pad)
             r, t = r + int((X != tok.pad).sum()), t + X.numel()
         res["pad_efficiency_dpo"] = round(r / t, 3)
     except Exception as e:
@@ -335,13 +335,13 @@ def bench_padding(res, tok, pre):
 
 
 def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
-    """A DPO step and an SFT step on the same (2B, T) rows: chosen and rejected answers of
+    """A DPO step and an SFT step on the same packed rows: chosen and rejected answers of
     world preference pairs, the SFT loss on the same response tokens. The reference
     log-probs are computed once beforehand, as dpo.py caches them."""
     try:
         dpo = load_script("dpo")
         da = dpo.parse_args([])
-        _, pairs, _ = dpo.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed)
+        _, pairs, _ = dpo.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
         ex = [dpo.pair_example(tok, p, pre.block_size) for p in pairs]
     except Exception as e:
         res["dpo_step_ratio"] = None
@@ -354,10 +354,10 @@ def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
     ref = dpo.freeze(copy.deepcopy(model))
     batches = []
     for it in range(n_batches):
-        X, Y = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(da.seed, it, da.batch_size, len(ex))], tok.pad)
+        X, Y, S = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(da.seed, it, da.batch_size, len(ex))], tok.pad)
         with torch.no_grad():
-            rc, rr = dpo.concatenated_logprobs(ref, X, Y)
-        batches.append((X, Y, rc, rr))
+            rc, rr = dpo.concatenated_logprobs(ref, X, Y, S)
+        batches.append((X, Y, S, rc, rr))
     sft_m, dpo_m = copy.deepcopy(model), copy.deepcopy(model)
     sft_opt, dpo_opt = ns.configure_optimizer(sft_m, 1e-5), ns.configure_optimizer(dpo_m, 1e-5)
 
@@ -367,11 +367,11 @@ def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sft(X, Y, rc, rr):
-        return lambda: step(sft_m, sft_opt, sft_m(X, Y, reduction="sum")[1] / (Y != -1).sum())
+    def sft(X, Y, S, rc, rr):
+        return lambda: step(sft_m, sft_opt, sft_m(X, Y, reduction="sum", segments=S)[1] / (Y != -1).sum())
 
-    def dpo_step(X, Y, rc, rr):
-        return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, da)[0] / len(rc))
+    def dpo_step(X, Y, S, rc, rr):
+        return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, da, S)[0] / len(rc))
     fns = [f(*b) for b in batches for f in (sft, dpo_step)]  # SFT, DPO, SFT, DPO, ... per batch
     for f in fns:  # warm-up
         f()

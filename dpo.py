@@ -19,8 +19,9 @@ Preference data, detected from the file's first record:
     hh       {"chosen", "rejected"}: Anthropic HH dialogues ("\\n\\nHuman: ..." / "\\n\\nAssistant: ...")
     alpaca   {"instruction", "input"?, "chosen", "rejected"}
     scores   {"prompt", "responses": [{"text", "score"}]}
-Votes and scores give a pair for every two answers whose net votes (up - down) or scores
-differ by at least --min-margin; the higher one is chosen.
+Votes and scores give pairs of answers whose net votes (up - down) or scores differ by at
+least --min-margin, the higher one chosen: by default (--pairs top) the thread's top answer
+against each other answer, with --pairs all every two answers.
 
 Writes out/dpo.pt (kind "dpo"), out/dpo.json (preference accuracy, style rate, task accuracy,
 KL, response length: before and after), out/dpo_logratio.png (which tokens DPO pushed up and
@@ -41,9 +42,9 @@ import torch.nn.functional as F
 WORLD_VOTES = os.path.join(ns.HERE, "data", "world_community.jsonl")
 
 # Every default of this stage in one place (calibrated on the default world; change here).
-DEFAULTS = dict(max_iters=300, batch_size=16, lr=5e-5, eval_interval=50, warmup=20,
+DEFAULTS = dict(max_iters=300, batch_size=16, lr=2e-5, eval_interval=50, warmup=20,
                 log_interval=25, beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.1,
-                min_margin=20.0)
+                min_margin=10.0, pairs="top")
 HELDOUT_FRAC = 0.1     # share of records held out when the file has no "split" field
 EVAL_PAIRS = 512       # held-out pairs scored at each evaluation (an evenly spaced subset)
 KL_PROMPTS = 32        # held-out prompts sampled for the KL estimate
@@ -60,7 +61,7 @@ def token_logprobs(logits, labels):
     return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
-def sequence_logprobs(logits, labels, mask):
+def sequence_logprobs(logits, labels, mask, segments=None):
     """log pi(y|x) of each response: the SUM of its tokens' log-probs. (B, T, V) -> (B,)
 
     The sum, not the mean, because DPO's derivation compares probabilities of whole
@@ -69,9 +70,16 @@ def sequence_logprobs(logits, labels, mask):
     implicit reward is no longer the KL-regularised one the paper derives), and a mean over
     the padded length also counts padding: every log-ratio shrinks by the batch's longest
     row, an effective beta that changes from batch to batch.
-    mask (B, T) is 1 on response tokens; prompt tokens and padding never enter the sum."""
+    mask (B, T) is 1 on response tokens; prompt tokens and padding never enter the sum.
+    segments (B, T), for packed rows (ns.pack): sum per sequence instead of per row, giving
+    (N,) for the N = segments.max() + 1 sequences."""
     lp = token_logprobs(logits, labels)  # (B, T)
-    return torch.where(mask.bool(), lp, torch.zeros_like(lp)).sum(-1)  # (B,)
+    lp = torch.where(mask.bool(), lp, torch.zeros_like(lp))  # (B, T)
+    if segments is None:
+        return lp.sum(-1)  # (B,)
+    n = int(segments.max()) + 1
+    # padding (segment -1) has a zero log-prob here; send it to sequence 0, adding nothing
+    return lp.new_zeros(n).index_add(0, segments.clamp(min=0).flatten(), lp.flatten())  # (N,)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
@@ -105,28 +113,33 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def concatenated_logprobs(model, X, Y):
-    """Chosen and rejected responses in ONE forward: X, Y (2B, T) hold the B chosen rows
-    first, then the B rejected rows. One forward instead of two halves the kernel launches
-    and, under DDP, keeps a single forward per backward. Returns two (B,) tensors."""
-    logits, _ = model(X)  # (2B, T, V)
-    logps = sequence_logprobs(logits, Y, Y != -1)  # (2B,)
-    B = X.size(0) // 2
+def concatenated_logprobs(model, X, Y, S=None):
+    """Chosen and rejected responses in ONE forward. Unpacked (S None): X, Y (2B, T) hold
+    the B chosen rows first, then the B rejected rows. Packed (collate_pairs): X, Y, S
+    (R, T) hold the 2B sequences in R <= 2B rows, S numbering them the same way (chosen
+    0..B-1, rejected B..2B-1). One forward instead of two halves the kernel launches and,
+    under DDP, keeps a single forward per backward. Returns two (B,) tensors."""
+    logits, _ = model(X, segments=S)  # (R, T, V)
+    logps = sequence_logprobs(logits, Y, Y != -1, S)  # (2B,)
+    B = logps.size(0) // 2
     return logps[:B], logps[B:]
 
 
-def pair_loss(model, X, Y, ref_chosen, ref_rejected, args):
+def pair_loss(model, X, Y, ref_chosen, ref_rejected, args, S=None):
     """The SUM over the pairs of a micro-batch of the DPO loss (plus, with --rpo-alpha a, a
     times each chosen answer's per-token NLL: Pang et al. 2024, TRL's rpo_alpha). Summed,
     because train_loop divides by the global number of pairs of the step. Also returns the
     implicit rewards (B,) of chosen and rejected for logging."""
-    pi_c, pi_r = concatenated_logprobs(model, X, Y)  # (B,), (B,)
+    pi_c, pi_r = concatenated_logprobs(model, X, Y, S)  # (B,), (B,)
     losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_chosen, ref_rejected, args.beta, args.loss,
                                 args.label_smoothing)
     if args.rpo_alpha:
         # per-token NLL of each chosen answer: its own mean, so long and short answers
         # weigh the same and the term stays on the scale of an SFT loss
-        n_chosen = (Y[:len(pi_c)] != -1).sum(-1).clamp(min=1)  # (B,)
+        sup = (Y != -1).float()  # (R, T)
+        n_chosen = (sup.sum(-1)[:len(pi_c)] if S is None else  # (B,) response tokens
+                    sup.new_zeros(2 * len(pi_c)).index_add(0, S.clamp(min=0).flatten(), sup.flatten())[:len(pi_c)])
+        n_chosen = n_chosen.clamp(min=1)
         losses = losses + args.rpo_alpha * (-pi_c / n_chosen)
     return losses.sum(), r_c, r_r
 
@@ -170,10 +183,22 @@ def record_format(r, where):
                        "rejected}, {prompt,answers:[{text,up,down}]} or {prompt,responses:[{text,score}]}")
 
 
-def ranked_pairs(items, min_margin):
-    """(text, score) items -> (chosen, rejected) for every two whose scores differ by at
-    least min_margin (and at all: a tie says nothing)."""
+def ranked_pairs(items, min_margin, top_only=True):
+    """(text, score) items -> (chosen, rejected) pairs whose scores differ by at least
+    min_margin (and at all: a tie says nothing).
+
+    top_only: the best-scored answer against each other answer (as UltraFeedback's
+    "binarized" pairs are built), else every two answers. Pairs between two answers that
+    are both below the top teach the middle of the ranking, which net votes order badly:
+    a correct curt answer beats a wrong full sentence, and DPO, crediting whatever
+    differs, then learns "curt is good" from those pairs and "curt is bad" from others."""
     out = []
+    if top_only:
+        best = max(s for _, s in items)
+        tops = [t for t, s in items if s == best]
+        if len(tops) == 1:  # a tie at the top: no single best answer, no pairs
+            out = [(tops[0], t) for t, s in items if s != best and best - s >= min_margin]
+        return out
     for i in range(len(items)):
         for j in range(i + 1, len(items)):
             (a, sa), (b, sb) = items[i], items[j]
@@ -199,18 +224,18 @@ def scored_items(r, key, where, score):
             for i, a in enumerate(lst)]
 
 
-def record_pairs(fmt, r, where, min_margin):
+def record_pairs(fmt, r, where, min_margin, top_only=True):
     """One record -> (prompt messages, [(chosen, rejected), ...])."""
     if fmt == "votes":
         def net(a, w):  # a is a dict here: its "text" was read first
             return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
         user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
-        return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin)
+        return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
     if fmt == "scores":
         def score(a, w):
             return number(a.get("score"), "score", w)
         user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
-        return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin)
+        return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin, top_only)
     if fmt == "pairs":
         user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
         return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
@@ -227,7 +252,7 @@ def record_pairs(fmt, r, where, min_margin):
     return msgs_c, [(chosen, rejected)]
 
 
-def load_preferences(path, min_margin=1.0, seed=1337):
+def load_preferences(path, min_margin=1.0, seed=1337, top_only=True):
     """A preference file -> (format, train pairs, held-out pairs). The split is by record
     (all pairs of one thread land on the same side): a record's "split" field
     ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
@@ -241,7 +266,7 @@ def load_preferences(path, min_margin=1.0, seed=1337):
         split = r.get("split")
         if split not in (None, "train", "heldout"):
             raise ns.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
-        prompt, pr = record_pairs(fmt, r, where, min_margin)
+        prompt, pr = record_pairs(fmt, r, where, min_margin, top_only)
         for chosen, rejected in pr:
             if chosen.strip() == rejected.strip():
                 raise ns.UserError(f"{where}: chosen and rejected answers are the same text "
@@ -285,9 +310,14 @@ def pair_example(tok, pair, block_size):
     return chosen + rejected
 
 
-def collate_pairs(examples, pad_id):
-    """B pair examples -> X, Y (2B, T): the B chosen rows first, then the B rejected rows."""
-    return ns.collate([e[:2] for e in examples] + [e[2:] for e in examples], pad_id)
+def collate_pairs(examples, pad_id, packed=True):
+    """B pair examples -> X, Y, S: the 2B sequences, the B chosen then the B rejected.
+    packed: several sequences per row (ns.pack; S (R, T) numbers them 0..2B-1), which
+    wastes little on padding although a pair's two answers differ in length (a curt "Oslo."
+    against a sentence with a closing remark). Otherwise one row each (2B, T), S None
+    (needed by a prompt-tuned model, whose prefix belongs at the start of every row)."""
+    seqs = [e[:2] for e in examples] + [e[2:] for e in examples]
+    return ns.pack(seqs, pad_id) if packed else (*ns.collate(seqs, pad_id), None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -313,9 +343,9 @@ def pair_logprobs(model, examples, ids, pad_id, rt, batch=64):
     chosen, rejected = torch.zeros(len(ids)), torch.zeros(len(ids))
     for s in range(0, len(order), batch):
         rows = order[s:s + batch]
-        X, Y = collate_pairs([examples[ids[i]] for i in rows], pad_id)
+        X, Y, S = collate_pairs([examples[ids[i]] for i in rows], pad_id, not model.config.n_prefix)
         with ns.autocast(rt.device, rt.dtype):
-            c, r = concatenated_logprobs(model, X.to(rt.device), Y.to(rt.device))
+            c, r = concatenated_logprobs(model, *(t if t is None else t.to(rt.device) for t in (X, Y, S)))
         chosen[rows], rejected[rows] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
     return chosen, rejected
@@ -485,6 +515,8 @@ def parse_args(argv=None):
     ap.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
     ap.add_argument("--rpo-alpha", type=float, help="add alpha x the chosen answers' per-token NLL (0 = off)")
     ap.add_argument("--min-margin", type=float, help="votes/scores: least difference that makes a pair")
+    ap.add_argument("--pairs", choices=["top", "all"],
+                    help="votes/scores: the top answer against each other one, or every two answers")
     ap.add_argument("--no-ref-cache", action="store_true",
                     help="run the reference every step instead of caching its log-probs once")
     ap.add_argument("--warmup", type=int)
@@ -516,7 +548,8 @@ def main(argv=None):
         rt.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model "
                "that already answers in the chat format")
     ref, tok = ns.model_from_checkpoint(ck0, args.ckpt)
-    fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed)
+    fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed,
+                                                       args.pairs == "top")
     if args.resume:
         ck = ns.load_checkpoint(ckpt_path, expect_kind=("dpo",))
         model, _ = ns.model_from_checkpoint(ck, ckpt_path)
@@ -529,6 +562,7 @@ def main(argv=None):
         start_iter, state, ck = 0, None, None
     ref = freeze(ref).to(rt.device)
     cfg = model.config
+    packed = not cfg.n_prefix  # several sequences per row (see collate_pairs)
     train_ex = [pair_example(tok, p, cfg.block_size) for p in train_pairs]
     n_held = len(held_pairs)
     step = max(1, n_held // EVAL_PAIRS)  # scored at every eval: an evenly spaced subset
@@ -580,18 +614,19 @@ def main(argv=None):
     def get_batch(it):
         current["it"] = it
         ids = torch.tensor(shard(it))
-        return [(*collate_pairs([train_ex[i] for i in c.tolist()], tok.pad), c)
+        return [(*collate_pairs([train_ex[i] for i in c.tolist()], tok.pad, packed), c)
                 for c in ids.chunk(args.grad_accum)], B
 
     def loss_fn(m, mb):
-        X, Y, ids = mb
+        X, Y, S, ids = mb
         X, Y = X.to(rt.device), Y.to(rt.device)
+        S = S if S is None else S.to(rt.device)
         if args.no_ref_cache:
             with torch.no_grad():
-                rc, rr = concatenated_logprobs(ref, X, Y)
+                rc, rr = concatenated_logprobs(ref, X, Y, S)
         else:
             rc, rr = ref_c[ids].to(rt.device), ref_r[ids].to(rt.device)
-        loss, r_c, r_r = pair_loss(m, X, Y, rc, rr, args)
+        loss, r_c, r_r = pair_loss(m, X, Y, rc, rr, args, S)
         s = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), torch.tensor(float(len(ids)))])
         sums[current["it"]] = sums.get(current["it"], 0) + s.float().cpu()
         return loss
@@ -657,6 +692,7 @@ def main(argv=None):
               "pairs_train": len(train_pairs), "pairs_heldout": n_held, "pairs_heldout_scored": len(held_pairs),
               "beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing,
               "rpo_alpha": args.rpo_alpha, "lr": args.lr, "batch_size": B,
+              "pairs": args.pairs, "min_margin": args.min_margin,
               "device": str(rt.device), "dtype": rt.dtype, "samples": samples,
               "history": {"train": state["train"], "eval": state["eval"]}}
     ns.write_json(os.path.join(args.out_dir, "dpo.json"), result)

@@ -6,13 +6,15 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
     python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
     python experiments.py overshoot  # embeddings trained, lr 2e-3, 600 steps: accuracy peaks, then falls
     python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
+    python experiments.py dpo        # DPO: pair construction, lr, beta, NLL weight, seed (~7 min)
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
-pre-trains its own models into out/scale/.
+pre-trains its own models into out/scale/, and `dpo`, which starts from out/sft.pt.
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,18 +56,34 @@ SFT_HEADER = ["run", "trainable params", "share", "held-out acc", "training-peop
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale"])
-    ap.add_argument("--ckpt", default="out/pretrain.pt")
+    ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo"])
+    ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
     root = os.path.join(args.out_dir, args.which)
-    if args.which == "sft":
+    args.ckpt = args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt")
+    if args.which == "dpo":
+        runs = {"defaults": [], "--pairs all": ["--pairs", "all"], "--lr 3e-5": ["--lr", "3e-5"],
+                "--lr 5e-5": ["--lr", "5e-5"], "--lr 5e-5 --beta 0.5": ["--lr", "5e-5", "--beta", "0.5"],
+                "--rpo-alpha 0.5": ["--rpo-alpha", "0.5"], "--seed 2": ["--seed", "2"]}
+        rows = []
+        for name, extra in runs.items():
+            out = os.path.join(root, re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_"))
+            run("dpo.py", "--ckpt", args.ckpt, "--out-dir", out, *extra)
+            with open(os.path.join(out, "dpo.json")) as f:
+                r = json.load(f)
+            rows.append([name, fmt(r["pairs_train"]), fmt(r["pref_accuracy_heldout"]), fmt(r["style_rate_after"]),
+                         fmt(r["heldout_accuracy_after"]), fmt(r["kl"], 2), f"{r['seconds']:.0f}s"])
+        md = table(["dpo.py run", "training pairs", "held-out pref. acc", "style rate after",
+                    "held-out task acc after", "KL", "time"], rows)
+    elif args.which == "sft":
         runs = {"full SFT": [], "from scratch (no pre-training)": ["--init", "scratch", "--lr", "1e-3"],
-                "LoRA r=8": ["--lora-rank", "8", "--lr", "3e-3"],
+                "LoRA r=8 (attention)": ["--lora-rank", "8", "--lr", "3e-3"],
+                "LoRA r=8 (attention + MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp", "--lr", "3e-3"],
                 "prompt tuning, 16 tokens": ["--prompt-tokens", "16", "--lr", "3e-2"],
                 "full SFT + replay 1.0": ["--replay", "1.0"]}
-        rows = [sft_row(n, sft(root, n.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", ""),
-                                args.ckpt, *a)) for n, a in runs.items()]
+        slug = lambda n: re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")
+        rows = [sft_row(n, sft(root, slug(n), args.ckpt, *a)) for n, a in runs.items()]
         md = table(SFT_HEADER, rows)
     elif args.which == "labels":
         rows = []

@@ -46,6 +46,9 @@ def parse_args(argv=None):
                     help="scratch: same architecture, random weights (the no-pre-training baseline)")
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank, base frozen")
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2*rank)")
+    ap.add_argument("--lora-on", default="attn", choices=["attn", "mlp", "attn,mlp"],
+                    help="which projections get adapters: attention (default, as in the LoRA "
+                    "paper), MLP or both")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="prompt tuning: learned prefix length")
     ap.add_argument("--train-embeddings", action="store_true",
                     help="also train the pre-trained token embeddings (default: only the chat tokens')")
@@ -161,8 +164,45 @@ def build_model(args, ck):
         model.prefix.requires_grad_(True)
     if args.lora_rank:
         torch.manual_seed(args.seed)
-        ns.add_lora(model, args.lora_rank, args.lora_alpha)
+        ns.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_on.split(","))
     return model, tok
+
+
+def chat_tokens(tok):
+    return [tok.user, tok.assistant, tok.end, tok.system]
+
+
+def new_token_rows(tok, counts, examples):
+    """The tokens that are new to the pre-trained model: the chat tokens, and the tokens of
+    the SFT data that pre-training saw fewer than RARE times (in the world: the question
+    words, "?", the list tasks' digits -- the questions are phrased in words the
+    biographies never use)."""
+    rows = set(chat_tokens(tok))
+    if counts is not None:
+        used = torch.cat([x for x, _ in examples] + [y[y >= 0] for _, y in examples]).unique()
+        rows |= {t for t in used.tolist() if counts[t] < RARE}
+    return sorted(rows)
+
+
+def train_rows(model, rows):
+    """Under LoRA, let the embedding rows of `rows` train with the adapters, as PEFT
+    libraries let new tokens train. Full SFT trains these rows anyway; frozen at their
+    untrained start, the adapters would have to bend every layer to read a question and to
+    write <|end|> (tied weights: the same rows are the output layer), and that bending
+    shows up as forgetting on ordinary text."""
+    keep = torch.zeros(model.wte.weight.size(0), 1)
+    keep[rows] = 1.0
+    model.wte.weight.requires_grad_(True)
+    model.wte.weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+
+
+def trainable_params(model, rows=None):
+    """Parameters the optimizer can change: with `rows` (LoRA), of the embedding matrix only
+    those rows (the others get zero gradients and, without weight decay, stay put)."""
+    n = model.num_params(trainable_only=True)
+    if rows is not None:
+        n -= (model.wte.weight.size(0) - len(rows)) * model.config.n_embd
+    return n
 
 
 @functools.lru_cache(maxsize=2)
@@ -180,7 +220,10 @@ def pretraining_counts(tok, ck):
     return torch.bincount(corpus_stream(tok, path), minlength=tok.vocab_size)
 
 
-def freeze_vocabulary(model, tok, counts, min_count=10):
+RARE = 10  # a token pre-training saw fewer times than this has no trustworthy embedding
+
+
+def freeze_vocabulary(model, tok, counts, min_count=RARE):
     """Keep the embeddings of tokens that pre-training saw often (tied with the output
     layer) as they are; train the rest: the chat tokens and rare or unseen tokens.
 
@@ -193,7 +236,7 @@ def freeze_vocabulary(model, tok, counts, min_count=10):
     if counts is None:
         return
     keep = (counts < min_count).float().unsqueeze(1)  # (V, 1): 1 = trainable row
-    keep[[tok.user, tok.assistant, tok.end, tok.system]] = 1.0
+    keep[chat_tokens(tok)] = 1.0
     model.wte.weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
 
 
@@ -275,6 +318,10 @@ def main(argv=None):
         return
     examples = render_all(tok, convs, model.config.block_size, source)
     lengths = [len(x) for x, _ in examples]
+    rows = None
+    if args.lora_rank:
+        rows = new_token_rows(tok, None if args.init == "scratch" else pretraining_counts(tok, ck), examples)
+        train_rows(model, rows)
     pre_args = ck.get("args", {})
     # the pre-training text, carried from stage to stage: retention is measured on its val split
     args.pretrain_data = pre_args.get("pretrain_data") or (pre_args.get("data") if ck["kind"] == "pretrain" else None)
@@ -297,7 +344,7 @@ def main(argv=None):
         start_iter = resume_ck["iter"]
         torch.set_rng_state(resume_ck["rng"]["torch"])
     model.to(rt.device)
-    trainable = model.num_params(trainable_only=True)
+    trainable = trainable_params(model, rows)
     rt.log(f"{len(examples)} examples from {source} | {trainable:,} trainable of "
            f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
     optimizer = ns.configure_optimizer(model, args.lr, weight_decay=0.0, device_type=rt.device.type)

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields
 
 # OpenMP threads that finish an op early spin while they wait for the next one. When other
@@ -382,7 +382,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, mask=None):
+        """mask (B, 1, T, T) bool, for packed rows: True where a query may attend a key."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -393,7 +394,9 @@ class CausalSelfAttention(nn.Module):
             cache.layers[layer] = (k, v)
         past = k.size(2) - T
         drop = self.dropout if self.training else 0.0
-        if past == 0:
+        if mask is not None:  # packed rows: causal within each sequence, blind across them
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         elif T == 1:  # one new token may look at everything before it
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
@@ -422,8 +425,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-LayerNorm residual blocks
+    def forward(self, x, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -451,16 +454,34 @@ class GPT(nn.Module):
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, cache=None, reduction="mean", last_only=False, segments=None):
         """idx (B, T) token ids. targets (B, T) next-token ids, -1 where not supervised.
         reduction "mean" averages over supervised tokens (0 when there are none, never
         NaN); "sum" returns the sum so a caller can normalise over a whole optimizer step;
-        "none" returns (B, T) per-token losses."""
+        "none" returns (B, T) per-token losses.
+        segments (B, T): for rows packed with several sequences (see `pack`), which sequence
+        each token belongs to; each sequence then gets positions from 0 and attends only to
+        its own earlier tokens, exactly as if it had a row to itself."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
+        mask = None
+        if segments is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        else:  # a packed row may be longer than block_size; each of its sequences may not
+            if cache is not None or self.prefix is not None:
+                raise ValueError("packed rows (segments) work without a KV cache or prompt-tuning prefix")
+            t = torch.arange(T, device=idx.device)
+            first = torch.ones_like(segments, dtype=torch.bool)
+            first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T) a sequence starts here
+            pos = t - torch.where(first, t, 0).cummax(dim=1).values  # (B, T) index in its sequence
+            if int(pos.masked_fill(segments < 0, 0).max()) >= self.config.block_size:
+                raise ValueError(f"a packed sequence exceeds block_size {self.config.block_size}")
+            pos = pos.clamp(max=self.config.block_size - 1)  # a long run of padding (segment -1)
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         n_pre = 0
         if self.prefix is not None and start == 0:
             # prompt tuning: learned vectors in front of every sequence. They carry no
@@ -468,7 +489,7 @@ class GPT(nn.Module):
             n_pre = self.prefix.size(0)
             x = torch.cat([self.prefix.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, P+T, C)
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         if cache is not None:
             cache.pos = start + T
         x = self.ln_f(x[:, n_pre:])  # (B, T, C)
@@ -511,11 +532,12 @@ class LoRALinear(nn.Module):
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
-def add_lora(model, rank, alpha=None):
-    """Freeze every weight, then wrap the attention and MLP projections with adapters."""
+def add_lora(model, rank, alpha=None, where=("attn", "mlp")):
+    """Freeze every weight, then wrap the projections of the attention and/or the MLP
+    (`where`) of every block with adapters."""
     model.requires_grad_(False)
     for block in model.h:
-        for parent in (block.attn, block.mlp):
+        for parent in (getattr(block, w) for w in where):
             for name in LORA_TARGETS:
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha or 2 * rank))
@@ -820,6 +842,41 @@ def collate(examples, pad_id):
     return X, Y
 
 
+def pack(examples, pad_id):
+    """Several sequences per row instead of one each, so short ones stop paying for the
+    longest: sequences, longest first, go into the first row with room (first-fit
+    decreasing). The row width is the one, from the longest sequence to twice that, that
+    computes the fewest tokens in all. Returns X, Y (R, T) and S (R, T): the index in
+    `examples` of the sequence each token belongs to, -1 on padding. Run the model with
+    segments=S: each sequence sees only itself, at its own positions."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    lengths = [len(examples[i][0]) for i in order]
+
+    def first_fit(T):
+        rows = []  # [free width, [example indices]]
+        for i, n in zip(order, lengths):
+            row = next((r for r in rows if r[0] >= n), None)
+            if row is None:
+                row = [T, []]
+                rows.append(row)
+            row[0] -= n
+            row[1].append(i)
+        return rows
+
+    T = min(range(lengths[0], 2 * lengths[0] + 1), key=lambda w: len(first_fit(w)) * w)
+    rows = first_fit(T)
+    X = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    Y = torch.full((len(rows), T), -1, dtype=torch.long)
+    S = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, (_, idx) in enumerate(rows):
+        at = 0
+        for i in idx:
+            x, y = examples[i]
+            X[r, at:at + len(x)], Y[r, at:at + len(x)], S[r, at:at + len(x)] = x, y, i
+            at += len(x)
+    return X, Y, S
+
+
 def load_instructions(path):
     """Instruction data -> list of conversations ([{"role","content"}, ...]).
     Formats, detected per record:
@@ -863,6 +920,23 @@ def load_instructions(path):
 # 8. generation
 
 
+@contextmanager
+def one_thread_if_small(model, device):
+    """Decoding one sequence, each step is a handful of (1 x C) @ (C x k) products: for a
+    model of this project's sizes they are too small to split across threads, and the
+    threads' hand-offs cost more than they save (bench.py measures it: kv_cache_speedup).
+    Large models (or GPUs) keep their threads."""
+    one = device.type == "cpu" and model.config.n_embd <= 512 and torch.get_num_threads() > 1
+    n = torch.get_num_threads()
+    if one:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if one:
+            torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
     """Decode one sequence with a KV cache: the prompt is read once, then each new token
@@ -875,14 +949,15 @@ def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), g
     cache = KVCache(model.config.n_layer)
     logits, _ = model(torch.tensor([ids], device=device), cache=cache, last_only=True)
     out = []
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
-        if nxt in stop:
-            break
-        out.append(nxt)
-        if len(ids) + len(out) >= limit:
-            break
-        logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+    with one_thread_if_small(model, device):
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
+            if nxt in stop:
+                break
+            out.append(nxt)
+            if len(ids) + len(out) >= limit:
+                break
+            logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
     return out
 
 

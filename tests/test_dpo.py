@@ -103,19 +103,19 @@ def test_loss_is_ln2_on_a_model_and_identical_pairs_give_zero_gradient(tok):
     model = tiny_gpt(tok, seed=1)
     ref = dpo.freeze(copy.deepcopy(model))
     ex = examples(tok)
-    X, Y = dpo.collate_pairs(ex, tok.pad)
-    ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y)
-    loss, _, _ = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args())
+    X, Y, S = dpo.collate_pairs(ex, tok.pad)
+    ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y, S)
+    loss, _, _ = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(), S)
     assert abs(loss.item() / len(ex) - math.log(2)) < 1e-6
     # the same response as chosen and rejected: the two halves' gradients cancel exactly
     same = [(xc, yc, xc, yc) for xc, yc, _, _ in ex]
-    X, Y = dpo.collate_pairs(same, tok.pad)
-    ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y)
-    dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args())[0].backward()
+    X, Y, S = dpo.collate_pairs(same, tok.pad, packed=False)  # same rows, same float rounding
+    ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y, S)
+    dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(), S)[0].backward()
     grads = [p.grad.abs().max().item() for p in model.parameters() if p.grad is not None]
     assert grads and max(grads) < 1e-7
     model.zero_grad()
-    dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(rpo_alpha=1.0))[0].backward()  # not vacuous
+    dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(rpo_alpha=1.0), S)[0].backward()  # not vacuous
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) > 1e-4
 
 
@@ -138,11 +138,11 @@ def test_ipo_and_label_smoothing_match_their_formulas():
 def test_rpo_adds_alpha_times_chosen_per_token_nll(tok):
     model = tiny_gpt(tok, seed=2)
     ex = examples(tok)
-    X, Y = dpo.collate_pairs(ex, tok.pad)
+    X, Y, S = dpo.collate_pairs(ex, tok.pad)
     with torch.no_grad():
-        ref_c, ref_r = dpo.concatenated_logprobs(model, X, Y)
-        base = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args())[0]
-        rpo = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(rpo_alpha=2.0))[0]
+        ref_c, ref_r = dpo.concatenated_logprobs(model, X, Y, S)
+        base = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(), S)[0]
+        rpo = dpo.pair_loss(model, X, Y, ref_c, ref_r, dpo_args(rpo_alpha=2.0), S)[0]
         nll = sum(model(xc[None], yc[None])[1].item() for xc, yc, _, _ in ex)  # per-token means
     assert abs((rpo - base).item() - 2.0 * nll) < 1e-4
 
@@ -154,8 +154,12 @@ def test_concatenated_forward_equals_separate_forwards(tok):
     model = tiny_gpt(tok, seed=3)
     ex = examples(tok)
     assert len({len(e[0]) for e in ex} | {len(e[2]) for e in ex}) > 2  # padding really differs
-    pi_c, pi_r = dpo.concatenated_logprobs(model, *dpo.collate_pairs(ex, tok.pad))
-    for k, got in ((0, pi_c), (2, pi_r)):
+    X, Y, S = dpo.collate_pairs(ex, tok.pad)
+    assert X.size(0) < 2 * len(ex)  # packed: fewer rows than sequences
+    pi_c, pi_r = dpo.concatenated_logprobs(model, X, Y, S)
+    unpacked = dpo.concatenated_logprobs(model, *dpo.collate_pairs(ex, tok.pad, packed=False))
+    for k, got, pad in ((0, pi_c, unpacked[0]), (2, pi_r, unpacked[1])):
+        torch.testing.assert_close(got, pad, rtol=1e-6, atol=1e-5)
         X, Y = ns.collate([e[k:k + 2] for e in ex], tok.pad)  # padded to this half's longest
         sep = dpo.sequence_logprobs(model(X)[0], Y, Y != -1)
         one = torch.stack([dpo.sequence_logprobs(model(e[k][None])[0], e[k + 1][None], e[k + 1][None] != -1)[0]
@@ -180,7 +184,7 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
         return [(*dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad), ids)], 2
 
     def loss_fn(m, mb):
-        return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[2]], cache_r[mb[2]], args)[0]
+        return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[3]], cache_r[mb[3]], args, mb[2])[0]
     ns.train_loop(rt, model, opt, args, 0, get_batch, loss_fn, lambda it: None, warmup=1)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
@@ -189,6 +193,31 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
         c, r = dpo.concatenated_logprobs(ref, *dpo.collate_pairs([e], tok.pad))
         # sums of ~20 log-probs of ~-6 each: float32 rounding is relative, so is the tolerance
         torch.testing.assert_close(torch.cat([c, r]), torch.stack([cache_c[i], cache_r[i]]), rtol=1e-6, atol=1e-5)
+
+
+def test_packed_sequences_do_not_see_each_other(tok):
+    """A sequence packed after others gets the logits it gets alone, and changing its
+    neighbours' tokens changes nothing in it (positions restart, attention stays inside)."""
+    model = tiny_gpt(tok, seed=5)
+    seqs = [e[k:k + 2] for e in examples(tok) for k in (0, 2)]
+    X, Y, S = ns.pack(seqs, tok.pad)
+    assert X.size(0) < len(seqs) and sorted(set(S.flatten().tolist()) - {-1}) == list(range(len(seqs)))
+    logits, _ = model(X, segments=S)
+    for i, (x, y) in enumerate(seqs):
+        r, cols = (S == i).nonzero(as_tuple=True)
+        assert torch.equal(X[r, cols], x) and torch.equal(Y[r, cols], y)
+        alone, _ = model(x[None])
+        torch.testing.assert_close(logits[r, cols], alone[0], rtol=1e-5, atol=1e-5)
+    # a row may be wider than block_size (each sequence fits), padding runs longer than it
+    Sl = torch.tensor([[0] * 60 + [1] * 40, [2] * 10 + [-1] * 90])
+    Xl = torch.where(Sl >= 0, 7, tok.pad)
+    assert torch.isfinite(model(Xl, segments=Sl)[0]).all()
+    with pytest.raises(ValueError, match="block_size"):  # but no sequence longer than the block
+        model(torch.zeros(1, 70, dtype=torch.long), segments=torch.zeros(1, 70, dtype=torch.long))
+    # scramble every token but sequence 0's: its logits stay exactly the same
+    X2 = torch.where(S == 0, X, torch.randint(0, tok.vocab_size, X.shape))
+    r, cols = (S == 0).nonzero(as_tuple=True)
+    torch.testing.assert_close(model(X2, segments=S)[0][r, cols], logits[r, cols], rtol=0, atol=1e-6)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -218,11 +247,18 @@ def test_each_format_parses(tmp_path):
     votes = [{"prompt": "Q", "split": "heldout" if i == 0 else "train",
               "answers": [{"text": "a", "up": 10, "down": 0}, {"text": "b", "up": 5, "down": 5},
                           {"text": "c", "up": 5, "down": 4}]} for i in range(3)]
-    fmt, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)
+    fmt, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1, top_only=False)
     assert fmt == "votes" and len(train) == 6 and len(held) == 3
     assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c"), ("c", "b")}
-    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2)
+    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2, top_only=False)
     assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
+    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)  # top vs the rest
+    assert len(train) == 4 and {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
+    # a tie at the top: no single best answer, so the thread gives no pairs (the others still do)
+    tied = votes + [{"prompt": "T", "answers": [{"text": "p", "up": 3, "down": 0}, {"text": "q", "up": 4, "down": 1},
+                                                {"text": "r", "up": 0, "down": 3}]}]
+    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", tied), min_margin=1)
+    assert len(train) + len(held) == 6 and all(p["chosen"] == "a" for p in train + held)
 
     pairs = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
     fmt, train, held = dpo.load_preferences(write(tmp_path, "p.jsonl", pairs))
@@ -239,8 +275,10 @@ def test_each_format_parses(tmp_path):
 
     scores = [{"prompt": "Q", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 2.5},
                                             {"text": "z", "score": 2.0}]}]
-    fmt, train, _ = dpo.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
+    fmt, train, _ = dpo.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1, top_only=False)
     assert fmt == "scores" and {(p["chosen"], p["rejected"]) for p in train} == {("y", "x"), ("z", "x")}
+    fmt, train, _ = dpo.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
+    assert {(p["chosen"], p["rejected"]) for p in train} == {("y", "x")}
 
     fmt, train, _ = dpo.load_preferences(write(tmp_path, "h.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]))
     assert fmt == "hh" and train[0]["chosen"] == "It is 4."

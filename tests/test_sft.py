@@ -130,6 +130,33 @@ def test_lora_init_exact_only_adapters_train_and_merge_equal(tok):
     ns.GPT(merged.config).load_state_dict(merged.state_dict())  # loads as a plain GPT
 
 
+def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
+    ck = ns.checkpoint_dict("pretrain", tiny_gpt(tok, seed=2), tok)
+    args = finetune.parse_args(["--lora-rank", "4"])
+    model, _ = finetune.build_model(args, ck)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    ex = [ns.example_tensors(*ns.render_chat(tok, conv))]
+    X, Y = ns.collate(ex, tok.pad)
+    counts = torch.full((tok.vocab_size,), 100)
+    counts[X[0, -3]] = 0  # one token of the example "unseen in pre-training"
+    rows = finetune.new_token_rows(tok, counts, ex)
+    assert rows == sorted(finetune.chat_tokens(tok) + [int(X[0, -3])])
+    finetune.train_rows(model, rows)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if n.endswith((".A", ".B"))} | {"wte.weight"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = ns.configure_optimizer(model, 1e-2, weight_decay=0.0)
+    for _ in range(3):
+        model(X, Y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    moved = (model.wte.weight != before["wte.weight"]).any(-1).nonzero().flatten().tolist()
+    assert int(X[0, -3]) in moved and set(moved) <= set(rows)  # no other pre-trained row moved
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trainable)
+    lora = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".A", ".B")))
+    assert finetune.trainable_params(model, rows) == lora + len(rows) * model.config.n_embd
+
+
 def test_prompt_tuning_changes_no_model_weight(tok, tmp_path):
     base = tiny_gpt(tok, seed=3)
     ck = ns.checkpoint_dict("pretrain", base, tok)
