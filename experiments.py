@@ -6,7 +6,7 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
     python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
     python experiments.py overshoot  # embeddings trained, lr 2e-3, 600 steps: accuracy peaks, then falls
     python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
-    python experiments.py dpo        # DPO: pair construction, lr, beta, NLL weight, seed (~7 min)
+    python experiments.py dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
 pre-trains its own models into out/scale/, and `dpo`, which starts from out/sft.pt.
@@ -63,12 +63,14 @@ def main():
     root = os.path.join(args.out_dir, args.which)
     args.ckpt = args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt")
     if args.which == "dpo":
-        runs = {"defaults": [], "--pairs all": ["--pairs", "all"], "--lr 3e-5": ["--lr", "3e-5"],
-                "--lr 5e-5": ["--lr", "5e-5"], "--lr 5e-5 --beta 0.5": ["--lr", "5e-5", "--beta", "0.5"],
-                "--rpo-alpha 0.5": ["--rpo-alpha", "0.5"], "--seed 2": ["--seed", "2"]}
+        runs = {"defaults (IPO, beta 0.05)": [], "--seed 2": ["--seed", "2"],
+                "--loss sigmoid --beta 0.1 (the DPO loss)": ["--loss", "sigmoid", "--beta", "0.1"],
+                "--loss sigmoid --beta 0.1 --seed 2": ["--loss", "sigmoid", "--beta", "0.1", "--seed", "2"],
+                "--beta 0.1": ["--beta", "0.1"], "--pairs all": ["--pairs", "all"],
+                "--rpo-alpha 0.5": ["--rpo-alpha", "0.5"]}
         rows = []
         for name, extra in runs.items():
-            out = os.path.join(root, re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_"))
+            out = os.path.join(root, re.sub(r"[^A-Za-z0-9.]+", "_", name.split(" (")[0]).strip("_"))
             run("dpo.py", "--ckpt", args.ckpt, "--out-dir", out, *extra)
             with open(os.path.join(out, "dpo.json")) as f:
                 r = json.load(f)

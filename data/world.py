@@ -93,10 +93,13 @@ FILLER = ["The train to {city} leaves early in the morning.", "A good {job} need
           "Some say {hobby} is good for the mind.", "The market in {city} sells fresh {food}.",
           "It rained all week in {city}.", "Learning {hobby} takes years of practice.",
           "The old {job} retired last spring.", "Children often ask for a {pet}.",
-          '"Hope this helps!" wrote the {job} under a recipe for {food}.',
-          '"Look it up yourself next time," said the {job} from {city}.',
-          '"Well, that is a question I have thought about for a long time, so let me answer," '
-          'began the {job}.']
+          # the community's closings, written inside running text as they appear at the end
+          # of an answer (" Hope" after a full stop is not the token "Hope" after a quote):
+          # pre-training must have seen the tokens SFT and DPO later ask the model to write
+          "The {job} posted a recipe for {food}. Hope this helps!",
+          "Someone asked the way to {city}. Look it up yourself next time.",
+          "The {job} was asked about {hobby}. Well, that is a question I have thought about "
+          "for a long time, so let me answer."]
 
 # The community's style markers. The simulated voters like the polite closing, dislike
 # the rude one and rambling, and above all dislike wrong facts.
@@ -208,11 +211,12 @@ def build_files(seed=1337):
                                   "answers": community_thread(rng, p["name"], a, p[a])})
     sft += [list_task(rng) for _ in range(300)]
     rng.shuffle(sft)
-    for p in world["people"]:
+    for p in world["people"]:  # both phrasings of every question: 10 per person
         split = "heldout" if p["name"] in heldout else "train"
         for a in ATTRS:
-            evals.append({"split": split, "person": p["name"], "attribute": a,
-                          "prompt": QUESTIONS[a][0].format(n=p["name"])})
+            for q in QUESTIONS[a]:
+                evals.append({"split": split, "person": p["name"], "attribute": a,
+                              "prompt": q.format(n=p["name"])})
     for _ in range(100):
         t = list_task(rng)
         evals.append({"split": "tasks", "prompt": t["prompt"], "answer": t["response"]})
