@@ -1163,9 +1163,9 @@ def plot(path, title, xlabel, ylabel, series, marks=()):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
-    for x, y, label in marks:
+    for i, (x, y, label) in enumerate(marks):  # labels alternate above / below their point
         ax.scatter([x], [y], s=70, zorder=5)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6))
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -14))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
