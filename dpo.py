@@ -78,11 +78,15 @@ def sequence_logprobs(logits, labels, mask, segments=None):
     (N,) for the N = segments.max() + 1 sequences."""
     lp = token_logprobs(logits, labels)  # (B, T)
     lp = torch.where(mask.bool(), lp, torch.zeros_like(lp))  # (B, T)
-    if segments is None:
-        return lp.sum(-1)  # (B,)
+    return lp.sum(-1) if segments is None else segment_sums(lp, segments)  # (B,) or (N,)
+
+
+def segment_sums(values, segments):
+    """(R, T) per-token values of packed rows -> (N,) sums per sequence (N = segments.max()
+    + 1). Values must be 0 on padding (segment -1), which is sent to sequence 0, adding
+    nothing."""
     n = int(segments.max()) + 1
-    # padding (segment -1) has a zero log-prob here; send it to sequence 0, adding nothing
-    return lp.new_zeros(n).index_add(0, segments.clamp(min=0).flatten(), lp.flatten())  # (N,)
+    return values.new_zeros(n).index_add(0, segments.clamp(min=0).flatten(), values.flatten())
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
@@ -140,9 +144,8 @@ def pair_loss(model, X, Y, ref_chosen, ref_rejected, args, S=None):
         # per-token NLL of each chosen answer: its own mean, so long and short answers
         # weigh the same and the term stays on the scale of an SFT loss
         sup = (Y != -1).float()  # (R, T)
-        n_chosen = (sup.sum(-1)[:len(pi_c)] if S is None else  # (B,) response tokens
-                    sup.new_zeros(2 * len(pi_c)).index_add(0, S.clamp(min=0).flatten(), sup.flatten())[:len(pi_c)])
-        n_chosen = n_chosen.clamp(min=1)
+        n_tokens = sup.sum(-1) if S is None else segment_sums(sup, S)  # (2B,) response tokens
+        n_chosen = n_tokens[:len(pi_c)].clamp(min=1)  # (B,)
         losses = losses + args.rpo_alpha * (-pi_c / n_chosen)
     return losses.sum(), r_c, r_r
 

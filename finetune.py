@@ -185,11 +185,12 @@ def new_token_rows(tok, counts, examples):
 
 
 def train_rows(model, rows):
-    """Under LoRA, let the embedding rows of `rows` train with the adapters, as PEFT
-    libraries let new tokens train. Full SFT trains these rows anyway; frozen at their
-    untrained start, the adapters would have to bend every layer to read a question and to
-    write <|end|> (tied weights: the same rows are the output layer), and that bending
-    shows up as forgetting on ordinary text."""
+    """Of the token embedding (tied: also the output layer) let only the rows `rows` train:
+    a gradient hook zeroes the others' gradients. Full SFT uses it to keep the well-trained
+    rows (freeze_vocabulary); LoRA to let the new tokens' rows train with the adapters, as
+    PEFT libraries let added tokens train. Frozen at their untrained start, the adapters
+    would have to bend every layer to read a question and to write <|end|>, and that
+    bending shows up as forgetting on ordinary text."""
     keep = torch.zeros(model.wte.weight.size(0), 1)
     keep[rows] = 1.0
     model.wte.weight.requires_grad_(True)
@@ -235,9 +236,8 @@ def freeze_vocabulary(model, tok, counts, min_count=RARE):
     write new words."""
     if counts is None:
         return
-    keep = (counts < min_count).float().unsqueeze(1)  # (V, 1): 1 = trainable row
-    keep[chat_tokens(tok)] = 1.0
-    model.wte.weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+    rare = (counts < min_count).nonzero().flatten().tolist()
+    train_rows(model, sorted(set(rare) | set(chat_tokens(tok))))
 
 
 def plain_state(model):
