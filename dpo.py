@@ -40,6 +40,10 @@ import torch.nn.functional as F
 
 
 WORLD_VOTES = os.path.join(ns.HERE, "data", "world_community.jsonl")
+# threads about the world's held-out people: held-out pairs of people neither SFT nor DPO
+# trained on (pairs split off the training people's threads would share people, and the
+# other phrasing of the question, with the training pairs)
+WORLD_EVAL_VOTES = os.path.join(ns.HERE, "data", "world_community_eval.jsonl")
 
 # Every default of this stage in one place (calibrated on the default world; change here).
 # The loss is IPO by default: it pulls every pair's log-ratio gap to 1 / (2 beta) = 10 nats
@@ -258,10 +262,9 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
     return msgs_c, [(chosen, rejected)]
 
 
-def load_preferences(path, min_margin=1.0, seed=1337, top_only=True):
-    """A preference file -> (format, train pairs, held-out pairs). The split is by record
-    (all pairs of one thread land on the same side): a record's "split" field
-    ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
+def read_pairs(path, min_margin=1.0, top_only=True):
+    """A preference file -> (format, pairs), each pair carrying its record's "split" field
+    (None when the file has none) and its record number as "group"."""
     records = ns.read_records(path)
     fmt = record_format(records[0][1], records[0][0])
     pairs = []
@@ -281,6 +284,14 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True):
                           "split": split, "group": group})
     if not pairs:
         raise ns.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
+    return fmt, pairs
+
+
+def load_preferences(path, min_margin=1.0, seed=1337, top_only=True):
+    """A preference file -> (format, train pairs, held-out pairs). The split is by record
+    (all pairs of one thread land on the same side): a record's "split" field
+    ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
+    fmt, pairs = read_pairs(path, min_margin, top_only)
     if all(p["split"] is None for p in pairs):
         groups = sorted({p["group"] for p in pairs})
         random.Random(seed).shuffle(groups)
@@ -426,22 +437,42 @@ def kl_estimate(model, ref, tok, prompts, rt, seed):
     return (kl_t * (Y != -1)).sum(-1).mean().item()
 
 
-def behaviour(model, tok, world, rows, prompts):
-    """Greedy answers: on the world, task accuracy on held-out people, the share of polite
-    answers (the style the votes reward) and the length; on other data only the length."""
+def behaviour(model, tok, world, rows, prompts, longest=None):
+    """Greedy answers: on the world (rows = questions about held-out people) task accuracy,
+    the voted style strictly and loosely (see ns.qa_eval), the degenerate rate and the
+    length; on other data only the length."""
     was_training = model.training
     if world is not None:
-        W, facts = world
-        acc, answers = ns.qa_accuracy(model, tok, world, rows)
-        style = sum(W.is_polite(facts, a) for a in answers) / max(1, len(answers))
+        r = ns.qa_eval(model, tok, world, rows, longest)
+        answers = r.pop("answers")
+        r["degenerate_examples"] = [a for a, d in zip(answers, r.pop("degenerate")) if d][:5]
     else:
-        acc = style = None
         answers = greedy(model, tok, prompts, 64)
+        r = {"accuracy": None, "clean_style_rate": None, "style_rate": None, "degenerate_rate": None}
     model.train(was_training)
     # length of the answer text re-encoded: the generated count for any well-formed text
     # (only an untrained model's stray byte fragments re-encode longer)
-    n_tok = sum(len(tok.encode(a)) for a in answers) / max(1, len(answers))
-    return {"accuracy": acc, "style_rate": style, "response_tokens": n_tok}
+    r["response_tokens"] = sum(len(tok.encode(a)) for a in answers) / max(1, len(answers))
+    return r
+
+
+DEGENERATE_MAX = 0.01  # rewinding: the most degenerate dev answers a chosen checkpoint may give
+
+
+def rewind(path, tolerance=0.01):
+    """DPO rewinding along its own path, on the DEV half of the held-out people (the test half
+    is only reported). A checkpoint qualifies when at most DEGENERATE_MAX of its answers
+    are degenerate and its task accuracy is within `tolerance` of the starting model's;
+    among those within `tolerance` of the best clean-style rate, take the EARLIEST: the
+    least-optimised point that shows the voted behaviour. DPO can over-optimise (the
+    chosen answers' likelihood falls too and the freed probability lands on a repeated
+    closing); this stops it where it is good, as SFT rewinding does. path[0] is the start,
+    which always qualifies: when no later point does, DPO changes nothing."""
+    start = path[0]
+    ok = [p for p in path if p["degenerate_rate"] <= DEGENERATE_MAX
+          and p["accuracy"] >= start["accuracy"] - tolerance] or [start]
+    best = max(p["clean_style_rate"] for p in ok)
+    return min((p for p in ok if p["clean_style_rate"] >= best - tolerance), key=lambda p: p["step"])
 
 
 def greedy(model, tok, prompts, max_new_tokens):
@@ -455,7 +486,7 @@ def greedy(model, tok, prompts, max_new_tokens):
 
 def sample_answers(model, tok, eval_rows, held_prompts):
     """The same few prompts, answered greedily before and after: on the world one question
-    per attribute about held-out people; otherwise the first held-out prompts."""
+    per attribute about held-out (test-half) people; otherwise the first held-out prompts."""
     if eval_rows is not None:
         seen, prompts = set(), []
         for r in eval_rows:
@@ -545,7 +576,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rt = ns.setup_runtime(args)
-    ckpt_path = os.path.join(args.out_dir, "dpo.pt")
+    ckpt_path = os.path.join(args.out_dir, "dpo.pt")          # the rewound checkpoint: what later stages use
+    final_path = os.path.join(args.out_dir, "dpo_final.pt")   # the last step, with the state --resume needs
+    path_dir = os.path.join(args.out_dir, "dpo_path")
     t_start = time.time()
 
     # ---- reference, policy and data (everything is validated before anything is written)
@@ -554,13 +587,18 @@ def main(argv=None):
         rt.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model "
                "that already answers in the chat format")
     ref, tok = ns.model_from_checkpoint(ck0, args.ckpt)
-    fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed,
-                                                       args.pairs == "top")
+    is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_VOTES)
+    if is_world:  # train on the training people's threads; hold out whole PEOPLE
+        fmt, train_pairs = read_pairs(args.data, args.min_margin, args.pairs == "top")
+        held_pairs = read_pairs(WORLD_EVAL_VOTES, args.min_margin, args.pairs == "top")[1]
+    else:
+        fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed,
+                                                        args.pairs == "top")
     if args.resume:
-        ck = ns.load_checkpoint(ckpt_path, expect_kind=("dpo",))
-        model, _ = ns.model_from_checkpoint(ck, ckpt_path)
+        ck = ns.load_checkpoint(final_path, expect_kind=("dpo",))
+        model, _ = ns.model_from_checkpoint(ck, final_path)
         if ck["config"] != ck0["config"]:
-            raise ns.UserError(f"{ckpt_path}: model config differs from the reference {args.ckpt}")
+            raise ns.UserError(f"{final_path}: model config differs from the reference {args.ckpt}")
         start_iter, state = ck["iter"], ck["metrics"]
         torch.set_rng_state(ck["rng"]["torch"])
     else:
@@ -585,9 +623,9 @@ def main(argv=None):
     if ck is not None and ck.get("optimizer"):
         optimizer.load_state_dict(ck["optimizer"])
     ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_VOTES)
     world = ns.load_world() if is_world else None
-    eval_rows = ns.load_eval_rows("heldout") if is_world else None
+    dev_rows, test_rows = ns.heldout_halves() if is_world else (None, None)
+    longest = ns.world_longest() if is_world else None
     held_prompts = list({str(p["prompt"]): p["prompt"] for p in held_pairs or train_pairs[:64]}.values())
 
     # ---- the reference's log-probs, once: for the pairs this run's steps will visit (this
@@ -603,15 +641,18 @@ def main(argv=None):
 
     # ---- before: the reference IS the starting model
     if state is None:
-        state = {"before": behaviour(ref, tok, world, eval_rows, held_prompts[:64]), "train": {},
+        dev0 = behaviour(ref, tok, world, dev_rows, held_prompts[:64], longest)
+        state = {"before": behaviour(ref, tok, world, test_rows, held_prompts[:64], longest), "train": {},
                  # step 0 needs no measuring: policy == reference, so every margin and the KL are 0
                  "eval": {"step": [0], "margin": [0.0 if held_ex else None],
                           "pref_accuracy": [0.5 if held_ex else None], "kl": [0.0]},
-                 "samples_before": sample_answers(ref, tok, eval_rows, held_prompts)}
+                 "path": [{"step": 0, **dev0}] if world else [],
+                 "samples_before": sample_answers(ref, tok, test_rows, held_prompts)}
     before = state["before"]
     if world:
-        rt.log(f"before: held-out accuracy {before['accuracy']:.3f} | style rate "
-               f"{before['style_rate']:.3f} | {before['response_tokens']:.1f} tokens per answer")
+        rt.log(f"before (test half): held-out accuracy {before['accuracy']:.3f} | clean style "
+               f"{before['clean_style_rate']:.3f} | degenerate {before['degenerate_rate']:.3f} | "
+               f"{before['response_tokens']:.1f} tokens per answer")
 
     # ---- batches: this rank's share of the step's pairs, cut into micro-batches
     current = {"it": 0}
@@ -664,7 +705,15 @@ def main(argv=None):
                    f"since the last eval)")
         rt.log(f"eval step {it}: held-out pref accuracy {h and round(h['pref_accuracy'], 3)} | "
                f"held-out margin {h and round(h['margin'], 3)} | KL(pi||ref) {kl:.3f} nats/answer")
-        ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("dpo", model, tok, optimizer, it, args, state))
+        if world:  # a point of the path: dev behaviour, and the weights to rewind to
+            if not state["path"] or state["path"][-1]["step"] != it:
+                d = behaviour(model, tok, world, dev_rows, None, longest)
+                state["path"].append({"step": it, **d})
+                rt.log(f"eval step {it} (dev): accuracy {d['accuracy']:.3f} | clean style "
+                       f"{d['clean_style_rate']:.3f} | degenerate {d['degenerate_rate']:.3f}")
+            ns.save_checkpoint(os.path.join(path_dir, f"step{it:05d}.pt"),
+                               ns.checkpoint_dict("dpo", model, tok, None, it, args))
+        ns.save_checkpoint(final_path, ns.checkpoint_dict("dpo", model, tok, optimizer, it, args, state))
 
     def on_eval(it):
         evaluate(it)
@@ -674,13 +723,20 @@ def main(argv=None):
     it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, args, start_iter, get_batch,
                                            loss_fn, on_eval, args.warmup)
 
-    # ---- after: evaluate, plot, report
+    # ---- rewinding (world: on the dev half), then after: evaluate, plot, report
     if not rt.master:
         return
-    after = behaviour(model, tok, world, eval_rows, held_prompts[:64])
+    chosen_step = it
+    if world:
+        chosen_step = rewind(state["path"])["step"]
+        if chosen_step != it:
+            rewound = ns.load_checkpoint(os.path.join(path_dir, f"step{chosen_step:05d}.pt")) if chosen_step else ck0
+            model.load_state_dict(ns.model_from_checkpoint(rewound)[0].state_dict())
+    after = behaviour(model, tok, world, test_rows, held_prompts[:64], longest)
     h = heldout_scores(model, held_ex, *held_ref, tok.pad, rt, args) if held_ex else {}
     samples = [{"prompt": p, "before": b, "after": a} for (p, b), a in
-               zip(state["samples_before"], [a for _, a in sample_answers(model, tok, eval_rows, held_prompts)])]
+               zip(state["samples_before"], [a for _, a in sample_answers(model, tok, test_rows, held_prompts)])]
+    kl = kl_estimate(model, ref, tok, held_prompts[:KL_PROMPTS], rt, args.seed)
     result = {"pref_accuracy_heldout": h.get("pref_accuracy"),
               # before training every implicit reward is 0: a tie, counted as a coin flip
               "pref_accuracy_heldout_before": 0.5 if held_ex else None,
@@ -688,19 +744,26 @@ def main(argv=None):
               "logp_accuracy_heldout_before": (held_ref[0] > held_ref[1]).float().mean().item() if held_ex else None,
               "logp_accuracy_heldout_after": h.get("logp_accuracy"),
               "heldout_reward_margin": h.get("margin"),
-              "style_rate_before": before["style_rate"], "style_rate_after": after["style_rate"],
-              "heldout_accuracy_before": before["accuracy"], "heldout_accuracy_after": after["accuracy"],
-              "kl": state["eval"]["kl"][-1],
-              "response_tokens_before": before["response_tokens"],
-              "response_tokens_after": after["response_tokens"],
-              "seconds": time.time() - t_start, "train_seconds": seconds, "steps": it,
+              "heldout_pairs_from": "people never trained on (data/world_community_eval.jsonl)" if world
+                                    else "held-out records of --data",
+              "rewound_step": chosen_step, "final_step": it,
+              "rewind_rule": (f"earliest dev-half checkpoint within 0.01 of the best clean-style rate among "
+                              f"those with degenerate rate <= {DEGENERATE_MAX} and task accuracy >= start - 0.01")
+                             if world else "none (no behaviour checks on this data): the last step",
+              "kl": kl, "seconds": time.time() - t_start, "train_seconds": seconds, "steps": it,
               "tokens_per_sec": tok_per_s, "data": args.data, "format": fmt,
               "pairs_train": len(train_pairs), "pairs_heldout": n_held, "pairs_heldout_scored": len(held_pairs),
               "beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing,
               "rpo_alpha": args.rpo_alpha, "lr": args.lr, "batch_size": B,
               "pairs": args.pairs, "min_margin": args.min_margin,
               "device": str(rt.device), "dtype": rt.dtype, "samples": samples,
-              "history": {"train": state["train"], "eval": state["eval"]}}
+              "history": {"train": state["train"], "eval": state["eval"], "path": state.get("path", [])}}
+    for k in ("accuracy", "clean_style_rate", "style_rate", "degenerate_rate", "response_tokens"):
+        name = "heldout_accuracy" if k == "accuracy" else k
+        result[f"{name}_before"], result[f"{name}_after"] = before[k], after[k]
+    result["degenerate_examples_after"] = after.get("degenerate_examples")
+    ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("dpo", model, tok, None, it, args,
+                                                     {k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
     ns.write_json(os.path.join(args.out_dir, "dpo.json"), result)
 
     if held_ex:  # the held-out pair with the largest margin now: which tokens moved
@@ -718,8 +781,10 @@ def main(argv=None):
     ns.plot(os.path.join(args.out_dir, "dpo_margin.png"), "DPO reward margin",
             "step", "beta x (log-ratio chosen - log-ratio rejected)", series)
     fmt_num = lambda v: "n/a" if v is None else f"{v:.3f}"
-    rt.log(f"done: held-out pref accuracy {fmt_num(result['pref_accuracy_heldout'])} | style "
-           f"{fmt_num(result['style_rate_before'])} -> {fmt_num(result['style_rate_after'])} | "
+    rt.log(f"rewound to step {chosen_step} of {it}" if world else f"{it} steps")
+    rt.log(f"done: held-out pref accuracy {fmt_num(result['pref_accuracy_heldout'])} | clean style "
+           f"{fmt_num(result['clean_style_rate_before'])} -> {fmt_num(result['clean_style_rate_after'])} | "
+           f"degenerate {fmt_num(result['degenerate_rate_before'])} -> {fmt_num(result['degenerate_rate_after'])} | "
            f"held-out accuracy {fmt_num(result['heldout_accuracy_before'])} -> "
            f"{fmt_num(result['heldout_accuracy_after'])} | KL {result['kl']:.3f} | answer tokens "
            f"{result['response_tokens_before']:.1f} -> {result['response_tokens_after']:.1f} | "

@@ -7,24 +7,34 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
     python experiments.py overshoot  # embeddings trained, lr 2e-3, 600 steps: accuracy peaks, then falls
     python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
     python experiments.py dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
+    python experiments.py verify --seeds 3 [--dtype float32]
+                                     # the whole default pipeline + a scratch SFT per seed: one
+                                     # PASS/FAIL line per README headline (~8 min a seed in fp32)
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
-pre-trains its own models into out/scale/, and `dpo`, which starts from out/sft.pt.
+pre-trains its own models into out/scale/, `dpo`, which starts from out/sft.pt, and `verify`,
+which runs everything itself into out/verify/.
 """
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(script, *args):
+def run(script, *args, log=None):
+    """Run a stage script; its output goes to the file `log` (appended) or nowhere."""
     cmd = [sys.executable, os.path.join(HERE, script), *args]
     print("$ " + " ".join(["python", script, *args]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if log:
+        os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    with open(log, "a") if log else open(os.devnull, "w") as out:
+        subprocess.run(cmd, check=True, stdout=out)
 
 
 def sft(out_root, name, ckpt, *extra):
@@ -54,12 +64,144 @@ SFT_HEADER = ["run", "trainable params", "share", "held-out acc", "training-peop
               "retention before", "retention (sft.pt)", "retention final", "train time"]
 
 
+# ----------------------------------------------------------------------------------------
+# verify: every headline of the README, checked on this machine, on every seed
+
+# (key, what the README claims, threshold, ">=" or "<="); a claim holds only if it holds on
+# EVERY seed: a mean that passes while one seed fails is a FAIL
+CLAIMS = [
+    ("probe", "knowledge probe (pre-training stored the facts)", 0.90, ">="),
+    ("sft_heldout", "SFT held-out accuracy, test half, rewound checkpoint", 0.90, ">="),
+    ("scratch_over_chance", "SFT from scratch minus chance (best of rewound and final)", 0.05, "<="),
+    ("rewound_minus_final", "rewound minus final held-out accuracy", -0.01, ">="),
+    ("retention_gap", "retention loss, final minus rewound (nats)", 0.10, ">="),
+    ("dpo_clean_style", "DPO clean style rate (test half)", 0.90, ">="),
+    ("dpo_degenerate", "DPO degenerate rate (test half)", 0.01, "<="),
+    ("dpo_pref", "DPO preference accuracy, pairs of people never trained on", 0.90, ">="),
+    ("dpo_task_change", "DPO held-out task accuracy, after minus before", -0.01, ">="),
+    ("pipeline_seconds", "default pipeline seconds (pretrain + finetune + dpo)", 600, "<="),
+]
+INFO = [  # reported beside the claims, not judged
+    ("sft_degenerate", "SFT degenerate rate (test half, rewound)"),
+    ("sft_rewound_alpha", "SFT rewound: alpha on the line pre-trained -> final"),
+    ("dpo_rewound_step", "DPO rewound step"),
+    ("dpo_style_loose", "DPO answers that end with the closing (loose)"),
+    ("dpo_kl", "DPO KL(policy || reference), nats per answer"),
+]
+# a tiny configuration, for the test that runs verify end to end in seconds
+TINY = {"pretrain.py": ["--max-iters", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                        "--eval-interval", "20", "--vocab-size", "600"],
+        "finetune.py": ["--max-iters", "4", "--eval-interval", "4", "--batch-size", "4", "--warmup", "1"],
+        "dpo.py": ["--max-iters", "4", "--eval-interval", "2", "--batch-size", "4", "--warmup", "1"]}
+
+
+def seed_values(d):
+    """The claims' values from one seed's JSON outputs (folder d)."""
+    load = lambda *p: json.load(open(os.path.join(d, *p)))
+    pre, sft, scratch, dpo = load("pretrain.json"), load("sft.json"), load("scratch", "sft.json"), load("dpo.json")
+    return {"probe": pre["knowledge_probe_accuracy"],
+            "sft_heldout": sft["heldout_accuracy"],
+            "scratch_over_chance": max(scratch["heldout_accuracy"], scratch["heldout_accuracy_final"])
+            - scratch["chance_accuracy"],
+            "rewound_minus_final": sft["heldout_accuracy_rewound"] - sft["heldout_accuracy_final"],
+            "retention_gap": sft["retention_val_loss_final"] - sft["retention_val_loss_rewound"],
+            "dpo_clean_style": dpo["clean_style_rate_after"], "dpo_degenerate": dpo["degenerate_rate_after"],
+            "dpo_pref": dpo["pref_accuracy_heldout"],
+            "dpo_task_change": dpo["heldout_accuracy_after"] - dpo["heldout_accuracy_before"],
+            "pipeline_seconds": pre["seconds"] + sft["seconds"] + dpo["seconds"],
+            "sft_degenerate": sft["degenerate_rate"], "sft_rewound_alpha": sft["rewound_alpha"],
+            "dpo_rewound_step": dpo["rewound_step"], "dpo_style_loose": dpo["style_rate_after"],
+            "dpo_kl": dpo["kl"]}
+
+
+def judge(per_seed):
+    """per_seed: {seed: {key: value}} -> one row per claim: values, min, max, mean, PASS/FAIL.
+    PASS only when every seed meets the threshold."""
+    rows = []
+    for key, text, thr, op in CLAIMS:
+        vals = [v[key] for v in per_seed.values()]
+        ok = all((x >= thr) if op == ">=" else (x <= thr) for x in vals) and bool(vals)
+        rows.append({"key": key, "claim": text, "threshold": f"{op} {thr:g}", "values": vals,
+                     "min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals),
+                     "result": "PASS" if ok else "FAIL"})
+    for key, text in INFO:
+        vals = [v[key] for v in per_seed.values() if v[key] is not None] or [float("nan")]
+        rows.append({"key": key, "claim": text, "threshold": "", "values": vals, "min": min(vals),
+                     "max": max(vals), "mean": sum(vals) / len(vals), "result": "info"})
+    return rows
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        cpu = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in info]
+        cpu += f" ({', '.join(flags)})"
+    except (OSError, StopIteration):
+        pass
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def verify(args):
+    sys.path.insert(0, HERE)
+    import nanosft as ns
+    dtype = ns.pick_dtype(ns.pick_device("auto"), args.dtype)
+    seeds = [1337] + list(range(2, args.seeds + 1))
+    root = os.path.join(args.out_dir, "verify", dtype)
+    common = ["--dtype", dtype] + (["--device", "cpu"] if args.tiny else [])
+    extra = lambda script: TINY[script] if args.tiny else []
+    per_seed = {}
+    for seed in seeds:
+        d = os.path.join(root, f"seed{seed}")
+        s = ["--seed", str(seed), "--out-dir"]
+        t0 = time.time()
+        log = os.path.join(d, "log.txt")
+        run("pretrain.py", *s, d, *common, *extra("pretrain.py"), log=log)
+        run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), *s, d, *common, *extra("finetune.py"), log=log)
+        run("dpo.py", "--ckpt", os.path.join(d, "sft.pt"), *s, d, *common, *extra("dpo.py"), log=log)
+        wall = time.time() - t0
+        run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), "--init", "scratch", *s,
+            os.path.join(d, "scratch"), *common, *extra("finetune.py"), log=log)
+        per_seed[seed] = seed_values(d)
+        print(f"seed {seed}: pipeline {wall:.0f}s wall ({per_seed[seed]['pipeline_seconds']:.0f}s in the stages)",
+              flush=True)
+    rows = judge(per_seed)
+    m = machine()
+    head = (f"CPU: {m['cpu']}, {m['cores']} cores | torch {m['torch']} | python {m['python']} | dtype {dtype}"
+            f" | seeds {', '.join(map(str, seeds))}")
+    num = lambda v: f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}"
+    md = table(["claim", "threshold", *[f"seed {s}" for s in seeds], "min–max", "mean", "result"],
+               [[r["claim"], r["threshold"], *[num(v) for v in r["values"]], f"{num(r['min'])}–{num(r['max'])}",
+                 num(r["mean"]), f"**{r['result']}**" if r["result"] == "FAIL" else r["result"]] for r in rows])
+    for r in rows:
+        print(f"{r['result']:4}  {r['claim']} {r['threshold']}: " + " ".join(num(v) for v in r["values"])
+              + f" | min-max {num(r['min'])}-{num(r['max'])} | mean {num(r['mean'])}")
+    failed = [r["claim"] for r in rows if r["result"] == "FAIL"]
+    print(head)
+    print(f"{len(failed)} of {len(CLAIMS)} claims FAIL" if failed else f"all {len(CLAIMS)} claims PASS on every seed")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "verify.md"), "w") as f:
+        f.write(head + "\n\n" + md + "\n")
+    with open(os.path.join(args.out_dir, "verify.json"), "w") as f:
+        json.dump({"machine": m, "dtype": dtype, "seeds": seeds, "claims": rows, "per_seed": per_seed}, f, indent=1)
+    return 1 if failed else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo"])
+    ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo", "verify"])
+    ap.add_argument("--seeds", type=int, default=3, help="verify: how many seeds (1337, 2, 3, ...)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="verify: the stages' --dtype (auto: bf16 where the CPU runs it natively)")
+    ap.add_argument("--tiny", action="store_true", help="verify: a tiny configuration (for the tests)")
     ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
+    if args.which == "verify":
+        sys.exit(verify(args))
     root = os.path.join(args.out_dir, args.which)
     args.ckpt = args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt")
     if args.which == "dpo":

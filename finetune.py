@@ -54,14 +54,17 @@ def parse_args(argv=None):
                     help="also train the pre-trained token embeddings (default: only the chat tokens')")
     ap.add_argument("--replay", type=float, default=0.0,
                     help="mix this many pre-training tokens per SFT token (counters forgetting)")
+    ap.add_argument("--rewind", default="interpolate", choices=["interpolate", "path"],
+                    help="where rewinding looks: the straight line from the pre-trained to the final "
+                    "weights (default), or the checkpoints saved along the training path")
     ap.add_argument("--rewind-tolerance", type=float, default=0.01,
-                    help="rewinding keeps path points within this much held-out (dev) accuracy of "
+                    help="rewinding keeps the points within this much held-out (dev) accuracy of "
                     "the best one, and takes the one with the lowest retention loss")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--log-interval", type=int, default=25)
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
     ns.add_common_args(ap)
-    ap.set_defaults(max_iters=300, batch_size=16, lr=1e-3, eval_interval=25)
+    ap.set_defaults(max_iters=300, batch_size=16, lr=1.5e-3, eval_interval=25)
     args = ap.parse_args(argv)
     ns.check_args(args)
     if args.lora_rank and args.prompt_tokens:
@@ -264,11 +267,8 @@ class Evaluator:
     def __init__(self, rt, tok, pre_args, block_size):
         self.rt, self.tok = rt, tok
         self.world = ns.load_world()
-        held = sorted({r["person"] for r in ns.load_eval_rows("heldout")})
-        dev_people = set(held[::2])
-        rows = ns.load_eval_rows("heldout")
-        self.dev = [r for r in rows if r["person"] in dev_people]
-        self.test = [r for r in rows if r["person"] not in dev_people]
+        self.longest = ns.world_longest()
+        self.dev, self.test = ns.heldout_halves()
         self.train = ns.load_eval_rows("train")[:250]
         self.tasks = ns.load_eval_rows("tasks")
         self.retention = None
@@ -279,23 +279,28 @@ class Evaluator:
             self.retention = ns.fixed_windows(val, block_size)
 
     def __call__(self, model, full=False):
-        acc = lambda rows: ns.qa_accuracy(model, self.tok, self.world, rows)[0]
-        r = {"dev": acc(self.dev), "heldout": acc(self.test),
+        qa = lambda rows: ns.qa_eval(model, self.tok, self.world, rows, self.longest)
+        test = qa(self.test)
+        r = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"],
+             "degenerate": test["degenerate_rate"],
              "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None}
         if full:
-            r["train"] = acc(self.train)
+            r["train"] = qa(self.train)["accuracy"]
             r["tasks"] = ns.task_accuracy(model, self.tok, self.tasks)
         return r
 
 
-def rewind(path, tolerance):
-    """Path-wise rewinding: among the checkpoints along the SFT path, keep those whose
-    held-out (dev) accuracy is within `tolerance` of the best one, and of these take the one
-    with the LOWEST retention loss -- the earliest good-enough point, before SFT has paid
-    more of the pre-trained model's knowledge than it needed to."""
-    best = max(p["dev"] for p in path)
-    ok = [p for p in path if p["dev"] >= best - tolerance]
-    return min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0, p["step"]))
+def rewind(points, tolerance):
+    """Rewinding: among candidate points -- the checkpoints along the SFT path (--rewind
+    path), or weights on the line from the pre-trained to the final ones (--rewind
+    interpolate) -- keep those whose held-out DEV accuracy is within `tolerance` of the best
+    one, and of these take the one with the LOWEST retention loss: the good-enough point
+    where SFT has paid the least of the pre-trained model's knowledge. Only the dev half
+    chooses; the test half is reported."""
+    best = max(p["dev"] for p in points)
+    ok = [p for p in points if p["dev"] >= best - tolerance]
+    return min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0,
+                                  p.get("step", p.get("alpha"))))
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,11 +423,20 @@ def main(argv=None):
     sft_path = os.path.join(args.out_dir, "sft.pt")
     if evaluator:
         final_eval = evaluator(model, full=True)
-        chosen = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance)
-        rewound = ns.load_checkpoint(os.path.join(path_dir, f"step{chosen['step']:05d}.pt"))
-        rew_model, _ = ns.model_from_checkpoint(rewound)
+        by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance)
+        ends = {0.0: path[0], 1.0: final_eval} if path[0]["step"] == 0 else {1.0: final_eval}
+        interp = interpolate(evaluator, ck, model, rt, ends) if args.init == "pretrained" else []
+        by_line = rewind(interp, args.rewind_tolerance) if interp else None
+        if args.rewind == "interpolate" and by_line is not None:
+            rew_model = ns.GPT(model.config)
+            rew_model.load_state_dict(interpolated(pretrained_state(ck), plain_state(model), by_line["alpha"]))
+            rewound = ns.checkpoint_dict("sft", rew_model, tok, None, it, args)
+            where = f"alpha {by_line['alpha']:.2f} of the line pre-trained -> final"
+        else:
+            rewound = ns.load_checkpoint(os.path.join(path_dir, f"step{by_path['step']:05d}.pt"))
+            rew_model, _ = ns.model_from_checkpoint(rewound)
+            where = f"step {by_path['step']} of the path"
         rew_eval = evaluator(rew_model.to(rt.device), full=True)
-        interp = interpolate(evaluator, ck, model, rt) if args.init == "pretrained" else []
         start = path[0]
         out.update({
             "heldout_accuracy": rew_eval["heldout"], "train_accuracy": rew_eval["train"],
@@ -430,20 +444,27 @@ def main(argv=None):
             "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final_eval["heldout"],
             "heldout_accuracy_rewound": rew_eval["heldout"], "heldout_accuracy_peak": max(p["heldout"] for p in path),
             "train_accuracy_final": final_eval["train"], "task_accuracy_final": final_eval["tasks"],
+            "degenerate_rate": rew_eval["degenerate"], "degenerate_rate_final": final_eval["degenerate"],
             "retention_val_loss_before": start["retention"], "retention_val_loss_final": final_eval["retention"],
-            "retention_val_loss_rewound": rew_eval["retention"], "rewound_step": chosen["step"],
-            "rewind_rule": f"lowest retention loss among path points within {args.rewind_tolerance} "
+            "retention_val_loss_rewound": rew_eval["retention"], "rewound": where,
+            "rewound_step": by_path["step"] if where.startswith("step") else None,
+            "rewound_alpha": by_line["alpha"] if by_line and not where.startswith("step") else None,
+            "rewind": args.rewind,
+            "rewind_rule": f"lowest retention loss among the {args.rewind} points within {args.rewind_tolerance} "
                            "of the best dev held-out accuracy",
+            # both rules, each as measured at its point (test-half accuracy, retention)
+            "rewind_path": by_path, "rewind_interpolate": by_line,
             "chance_accuracy": chance(evaluator.world), "path": path, "interpolation": interp,
         })
         rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
         ns.save_checkpoint(sft_path, rewound)
-        plot_path(os.path.join(args.out_dir, "sft_path.png"), path, interp, it, chosen["step"])
+        plot_path(os.path.join(args.out_dir, "sft_path.png"), path, interp, it, by_path["step"], by_line)
         rt.log(f"held-out accuracy: before {start['heldout']:.3f} | final {final_eval['heldout']:.3f} | "
-               f"rewound (step {chosen['step']}) {rew_eval['heldout']:.3f}")
+               f"rewound ({where}) {rew_eval['heldout']:.3f}")
         rt.log(f"retention loss:    before {start['retention']:.4f} | final {final_eval['retention']:.4f} | "
                f"rewound {rew_eval['retention']:.4f}")
-        rt.log(f"training people {rew_eval['train']:.3f} | list tasks {rew_eval['tasks']:.3f}")
+        rt.log(f"training people {rew_eval['train']:.3f} | list tasks {rew_eval['tasks']:.3f} | "
+               f"degenerate answers {rew_eval['degenerate']:.3f}")
     else:
         ns.save_checkpoint(sft_path, ns.checkpoint_dict("sft", plain_model(model), tok, None, it, args))
     out["seconds"] = time.time() - t_start
@@ -457,23 +478,37 @@ def chance(world):
     return sum(1 / len(W.VALUES[a]) for a in facts["attributes"]) / len(facts["attributes"])
 
 
+def pretrained_state(ck):
+    return ns.model_from_checkpoint(ck)[0].state_dict()
+
+
+def interpolated(pre, fin, a):
+    """theta(a) = (1 - a) theta_pretrained + a theta_final, tensor by tensor (a tensor the
+    pre-trained model lacks, such as a prompt-tuning prefix, is taken from the final one)."""
+    return {k: (1 - a) * pre[k] + a * v if k in pre and pre[k].shape == v.shape else v for k, v in fin.items()}
+
+
+ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+
 @torch.no_grad()
-def interpolate(evaluator, ck, model, rt, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):
-    """Weight interpolation theta(a) = (1 - a) theta_pretrained + a theta_final: the straight
-    line the SFT path is compared with."""
-    pre = ns.model_from_checkpoint(ck)[0].state_dict()
-    fin = plain_state(model)
+def interpolate(evaluator, ck, model, rt, known, alphas=ALPHAS):
+    """Evaluate the weights on the straight line from the pre-trained to the final ones.
+    PEFT-Arena's path-wise rewinding moves back along this line: it does not retrace the
+    training path, and here it lies above it (more accuracy for the same forgetting).
+    known: {alpha: evaluation} already measured (the two ends)."""
+    pre, fin = pretrained_state(ck), plain_state(model)
     m = ns.GPT(model.config).to(rt.device)
     out = []
     for a in alphas:
-        m.load_state_dict({k: (1 - a) * pre[k] + a * v if k in pre and pre[k].shape == v.shape else v
-                           for k, v in fin.items()})
-        r = evaluator(m)
-        out.append({"alpha": a, **r})
+        if a not in known:
+            m.load_state_dict(interpolated(pre, fin, a))
+        r = known.get(a) or evaluator(m)
+        out.append({"alpha": a, **{k: r[k] for k in ("dev", "heldout", "degenerate", "retention")}})
     return out
 
 
-def plot_path(png, path, interp, final_step, rewound_step):
+def plot_path(png, path, interp, final_step, rewound_step, by_line=None):
     at = lambda s: next(p for p in path if p["step"] == s)
     series = {"SFT path": ([p["retention"] for p in path], [p["heldout"] for p in path])}
     if interp:
@@ -481,7 +516,9 @@ def plot_path(png, path, interp, final_step, rewound_step):
                                                         [p["heldout"] for p in interp])
     marks = [(path[0]["retention"], path[0]["heldout"], "pre-trained"),
              (at(final_step)["retention"], at(final_step)["heldout"], "final"),
-             (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound (step {rewound_step})")]
+             (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound on the path (step {rewound_step})")]
+    if by_line:
+        marks.append((by_line["retention"], by_line["heldout"], f"rewound on the line (alpha {by_line['alpha']:.2f})"))
     ns.plot(png, "SFT: task accuracy vs forgetting", "retention loss (pre-training val loss; lower = less forgetting)",
             "held-out accuracy", series, marks)
 

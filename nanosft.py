@@ -991,9 +991,11 @@ def sample_next(logits, temperature, top_k, generator=None):
 
 
 @torch.no_grad()
-def generate_greedy_batch(model, prompts, max_new_tokens, stop):
+def generate_greedy_batch(model, prompts, max_new_tokens, stop, keep_stop=False):
     """Greedy answers to many prompts at once. Prompts are grouped by length so no padding
-    (and no position shift) is needed: each row is decoded exactly as it would be alone."""
+    (and no position shift) is needed: each row is decoded exactly as it would be alone.
+    keep_stop: a row that drew a stop token ends with it (so a caller can tell an answer
+    that ended from one cut off by max_new_tokens)."""
     model.eval()
     device = next(model.parameters()).device
     by_len = {}
@@ -1015,6 +1017,8 @@ def generate_greedy_batch(model, prompts, max_new_tokens, stop):
                     if not done[j]:
                         if t in stop:
                             done[j] = True
+                            if keep_stop:
+                                outs[j].append(t)
                         else:
                             outs[j].append(t)
                 if done.all():
@@ -1133,10 +1137,13 @@ def knowledge_probe(model, tok, world, people=None):
 
 
 def answer_questions(model, tok, prompts, max_new_tokens=24):
-    """Greedy chat answers to a list of user questions."""
+    """Greedy chat answers to a list of user questions -> (answers, ended): ended[i] is False
+    when answer i reached max_new_tokens without writing <|end|> (the model did not stop)."""
     ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
-    outs = generate_greedy_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})
-    return [tok.decode(o).strip() for o in outs]
+    stop = {tok.end, tok.endoftext}
+    outs = generate_greedy_batch(model, ids, max_new_tokens, stop=stop, keep_stop=True)
+    ended = [bool(o) and o[-1] in stop for o in outs]
+    return [tok.decode(o[:-1] if e else o).strip() for o, e in zip(outs, ended)], ended
 
 
 def load_eval_rows(split=None):
@@ -1144,17 +1151,54 @@ def load_eval_rows(split=None):
     return [r for r in rows if split is None or r["split"] == split]
 
 
+def heldout_halves():
+    """The held-out people's questions, split BY PERSON into a dev half (which chooses
+    rewound checkpoints, in SFT and in DPO) and a test half (which is reported). A choice
+    made on the dev half and reported on the test half is not fitted to what it reports."""
+    rows = load_eval_rows("heldout")
+    people = sorted({r["person"] for r in rows})
+    dev_people = set(people[::2])
+    return [r for r in rows if r["person"] in dev_people], [r for r in rows if r["person"] not in dev_people]
+
+
+def world_longest():
+    """{question: characters of the longest community answer to it}, for every thread of the
+    world (training and evaluation threads): the degeneration check's length bound."""
+    W, _ = load_world()
+    threads = [json.loads(line) for name in ("world_community.jsonl", "world_community_eval.jsonl")
+               for line in open(os.path.join(HERE, "data", name), encoding="utf-8")]
+    return W.longest_answers(threads)
+
+
+QA_TOKENS = 48  # answer budget: the longest community answer is ~26 tokens
+
+
+def qa_eval(model, tok, world, rows, longest=None):
+    """Greedy answers to world questions graded by the world's verifier: accuracy, the
+    strict voted-style rate (correct, then "Hope this helps!" once, at the very end), the
+    loose one (ends with it) and the degenerate rate (repeats, never stops, or far too long)."""
+    W, facts = world
+    longest = longest or {}
+    answers, ended = answer_questions(model, tok, [r["prompt"] for r in rows], QA_TOKENS)
+    n = max(1, len(rows))
+    degen = [W.degenerate(a, e, longest.get(r["prompt"])) for r, a, e in zip(rows, answers, ended)]
+    return {"accuracy": sum(W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)) / n,
+            "clean_style_rate": sum(W.clean_style(facts, r["person"], r["attribute"], a, e, longest.get(r["prompt"]))
+                                    for r, a, e in zip(rows, answers, ended)) / n,
+            "style_rate": sum(W.is_polite(facts, a) for a in answers) / n,
+            "degenerate_rate": sum(bool(d) for d in degen) / n,
+            "answers": answers, "degenerate": degen}
+
+
 def qa_accuracy(model, tok, world, rows):
     """Share of world questions answered correctly (the verifier), and the answers."""
-    W, facts = world
-    answers = answer_questions(model, tok, [r["prompt"] for r in rows])
-    hits = [W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)]
-    return sum(hits) / max(1, len(hits)), answers
+    r = qa_eval(model, tok, world, rows)
+    return r["accuracy"], r["answers"]
 
 
 def task_accuracy(model, tok, rows):
     """List tasks (copy / reverse / count): exact match."""
-    answers = answer_questions(model, tok, [r["prompt"] for r in rows])
+    answers, _ = answer_questions(model, tok, [r["prompt"] for r in rows])
     return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
 
 

@@ -13,18 +13,23 @@ writes, next to this script:
                             shuffled sentence order) mixed with general filler sentences
     world_sft.jsonl         gold instruction pairs {"prompt","response"} about TRAINING people,
                             plus list tasks (copy / reverse / count) that need no world knowledge
-    world_community.jsonl   community threads: one question, several answers of varied quality,
-                            each with simulated up/down votes; the SFT labels and DPO pairs come
-                            from these votes
+    world_community.jsonl   community threads about TRAINING people: one question, several
+                            answers of varied quality, each with simulated up/down votes; the
+                            SFT labels and DPO pairs come from these votes
+    world_community_eval.jsonl  the same kind of threads about the HELD-OUT people, for
+                            evaluation only: preference accuracy on people that neither SFT nor
+                            DPO ever trained on, and the "longest community answer" that the
+                            degeneration check compares an answer's length with
     world_eval.jsonl        evaluation questions: held-out people, training people, list tasks
 
 Held-out people never appear in world_sft.jsonl or world_community.jsonl: their facts are
-stated only in the corpus.
+stated only in the corpus (and asked about only in the evaluation files).
 """
 import argparse
 import json
 import os
 import random
+import re
 
 FIRST = """Ada Alan Bruno Carla Dario Elena Felix Greta Hugo Irene Jonas Kira Leon Maya Nora Omar
 Paula Quinn Rosa Simon Tara Ugo Vera Walter Xenia Yusuf Zora Anton Bianca Cyril Dora Emil Flora Gustav
@@ -206,9 +211,13 @@ def build_files(seed=1337):
             for q in QUESTIONS[a]:
                 prompt = q.format(n=p["name"])
                 sft.append({"prompt": prompt, "response": gold_sentence(p["name"], a, p[a])})
+                # Every thread of a training person is a training thread. (Held out by row, a
+                # thread shares its person, and the other phrasing of its question, with the
+                # training threads; held-out preference pairs come from held-out PEOPLE, below.)
+                # The draw stays so the seeded stream, and so every other file, is unchanged.
+                rng.random()
                 community.append({"prompt": prompt, "person": p["name"], "attribute": a,
-                                  "split": "heldout" if rng.random() < 0.1 else "train",
-                                  "answers": community_thread(rng, p["name"], a, p[a])})
+                                  "split": "train", "answers": community_thread(rng, p["name"], a, p[a])})
     sft += [list_task(rng) for _ in range(300)]
     rng.shuffle(sft)
     for p in world["people"]:  # both phrasings of every question: 10 per person
@@ -220,11 +229,18 @@ def build_files(seed=1337):
     for _ in range(100):
         t = list_task(rng)
         evals.append({"split": "tasks", "prompt": t["prompt"], "answer": t["response"]})
+    # threads about the held-out people, from a stream of their own (the files above stay as
+    # they were): evaluation only, never read by a training stage
+    rng_eval = random.Random(seed + 2)
+    community_eval = [{"prompt": q.format(n=p["name"]), "person": p["name"], "attribute": a, "split": "heldout",
+                       "answers": community_thread(rng_eval, p["name"], a, p[a])}
+                      for p in world["people"] if p["name"] in heldout for a in ATTRS for q in QUESTIONS[a]]
     jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return {"world.json": json.dumps(world, indent=1) + "\n",
             "world_corpus.txt": make_corpus(world, rng),
             "world_sft.jsonl": jsonl(sft),
             "world_community.jsonl": jsonl(community),
+            "world_community_eval.jsonl": jsonl(community_eval),
             "world_eval.jsonl": jsonl(evals)}
 
 
@@ -244,8 +260,50 @@ def grade(world, person, attr, answer):
 
 
 def is_polite(world, answer):
-    """The style the community votes for: the answer closes with the polite marker."""
+    """The style the community votes for: the answer closes with the polite marker. (Loose:
+    "... Hope this helps! Hope this helps!" passes; `clean_style` is the strict check.)"""
     return answer.strip().endswith(world["polite_marker"])
+
+
+CLOSINGS = (POLITE, RUDE, RAMBLE)
+
+
+def sentences(text):
+    """The sentences of an answer, normalised (lower case, inner spaces collapsed)."""
+    parts = [" ".join(s.split()).lower() for s in re.split(r"(?<=[.!?])\s+", text.strip())]
+    return [s for s in parts if s]
+
+
+def degenerate(answer, ended, longest):
+    """Why an answer is degenerate, or "" when it is not. Degenerate means: a sentence or a
+    closing said twice ("... burgers. Hope this helps! Hope this helps!"), no end-of-turn
+    token within the token limit (`ended` False: the model never stopped), or more than
+    twice as long, in characters, as the longest community answer to the question
+    (`longest`). A check that only looks at how an answer ends passes all three."""
+    sents = sentences(answer)
+    if len(sents) != len(set(sents)):
+        return "repeated sentence"
+    if any(answer.count(c) > 1 for c in CLOSINGS):
+        return "repeated closing"
+    if not ended:
+        return "no end token"
+    if longest and len(answer.strip()) > 2 * longest:
+        return "too long"
+    return ""
+
+
+def clean_style(world, person, attr, answer, ended, longest):
+    """The voted style, strictly: a correct answer, then the polite closing exactly once, at
+    the very end, and nothing degenerate."""
+    a = answer.strip()
+    if not a.endswith(POLITE) or a.count(POLITE) != 1 or degenerate(a, ended, longest):
+        return False
+    return grade(world, person, attr, a[:-len(POLITE)])
+
+
+def longest_answers(threads):
+    """{prompt: length in characters of the longest community answer} of thread records."""
+    return {t["prompt"]: max(len(a["text"]) for a in t["answers"]) for t in threads}
 
 
 def default_path(name):

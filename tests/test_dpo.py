@@ -385,3 +385,21 @@ def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
     with torch.no_grad():
         model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
     assert dpo.kl_estimate(model, ref, tok, prompts, rt, seed=0) > 0.0
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_script_uses_the_starting_checkpoint_as_reference(sft_ckpt, tmp_path, cache):
+    """dpo.py's own wiring: the reference is the frozen STARTING model. If the live policy
+    (detached) were used as the reference, every log-ratio would be 0 at every step, so the
+    logged rewards would never move. At step 1 policy == reference (margin ~0); after a few
+    steps at a high learning rate the policy has moved away from it."""
+    data = write(tmp_path, "p.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in PAIRS * 4])
+    out = str(tmp_path / "o")
+    dpo.main(["--ckpt", sft_ckpt, "--data", data, "--batch-size", "4", "--lr", "3e-3", "--warmup", "1",
+              "--loss", "sigmoid", "--max-iters", "8", "--eval-interval", "8", "--log-interval", "8",
+              "--dtype", "float32", "--device", "cpu", "--out-dir", out] + ([] if cache else ["--no-ref-cache"]))
+    hist = json.load(open(os.path.join(out, "dpo.json")))["history"]["train"]
+    chosen = hist["rewards/chosen"]
+    assert abs(chosen[0]) < 1e-4 and abs(hist["rewards/margins"][0]) < 1e-4
+    assert max(abs(v) for v in chosen[1:]) > 1e-3
+    assert hist["rewards/margins"][-1] > hist["rewards/margins"][0]  # and it moved the right way

@@ -235,8 +235,8 @@ CASES = {
                                  r"good\.jsonl:1: unknown preference record \(keys: prompt, response\)"),
     "dpo empty JSON array": ("dpo", DPO + ["--data", "{emptyarr}"], SAVED, r"emptyarr\.json: empty JSON array"),
     "dpo --beta 0": ("dpo", DPO + ["--beta", "0"], SAVED, r"--beta must be a positive number, got 0\.0"),
-    "dpo --resume of another stage": ("dpo", DPO + ["--resume"], {"dpo.pt": "pre"},
-                                      r"dpo\.pt: a 'pretrain' checkpoint, expected one of dpo"),
+    "dpo --resume of another stage": ("dpo", DPO + ["--resume"], {"dpo_final.pt": "pre"},
+                                      r"dpo_final\.pt: a 'pretrain' checkpoint, expected one of dpo"),
 }
 
 
