@@ -3,8 +3,8 @@ Stage 3: Direct Preference Optimization (DPO), from scratch, against a frozen re
 
     python dpo.py --ckpt out/sft.pt                       # the world's community votes -> out/dpo.pt
     python dpo.py --ckpt out/sft.pt --data pairs.jsonl    # {"prompt","chosen","rejected"} lines
-    python dpo.py --ckpt out/sft.pt --loss ipo            # IPO instead of the sigmoid loss
-    python dpo.py --ckpt out/sft.pt --resume              # continue out/dpo.pt
+    python dpo.py --ckpt out/sft.pt --loss sigmoid --beta 0.1   # the DPO paper's loss (Eq. 7)
+    python dpo.py --ckpt out/sft.pt --resume              # continue out/dpo_final.pt
     torchrun --nproc_per_node 2 dpo.py --ckpt out/sft.pt  # several processes (DDP)
 
 SFT taught the model WHAT to answer. DPO refines HOW, from pairs "this answer is better
@@ -12,6 +12,15 @@ than that one" -- here pairs read off a community's up/down votes instead of exp
 The policy starts as a copy of the starting checkpoint; the reference is that checkpoint,
 frozen. The loss raises the policy's log-probability of each chosen answer relative to the
 reference, and lowers that of the rejected one, with no reward model and no sampling.
+
+The DEFAULT loss is IPO (Azar et al. 2023, `--loss ipo`): it pulls each pair's log-ratio gap
+to 1 / (2 beta) nats and no further. `--loss sigmoid` is the DPO paper's Eq. 7, which keeps
+pushing the gap. Both are in `dpo_loss`; see DEFAULTS for why IPO is the default.
+
+On the world data the run is REWOUND along its own path, like SFT: every --eval-interval
+steps the policy answers the dev half of the held-out people's questions, and out/dpo.pt is
+the earliest checkpoint that shows the voted style without degenerate answers and without
+losing task accuracy (the rule is in `rewind`). The last step is out/dpo_final.pt.
 
 Preference data, detected from the file's first record:
     votes    {"prompt", "answers": [{"text", "up", "down"}], "split"?}   (the default world)
@@ -21,11 +30,15 @@ Preference data, detected from the file's first record:
     scores   {"prompt", "responses": [{"text", "score"}]}
 Votes and scores give pairs of answers whose net votes (up - down) or scores differ by at
 least --min-margin, the higher one chosen: by default (--pairs top) the thread's top answer
-against each other answer, with --pairs all every two answers.
+against each other answer, with --pairs all every two answers. On the world, held-out pairs
+come from the threads about the held-out people (data/world_community_eval.jsonl), whom
+neither SFT nor DPO trains on.
 
-Writes out/dpo.pt (kind "dpo"), out/dpo.json (preference accuracy, style rate, task accuracy,
-KL, response length: before and after), out/dpo_logratio.png (which tokens DPO pushed up and
-down) and out/dpo_margin.png (the reward margin during training).
+Writes out/dpo.pt (the rewound policy), out/dpo_final.pt (the last step, for --resume),
+out/dpo_path/ (the checkpoints rewinding chooses from), out/dpo.json (preference accuracy,
+strict and loose style rate, degenerate rate, task accuracy, KL, response length: before and
+after), out/dpo_logratio.png (which tokens DPO pushed up and down) and out/dpo_margin.png
+(the reward margin during training).
 """
 import functools
 import math

@@ -4,7 +4,7 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
 
     python experiments.py sft        # full SFT vs scratch vs LoRA vs prompt tuning vs replay (~12 min)
     python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
-    python experiments.py overshoot  # embeddings trained, lr 2e-3, 600 steps: accuracy peaks, then falls
+    python experiments.py overshoot  # SFT at 1.5x the learning rate, rewound along the pre-trained -> final line
     python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
     python experiments.py dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
     python experiments.py verify --seeds 3 [--dtype float32]
@@ -73,8 +73,10 @@ CLAIMS = [
     ("probe", "knowledge probe (pre-training stored the facts)", 0.90, ">="),
     ("sft_heldout", "SFT held-out accuracy, test half, rewound checkpoint", 0.90, ">="),
     ("scratch_over_chance", "SFT from scratch minus chance (best of rewound and final)", 0.05, "<="),
-    ("rewound_minus_final", "rewound minus final held-out accuracy", -0.01, ">="),
-    ("retention_gap", "retention loss, final minus rewound (nats)", 0.10, ">="),
+    ("rewound_minus_final", "SFT rewound minus final held-out accuracy", -0.01, ">="),
+    ("overshoot_peak", "overshoot run: peak held-out accuracy along its path", 0.90, ">="),
+    ("overshoot_rewound_minus_final", "overshoot run: rewound minus final held-out accuracy", -0.01, ">="),
+    ("overshoot_retention_gap", "overshoot run: retention loss, final minus rewound (nats)", 0.10, ">="),
     ("dpo_clean_style", "DPO clean style rate (test half)", 0.90, ">="),
     ("dpo_degenerate", "DPO degenerate rate (test half)", 0.01, "<="),
     ("dpo_pref", "DPO preference accuracy, pairs of people never trained on", 0.90, ">="),
@@ -82,12 +84,17 @@ CLAIMS = [
     ("pipeline_seconds", "default pipeline seconds (pretrain + finetune + dpo)", 600, "<="),
 ]
 INFO = [  # reported beside the claims, not judged
+    ("retention_gap", "SFT default run: retention loss, final minus rewound (nats)"),
+    ("sft_rewound_step", "SFT default run: rewound step (300 = the final one)"),
     ("sft_degenerate", "SFT degenerate rate (test half, rewound)"),
-    ("sft_rewound_alpha", "SFT rewound: alpha on the line pre-trained -> final"),
+    ("overshoot_rewound_alpha", "overshoot run: rewound alpha on the line pre-trained -> final"),
     ("dpo_rewound_step", "DPO rewound step"),
     ("dpo_style_loose", "DPO answers that end with the closing (loose)"),
     ("dpo_kl", "DPO KL(policy || reference), nats per answer"),
 ]
+# the overshoot run: the default SFT pushed harder (a 1.5x learning rate), rewound along the
+# line from the pre-trained to the final weights
+OVERSHOOT = ["--lr", "1.5e-3", "--rewind", "interpolate"]
 # a tiny configuration, for the test that runs verify end to end in seconds
 TINY = {"pretrain.py": ["--max-iters", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                         "--eval-interval", "20", "--vocab-size", "600"],
@@ -99,6 +106,7 @@ def seed_values(d):
     """The claims' values from one seed's JSON outputs (folder d)."""
     load = lambda *p: json.load(open(os.path.join(d, *p)))
     pre, sft, scratch, dpo = load("pretrain.json"), load("sft.json"), load("scratch", "sft.json"), load("dpo.json")
+    over = load("overshoot", "sft.json")
     return {"probe": pre["knowledge_probe_accuracy"],
             "sft_heldout": sft["heldout_accuracy"],
             "scratch_over_chance": max(scratch["heldout_accuracy"], scratch["heldout_accuracy_final"])
@@ -109,7 +117,11 @@ def seed_values(d):
             "dpo_pref": dpo["pref_accuracy_heldout"],
             "dpo_task_change": dpo["heldout_accuracy_after"] - dpo["heldout_accuracy_before"],
             "pipeline_seconds": pre["seconds"] + sft["seconds"] + dpo["seconds"],
-            "sft_degenerate": sft["degenerate_rate"], "sft_rewound_alpha": sft["rewound_alpha"],
+            "overshoot_peak": max(p["heldout"] for p in over["path"]),
+            "overshoot_rewound_minus_final": over["heldout_accuracy_rewound"] - over["heldout_accuracy_final"],
+            "overshoot_retention_gap": over["retention_val_loss_final"] - over["retention_val_loss_rewound"],
+            "sft_degenerate": sft["degenerate_rate"], "sft_rewound_step": sft["rewound_step"],
+            "overshoot_rewound_alpha": over["rewound_alpha"],
             "dpo_rewound_step": dpo["rewound_step"], "dpo_style_loose": dpo["style_rate_after"],
             "dpo_kl": dpo["kl"]}
 
@@ -165,6 +177,8 @@ def verify(args):
         wall = time.time() - t0
         run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), "--init", "scratch", *s,
             os.path.join(d, "scratch"), *common, *extra("finetune.py"), log=log)
+        run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), *OVERSHOOT, *s,
+            os.path.join(d, "overshoot"), *common, *extra("finetune.py"), log=log)
         per_seed[seed] = seed_values(d)
         print(f"seed {seed}: pipeline {wall:.0f}s wall ({per_seed[seed]['pipeline_seconds']:.0f}s in the stages)",
               flush=True)
@@ -216,10 +230,12 @@ def main():
             run("dpo.py", "--ckpt", args.ckpt, "--out-dir", out, *extra)
             with open(os.path.join(out, "dpo.json")) as f:
                 r = json.load(f)
-            rows.append([name, fmt(r["pairs_train"]), fmt(r["pref_accuracy_heldout"]), fmt(r["style_rate_after"]),
-                         fmt(r["heldout_accuracy_after"]), fmt(r["kl"], 2), f"{r['seconds']:.0f}s"])
-        md = table(["dpo.py run", "training pairs", "held-out pref. acc", "style rate after",
-                    "held-out task acc after", "KL", "time"], rows)
+            rows.append([name, fmt(r["pairs_train"]), fmt(r["pref_accuracy_heldout"]),
+                         fmt(r["clean_style_rate_after"]), fmt(r["degenerate_rate_after"]),
+                         fmt(r["heldout_accuracy_after"]), fmt(r["rewound_step"]), fmt(r["kl"], 2),
+                         f"{r['seconds']:.0f}s"])
+        md = table(["dpo.py run", "training pairs", "held-out pref. acc", "clean style after", "degenerate after",
+                    "held-out task acc after", "rewound step", "KL", "time"], rows)
     elif args.which == "sft":
         runs = {"full SFT": [], "from scratch (no pre-training)": ["--init", "scratch", "--lr", "1e-3"],
                 "LoRA r=8 (attention)": ["--lora-rank", "8", "--lr", "3e-3"],
@@ -237,16 +253,15 @@ def main():
                          fmt(r["retention_val_loss_rewound"])])
         md = table(["SFT labels", "held-out acc", "training-people acc", "retention loss"], rows)
     elif args.which == "overshoot":
-        r = sft(root, "emb_lr2e-3", args.ckpt, "--train-embeddings", "--lr", "2e-3", "--max-iters", "600",
-                "--eval-interval", "50")
-        peak, final, rew = r["heldout_accuracy_peak"], r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
-        recovered = (rew - final) / (peak - final) if peak > final else float("nan")
-        md = table(["", "held-out acc", "retention loss", "step"],
+        r = sft(root, "lr1.5e-3", args.ckpt, *OVERSHOOT)
+        peak, final, rew = max(p["heldout"] for p in r["path"]), r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
+        md = table(["", "held-out acc (test half)", "retention loss", "where"],
                    [["peak along the path", fmt(peak), "", ""],
-                    ["final", fmt(final), fmt(r["retention_val_loss_final"]), fmt(r["steps"])],
-                    ["rewound (out/overshoot/emb_lr2e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
-                     fmt(r["rewound_step"])]])
-        md += f"\n\nrewinding recovers {100 * recovered:.0f}% of the accuracy lost between the peak and the final step."
+                    ["final", fmt(final), fmt(r["retention_val_loss_final"]), f"step {r['steps']}"],
+                    ["rewound (out/overshoot/lr1.5e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
+                     r["rewound"]]])
+        md += (f"\n\nrewinding saves {r['retention_val_loss_final'] - r['retention_val_loss_rewound']:.3f} nats of "
+               f"retention loss at {100 * (rew - final):+.1f} points of held-out accuracy.")
     else:
         rows = []
         sizes = {"tiny (L1 C64)": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64"],

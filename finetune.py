@@ -54,9 +54,12 @@ def parse_args(argv=None):
                     help="also train the pre-trained token embeddings (default: only the chat tokens')")
     ap.add_argument("--replay", type=float, default=0.0,
                     help="mix this many pre-training tokens per SFT token (counters forgetting)")
-    ap.add_argument("--rewind", default="interpolate", choices=["interpolate", "path"],
-                    help="where rewinding looks: the straight line from the pre-trained to the final "
-                    "weights (default), or the checkpoints saved along the training path")
+    ap.add_argument("--rewind", default="path", choices=["path", "interpolate"],
+                    help="where rewinding looks: the checkpoints saved along the training path "
+                    "(default), or the straight line from the pre-trained to the final weights")
+    ap.add_argument("--rewind-min-gain", type=float, default=0.05,
+                    help="rewind only when it saves at least this much retention loss (nats) over "
+                    "the final checkpoint; otherwise keep the final one")
     ap.add_argument("--rewind-tolerance", type=float, default=0.01,
                     help="rewinding keeps the points within this much held-out (dev) accuracy of "
                     "the best one, and takes the one with the lowest retention loss")
@@ -64,7 +67,7 @@ def parse_args(argv=None):
     ap.add_argument("--log-interval", type=int, default=25)
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
     ns.add_common_args(ap)
-    ap.set_defaults(max_iters=300, batch_size=16, lr=1.5e-3, eval_interval=25)
+    ap.set_defaults(max_iters=300, batch_size=16, lr=1e-3, eval_interval=25)
     args = ap.parse_args(argv)
     ns.check_args(args)
     if args.lora_rank and args.prompt_tokens:
@@ -290,17 +293,26 @@ class Evaluator:
         return r
 
 
-def rewind(points, tolerance):
+def rewind(points, tolerance, final=None, min_gain=0.0):
     """Rewinding: among candidate points -- the checkpoints along the SFT path (--rewind
     path), or weights on the line from the pre-trained to the final ones (--rewind
     interpolate) -- keep those whose held-out DEV accuracy is within `tolerance` of the best
     one, and of these take the one with the LOWEST retention loss: the good-enough point
     where SFT has paid the least of the pre-trained model's knowledge. Only the dev half
-    chooses; the test half is reported."""
+    chooses; the test half is reported.
+
+    final, min_gain: when the chosen point saves less than min_gain nats of retention loss
+    over `final`, return `final`. A run that has not overshot gains nothing from rewinding
+    but the noise of a different checkpoint's accuracy (a dev half of 250 questions moves
+    by a question or two from one checkpoint to the next)."""
     best = max(p["dev"] for p in points)
     ok = [p for p in points if p["dev"] >= best - tolerance]
-    return min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0,
+    pick = min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0,
                                   p.get("step", p.get("alpha"))))
+    if final is not None and None not in (pick["retention"], final["retention"]) \
+            and final["retention"] - pick["retention"] < min_gain:
+        return final
+    return pick
 
 
 # ----------------------------------------------------------------------------------------
@@ -423,10 +435,11 @@ def main(argv=None):
     sft_path = os.path.join(args.out_dir, "sft.pt")
     if evaluator:
         final_eval = evaluator(model, full=True)
-        by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance)
+        last = path[-1]  # the final checkpoint as the path saw it
+        by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance, last, args.rewind_min_gain)
         ends = {0.0: path[0], 1.0: final_eval} if path[0]["step"] == 0 else {1.0: final_eval}
         interp = interpolate(evaluator, ck, model, rt, ends) if args.init == "pretrained" else []
-        by_line = rewind(interp, args.rewind_tolerance) if interp else None
+        by_line = rewind(interp, args.rewind_tolerance, interp[-1], args.rewind_min_gain) if interp else None
         if args.rewind == "interpolate" and by_line is not None:
             rew_model = ns.GPT(model.config)
             rew_model.load_state_dict(interpolated(pretrained_state(ck), plain_state(model), by_line["alpha"]))
@@ -451,7 +464,8 @@ def main(argv=None):
             "rewound_alpha": by_line["alpha"] if by_line and not where.startswith("step") else None,
             "rewind": args.rewind,
             "rewind_rule": f"lowest retention loss among the {args.rewind} points within {args.rewind_tolerance} "
-                           "of the best dev held-out accuracy",
+                           f"of the best dev held-out accuracy, if it saves >= {args.rewind_min_gain} nats "
+                           "over the final checkpoint (else the final one)",
             # both rules, each as measured at its point (test-half accuracy, retention)
             "rewind_path": by_path, "rewind_interpolate": by_line,
             "chance_accuracy": chance(evaluator.world), "path": path, "interpolation": interp,

@@ -188,6 +188,12 @@ def test_rewind_rule():
             {"step": 30, "dev": 0.75, "retention": 1.3}, {"step": 40, "dev": 0.40, "retention": 1.8}]
     assert finetune.rewind(path, 0.01)["step"] == 20    # near the best accuracy, least forgetting
     assert finetune.rewind(path, 0.0)["step"] == 30
+    # rewinding only when it pays: step 20 saves 0.7 nats over the final step 40 ...
+    assert finetune.rewind(path, 0.01, path[-1], min_gain=0.5)["step"] == 20
+    # ... but not 0.8: then the final checkpoint stays (no overshoot worth a noisier pick)
+    assert finetune.rewind(path, 0.01, path[-1], min_gain=0.8)["step"] == 40
+    line = [{"alpha": a, "dev": d, "retention": r} for a, d, r in ((0.5, 0.2, 0.7), (0.8, 0.75, 0.9), (1.0, 0.75, 1.3))]
+    assert finetune.rewind(line, 0.01, line[-1], min_gain=0.05)["alpha"] == 0.8
 
 
 def test_step_order_is_pure_and_buckets_lengths():
