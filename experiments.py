@@ -171,14 +171,19 @@ def verify(args):
         s = ["--seed", str(seed), "--out-dir"]
         t0 = time.time()
         log = os.path.join(d, "log.txt")
-        run("pretrain.py", *s, d, *common, *extra("pretrain.py"), log=log)
-        run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), *s, d, *common, *extra("finetune.py"), log=log)
-        run("dpo.py", "--ckpt", os.path.join(d, "sft.pt"), *s, d, *common, *extra("dpo.py"), log=log)
+
+        def stage(script, out, done, *a):  # --reuse: a stage whose JSON is there is not run again
+            if args.reuse and os.path.isfile(os.path.join(out, done)):
+                print(f"reusing {os.path.join(out, done)}", flush=True)
+            else:
+                run(script, *a, *s, out, *common, *extra(script), log=log)
+        pre = os.path.join(d, "pretrain.pt")
+        stage("pretrain.py", d, "pretrain.json")
+        stage("finetune.py", d, "sft.json", "--ckpt", pre)
+        stage("dpo.py", d, "dpo.json", "--ckpt", os.path.join(d, "sft.pt"))
         wall = time.time() - t0
-        run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), "--init", "scratch", *s,
-            os.path.join(d, "scratch"), *common, *extra("finetune.py"), log=log)
-        run("finetune.py", "--ckpt", os.path.join(d, "pretrain.pt"), *OVERSHOOT, *s,
-            os.path.join(d, "overshoot"), *common, *extra("finetune.py"), log=log)
+        stage("finetune.py", os.path.join(d, "scratch"), "sft.json", "--ckpt", pre, "--init", "scratch")
+        stage("finetune.py", os.path.join(d, "overshoot"), "sft.json", "--ckpt", pre, *OVERSHOOT)
         per_seed[seed] = seed_values(d)
         print(f"seed {seed}: pipeline {wall:.0f}s wall ({per_seed[seed]['pipeline_seconds']:.0f}s in the stages)",
               flush=True)
@@ -211,6 +216,9 @@ def main():
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="verify: the stages' --dtype (auto: bf16 where the CPU runs it natively)")
     ap.add_argument("--tiny", action="store_true", help="verify: a tiny configuration (for the tests)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="verify: keep the stages whose output JSON is already in out/verify/ (to finish "
+                    "an interrupted run, or to rerun one stage after deleting its JSON)")
     ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()

@@ -194,7 +194,7 @@ def _pt(step, acc, style, deg=0.0):
 
 def test_dpo_rewind_rule():
     """Catches DPO rewinding that ignores the degenerate rate, that ignores lost task
-    accuracy, that takes the LATEST instead of the earliest of the equally styled points,
+    accuracy, that takes the EARLIEST instead of the latest of the equally styled points,
     or that can return anything but the start when nothing qualifies."""
     start = _pt(0, 0.80, 0.10)
     # a later point with more style but 5% degenerate answers is not chosen
@@ -204,8 +204,10 @@ def test_dpo_rewind_rule():
     # a point that lost 2 points of accuracy is not chosen; one within tolerance is
     assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.78, 0.95)])["step"] == 50
     assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.795, 0.95)])["step"] == 100
-    # among points within tolerance of the best style, the earliest
-    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.60), _pt(150, 0.80, 0.605)])["step"] == 50
+    # among points within tolerance of the best style, the latest (the most optimised clean one)
+    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.60), _pt(150, 0.80, 0.605)])["step"] == 150
+    # ... but not one whose style fell more than the tolerance below the best
+    assert dpo.rewind([start, _pt(50, 0.80, 0.90), _pt(100, 0.80, 0.85)])["step"] == 50
     # nothing later qualifies: the start
     assert dpo.rewind([start, _pt(50, 0.70, 0.90), _pt(100, 0.80, 0.90, deg=0.2)])["step"] == 0
     # not even the start qualifies: still the start
