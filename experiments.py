@@ -90,7 +90,7 @@ INFO = [  # reported beside the claims, not judged
     ("overshoot_rewound_alpha", "overshoot run: rewound alpha on the line pre-trained -> final"),
     ("dpo_rewound_step", "DPO rewound step"),
     ("dpo_style_loose", "DPO answers that end with the closing (loose)"),
-    ("dpo_kl", "DPO KL(policy || reference), nats per answer"),
+    ("dpo_kl", "DPO KL(policy ‖ reference), nats per answer"),
 ]
 # the overshoot run: the default SFT pushed harder (a 1.5x learning rate), rewound along the
 # line from the pre-trained to the final weights

@@ -14,6 +14,15 @@ import nanosft as ns  # noqa: E402
 SAMPLE_TEXT = open(os.path.join(ROOT, "data", "world_corpus.txt"), encoding="utf-8").read()[:60_000]
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny models one thread beats two (synchronising costs more than the math)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tok():
     return ns.Tokenizer.train(SAMPLE_TEXT, 600)

@@ -15,13 +15,7 @@ from conftest import tiny_gpt, run_script
 import dpo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two (synchronising costs more than the math)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
 
 
 PAIRS = [  # (question, chosen, rejected): responses of different lengths
