@@ -528,11 +528,14 @@ def plot_path(png, path, interp, final_step, rewound_step, by_line=None):
     if interp:
         series["interpolation pre-trained -> final"] = ([p["retention"] for p in interp],
                                                         [p["heldout"] for p in interp])
-    marks = [(path[0]["retention"], path[0]["heldout"], "pre-trained"),
-             (at(final_step)["retention"], at(final_step)["heldout"], "final"),
-             (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound on the path (step {rewound_step})")]
-    if by_line:
-        marks.append((by_line["retention"], by_line["heldout"], f"rewound on the line (alpha {by_line['alpha']:.2f})"))
+    marks = [(path[0]["retention"], path[0]["heldout"], "pre-trained")]
+    if rewound_step == final_step:  # rewinding kept the final checkpoint: one mark
+        marks.append((at(final_step)["retention"], at(final_step)["heldout"], "final = rewound on the path"))
+    else:
+        marks += [(at(final_step)["retention"], at(final_step)["heldout"], "final"),
+                  (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound on the path (step {rewound_step})")]
+    if by_line and by_line["alpha"] != 1.0:
+        marks.append((by_line["retention"], by_line["heldout"], f"on the line: alpha {by_line['alpha']:.2f}"))
     ns.plot(png, "SFT: task accuracy vs forgetting", "retention loss (pre-training val loss; lower = less forgetting)",
             "held-out accuracy", series, marks)
 
