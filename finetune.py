@@ -440,7 +440,8 @@ def main(argv=None):
         ends = {0.0: path[0], 1.0: final_eval} if path[0]["step"] == 0 else {1.0: final_eval}
         interp = interpolate(evaluator, ck, model, rt, ends) if args.init == "pretrained" else []
         by_line = rewind(interp, args.rewind_tolerance, interp[-1], args.rewind_min_gain) if interp else None
-        if args.rewind == "interpolate" and by_line is not None:
+        on_line = args.rewind == "interpolate" and by_line is not None
+        if on_line:
             rew_model = ns.GPT(model.config)
             rew_model.load_state_dict(interpolated(pretrained_state(ck), plain_state(model), by_line["alpha"]))
             rewound = ns.checkpoint_dict("sft", rew_model, tok, None, it, args)
@@ -460,8 +461,8 @@ def main(argv=None):
             "degenerate_rate": rew_eval["degenerate"], "degenerate_rate_final": final_eval["degenerate"],
             "retention_val_loss_before": start["retention"], "retention_val_loss_final": final_eval["retention"],
             "retention_val_loss_rewound": rew_eval["retention"], "rewound": where,
-            "rewound_step": by_path["step"] if where.startswith("step") else None,
-            "rewound_alpha": by_line["alpha"] if by_line and not where.startswith("step") else None,
+            "rewound_step": None if on_line else by_path["step"],
+            "rewound_alpha": by_line["alpha"] if on_line else None,
             "rewind": args.rewind,
             "rewind_rule": f"lowest retention loss among the {args.rewind} points within {args.rewind_tolerance} "
                            f"of the best dev held-out accuracy, if it saves >= {args.rewind_min_gain} nats "
