@@ -1190,12 +1190,6 @@ def qa_eval(model, tok, world, rows, longest=None):
             "answers": answers, "degenerate": degen}
 
 
-def qa_accuracy(model, tok, world, rows):
-    """Share of world questions answered correctly (the verifier), and the answers."""
-    r = qa_eval(model, tok, world, rows)
-    return r["accuracy"], r["answers"]
-
-
 def task_accuracy(model, tok, rows):
     """List tasks (copy / reverse / count): exact match."""
     answers, _ = answer_questions(model, tok, [r["prompt"] for r in rows])
