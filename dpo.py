@@ -659,7 +659,7 @@ def main(argv=None):
 
     # ---- before: the reference IS the starting model
     if state is None:
-        dev0 = behaviour(ref, tok, world, dev_rows, held_prompts[:64], longest)
+        dev0 = behaviour(ref, tok, world, dev_rows, None, longest) if world else None  # path[0]
         state = {"before": behaviour(ref, tok, world, test_rows, held_prompts[:64], longest), "train": {},
                  # step 0 needs no measuring: policy == reference, so every margin and the KL are 0
                  "eval": {"step": [0], "margin": [0.0 if held_ex else None],
