@@ -295,7 +295,7 @@ def load_script(name):
 
 def world_tokenizer():
     pre = load_script("pretrain").parse_args([])
-    return ns.Tokenizer.train(ns.read_text(pre.data), pre.vocab_size), pre
+    return ns.Tokenizer.train(ns.read_text(pre.data), pre.vocab_size or 2048), pre  # the world's size
 
 
 def bench_padding(res, tok, pre):

@@ -25,14 +25,18 @@ losing task accuracy (the rule is in `rewind`). The last step is out/dpo_final.p
 Preference data, detected from the file's first record:
     votes    {"prompt", "answers": [{"text", "up", "down"}], "split"?}   (the default world)
     pairs    {"prompt", "chosen", "rejected"}
+    conversational  the same with TRL's lists of {"role", "content"} messages ("prompt" optional)
     hh       {"chosen", "rejected"}: Anthropic HH dialogues ("\\n\\nHuman: ..." / "\\n\\nAssistant: ...")
     alpaca   {"instruction", "input"?, "chosen", "rejected"}
+    sharegpt {"conversations": [{"from", "value"}], "chosen": {"from", "value"}, "rejected": {...}}
     scores   {"prompt", "responses": [{"text", "score"}]}
 Votes and scores give pairs of answers whose net votes (up - down) or scores differ by at
 least --min-margin, the higher one chosen: by default (--pairs top) the thread's top answer
 against each other answer, with --pairs all every two answers. On the world, held-out pairs
 come from the threads about the held-out people (data/world_community_eval.jsonl), whom
-neither SFT nor DPO trains on.
+neither SFT nor DPO trains on. Pairs that teach nothing (chosen == rejected, exact copies)
+are skipped, and pairs too long for the block are cut (see `pair_example`); each is counted
+and reported, and --strict makes any of them an error.
 
 Writes out/dpo.pt (the rewound policy), out/dpo_final.pt (the last step, for --resume),
 out/dpo_path/ (the checkpoints rewinding chooses from), out/dpo.json (preference accuracy,
@@ -204,11 +208,50 @@ def record_format(r, where):
     if "responses" in r:
         return "scores"
     if "chosen" in r and "rejected" in r:
+        if isinstance(r["chosen"], list):
+            return "conversational"
+        if isinstance(r["chosen"], dict) and "conversations" in r:
+            return "sharegpt"
         return "pairs" if "prompt" in r else "alpaca" if "instruction" in r else "hh"
     keys = ", ".join(sorted(r)) or "none"
     raise ns.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
-                       "{prompt,chosen,rejected}, HH {chosen,rejected}, Alpaca {instruction,chosen,"
-                       "rejected}, {prompt,answers:[{text,up,down}]} or {prompt,responses:[{text,score}]}")
+                       "{prompt,chosen,rejected} (strings, or TRL's lists of {role,content} messages), "
+                       "HH {chosen,rejected}, Alpaca {instruction,chosen,rejected}, ShareGPT "
+                       "{conversations,chosen,rejected}, {prompt,answers:[{text,up,down}]} or "
+                       "{prompt,responses:[{text,score}]}")
+
+
+def conversational_pair(r, where):
+    """TRL's conversational format: "chosen" / "rejected" are lists of {role, content}
+    messages ending with the assistant's answer; the prompt is "prompt" (a list of messages,
+    or a string) or, when there is none (implicit prompt), what the two lists share before
+    their last message."""
+    def messages(key):
+        msgs = r[key]
+        if not isinstance(msgs, list) or not msgs:
+            raise ns.UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
+        out = []
+        for j, m in enumerate(msgs):
+            w = f"{where}: {key}[{j}]"
+            role = ns.field(m, "role", w)
+            if role not in ("system", "user", "assistant"):
+                raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
+            out.append({"role": role, "content": ns.field(m, "content", w)})
+        return out
+    chosen, rejected = messages("chosen"), messages("rejected")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise ns.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
+    if "prompt" in r:
+        prompt = [{"role": "user", "content": ns.field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
+            else messages("prompt")
+        if len(chosen) > 1 or len(rejected) > 1:  # prompt repeated inside the answers
+            prompt = prompt + chosen[:-1]
+    else:
+        prompt = chosen[:-1]
+        if rejected[:-1] != prompt:
+            raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
 def ranked_pairs(items, min_margin, top_only=True):
@@ -268,9 +311,15 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
         user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
         return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
     if fmt == "alpaca":
-        extra = ns.field(r, "input", where, optional=True)
-        user = [{"role": "user", "content": ns.field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
-        return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+        return ns.alpaca_prompt(r, where), [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+    if fmt == "conversational":
+        prompt, chosen, rejected = conversational_pair(r, where)
+        return prompt, [(chosen, rejected)]
+    if fmt == "sharegpt":  # {"conversations": [...], "chosen": {"from","value"}, "rejected": {...}}
+        prompt = ns.instruction_record({"conversations": r["conversations"]}, where)
+        answers = [ns.instruction_record({"conversations": [r[k]]}, f"{where}: {k}")[0]["content"]
+                   for k in ("chosen", "rejected")]
+        return prompt, [tuple(answers)]
     # hh: both fields are whole dialogues; the prompt is what they share before the last reply
     msgs_c, chosen = split_hh(ns.field(r, "chosen", where), where + " (chosen)")
     msgs_r, rejected = split_hh(ns.field(r, "rejected", where), where + " (rejected)")
@@ -280,13 +329,17 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
     return msgs_c, [(chosen, rejected)]
 
 
-def read_pairs(path, min_margin=1.0, top_only=True):
+def read_pairs(path, min_margin=1.0, top_only=True, report=None):
     """A preference file -> (format, pairs), each pair carrying its record's "split" field
-    (None when the file has none) and its record number as "group"."""
+    (None when the file has none) and its record number as "group". A malformed record is
+    an error; a pair that teaches nothing is skipped and counted in `report`: chosen and
+    rejected the same text (a tie), or an exact copy of an earlier pair."""
+    report = report or ns.DataReport(path, unit="pairs")
     records = ns.read_records(path)
     fmt = record_format(records[0][1], records[0][0])
-    pairs = []
+    pairs, seen = [], set()
     for group, (where, r) in enumerate(records):
+        n = group + 1
         got = record_format(r, where)
         if got != fmt:
             raise ns.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
@@ -294,22 +347,36 @@ def read_pairs(path, min_margin=1.0, top_only=True):
         if split not in (None, "train", "heldout"):
             raise ns.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
         prompt, pr = record_pairs(fmt, r, where, min_margin, top_only)
+        if any(m["role"] == "tool" for m in prompt):
+            report.total += len(pr)
+            for _ in pr:
+                report.skip(n, "with tool-call turns (this chat format has no role for them)",
+                            "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
+            continue
         for chosen, rejected in pr:
+            report.total += 1
             if chosen.strip() == rejected.strip():
-                raise ns.UserError(f"{where}: chosen and rejected answers are the same text "
-                                   f"({chosen[:40]!r}); a pair must differ")
+                report.skip(n, "whose chosen == rejected",
+                            f"chosen and rejected answers are the same text ({chosen[:40]!r}); a pair must differ")
+                continue
+            key = repr((prompt, chosen, rejected))
+            if key in seen:
+                report.skip(n, "that repeat an earlier pair exactly", "an exact copy of an earlier pair")
+                continue
+            seen.add(key)
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                          "split": split, "group": group})
+                          "split": split, "group": group, "record": n})
+    report.check()
     if not pairs:
         raise ns.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
     return fmt, pairs
 
 
-def load_preferences(path, min_margin=1.0, seed=1337, top_only=True):
+def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None):
     """A preference file -> (format, train pairs, held-out pairs). The split is by record
     (all pairs of one thread land on the same side): a record's "split" field
     ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
-    fmt, pairs = read_pairs(path, min_margin, top_only)
+    fmt, pairs = read_pairs(path, min_margin, top_only, report)
     if all(p["split"] is None for p in pairs):
         groups = sorted({p["group"] for p in pairs})
         random.Random(seed).shuffle(groups)
@@ -327,22 +394,38 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True):
 # pairs -> tensors and batches
 
 
-def fit(prompt, response, block_size):
-    """prompt + response ids cut to block_size + 1 tokens: the prompt loses its oldest tokens
-    first, but keeps at least half the window when the response is longer than that."""
-    limit = block_size + 1
-    keep = min(len(prompt), max(limit - len(response), limit // 2))
-    prompt, response = prompt[len(prompt) - keep:], response[:limit - keep]
-    return ns.example_tensors(prompt + response, [0] * len(prompt) + [1] * len(response))
-
-
-def pair_example(tok, pair, block_size):
+def pair_example(tok, pair, block_size, report=None):
     """(x_chosen, y_chosen, x_rejected, y_rejected): inputs and targets, -1 off the response.
-    The response ends with <|end|>, a target like any other token: stopping is part of it."""
+    The response ends with <|end|>, a target like any other token: stopping is part of it.
+
+    Too long for the block: the prompt loses its OLDEST tokens first, the same ones for both
+    answers (a pair compares two answers to one prompt), but keeps at least half the window;
+    then each answer is cut to what is left (as TRL does: the log-probabilities of two
+    answers' beginnings still compare them). Both are counted in `report`. Returns None when
+    the two cut answers are the same tokens: nothing is left to prefer."""
     prompt = ns.chat_prompt(tok, pair["prompt"])
-    chosen = fit(prompt, ns.encode_content(tok, pair["chosen"]) + [tok.end], block_size)
-    rejected = fit(prompt, ns.encode_content(tok, pair["rejected"]) + [tok.end], block_size)
-    return chosen + rejected
+    answers = [ns.encode_content(tok, pair[k]) + [tok.end] for k in ("chosen", "rejected")]
+    limit = block_size + 1
+    keep = min(len(prompt), max(limit - max(map(len, answers)), limit // 2))
+    n, report = pair.get("record", 0), report or ns.DataReport("pairs", unit="pairs")
+    cut_prompt, cut_answer = keep < len(prompt), any(len(a) > limit - keep for a in answers)
+    prompt, answers = prompt[len(prompt) - keep:], [a[:limit - keep] for a in answers]
+    if answers[0] == answers[1]:
+        report.skip(n, "whose answers are the same within the block",
+                    f"chosen and rejected are the same in their first {limit - keep} tokens")
+        return None
+    if cut_prompt:
+        report.truncate(n, "prompts cut from the left to fit", f"the prompt is longer than the model's block size {block_size}")
+    if cut_answer:
+        report.truncate(n, "answers cut to fit the block", f"an answer is longer than the model's block size {block_size}")
+    return tuple(t for a in answers for t in ns.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a)))
+
+
+def pair_examples(tok, pairs, block_size, report):
+    """pair_example for many pairs -> (kept pairs, their examples)."""
+    kept = [(p, e) for p in pairs if (e := pair_example(tok, p, block_size, report)) is not None]
+    report.check(block_size)
+    return [p for p, _ in kept], [e for _, e in kept]
 
 
 def collate_pairs(examples, pad_id, packed=True):
@@ -576,6 +659,9 @@ def parse_args(argv=None):
                     help="run the reference every step instead of caching its log-probs once")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--log-interval", type=int)
+    ap.add_argument("--strict", action="store_true",
+                    help="a pair that would be skipped or truncated (a tie, a duplicate, too long) "
+                    "is an error instead")
     ns.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
@@ -606,12 +692,13 @@ def main(argv=None):
                "that already answers in the chat format")
     ref, tok = ns.model_from_checkpoint(ck0, args.ckpt)
     is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_VOTES)
+    report = ns.DataReport(args.data, args.strict, unit="pairs")
     if is_world:  # train on the training people's threads; hold out whole PEOPLE
-        fmt, train_pairs = read_pairs(args.data, args.min_margin, args.pairs == "top")
+        fmt, train_pairs = read_pairs(args.data, args.min_margin, args.pairs == "top", report)
         held_pairs = read_pairs(WORLD_EVAL_VOTES, args.min_margin, args.pairs == "top")[1]
     else:
         fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed,
-                                                        args.pairs == "top")
+                                                        args.pairs == "top", report)
     if args.resume:
         ck = ns.load_checkpoint(final_path, expect_kind=("dpo",))
         model, _ = ns.model_from_checkpoint(ck, final_path)
@@ -625,11 +712,14 @@ def main(argv=None):
     ref = freeze(ref).to(rt.device)
     cfg = model.config
     packed = not cfg.n_prefix  # several sequences per row (see collate_pairs)
-    train_ex = [pair_example(tok, p, cfg.block_size) for p in train_pairs]
+    train_pairs, train_ex = pair_examples(tok, train_pairs, cfg.block_size, report)
+    held_pairs, held_ex = pair_examples(tok, held_pairs, cfg.block_size, report if not is_world else
+                                        ns.DataReport(WORLD_EVAL_VOTES, args.strict, unit="pairs"))
+    for line in report.lines():
+        rt.log(line)
     n_held = len(held_pairs)
     step = max(1, n_held // EVAL_PAIRS)  # scored at every eval: an evenly spaced subset
-    held_pairs = held_pairs[::step][:EVAL_PAIRS]
-    held_ex = [pair_example(tok, p, cfg.block_size) for p in held_pairs]
+    held_pairs, held_ex = held_pairs[::step][:EVAL_PAIRS], held_ex[::step][:EVAL_PAIRS]
     rt.log(f"{args.data}: {fmt} format, {len(train_pairs):,} train / {n_held:,} held-out pairs "
            f"({len(held_pairs)} scored) | {model.num_params():,} parameters | {rt.device} {rt.dtype}")
     B = args.batch_size
@@ -769,7 +859,7 @@ def main(argv=None):
                               f"those with degenerate rate <= {DEGENERATE_MAX} and task accuracy >= start - 0.01")
                              if world else "none (no behaviour checks on this data): the last step",
               "kl": kl, "seconds": time.time() - t_start, "train_seconds": seconds, "steps": it,
-              "tokens_per_sec": tok_per_s, "data": args.data, "format": fmt,
+              "tokens_per_sec": tok_per_s, "data": args.data, "format": fmt, "data_report": report.state(),
               "pairs_train": len(train_pairs), "pairs_heldout": n_held, "pairs_heldout_scored": len(held_pairs),
               "beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing,
               "rpo_alpha": args.rpo_alpha, "lr": args.lr, "batch_size": B,

@@ -37,8 +37,9 @@ WORLD_THREADS = os.path.join(ns.HERE, "data", "world_community.jsonl")
 def parse_args(argv=None):
     ap = ns.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
-    ap.add_argument("--data", default=None, help="instruction file (Alpaca JSON, {prompt,response} "
-                    "JSONL or {messages} JSONL); default: the world's questions")
+    ap.add_argument("--data", default=None, help="instruction file (Alpaca {instruction,input,output}, "
+                    "{prompt,response}, {messages:[...]} or ShareGPT {conversations:[...]}, as JSON or "
+                    "JSONL); default: the world's questions")
     ap.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"],
                     help="world data only: where the answers come from (gold facts, the best-voted "
                     "community answer, or any community answer)")
@@ -66,6 +67,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--log-interval", type=int, default=25)
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
+    ap.add_argument("--strict", action="store_true",
+                    help="a record that would be skipped or truncated (too long, a duplicate, no "
+                    "answer) is an error instead")
     ns.add_common_args(ap)
     ap.set_defaults(max_iters=300, batch_size=16, lr=1e-3, eval_interval=25)
     args = ap.parse_args(argv)
@@ -101,18 +105,63 @@ def world_conversations(labels, seed):
     return convs
 
 
-def render_all(tok, convs, block_size, source):
-    """(inputs, targets) per conversation; a conversation longer than the block is an error
-    (truncating it would silently cut the answer or its <|end|>)."""
+MIN_PROMPT = 8  # a prompt cut from the left keeps at least this many of its tokens
+
+
+def fit_conversation(tok, conv, block_size):
+    """A conversation's (ids, mask), made to fit block_size + 1 tokens, and what was done:
+    None (it fit), "turns" (the oldest turns were dropped), "prompt" (the last question
+    was cut from the left) or "answer" (the answer alone does not fit: skip the record).
+
+    Real dialogues run long. Cutting whole turns from the left keeps what matters for the
+    loss: the last question and its answer (and the system message while it fits). An
+    answer is never cut: a cut answer without its <|end|> would teach the model to stop
+    nowhere, and a cut one with its <|end|> to stop mid-sentence."""
+    ids, mask = ns.render_chat(tok, conv)
+    if len(ids) - 1 <= block_size:
+        return ids, mask, None
+    system = conv[:1] if conv[0]["role"] == "system" else []
+    rest = conv[len(system):]
+    cuts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
+    for head in (system, []):  # drop turns first, the system message last
+        for i in cuts:
+            ids, mask = ns.render_chat(tok, head + rest[i:])
+            if len(ids) - 1 <= block_size:
+                return ids, mask, "turns"
+    # the last question and its answer alone are too long: cut the question from the left
+    question = next((m for m in reversed(conv[:-1]) if m["role"] == "user"), {"content": ""})
+    body, answer = ns.encode_content(tok, question["content"]), ns.encode_content(tok, conv[-1]["content"])
+    frame = [tok.endoftext, tok.user, tok.end, tok.assistant, tok.end]
+    room = block_size + 1 - len(frame) - len(answer)
+    if room < min(MIN_PROMPT, len(body)):
+        return None, None, "answer"
+    ids = [tok.endoftext, tok.user] + body[len(body) - room:] + [tok.end, tok.assistant] + answer + [tok.end]
+    return ids, [0] * (len(ids) - len(answer) - 1) + [1] * (len(answer) + 1), "prompt"
+
+
+def render_all(tok, records, block_size, report):
+    """(inputs, targets) per (record number, conversation), each fitted to the block;
+    what fitting did is counted in `report` (see fit_conversation)."""
     out = []
-    for i, conv in enumerate(convs):
-        ids, mask = ns.render_chat(tok, conv)
-        if len(ids) - 1 > block_size:
-            raise ns.UserError(f"{source}: record {i + 1} is {len(ids) - 1} tokens, longer than the "
-                               f"model's block size {block_size}; shorten it")
+    for n, conv in records:
+        ids, mask, change = fit_conversation(tok, conv, block_size)
+        answer = len(ns.encode_content(tok, conv[-1]["content"]))
+        report.needs.append(answer + MIN_PROMPT + 5)  # the answer, a short question, the chat frame
+        if change == "answer":
+            tokens = len(ns.render_chat(tok, conv)[0]) - 1
+            report.skip(n, f"whose answer alone is longer than block_size {block_size}",
+                        f"is {tokens} tokens, longer than the model's block size {block_size}; shorten it")
+            continue
+        if change == "turns":
+            report.truncate(n, "conversations cut to their last turns that fit",
+                            f"longer than the model's block size {block_size}; shorten it")
+        elif change == "prompt":
+            report.truncate(n, "prompts cut from the left to fit",
+                            f"longer than the model's block size {block_size}; shorten it")
         out.append(ns.example_tensors(ids, mask))
-    if not any((y != -1).any() for _, y in out):
-        raise ns.UserError(f"{source}: no assistant tokens to train on")
+    report.check(block_size)
+    if not out:
+        raise ns.UserError(f"{report.path}: no assistant tokens to train on")
     return out
 
 
@@ -328,12 +377,19 @@ def main(argv=None):
     ck = ns.load_checkpoint(args.ckpt, expect_kind=("pretrain", "sft", "dpo"))
     model, tok = build_model(args, ck)
     is_world = args.data is None
-    convs = world_conversations(args.labels, args.seed) if is_world else ns.load_instructions(args.data)
     source = args.data or WORLD_SFT
+    report = ns.DataReport(source, args.strict)
+    if is_world:
+        records = list(enumerate(world_conversations(args.labels, args.seed), 1))
+        report.total = len(records)
+    else:
+        records = ns.load_instructions(args.data, report)
     if args.show_mask:
-        show_mask(tok, convs[0])
+        show_mask(tok, records[0][1])
         return
-    examples = render_all(tok, convs, model.config.block_size, source)
+    examples = render_all(tok, records, model.config.block_size, report)
+    for line in report.lines():
+        rt.log(line)
     lengths = [len(x) for x, _ in examples]
     rows = None
     if args.lora_rank:
@@ -431,7 +487,8 @@ def main(argv=None):
     out = {"trainable_params": trainable, "total_params": model.num_params(), "steps": it,
            "train_seconds": seconds, "tokens_per_sec": tok_per_s, "labels": args.labels if is_world else None,
            "init": args.init, "lora_rank": args.lora_rank, "prompt_tokens": args.prompt_tokens,
-           "replay": args.replay, "lr": args.lr, "device": str(rt.device), "dtype": rt.dtype}
+           "replay": args.replay, "lr": args.lr, "device": str(rt.device), "dtype": rt.dtype,
+           "data": report.state()}
     sft_path = os.path.join(args.out_dir, "sft.pt")
     if evaluator:
         final_eval = evaluator(model, full=True)

@@ -27,7 +27,9 @@ def parse_args(argv=None):
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
-    ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary incl. special tokens")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
+                    "picked from the text's size, see vocab_size_for)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--weight-decay", type=float, default=0.0,
                     help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
@@ -37,6 +39,14 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     ns.check_args(args)
     return args
+
+
+def vocab_size_for(text):
+    """A BPE vocabulary that suits a corpus of this size: about 4 x sqrt(characters), in
+    steps of 256, between 512 and 16,384 (a 1 MB book gets 4,096). Too small a vocabulary
+    and English splits into many tokens, so a block holds little text; too large and most
+    tokens are seen too rarely in a small corpus to learn their embeddings."""
+    return int(min(16384, max(512, 256 * round(4 * len(text) ** 0.5 / 256))))
 
 
 def main(argv=None):
@@ -57,6 +67,11 @@ def main(argv=None):
             raise ns.UserError(f"{args.data}: only {len(text)} characters; need at least 1,000 to train on")
         torch.manual_seed(args.seed)
         t0 = time.time()
+        if args.vocab_size is None:
+            is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_CORPUS)
+            args.vocab_size = 2048 if is_world else vocab_size_for(text)
+            rt.log(f"--vocab-size {args.vocab_size} (picked for {len(text):,} characters of text; "
+                   "set --vocab-size to choose)")
         tok = ns.Tokenizer.train(text, args.vocab_size)
         rt.log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
         cfg = ns.GPTConfig(block_size=args.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,

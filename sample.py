@@ -4,11 +4,20 @@ Generate text from any nanosft checkpoint.
     python sample.py --ckpt out/pretrain.pt --prompt "Ada Stone was born in"
     python sample.py --ckpt out/sft.pt --prompt "Where was Ada Stone born?"   # chat format
     python sample.py --ckpt out/dpo.pt --prompt "What is Ada Stone's hobby?" --temperature 0
+    python sample.py --ckpt out/dpo.pt --chat                                # a conversation
 
 Pre-trained checkpoints continue the text. Fine-tuned ones (sft, dpo) get the prompt as a
 user turn and answer as the assistant, stopping at <|end|>.
+
+--chat (fine-tuned checkpoints only) reads one user turn per line and prints the answer as
+it is generated; every answer stays in the history, so later turns can refer to earlier
+ones. /reset starts a new conversation, /quit (or Ctrl-D) exits, Ctrl-C stops an answer.
+When the conversation outgrows the model's context, its oldest exchanges are dropped.
+With input piped in (not a terminal) it prints only the answers, one for each line of input,
+and exits at the end of the input; notices go to stderr.
 """
 import math
+import sys
 
 import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
 import torch
@@ -19,10 +28,11 @@ def main(argv=None):
     ap = ns.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/sft.pt")
     ap.add_argument("--prompt", default="")
+    ap.add_argument("--chat", action="store_true", help="multi-turn conversation, one user turn per line")
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--num-samples", type=int, default=1, help="for --prompt (--chat answers once)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -31,9 +41,17 @@ def main(argv=None):
         raise ns.UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise ns.UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    if args.chat and args.prompt:
+        raise ns.UserError("--chat reads the user's turns from the input; leave out --prompt")
     ck = ns.load_checkpoint(args.ckpt)
+    if args.chat and ck["kind"] not in ("sft", "dpo"):
+        raise ns.UserError(f"{args.ckpt}: --chat needs a fine-tuned checkpoint (sft or dpo); "
+                           f"this one is '{ck['kind']}', which only continues text (use --prompt)")
     model, tok = ns.model_from_checkpoint(ck, args.ckpt)
     model.to(ns.pick_device(args.device))
+    g = torch.Generator().manual_seed(args.seed)
+    if args.chat:
+        return repl(Chat(model, tok, args, g), f"{args.ckpt} ({ck['kind']})")
     chat = ck["kind"] in ("sft", "dpo")
     if chat:
         ids = ns.chat_prompt(tok, [{"role": "user", "content": args.prompt}])
@@ -41,13 +59,202 @@ def main(argv=None):
     else:
         ids = [tok.endoftext] + tok.encode(args.prompt)
         stop = {tok.endoftext}
-    g = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
         out = ns.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stop, g)
         text = tok.decode(out)
         print(text.strip() if chat else args.prompt + text)
         if i + 1 < args.num_samples:
             print("-" * 40)
+
+
+# ----------------------------------------------------------------------------------------
+# chat: streaming one answer
+
+
+class StreamDecoder:
+    """Token ids in, printable text out, as soon as it is complete.
+
+    A BPE token is a string of bytes, and a character of several UTF-8 bytes (é, ü, an
+    emoji) may be split across two or more tokens. The first part alone decodes to U+FFFD,
+    the replacement character. So while the text not yet printed ends in one, hold it back:
+    the next token may complete the character."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.pending = []  # ids drawn but not yet printed
+
+    def push(self, token_id):
+        """The text that token_id completes ("" while a character is still unfinished)."""
+        self.pending.append(token_id)
+        text = self.tok.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        """Whatever is still held back, at the end of the answer. A character that the
+        answer's last token left unfinished stays U+FFFD: it never got its other bytes."""
+        text = self.tok.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+# ----------------------------------------------------------------------------------------
+# chat: keeping the conversation inside the context
+
+
+def fit_context(tok, history, block_size, reserve):
+    """Trim a conversation so its prompt leaves `reserve` of the model's block_size
+    positions free for the answer.
+
+    history is a list of {"role", "content"} turns, user and assistant in turn, ending with
+    the new user turn. The oldest exchanges (a user turn with its answer) go first, whole,
+    never half of one. If the new turn alone is still too long, its beginning is cut (the
+    end of a message usually says what is asked).
+    Returns (prompt ids, trimmed history, exchanges dropped, tokens cut from the user turn)."""
+    budget = block_size - reserve
+    history = list(history)
+    dropped = 0
+    while len(history) > 1 and len(ns.chat_prompt(tok, history)) > budget:
+        history = history[2:]
+        dropped += 1
+    cut = 0
+    if len(ns.chat_prompt(tok, history)) > budget:
+        history[-1], cut = cut_turn(tok, history[-1]["content"], budget)
+    return ns.chat_prompt(tok, history), history, dropped, cut
+
+
+def cut_turn(tok, text, budget):
+    """A lone user turn, cut from the left until its prompt fits in `budget` tokens.
+    Returns the shortened turn and how many of its tokens were cut."""
+    full = len(ns.encode_content(tok, text))
+    keep, turn = full, {"role": "user", "content": text}
+    # Decoding the last `keep` tokens and encoding the result again may not give exactly
+    # `keep` tokens (the cut may fall inside a word), so shrink until the prompt fits.
+    while keep > 0 and len(ns.chat_prompt(tok, [turn])) > budget:
+        keep -= max(1, len(ns.chat_prompt(tok, [turn])) - budget)
+        turn = {"role": "user", "content": last_tokens(tok, text, keep)}
+    return turn, full - len(ns.encode_content(tok, turn["content"]))
+
+
+def last_tokens(tok, text, n):
+    """The end of text that its last n tokens spell (a character split by the cut is dropped)."""
+    ids = ns.encode_content(tok, text)
+    tail = ids[len(ids) - n:] if n > 0 else []
+    return tok.decode(tail).lstrip("\ufffd").strip()
+
+
+# ----------------------------------------------------------------------------------------
+# chat: the conversation and the read-answer loop
+
+
+def say(text):
+    """Answer text on stdout, shown at once (stdout to a pipe would otherwise wait)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def notice(text):
+    """Messages about the conversation go to stderr, so piped stdout holds only answers."""
+    sys.stdout.flush()
+    print(f"[{text}]", file=sys.stderr, flush=True)
+
+
+class Chat:
+    """One conversation with a fine-tuned model: the turns so far and how to answer a new one."""
+
+    def __init__(self, model, tok, args, generator):
+        self.model, self.tok, self.args, self.generator = model, tok, args, generator
+        self.block_size = model.config.block_size
+        # room kept free for the answer: all of --max-new-tokens, but never more than half
+        # the context (a long answer must not push out the whole conversation)
+        self.reserve = min(args.max_new_tokens, self.block_size // 2)
+        self.history = []  # {"role": "user" | "assistant", "content": text}, oldest first
+
+    def reset(self):
+        self.history = []
+
+    def ask(self, text):
+        """Answer one user turn: fit the conversation into the context, print the answer
+        as it is generated, keep it in the history. Returns the answer's text."""
+        turns = self.history + [{"role": "user", "content": text}]
+        ids, self.history, dropped, cut = fit_context(self.tok, turns, self.block_size, self.reserve)
+        if dropped:
+            what = "oldest exchange" if dropped == 1 else f"{dropped} oldest exchanges"
+            notice(f"dropped the {what} to fit the {self.block_size}-token context")
+        if cut:
+            notice(f"your message is too long for the {self.block_size}-token context: "
+                   f"cut its first {cut} tokens")
+        # Every answer reads its whole prompt again, in one forward pass. Keeping the KV
+        # cache from the last answer would save that pass, but not once old turns are
+        # dropped: every position after the cut moves.
+        answer = self.stream(ids)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def stream(self, ids):
+        """Print the answer to the prompt `ids` token by token; return its text."""
+        tok, a = self.tok, self.args
+        tokens = ns.stream(self.model, ids, a.max_new_tokens, a.temperature, a.top_k,
+                               {tok.end, tok.endoftext}, self.generator)
+        decoder, drawn, stopped = StreamDecoder(tok), [], False
+        started = False  # has any of the answer's text been printed yet?
+
+        def show(text):
+            nonlocal started
+            if not started:  # an answer starts with a space (see ns.encode_content): skip it
+                text = text.lstrip()
+                started = bool(text)
+            say(text)
+
+        try:
+            for t in tokens:
+                drawn.append(t)
+                show(decoder.push(t))
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer, not the program. What was generated so far stays
+            # in the history as the assistant's turn: the history then holds exactly what
+            # the user saw on the screen.
+            stopped = True
+        finally:
+            tokens.close()  # ends the decoder, which restores the thread count
+        show(decoder.flush())
+        say("\n")
+        if stopped:
+            notice("answer stopped")
+        return tok.decode(drawn).strip()
+
+
+def read_turn(interactive):
+    """The next line of input, or None at the end of input (or Ctrl-C at the prompt)."""
+    try:
+        return input("> " if interactive else "")
+    except (EOFError, KeyboardInterrupt):
+        if interactive:
+            print()  # leave the terminal on a fresh line
+        return None
+
+
+def repl(chat, name):
+    """Read a line, answer it, repeat. Exits (status 0) at /quit or the end of input."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (arrow keys and history for input())
+        except ImportError:
+            pass
+        print(f"chatting with {name}, {chat.block_size}-token context. "
+              "/reset starts over, /quit or Ctrl-D exits, Ctrl-C stops an answer.")
+    while True:
+        line = read_turn(interactive)
+        if line is None or line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            chat.reset()
+            notice("history cleared")
+        elif line.strip():  # a blank line is not a turn
+            chat.ask(line.strip())
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman
 
 
 def test_each_format_parses(tmp_path):
-    votes = [{"prompt": "Q", "split": "heldout" if i == 0 else "train",
+    votes = [{"prompt": f"Q{i}", "split": "heldout" if i == 0 else "train",
               "answers": [{"text": "a", "up": 10, "down": 0}, {"text": "b", "up": 5, "down": 5},
                           {"text": "c", "up": 5, "down": 4}]} for i in range(3)]
     fmt, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1, top_only=False)
@@ -291,7 +291,7 @@ def test_hh_split_on_a_multi_turn_dialogue(tok):
 
 
 @pytest.mark.parametrize("rows, match", [
-    ([{"prompt": "Q", "chosen": "same", "rejected": "same"}], r"p\.jsonl:1: chosen and rejected .* same"),
+    ([{"prompt": "Q", "chosen": "same", "rejected": "same"}], r"p\.jsonl: record 1: chosen and rejected .* same"),
     ([{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"question": "Q"}], r"p\.jsonl:2: unknown preference record"),
     ([{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"chosen": "\n\nHuman: a\n\nAssistant: b",
                                                         "rejected": "\n\nHuman: a\n\nAssistant: c"}],
@@ -301,11 +301,13 @@ def test_hh_split_on_a_multi_turn_dialogue(tok):
     ([{"prompt": "Q", "answers": [{"text": "a", "up": 1, "down": 1}, {"text": "b", "up": "many", "down": 0}]}],
      r"p\.jsonl:1: answers\[1\]: field 'up'"),
     ([{"prompt": "Q", "answers": [{"text": "a", "up": 3, "down": 0}, {"text": "a", "up": 0, "down": 3}]}],
-     r"p\.jsonl:1: chosen and rejected"),
+     r"p\.jsonl: record 1: chosen and rejected"),
 ])
 def test_bad_preference_data_is_one_clear_error(tmp_path, rows, match):
+    """Malformed records are errors always; a tie is one under --strict (see test_data.py)."""
+    path = write(tmp_path, "p.jsonl", rows)
     with pytest.raises(ns.UserError, match=match):
-        dpo.load_preferences(write(tmp_path, "p.jsonl", rows))
+        dpo.load_preferences(path, report=ns.DataReport(path, strict=True, unit="pairs"))
 
 
 # ---- dpo.py end to end
@@ -339,7 +341,9 @@ def test_dpo_script_end_to_end(sft_ckpt, tmp_path):
 
 
 def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
-    data = write(tmp_path, "p.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in PAIRS * 4])
+    rows = [{"prompt": f"{q} ({k})", "chosen": c, "rejected": r} for k in range(4) for q, c, r in PAIRS]
+    rows += [rows[0], {"prompt": "Tie?", "chosen": "same", "rejected": "same"}]  # skipped, and counted in dpo.json
+    data = write(tmp_path, "p.jsonl", rows)
     # warmup > max-iters keeps the learning rate independent of --max-iters, so 5 steps and
     # a resume to 10 follow the same schedule as 10 straight steps
     common = ["--ckpt", sft_ckpt, "--data", data, "--batch-size", "4", "--lr", "1e-3", "--warmup", "100",
@@ -356,6 +360,11 @@ def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
         torch.testing.assert_close(ck_b["model"][k], v, rtol=0, atol=1e-5)
         moved |= not torch.equal(v, ns.load_checkpoint(sft_ckpt)["model"][k])
     assert moved
+    report = json.load(open(os.path.join(a, "dpo.json")))["data_report"]
+    n = len(rows)
+    assert report["total"] == n and report["kept"] == n - 2
+    assert {r: v["records"] for r, v in report["skipped"].items()} == {
+        "that repeat an earlier pair exactly": [n - 1], "whose chosen == rejected": [n]}
     hist_a = json.load(open(os.path.join(a, "dpo.json")))["history"]["train"]
     hist_b = json.load(open(os.path.join(b, "dpo.json")))["history"]["train"]
     assert hist_b["step"] == list(range(1, 11))
@@ -363,10 +372,10 @@ def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
 
 
 def test_dpo_script_bad_data_exits_2_with_one_line(sft_ckpt, tmp_path):
-    bad = write(tmp_path, "bad.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"}])
+    bad = write(tmp_path, "bad.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": {"text": "y"}}])
     r = run_script("dpo.py", "--ckpt", sft_ckpt, "--data", bad, "--out-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "bad.jsonl:1:" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "bad.jsonl:1: field 'rejected' must be a string" in r.stderr
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -387,7 +396,7 @@ def test_script_uses_the_starting_checkpoint_as_reference(sft_ckpt, tmp_path, ca
     (detached) were used as the reference, every log-ratio would be 0 at every step, so the
     logged rewards would never move. At step 1 policy == reference (margin ~0); after a few
     steps at a high learning rate the policy has moved away from it."""
-    data = write(tmp_path, "p.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in PAIRS * 4])
+    data = write(tmp_path, "p.jsonl", [{"prompt": f"{q} ({k})", "chosen": c, "rejected": r} for k in range(4) for q, c, r in PAIRS])
     out = str(tmp_path / "o")
     dpo.main(["--ckpt", sft_ckpt, "--data", data, "--batch-size", "4", "--lr", "3e-3", "--warmup", "1",
               "--loss", "sigmoid", "--max-iters", "8", "--eval-interval", "8", "--log-interval", "8",

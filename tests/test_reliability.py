@@ -204,8 +204,12 @@ CASES = {
     "finetune unknown role": ("finetune", SFT + ["--data", "{badrole}"], SAVED,
                               r"badrole\.jsonl:1: message 1: role must be system, user or assistant, got 'bot'"),
     "finetune response longer than the block": ("finetune", SFT + ["--data", "{long}"], SAVED,
-                                                r"long\.jsonl: record 1 is \d+ tokens, longer than the "
-                                                r"model's block size 64"),
+                                                r"long\.jsonl: 1 of 1 records would be skipped \(most: whose "
+                                                r"answer alone is longer than block_size 64\); the block size is "
+                                                r"too small for this data"),
+    "finetune --strict, response longer than the block": ("finetune", SFT + ["--data", "{long}", "--strict"], SAVED,
+                                                          r"long\.jsonl: record 1: is \d+ tokens, longer than the "
+                                                          r"model's block size 64"),
     "finetune --ckpt not a nanosft checkpoint": ("finetune", SFT + ["--ckpt", "{notnano}"], SAVED,
                                                  r"notnano\.pt: not a nanosft checkpoint"),
     "finetune --ckpt truncated": ("finetune", SFT + ["--ckpt", "{trunc}"], SAVED,
@@ -230,7 +234,9 @@ CASES = {
                                       r"--temperature must be a finite number >= 0, got -1\.0"),
     "sample negative --top-k": ("sample", SAMPLE + ["--top-k", "-5"], SAVED, r"--top-k must be >= 0"),
     "dpo chosen == rejected": ("dpo", DPO + ["--data", "{same}"], SAVED,
-                               r"same\.jsonl:1: chosen and rejected answers are the same text"),
+                               r"same\.jsonl: 1 of 1 pairs would be skipped \(most: whose chosen == rejected\)"),
+    "dpo --strict, chosen == rejected": ("dpo", DPO + ["--data", "{same}", "--strict"], SAVED,
+                                         r"same\.jsonl: record 1: chosen and rejected answers are the same text"),
     "dpo unknown record shape": ("dpo", DPO + ["--data", "{good}"], SAVED,
                                  r"good\.jsonl:1: unknown preference record \(keys: prompt, response\)"),
     "dpo empty JSON array": ("dpo", DPO + ["--data", "{emptyarr}"], SAVED, r"emptyarr\.json: empty JSON array"),
@@ -391,7 +397,7 @@ def test_bom_crlf_and_every_script_load_unchanged(tmp_path, tok):
                                             ensure_ascii=False, indent=2).replace("\n", "\r\n")}.items():
         p = tmp_path / name
         p.write_bytes(bom + body.encode("utf-8"))
-        convs = ns.load_instructions(str(p))
+        convs = [c for _, c in ns.load_instructions(str(p))]
         assert [(c[0]["content"], c[1]["content"]) for c in convs] == [(r["prompt"], r["response"]) for r in rows]
     for s in SCRIPTS:
         assert tok.decode(tok.encode(s)) == s
@@ -405,7 +411,7 @@ def test_special_token_strings_in_data_stay_plain_text(tmp_path, tok):
                             {"role": "assistant", "content": "No. <|end|> still text"}]},
               {"instruction": trick, "input": "<|pad|>", "output": "<|assistant|>"},
               {"prompt": trick, "response": "fine"}])
-    for conv in ns.load_instructions(str(p)):
+    for _, conv in ns.load_instructions(str(p)):
         ids, mask = ns.render_chat(tok, conv)
         # role and control tokens come only from the conversation's structure, never from its text
         assert ids.count(tok.endoftext) == 1 and ids.count(tok.pad) == 0
@@ -503,7 +509,7 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
         if kind == "text":
             tok.encode(ns.read_text(path))
         elif kind == "sft":
-            for conv in ns.load_instructions(path):
+            for _, conv in ns.load_instructions(path):
                 ns.example_tensors(*ns.render_chat(tok, conv))
         else:
             _, train, held = dpo.load_preferences(path)

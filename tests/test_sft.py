@@ -67,7 +67,7 @@ def test_formats_parse_to_the_same_conversation(tmp_path):
     pr = write(tmp_path / "p.jsonl", json.dumps({"prompt": "Add\n\n1 2", "response": "3"}) + "\n")
     msgs = write(tmp_path / "m.jsonl", json.dumps({"messages": [{"role": "user", "content": "Add\n\n1 2"},
                                                                {"role": "assistant", "content": "3"}]}) + "\n")
-    convs = [ns.load_instructions(p) for p in (alpaca, pr, msgs)]
+    convs = [ns.load_instructions(p) for p in (alpaca, pr, msgs)]  # [(record number, conversation)]
     assert convs[0] == convs[1] == convs[2]
 
 
@@ -80,8 +80,8 @@ def test_formats_parse_to_the_same_conversation(tmp_path):
 ])
 def test_bad_records_name_file_and_record(tmp_path, text, needle):
     p = write(tmp_path / "bad.jsonl", text)
-    with pytest.raises(ns.UserError, match=needle) as e:
-        ns.load_instructions(p)
+    with pytest.raises(ns.UserError, match=needle) as e:  # malformed: always; no answer: under --strict
+        ns.load_instructions(p, ns.DataReport(p, strict=True))
     assert "bad.jsonl" in str(e.value)
 
 
@@ -222,6 +222,7 @@ def sft_cli(ckpt, out, *extra):
     with open(data, "w") as f:
         for i in range(24):
             f.write(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i} " * (1 + i % 3)}) + "\n")
+        f.write(json.dumps({"prompt": "Question 0?", "response": "Answer 0 "}) + "\n")  # a copy: skipped
     return run_script("finetune.py", "--ckpt", ckpt, "--data", data, "--out-dir", out, "--batch-size", "8",
                       "--eval-interval", "5", "--dtype", "float32", "--lr", "1e-3", *extra)
 
@@ -237,6 +238,9 @@ def test_cli_accumulation_and_resume_match(tiny_ckpt, tmp_path):
         runs[name] = out
     r = sft_cli(tiny_ckpt, runs["first"], "--max-iters", "10", "--resume")
     assert r.returncode == 0, r.stderr
+    assert "skipped 1 of 25 records that repeat an earlier record exactly (record 25)" in r.stdout + r.stderr
+    data = json.load(open(os.path.join(runs["plain"], "sft.json")))["data"]
+    assert (data["total"], data["kept"], data["skipped"]["that repeat an earlier record exactly"]["records"]) == (25, 24, [25])
     load = lambda d: torch.load(os.path.join(d, "sft_final.pt"), weights_only=True)["model"]
     plain = load(runs["plain"])
     for other in ("accum", "first"):
