@@ -150,7 +150,7 @@ def render_all(tok, records, block_size, report):
         if change == "answer":
             tokens = len(ns.render_chat(tok, conv)[0]) - 1
             report.skip(n, f"whose answer alone is longer than block_size {block_size}",
-                        f"is {tokens} tokens, longer than the model's block size {block_size}; shorten it")
+                        f"{tokens} tokens, longer than the model's block size {block_size}; shorten it")
             continue
         if change == "turns":
             report.truncate(n, "conversations cut to their last turns that fit",

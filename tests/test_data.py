@@ -117,7 +117,7 @@ def test_a_cut_pair_keeps_one_prompt_for_both_answers(tok):
     xc, yc, xr, yr = by_record[4]  # long prompt: cut from the left, the same way for both answers
     start_c, start_r = int((yc != -1).nonzero()[0]), int((yr != -1).nonzero()[0])
     assert start_c == start_r and torch.equal(xc[:start_c + 1], xr[:start_r + 1])
-    assert supervised(tok, xc, yc) == " Gutenberg.<|end|>" and supervised(tok, xr, yr) == " Nobody knows.<|end|>"
+    assert supervised(tok, xc, yc) == " Gutenberg.<|end|>" and supervised(tok, xr, yr) == " Nobody knows who did it first, to be honest.<|end|>"
     xc, yc, xr, yr = by_record[5]  # long answers: cut to the block, still different
     assert len(xc) == len(xr) == BLOCK and supervised(tok, xc, yc) != supervised(tok, xr, yr)
 

@@ -208,7 +208,7 @@ CASES = {
                                                 r"answer alone is longer than block_size 64\); the block size is "
                                                 r"too small for this data"),
     "finetune --strict, response longer than the block": ("finetune", SFT + ["--data", "{long}", "--strict"], SAVED,
-                                                          r"long\.jsonl: record 1: is \d+ tokens, longer than the "
+                                                          r"long\.jsonl: record 1: \d+ tokens, longer than the "
                                                           r"model's block size 64"),
     "finetune --ckpt not a nanosft checkpoint": ("finetune", SFT + ["--ckpt", "{notnano}"], SAVED,
                                                  r"notnano\.pt: not a nanosft checkpoint"),
