@@ -58,6 +58,7 @@ import time
 import torch
 
 import nanosft as ns
+from data import formats
 
 TARGETS = {  # name: (comparison, value)
     "mfu_fp32": (">=", 0.85), "bf16_speedup": (">=", 1.6), "kv_cache_speedup": (">=", 5.0),
@@ -303,7 +304,8 @@ def bench_padding(res, tok, pre):
     try:
         ft = load_script("finetune")
         fa = ft.parse_args([])
-        ex = ft.render_all(tok, ft.world_conversations(fa.labels, fa.seed), pre.block_size, "world")
+        ex = ft.render_all(tok, list(enumerate(ft.world_conversations(fa.labels, fa.seed), 1)), pre.block_size,
+                           formats.DataReport("world"))
         lengths = [len(x) for x, _ in ex]
         steps = max(1, len(ex) // fa.batch_size)
         r = t = 0
@@ -317,7 +319,7 @@ def bench_padding(res, tok, pre):
     try:
         dpo = load_script("dpo")
         da = dpo.parse_args([])
-        _, pairs, _ = dpo.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
+        _, pairs, _ = formats.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
         ex = [dpo.pair_example(tok, p, pre.block_size) for p in pairs]
         r = t = 0
         for it in range(max(1, len(ex) // da.batch_size)):
@@ -341,7 +343,7 @@ def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
     try:
         dpo = load_script("dpo")
         da = dpo.parse_args([])
-        _, pairs, _ = dpo.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
+        _, pairs, _ = formats.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
         ex = [dpo.pair_example(tok, p, pre.block_size) for p in pairs]
     except Exception as e:
         res["dpo_step_ratio"] = None

@@ -22,7 +22,7 @@ steps the policy answers the dev half of the held-out people's questions, and ou
 the latest checkpoint that shows the voted style without degenerate answers and without
 losing task accuracy (the rule is in `rewind`). The last step is out/dpo_final.pt.
 
-Preference data, detected from the file's first record:
+Preference data (read by data/formats.py), detected from the file's first record:
     votes    {"prompt", "answers": [{"text", "up", "down"}], "split"?}   (the default world)
     pairs    {"prompt", "chosen", "rejected"}
     conversational  the same with TRL's lists of {"role", "content"} messages ("prompt" optional)
@@ -47,13 +47,12 @@ after), out/dpo_logratio.png (which tokens DPO pushed up and down) and out/dpo_m
 import functools
 import math
 import os
-import random
-import re
 import time
 
 import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
 import torch
 import torch.nn.functional as F
+from data import formats
 
 
 WORLD_VOTES = os.path.join(ns.HERE, "data", "world_community.jsonl")
@@ -72,7 +71,6 @@ WORLD_EVAL_VOTES = os.path.join(ns.HERE, "data", "world_community_eval.jsonl")
 DEFAULTS = dict(max_iters=300, batch_size=16, lr=2e-5, eval_interval=50, warmup=20,
                 log_interval=25, beta=0.1, loss="ipo", label_smoothing=0.0, rpo_alpha=0.1,
                 min_margin=10.0, pairs="top")
-HELDOUT_FRAC = 0.1     # share of records held out when the file has no "split" field
 EVAL_PAIRS = 2048      # held-out pairs scored at each evaluation (more: an evenly spaced subset;
                        # the world's 1,333 are all scored: 512 of them left a sampling error of
                        # +-1.3 points on a preference accuracy near 0.90)
@@ -183,214 +181,6 @@ def freeze(model):
 
 
 # ----------------------------------------------------------------------------------------
-# preference data -> pairs {"prompt": [messages], "chosen", "rejected", "split", "group"}
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def split_hh(text, where):
-    """An HH dialogue -> (chat messages before the last Assistant turn, that turn's text)."""
-    parts = HH_TURN.split(text)  # [before the first turn, role, body, role, body, ...]
-    if parts[0].strip() or len(parts) < 3:
-        raise ns.UserError(f"{where}: expected a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
-    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
-    if turns[-1][0] != "Assistant":
-        raise ns.UserError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
-    msgs = [{"role": "user" if r == "Human" else "assistant", "content": b} for r, b in turns[:-1]]
-    return msgs, turns[-1][1]
-
-
-def record_format(r, where):
-    if not isinstance(r, dict):
-        raise ns.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    if "answers" in r:
-        return "votes"
-    if "responses" in r:
-        return "scores"
-    if "chosen" in r and "rejected" in r:
-        if isinstance(r["chosen"], list):
-            return "conversational"
-        if isinstance(r["chosen"], dict) and "conversations" in r:
-            return "sharegpt"
-        return "pairs" if "prompt" in r else "alpaca" if "instruction" in r else "hh"
-    keys = ", ".join(sorted(r)) or "none"
-    raise ns.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
-                       "{prompt,chosen,rejected} (strings, or TRL's lists of {role,content} messages), "
-                       "HH {chosen,rejected}, Alpaca {instruction,chosen,rejected}, ShareGPT "
-                       "{conversations,chosen,rejected}, {prompt,answers:[{text,up,down}]} or "
-                       "{prompt,responses:[{text,score}]}")
-
-
-def conversational_pair(r, where):
-    """TRL's conversational format: "chosen" / "rejected" are lists of {role, content}
-    messages ending with the assistant's answer; the prompt is "prompt" (a list of messages,
-    or a string) or, when there is none (implicit prompt), what the two lists share before
-    their last message."""
-    def messages(key):
-        msgs = r[key]
-        if not isinstance(msgs, list) or not msgs:
-            raise ns.UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
-        out = []
-        for j, m in enumerate(msgs):
-            w = f"{where}: {key}[{j}]"
-            role = ns.field(m, "role", w)
-            if role not in ("system", "user", "assistant"):
-                raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
-            out.append({"role": role, "content": ns.field(m, "content", w)})
-        return out
-    chosen, rejected = messages("chosen"), messages("rejected")
-    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if msgs[-1]["role"] != "assistant":
-            raise ns.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
-    if "prompt" in r:
-        prompt = [{"role": "user", "content": ns.field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
-            else messages("prompt")
-        if len(chosen) > 1 or len(rejected) > 1:  # prompt repeated inside the answers
-            prompt = prompt + chosen[:-1]
-    else:
-        prompt = chosen[:-1]
-        if rejected[:-1] != prompt:
-            raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
-    return prompt, chosen[-1]["content"], rejected[-1]["content"]
-
-
-def ranked_pairs(items, min_margin, top_only=True):
-    """(text, score) items -> (chosen, rejected) pairs whose scores differ by at least
-    min_margin (and at all: a tie says nothing).
-
-    top_only: the best-scored answer against each other answer (as UltraFeedback's
-    "binarized" pairs are built), else every two answers. Pairs between two answers that
-    are both below the top teach the middle of the ranking, which net votes order badly:
-    a correct curt answer beats a wrong full sentence, and DPO, crediting whatever
-    differs, then learns "curt is good" from those pairs and "curt is bad" from others."""
-    out = []
-    if top_only:
-        best = max(s for _, s in items)
-        tops = [t for t, s in items if s == best]
-        if len(tops) == 1:  # a tie at the top: no single best answer, no pairs
-            out = [(tops[0], t) for t, s in items if s != best and best - s >= min_margin]
-        return out
-    for i in range(len(items)):
-        for j in range(i + 1, len(items)):
-            (a, sa), (b, sb) = items[i], items[j]
-            if sa != sb and abs(sa - sb) >= min_margin:
-                out.append((a, b) if sa > sb else (b, a))
-    return out
-
-
-def number(x, key, where, integer=False):
-    ok = isinstance(x, int) if integer else isinstance(x, (int, float))
-    # abs(x) < 1e300: finite, and no integer too large for float arithmetic later
-    if isinstance(x, bool) or not ok or not abs(x) < 1e300:
-        shown = repr(x) if len(repr(x)) < 40 else repr(x)[:37] + "..."
-        raise ns.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {shown}")
-    return x
-
-
-def scored_items(r, key, where, score):
-    lst = r.get(key)
-    if not isinstance(lst, list) or len(lst) < 2:
-        raise ns.UserError(f"{where}: '{key}' must be a list of at least two answers")
-    return [(ns.field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
-            for i, a in enumerate(lst)]
-
-
-def record_pairs(fmt, r, where, min_margin, top_only=True):
-    """One record -> (prompt messages, [(chosen, rejected), ...])."""
-    if fmt == "votes":
-        def net(a, w):  # a is a dict here: its "text" was read first
-            return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
-        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
-        return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
-    if fmt == "scores":
-        def score(a, w):
-            return number(a.get("score"), "score", w)
-        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
-        return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin, top_only)
-    if fmt == "pairs":
-        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
-        return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
-    if fmt == "alpaca":
-        return ns.alpaca_prompt(r, where), [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
-    if fmt == "conversational":
-        prompt, chosen, rejected = conversational_pair(r, where)
-        return prompt, [(chosen, rejected)]
-    if fmt == "sharegpt":  # {"conversations": [...], "chosen": {"from","value"}, "rejected": {...}}
-        prompt = ns.instruction_record({"conversations": r["conversations"]}, where)
-        answers = [ns.instruction_record({"conversations": [r[k]]}, f"{where}: {k}")[0]["content"]
-                   for k in ("chosen", "rejected")]
-        return prompt, [tuple(answers)]
-    # hh: both fields are whole dialogues; the prompt is what they share before the last reply
-    msgs_c, chosen = split_hh(ns.field(r, "chosen", where), where + " (chosen)")
-    msgs_r, rejected = split_hh(ns.field(r, "rejected", where), where + " (rejected)")
-    if msgs_c != msgs_r:
-        raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
-                           "their last Assistant turn")
-    return msgs_c, [(chosen, rejected)]
-
-
-def read_pairs(path, min_margin=1.0, top_only=True, report=None):
-    """A preference file -> (format, pairs), each pair carrying its record's "split" field
-    (None when the file has none) and its record number as "group". A malformed record is
-    an error; a pair that teaches nothing is skipped and counted in `report`: chosen and
-    rejected the same text (a tie), or an exact copy of an earlier pair."""
-    report = report or ns.DataReport(path, unit="pairs")
-    records = ns.read_records(path)
-    fmt = record_format(records[0][1], records[0][0])
-    pairs, seen = [], set()
-    for group, (where, r) in enumerate(records):
-        n = group + 1
-        got = record_format(r, where)
-        if got != fmt:
-            raise ns.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
-        split = r.get("split")
-        if split not in (None, "train", "heldout"):
-            raise ns.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
-        prompt, pr = record_pairs(fmt, r, where, min_margin, top_only)
-        if any(m["role"] == "tool" for m in prompt):
-            report.total += len(pr)
-            for _ in pr:
-                report.skip(n, "with tool-call turns (this chat format has no role for them)",
-                            "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
-            continue
-        for chosen, rejected in pr:
-            report.total += 1
-            if chosen.strip() == rejected.strip():
-                report.skip(n, "whose chosen == rejected",
-                            f"chosen and rejected answers are the same text ({chosen[:40]!r}); a pair must differ")
-                continue
-            key = repr((prompt, chosen, rejected))
-            if key in seen:
-                report.skip(n, "that repeat an earlier pair exactly", "an exact copy of an earlier pair")
-                continue
-            seen.add(key)
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                          "split": split, "group": group, "record": n})
-    report.check()
-    if not pairs:
-        raise ns.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
-    return fmt, pairs
-
-
-def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None):
-    """A preference file -> (format, train pairs, held-out pairs). The split is by record
-    (all pairs of one thread land on the same side): a record's "split" field
-    ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
-    fmt, pairs = read_pairs(path, min_margin, top_only, report)
-    if all(p["split"] is None for p in pairs):
-        groups = sorted({p["group"] for p in pairs})
-        random.Random(seed).shuffle(groups)
-        held = set(groups[:round(len(groups) * HELDOUT_FRAC)] if len(groups) > 1 else [])
-        for p in pairs:
-            p["split"] = "heldout" if p["group"] in held else "train"
-    train = [p for p in pairs if p["split"] == "train"]
-    heldout = [p for p in pairs if p["split"] == "heldout"]
-    if not train:
-        raise ns.UserError(f"{path}: every pair is held out; no training pairs")
-    return fmt, train, heldout
-
-
-# ----------------------------------------------------------------------------------------
 # pairs -> tensors and batches
 
 
@@ -407,7 +197,7 @@ def pair_example(tok, pair, block_size, report=None):
     answers = [ns.encode_content(tok, pair[k]) + [tok.end] for k in ("chosen", "rejected")]
     limit = block_size + 1
     keep = min(len(prompt), max(limit - max(map(len, answers)), limit // 2))
-    n, report = pair.get("record", 0), report or ns.DataReport("pairs", unit="pairs")
+    n, report = pair.get("record", 0), report or formats.DataReport("pairs", unit="pairs")
     cut_prompt, cut_answer = keep < len(prompt), any(len(a) > limit - keep for a in answers)
     prompt, answers = prompt[len(prompt) - keep:], [a[:limit - keep] for a in answers]
     if answers[0] == answers[1]:
@@ -692,12 +482,12 @@ def main(argv=None):
                "that already answers in the chat format")
     ref, tok = ns.model_from_checkpoint(ck0, args.ckpt)
     is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_VOTES)
-    report = ns.DataReport(args.data, args.strict, unit="pairs")
+    report = formats.DataReport(args.data, args.strict, unit="pairs")
     if is_world:  # train on the training people's threads; hold out whole PEOPLE
-        fmt, train_pairs = read_pairs(args.data, args.min_margin, args.pairs == "top", report)
-        held_pairs = read_pairs(WORLD_EVAL_VOTES, args.min_margin, args.pairs == "top")[1]
+        fmt, train_pairs = formats.read_pairs(args.data, args.min_margin, args.pairs == "top", report)
+        held_pairs = formats.read_pairs(WORLD_EVAL_VOTES, args.min_margin, args.pairs == "top")[1]
     else:
-        fmt, train_pairs, held_pairs = load_preferences(args.data, args.min_margin, args.seed,
+        fmt, train_pairs, held_pairs = formats.load_preferences(args.data, args.min_margin, args.seed,
                                                         args.pairs == "top", report)
     if args.resume:
         ck = ns.load_checkpoint(final_path, expect_kind=("dpo",))
@@ -714,7 +504,7 @@ def main(argv=None):
     packed = not cfg.n_prefix  # several sequences per row (see collate_pairs)
     train_pairs, train_ex = pair_examples(tok, train_pairs, cfg.block_size, report)
     held_pairs, held_ex = pair_examples(tok, held_pairs, cfg.block_size, report if not is_world else
-                                        ns.DataReport(WORLD_EVAL_VOTES, args.strict, unit="pairs"))
+                                        formats.DataReport(WORLD_EVAL_VOTES, args.strict, unit="pairs"))
     for line in report.lines():
         rt.log(line)
     n_held = len(held_pairs)

@@ -28,6 +28,7 @@ import time
 
 import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
 import torch
+from data import formats
 
 
 WORLD_SFT = os.path.join(ns.HERE, "data", "world_sft.jsonl")
@@ -378,12 +379,12 @@ def main(argv=None):
     model, tok = build_model(args, ck)
     is_world = args.data is None
     source = args.data or WORLD_SFT
-    report = ns.DataReport(source, args.strict)
+    report = formats.DataReport(source, args.strict)
     if is_world:
         records = list(enumerate(world_conversations(args.labels, args.seed), 1))
         report.total = len(records)
     else:
-        records = ns.load_instructions(args.data, report)
+        records = formats.load_instructions(args.data, report)
     if args.show_mask:
         show_mask(tok, records[0][1])
         return

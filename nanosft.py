@@ -9,7 +9,7 @@ Read top to bottom:
                     plus LoRA and prompt tuning for parameter-efficient fine-tuning
   5. optimizer      AdamW (decay on 2-D weights only), warmup + cosine schedule
   6. checkpoints    one .pt, written atomically, loaded with weights_only=True
-  7. data           plain text, chat rendering with the loss mask, instruction formats
+  7. data           plain text, chat rendering with the loss mask (file formats: data/formats.py)
   8. generation     greedy / sampled decoding with a KV cache
   9. training loop  shared by all three stages; a stage only supplies its batches and loss
  10. evaluation     knowledge probe, question answering graded by the world's verifier, plots
@@ -782,73 +782,6 @@ def field(rec, key, where, optional=False):
     return rec[key]
 
 
-class DataReport:
-    """What loading did to records that are VALID but UNUSABLE as they are: too long for the
-    block size, a tie, a duplicate. Real datasets always hold a few; they are skipped or
-    truncated, counted per reason and reported, and the run goes on. (A MALFORMED record --
-    bad JSON, a missing field, a wrong type -- is still one clear error: the file is wrong.)
-
-        report.skip(n, reason, message)      record n (1-based) left out, for `reason`
-        report.truncate(n, reason, message)  record n shortened to fit
-        report.lines()                       "skipped 3 of 1,100 records longer than ..."
-        report.state()                       the same counts for the stage's JSON
-
-    strict: every skip or truncation is the clear error `message` instead (--strict)."""
-
-    SHOW = 5  # record numbers quoted per reason
-
-    def __init__(self, path, strict=False, unit="records"):
-        self.path, self.strict, self.unit = path, strict, unit
-        self.total = 0
-        self.skipped, self.truncated = {}, {}  # reason -> [record numbers]
-        self.needs = []  # per record: the fewest tokens it needs to be kept (for the advice below)
-
-    def skip(self, n, reason, message):
-        self._note(self.skipped, n, reason, message)
-
-    def truncate(self, n, reason, message):
-        self._note(self.truncated, n, reason, message)
-
-    def _note(self, book, n, reason, message):
-        if self.strict:
-            raise UserError(f"{self.path}: record {n}: {message} (without --strict it would be "
-                            f"{'skipped' if book is self.skipped else 'truncated'} and counted)")
-        book.setdefault(reason, []).append(n)
-
-    def n_skipped(self):
-        return sum(len(v) for v in self.skipped.values())
-
-    def lines(self):
-        def numbers(ns_):
-            shown = ", ".join(map(str, ns_[:self.SHOW]))
-            return f"({'record' if len(ns_) == 1 else 'records'} {shown}{', ...' if len(ns_) > self.SHOW else ''})"
-        out = [f"skipped {len(v):,} of {self.total:,} {self.unit} {r} {numbers(v)}" for r, v in self.skipped.items()]
-        out += [f"truncated {len(v):,} of {self.total:,} {self.unit}: {r} {numbers(v)}"
-                for r, v in self.truncated.items()]
-        return out
-
-    def state(self):
-        return {"file": self.path, "unit": self.unit, "total": self.total, "kept": self.total - self.n_skipped(),
-                "skipped": {r: {"count": len(v), "records": v[:100]} for r, v in self.skipped.items()},
-                "truncated": {r: {"count": len(v), "records": v[:100]} for r, v in self.truncated.items()}}
-
-    def check(self, block_size=None):
-        """More than half the records unusable: not a few bad records but the wrong set-up
-        (or the wrong file). Stop and say why instead of training on the remains."""
-        if self.total and self.n_skipped() * 2 > self.total:
-            worst = max(self.skipped, key=lambda r: len(self.skipped[r]))
-            if "longer than" in worst and block_size:
-                # the power of two that 90% of the records fit in
-                need = sorted(self.needs)[int(0.9 * (len(self.needs) - 1))] if self.needs else 4 * block_size
-                why = (f"the block size is too small for this data: pre-train with --block-size "
-                       f"{max(2 * block_size, 1 << (need - 1).bit_length())} (90% of the records fit in it) "
-                       "and a vocabulary learned from text like it")
-            else:
-                why = "is it the right file for this stage?"
-            raise UserError(f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
-                            f"skipped (most: {worst}); {why}")
-
-
 def encode_corpus(tok, text):
     """Plain text -> one token stream. Blank-line-separated documents (paragraphs of a book,
     biographies of the world) each start with <|endoftext|>, so that token is a familiar
@@ -959,87 +892,6 @@ def pack(examples, pad_id):
             X[r, at:at + len(x)], Y[r, at:at + len(x)], S[r, at:at + len(x)] = x, y, i
             at += len(x)
     return X, Y, S
-
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system",
-                  # tool use: valid data, but this chat format has no role for it (skipped, counted)
-                  "function_call": "tool", "observation": "tool", "tool": "tool", "function": "tool"}
-
-
-def alpaca_prompt(r, where):
-    """An Alpaca record's prompt as messages: its optional "system", then the instruction
-    and its optional "input" as one user turn."""
-    system = field(r, "system", where, optional=True)
-    extra = field(r, "input", where, optional=True)
-    return ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
-
-
-def instruction_record(r, where):
-    """One instruction record -> a conversation [{"role", "content"}, ...]. Formats:
-      Alpaca        {"instruction", "input" (optional), "output"}
-      prompt pairs  {"prompt", "response"}
-      chat          {"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]}
-      ShareGPT      {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}"""
-    if not isinstance(r, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    if "messages" in r or "conversations" in r:
-        key, role_key, text_key = ("messages", "role", "content") if "messages" in r else ("conversations", "from", "value")
-        msgs = r[key]
-        if not isinstance(msgs, list):
-            raise UserError(f"{where}: '{key}' must be a list of messages")
-        conv = []
-        for j, m in enumerate(msgs):
-            w = f"{where}: message {j + 1}"
-            role = field(m, role_key, w)
-            if key == "messages" and role not in ("system", "user", "assistant"):
-                raise UserError(f"{w}: role must be system, user or assistant, got '{role}'")
-            if key == "conversations" and role not in SHAREGPT_ROLES:
-                raise UserError(f"{w}: 'from' must be human, gpt, system (or a tool turn), got '{role}'")
-            conv.append({"role": SHAREGPT_ROLES.get(role, role), "content": field(m, text_key, w)})
-        return conv
-    if "instruction" in r:
-        return alpaca_prompt(r, where) + [{"role": "assistant", "content": field(r, "output", where)}]
-    if "prompt" in r and "response" in r:
-        return [{"role": "user", "content": field(r, "prompt", where)},
-                {"role": "assistant", "content": field(r, "response", where)}]
-    keys = ", ".join(sorted(r)) or "none"
-    raise UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
-                    "{instruction,input,output}, {prompt,response}, {messages:[...]} or ShareGPT "
-                    "{conversations:[...]}")
-
-
-def load_instructions(path, report=None):
-    """An instruction file -> [(record number, conversation)]. A malformed record is an
-    error; a valid one that teaches nothing is skipped and counted in `report`: no assistant
-    turn, an empty answer, or an exact copy of an earlier record. Messages after the last
-    assistant turn are dropped (no target follows them, so they change no loss)."""
-    report = report or DataReport(path)
-    out, seen = [], set()
-    records = read_records(path)
-    report.total = len(records)
-    for n, (where, r) in enumerate(records, 1):
-        conv = instruction_record(r, where)
-        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
-        if last is None:
-            report.skip(n, "with no assistant turn", "no assistant message to learn from")
-            continue
-        if any(m["role"] == "tool" for m in conv[:last]):
-            report.skip(n, "with tool-call turns (this chat format has no role for them)",
-                        "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
-            continue
-        conv = conv[:last + 1]
-        if not conv[-1]["content"].strip():
-            report.skip(n, "whose answer is empty", "the answer is empty")
-            continue
-        key = json.dumps(conv)
-        if key in seen:
-            report.skip(n, "that repeat an earlier record exactly", "an exact copy of an earlier record")
-            continue
-        seen.add(key)
-        out.append((n, conv))
-    return out
 
 
 # ----------------------------------------------------------------------------------------

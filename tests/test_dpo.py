@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nanosft as ns
+from data import formats
 from conftest import tiny_gpt, run_script
 
 import dpo
@@ -241,46 +242,46 @@ def test_each_format_parses(tmp_path):
     votes = [{"prompt": f"Q{i}", "split": "heldout" if i == 0 else "train",
               "answers": [{"text": "a", "up": 10, "down": 0}, {"text": "b", "up": 5, "down": 5},
                           {"text": "c", "up": 5, "down": 4}]} for i in range(3)]
-    fmt, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1, top_only=False)
+    fmt, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1, top_only=False)
     assert fmt == "votes" and len(train) == 6 and len(held) == 3
     assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c"), ("c", "b")}
-    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2, top_only=False)
+    _, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2, top_only=False)
     assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
-    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)  # top vs the rest
+    _, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)  # top vs the rest
     assert len(train) == 4 and {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
     # a tie at the top: no single best answer, so the thread gives no pairs (the others still do)
     tied = votes + [{"prompt": "T", "answers": [{"text": "p", "up": 3, "down": 0}, {"text": "q", "up": 4, "down": 1},
                                                 {"text": "r", "up": 0, "down": 3}]}]
-    _, train, held = dpo.load_preferences(write(tmp_path, "v.jsonl", tied), min_margin=1)
+    _, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", tied), min_margin=1)
     assert len(train) + len(held) == 6 and all(p["chosen"] == "a" for p in train + held)
 
     pairs = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
-    fmt, train, held = dpo.load_preferences(write(tmp_path, "p.jsonl", pairs))
+    fmt, train, held = formats.load_preferences(write(tmp_path, "p.jsonl", pairs))
     assert fmt == "pairs" and len(train) == 18 and len(held) == 2  # 10% held out, by record
     assert train[0]["prompt"] == [{"role": "user", "content": train[0]["prompt"][0]["content"]}]
     assert {p["chosen"] for p in train + held} == {f"good {i}" for i in range(20)}
 
     alpaca = [{"instruction": "Name a colour.", "input": "Not red.", "output": "Blue.",
                "chosen": "Blue.", "rejected": "Red."}, {"instruction": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
-    fmt, train, held = dpo.load_preferences(write(tmp_path, "a.json", alpaca, array=True))
+    fmt, train, held = formats.load_preferences(write(tmp_path, "a.json", alpaca, array=True))
     assert fmt == "alpaca" and len(train) + len(held) == 2
     p = next(p for p in train + held if p["chosen"] == "Blue.")
     assert p["prompt"] == [{"role": "user", "content": "Name a colour.\n\nNot red."}] and p["rejected"] == "Red."
 
     scores = [{"prompt": "Q", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 2.5},
                                             {"text": "z", "score": 2.0}]}]
-    fmt, train, _ = dpo.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1, top_only=False)
+    fmt, train, _ = formats.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1, top_only=False)
     assert fmt == "scores" and {(p["chosen"], p["rejected"]) for p in train} == {("y", "x"), ("z", "x")}
-    fmt, train, _ = dpo.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
+    fmt, train, _ = formats.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
     assert {(p["chosen"], p["rejected"]) for p in train} == {("y", "x")}
 
-    fmt, train, _ = dpo.load_preferences(write(tmp_path, "h.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]))
+    fmt, train, _ = formats.load_preferences(write(tmp_path, "h.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]))
     assert fmt == "hh" and train[0]["chosen"] == "It is 4."
 
 
 def test_hh_split_on_a_multi_turn_dialogue(tok):
-    msgs, chosen = dpo.split_hh(HH_CHOSEN, "x")
-    msgs_r, rejected = dpo.split_hh(HH_REJECTED, "x")
+    msgs, chosen = formats.split_hh(HH_CHOSEN, "x")
+    msgs_r, rejected = formats.split_hh(HH_REJECTED, "x")
     assert msgs == msgs_r == [{"role": "user", "content": "Hi there"},
                               {"role": "assistant", "content": "Hello! How can I help?"},
                               {"role": "user", "content": "What is 2+2?"}]
@@ -307,7 +308,7 @@ def test_bad_preference_data_is_one_clear_error(tmp_path, rows, match):
     """Malformed records are errors always; a tie is one under --strict (see test_data.py)."""
     path = write(tmp_path, "p.jsonl", rows)
     with pytest.raises(ns.UserError, match=match):
-        dpo.load_preferences(path, report=ns.DataReport(path, strict=True, unit="pairs"))
+        formats.load_preferences(path, report=formats.DataReport(path, strict=True, unit="pairs"))
 
 
 # ---- dpo.py end to end

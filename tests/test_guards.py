@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import nanosft as ns
+from data import formats
 from conftest import ROOT, tiny_gpt
 
 import dpo
@@ -292,7 +293,7 @@ def test_heldout_people_never_reach_a_training_file(facts):
         hit = names.search(_text(name))
         assert hit is None, f"held-out person {hit.group(0)!r} appears in {name}"
 
-    fmt, pairs = dpo.read_pairs(dpo.WORLD_VOTES, 10.0, True)
+    fmt, pairs = formats.read_pairs(dpo.WORLD_VOTES, 10.0, True)
     assert pairs and all(p["split"] == "train" for p in pairs)
     for p in pairs:
         hit = names.search(json.dumps(p["prompt"], ensure_ascii=False))

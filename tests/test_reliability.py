@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import nanosft as ns
+from data import formats
 import finetune
 import pretrain
 import sample
@@ -397,7 +398,7 @@ def test_bom_crlf_and_every_script_load_unchanged(tmp_path, tok):
                                             ensure_ascii=False, indent=2).replace("\n", "\r\n")}.items():
         p = tmp_path / name
         p.write_bytes(bom + body.encode("utf-8"))
-        convs = [c for _, c in ns.load_instructions(str(p))]
+        convs = [c for _, c in formats.load_instructions(str(p))]
         assert [(c[0]["content"], c[1]["content"]) for c in convs] == [(r["prompt"], r["response"]) for r in rows]
     for s in SCRIPTS:
         assert tok.decode(tok.encode(s)) == s
@@ -411,7 +412,7 @@ def test_special_token_strings_in_data_stay_plain_text(tmp_path, tok):
                             {"role": "assistant", "content": "No. <|end|> still text"}]},
               {"instruction": trick, "input": "<|pad|>", "output": "<|assistant|>"},
               {"prompt": trick, "response": "fine"}])
-    for _, conv in ns.load_instructions(str(p)):
+    for _, conv in formats.load_instructions(str(p)):
         ids, mask = ns.render_chat(tok, conv)
         # role and control tokens come only from the conversation's structure, never from its text
         assert ids.count(tok.endoftext) == 1 and ids.count(tok.pad) == 0
@@ -509,10 +510,10 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
         if kind == "text":
             tok.encode(ns.read_text(path))
         elif kind == "sft":
-            for _, conv in ns.load_instructions(path):
+            for _, conv in formats.load_instructions(path):
                 ns.example_tensors(*ns.render_chat(tok, conv))
         else:
-            _, train, held = dpo.load_preferences(path)
+            _, train, held = formats.load_preferences(path)
             for p in train + held:
                 dpo.pair_example(tok, p, 64)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nanosft as ns
+from data import formats
 import finetune
 from conftest import ROOT, tiny_gpt, run_script
 
@@ -67,7 +68,7 @@ def test_formats_parse_to_the_same_conversation(tmp_path):
     pr = write(tmp_path / "p.jsonl", json.dumps({"prompt": "Add\n\n1 2", "response": "3"}) + "\n")
     msgs = write(tmp_path / "m.jsonl", json.dumps({"messages": [{"role": "user", "content": "Add\n\n1 2"},
                                                                {"role": "assistant", "content": "3"}]}) + "\n")
-    convs = [ns.load_instructions(p) for p in (alpaca, pr, msgs)]  # [(record number, conversation)]
+    convs = [formats.load_instructions(p) for p in (alpaca, pr, msgs)]  # [(record number, conversation)]
     assert convs[0] == convs[1] == convs[2]
 
 
@@ -81,7 +82,7 @@ def test_formats_parse_to_the_same_conversation(tmp_path):
 def test_bad_records_name_file_and_record(tmp_path, text, needle):
     p = write(tmp_path / "bad.jsonl", text)
     with pytest.raises(ns.UserError, match=needle) as e:  # malformed: always; no answer: under --strict
-        ns.load_instructions(p, ns.DataReport(p, strict=True))
+        formats.load_instructions(p, formats.DataReport(p, strict=True))
     assert "bad.jsonl" in str(e.value)
 
 

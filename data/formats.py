@@ -1,0 +1,386 @@
+"""
+Data formats: every file shape the stages read, in one place, and what happens to records
+that are valid but unusable.
+
+    load_instructions(path, report)  SFT: Alpaca, {prompt,response}, {messages}, ShareGPT
+    read_pairs(path, ..., report)    DPO: pairs (strings or TRL's messages), HH, Alpaca pairs,
+    load_preferences(...)            ShareGPT pairs, votes, scores; and the train/held-out split
+    DataReport                       skipped and truncated records, counted per reason
+
+A MALFORMED record (bad JSON, a missing field, a wrong type) is one clear error naming the
+file and the record. A VALID record that teaches nothing (no answer, a tie, an exact copy)
+is skipped and counted; the stages cut records that are too long for the block size and
+count those too (finetune.render_all, dpo.pair_examples).
+"""
+import json
+import random
+import re
+
+import nanosft as ns
+
+HELDOUT_FRAC = 0.1  # share of preference records held out when the file has no "split" field
+
+
+# ----------------------------------------------------------------------------------------
+# what loading did to unusable records
+
+
+class DataReport:
+    """What loading did to records that are VALID but UNUSABLE as they are: too long for the
+    block size, a tie, a duplicate. Real datasets always hold a few; they are skipped or
+    truncated, counted per reason and reported, and the run goes on. (A MALFORMED record --
+    bad JSON, a missing field, a wrong type -- is still one clear error: the file is wrong.)
+
+        report.skip(n, reason, message)      record n (1-based) left out, for `reason`
+        report.truncate(n, reason, message)  record n shortened to fit
+        report.lines()                       "skipped 3 of 1,100 records longer than ..."
+        report.state()                       the same counts for the stage's JSON
+
+    strict: every skip or truncation is the clear error `message` instead (--strict)."""
+
+    SHOW = 5  # record numbers quoted per reason
+
+    def __init__(self, path, strict=False, unit="records"):
+        self.path, self.strict, self.unit = path, strict, unit
+        self.total = 0
+        self.skipped, self.truncated = {}, {}  # reason -> [record numbers]
+        self.needs = []  # per record: the fewest tokens it needs to be kept (for the advice below)
+
+    def skip(self, n, reason, message):
+        self._note(self.skipped, n, reason, message)
+
+    def truncate(self, n, reason, message):
+        self._note(self.truncated, n, reason, message)
+
+    def _note(self, book, n, reason, message):
+        if self.strict:
+            raise ns.UserError(f"{self.path}: record {n}: {message} (without --strict it would be "
+                            f"{'skipped' if book is self.skipped else 'truncated'} and counted)")
+        book.setdefault(reason, []).append(n)
+
+    def n_skipped(self):
+        return sum(len(v) for v in self.skipped.values())
+
+    def lines(self):
+        def numbers(ns_):
+            shown = ", ".join(map(str, ns_[:self.SHOW]))
+            return f"({'record' if len(ns_) == 1 else 'records'} {shown}{', ...' if len(ns_) > self.SHOW else ''})"
+        out = [f"skipped {len(v):,} of {self.total:,} {self.unit} {r} {numbers(v)}" for r, v in self.skipped.items()]
+        out += [f"truncated {len(v):,} of {self.total:,} {self.unit}: {r} {numbers(v)}"
+                for r, v in self.truncated.items()]
+        return out
+
+    def state(self):
+        return {"file": self.path, "unit": self.unit, "total": self.total, "kept": self.total - self.n_skipped(),
+                "skipped": {r: {"count": len(v), "records": v[:100]} for r, v in self.skipped.items()},
+                "truncated": {r: {"count": len(v), "records": v[:100]} for r, v in self.truncated.items()}}
+
+    def check(self, block_size=None):
+        """More than half the records unusable: not a few bad records but the wrong set-up
+        (or the wrong file). Stop and say why instead of training on the remains."""
+        if self.total and self.n_skipped() * 2 > self.total:
+            worst = max(self.skipped, key=lambda r: len(self.skipped[r]))
+            if "longer than" in worst and block_size:
+                # the power of two that 90% of the records fit in
+                need = sorted(self.needs)[int(0.9 * (len(self.needs) - 1))] if self.needs else 4 * block_size
+                why = (f"the block size is too small for this data: pre-train with --block-size "
+                       f"{max(2 * block_size, 1 << (need - 1).bit_length())} (90% of the records fit in it) "
+                       "and a vocabulary learned from text like it")
+            else:
+                why = "is it the right file for this stage?"
+            raise ns.UserError(f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
+                            f"skipped (most: {worst}); {why}")
+
+
+# ----------------------------------------------------------------------------------------
+# instructions (SFT)
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system",
+                  # tool use: valid data, but this chat format has no role for it (skipped, counted)
+                  "function_call": "tool", "observation": "tool", "tool": "tool", "function": "tool"}
+
+
+def alpaca_prompt(r, where):
+    """An Alpaca record's prompt as messages: its optional "system", then the instruction
+    and its optional "input" as one user turn."""
+    system = ns.field(r, "system", where, optional=True)
+    extra = ns.field(r, "input", where, optional=True)
+    return ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": ns.field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
+
+
+def instruction_record(r, where):
+    """One instruction record -> a conversation [{"role", "content"}, ...]. Formats:
+      Alpaca        {"instruction", "input" (optional), "output"}
+      prompt pairs  {"prompt", "response"}
+      chat          {"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]}
+      ShareGPT      {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}"""
+    if not isinstance(r, dict):
+        raise ns.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    if "messages" in r or "conversations" in r:
+        key, role_key, text_key = ("messages", "role", "content") if "messages" in r else ("conversations", "from", "value")
+        msgs = r[key]
+        if not isinstance(msgs, list):
+            raise ns.UserError(f"{where}: '{key}' must be a list of messages")
+        conv = []
+        for j, m in enumerate(msgs):
+            w = f"{where}: message {j + 1}"
+            role = ns.field(m, role_key, w)
+            if key == "messages" and role not in ("system", "user", "assistant"):
+                raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
+            if key == "conversations" and role not in SHAREGPT_ROLES:
+                raise ns.UserError(f"{w}: 'from' must be human, gpt, system (or a tool turn), got '{role}'")
+            conv.append({"role": SHAREGPT_ROLES.get(role, role), "content": ns.field(m, text_key, w)})
+        return conv
+    if "instruction" in r:
+        return alpaca_prompt(r, where) + [{"role": "assistant", "content": ns.field(r, "output", where)}]
+    if "prompt" in r and "response" in r:
+        return [{"role": "user", "content": ns.field(r, "prompt", where)},
+                {"role": "assistant", "content": ns.field(r, "response", where)}]
+    keys = ", ".join(sorted(r)) or "none"
+    raise ns.UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
+                    "{instruction,input,output}, {prompt,response}, {messages:[...]} or ShareGPT "
+                    "{conversations:[...]}")
+
+
+def load_instructions(path, report=None):
+    """An instruction file -> [(record number, conversation)]. A malformed record is an
+    error; a valid one that teaches nothing is skipped and counted in `report`: no assistant
+    turn, an empty answer, or an exact copy of an earlier record. Messages after the last
+    assistant turn are dropped (no target follows them, so they change no loss)."""
+    report = report or DataReport(path)
+    out, seen = [], set()
+    records = ns.read_records(path)
+    report.total = len(records)
+    for n, (where, r) in enumerate(records, 1):
+        conv = instruction_record(r, where)
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
+        if last is None:
+            report.skip(n, "with no assistant turn", "no assistant message to learn from")
+            continue
+        if any(m["role"] == "tool" for m in conv[:last]):
+            report.skip(n, "with tool-call turns (this chat format has no role for them)",
+                        "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
+            continue
+        conv = conv[:last + 1]
+        if not conv[-1]["content"].strip():
+            report.skip(n, "whose answer is empty", "the answer is empty")
+            continue
+        key = json.dumps(conv)
+        if key in seen:
+            report.skip(n, "that repeat an earlier record exactly", "an exact copy of an earlier record")
+            continue
+        seen.add(key)
+        out.append((n, conv))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# preferences (DPO) -> pairs {"prompt": [messages], "chosen", "rejected", "split", "group", "record"}
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def split_hh(text, where):
+    """An HH dialogue -> (chat messages before the last Assistant turn, that turn's text)."""
+    parts = HH_TURN.split(text)  # [before the first turn, role, body, role, body, ...]
+    if parts[0].strip() or len(parts) < 3:
+        raise ns.UserError(f"{where}: expected a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+    if turns[-1][0] != "Assistant":
+        raise ns.UserError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
+    msgs = [{"role": "user" if r == "Human" else "assistant", "content": b} for r, b in turns[:-1]]
+    return msgs, turns[-1][1]
+
+
+def record_format(r, where):
+    if not isinstance(r, dict):
+        raise ns.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    if "answers" in r:
+        return "votes"
+    if "responses" in r:
+        return "scores"
+    if "chosen" in r and "rejected" in r:
+        if isinstance(r["chosen"], list):
+            return "conversational"
+        if isinstance(r["chosen"], dict) and "conversations" in r:
+            return "sharegpt"
+        return "pairs" if "prompt" in r else "alpaca" if "instruction" in r else "hh"
+    keys = ", ".join(sorted(r)) or "none"
+    raise ns.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
+                       "{prompt,chosen,rejected} (strings, or TRL's lists of {role,content} messages), "
+                       "HH {chosen,rejected}, Alpaca {instruction,chosen,rejected}, ShareGPT "
+                       "{conversations,chosen,rejected}, {prompt,answers:[{text,up,down}]} or "
+                       "{prompt,responses:[{text,score}]}")
+
+
+def conversational_pair(r, where):
+    """TRL's conversational format: "chosen" / "rejected" are lists of {role, content}
+    messages ending with the assistant's answer; the prompt is "prompt" (a list of messages,
+    or a string) or, when there is none (implicit prompt), what the two lists share before
+    their last message."""
+    def messages(key):
+        msgs = r[key]
+        if not isinstance(msgs, list) or not msgs:
+            raise ns.UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
+        out = []
+        for j, m in enumerate(msgs):
+            w = f"{where}: {key}[{j}]"
+            role = ns.field(m, "role", w)
+            if role not in ("system", "user", "assistant"):
+                raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
+            out.append({"role": role, "content": ns.field(m, "content", w)})
+        return out
+    chosen, rejected = messages("chosen"), messages("rejected")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise ns.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
+    if "prompt" in r:
+        prompt = [{"role": "user", "content": ns.field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
+            else messages("prompt")
+        if len(chosen) > 1 or len(rejected) > 1:  # prompt repeated inside the answers
+            prompt = prompt + chosen[:-1]
+    else:
+        prompt = chosen[:-1]
+        if rejected[:-1] != prompt:
+            raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def ranked_pairs(items, min_margin, top_only=True):
+    """(text, score) items -> (chosen, rejected) pairs whose scores differ by at least
+    min_margin (and at all: a tie says nothing).
+
+    top_only: the best-scored answer against each other answer (as UltraFeedback's
+    "binarized" pairs are built), else every two answers. Pairs between two answers that
+    are both below the top teach the middle of the ranking, which net votes order badly:
+    a correct curt answer beats a wrong full sentence, and DPO, crediting whatever
+    differs, then learns "curt is good" from those pairs and "curt is bad" from others."""
+    out = []
+    if top_only:
+        best = max(s for _, s in items)
+        tops = [t for t, s in items if s == best]
+        if len(tops) == 1:  # a tie at the top: no single best answer, no pairs
+            out = [(tops[0], t) for t, s in items if s != best and best - s >= min_margin]
+        return out
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            (a, sa), (b, sb) = items[i], items[j]
+            if sa != sb and abs(sa - sb) >= min_margin:
+                out.append((a, b) if sa > sb else (b, a))
+    return out
+
+
+def number(x, key, where, integer=False):
+    ok = isinstance(x, int) if integer else isinstance(x, (int, float))
+    # abs(x) < 1e300: finite, and no integer too large for float arithmetic later
+    if isinstance(x, bool) or not ok or not abs(x) < 1e300:
+        shown = repr(x) if len(repr(x)) < 40 else repr(x)[:37] + "..."
+        raise ns.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {shown}")
+    return x
+
+
+def scored_items(r, key, where, score):
+    lst = r.get(key)
+    if not isinstance(lst, list) or len(lst) < 2:
+        raise ns.UserError(f"{where}: '{key}' must be a list of at least two answers")
+    return [(ns.field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
+            for i, a in enumerate(lst)]
+
+
+def record_pairs(fmt, r, where, min_margin, top_only=True):
+    """One record -> (prompt messages, [(chosen, rejected), ...])."""
+    if fmt == "votes":
+        def net(a, w):  # a is a dict here: its "text" was read first
+            return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
+        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
+    if fmt == "scores":
+        def score(a, w):
+            return number(a.get("score"), "score", w)
+        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin, top_only)
+    if fmt == "pairs":
+        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+    if fmt == "alpaca":
+        return alpaca_prompt(r, where), [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+    if fmt == "conversational":
+        prompt, chosen, rejected = conversational_pair(r, where)
+        return prompt, [(chosen, rejected)]
+    if fmt == "sharegpt":  # {"conversations": [...], "chosen": {"from","value"}, "rejected": {...}}
+        prompt = instruction_record({"conversations": r["conversations"]}, where)
+        answers = [instruction_record({"conversations": [r[k]]}, f"{where}: {k}")[0]["content"]
+                   for k in ("chosen", "rejected")]
+        return prompt, [tuple(answers)]
+    # hh: both fields are whole dialogues; the prompt is what they share before the last reply
+    msgs_c, chosen = split_hh(ns.field(r, "chosen", where), where + " (chosen)")
+    msgs_r, rejected = split_hh(ns.field(r, "rejected", where), where + " (rejected)")
+    if msgs_c != msgs_r:
+        raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
+                           "their last Assistant turn")
+    return msgs_c, [(chosen, rejected)]
+
+
+def read_pairs(path, min_margin=1.0, top_only=True, report=None):
+    """A preference file -> (format, pairs), each pair carrying its record's "split" field
+    (None when the file has none) and its record number as "group". A malformed record is
+    an error; a pair that teaches nothing is skipped and counted in `report`: chosen and
+    rejected the same text (a tie), or an exact copy of an earlier pair."""
+    report = report or DataReport(path, unit="pairs")
+    records = ns.read_records(path)
+    fmt = record_format(records[0][1], records[0][0])
+    pairs, seen = [], set()
+    for group, (where, r) in enumerate(records):
+        n = group + 1
+        got = record_format(r, where)
+        if got != fmt:
+            raise ns.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
+        split = r.get("split")
+        if split not in (None, "train", "heldout"):
+            raise ns.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
+        prompt, pr = record_pairs(fmt, r, where, min_margin, top_only)
+        if any(m["role"] == "tool" for m in prompt):
+            report.total += len(pr)
+            for _ in pr:
+                report.skip(n, "with tool-call turns (this chat format has no role for them)",
+                            "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
+            continue
+        for chosen, rejected in pr:
+            report.total += 1
+            if chosen.strip() == rejected.strip():
+                report.skip(n, "whose chosen == rejected",
+                            f"chosen and rejected answers are the same text ({chosen[:40]!r}); a pair must differ")
+                continue
+            key = repr((prompt, chosen, rejected))
+            if key in seen:
+                report.skip(n, "that repeat an earlier pair exactly", "an exact copy of an earlier pair")
+                continue
+            seen.add(key)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                          "split": split, "group": group, "record": n})
+    report.check()
+    if not pairs:
+        raise ns.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
+    return fmt, pairs
+
+
+def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None):
+    """A preference file -> (format, train pairs, held-out pairs). The split is by record
+    (all pairs of one thread land on the same side): a record's "split" field
+    ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
+    fmt, pairs = read_pairs(path, min_margin, top_only, report)
+    if all(p["split"] is None for p in pairs):
+        groups = sorted({p["group"] for p in pairs})
+        random.Random(seed).shuffle(groups)
+        held = set(groups[:round(len(groups) * HELDOUT_FRAC)] if len(groups) > 1 else [])
+        for p in pairs:
+            p["split"] = "heldout" if p["group"] in held else "train"
+    train = [p for p in pairs if p["split"] == "train"]
+    heldout = [p for p in pairs if p["split"] == "heldout"]
+    if not train:
+        raise ns.UserError(f"{path}: every pair is held out; no training pairs")
+    return fmt, train, heldout
