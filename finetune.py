@@ -33,6 +33,7 @@ from data import formats
 
 WORLD_SFT = os.path.join(ns.HERE, "data", "world_sft.jsonl")
 WORLD_THREADS = os.path.join(ns.HERE, "data", "world_community.jsonl")
+WORLD_EVAL_THREADS = os.path.join(ns.HERE, "data", "world_community_eval.jsonl")
 
 
 def parse_args(argv=None):
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--rewind-tolerance", type=float, default=0.01,
                     help="rewinding keeps the points within this much held-out (dev) accuracy of "
                     "the best one, and takes the one with the lowest retention loss")
+    ap.add_argument("--rewind-loss-tolerance", type=float, default=0.02,
+                    help="... and whose dev answer loss is within this many nats per token of the "
+                    "lowest (a point must also write the answers as SFT teaches them)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--log-interval", type=int, default=25)
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
@@ -313,6 +317,18 @@ def plain_model(model):
 # evaluation
 
 
+def dev_answer_batches(tok, people, batch=64):
+    """The community's top-voted answers to the questions about the dev half's people
+    (data/world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
+    their loss says how closely the model writes the answers SFT teaches -- the voted
+    style included -- for people it was never trained on."""
+    convs = [[{"role": "user", "content": t["prompt"]},
+              {"role": "assistant", "content": max(t["answers"], key=lambda a: a["up"] - a["down"])["text"]}]
+             for _, t in ns.read_records(WORLD_EVAL_THREADS) if t["person"] in people]
+    ex = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
+    return [ns.collate(ex[i:i + batch], tok.pad) for i in range(0, len(ex), batch)]
+
+
 class Evaluator:
     """Held-out accuracy (dev half used for rewinding, test half reported), training-people
     accuracy, list-task accuracy and retention (pre-training validation loss)."""
@@ -322,6 +338,7 @@ class Evaluator:
         self.world = ns.load_world()
         self.longest = ns.world_longest()
         self.dev, self.test = ns.heldout_halves()
+        self.dev_answers = dev_answer_batches(tok, {r["person"] for r in self.dev})
         self.train = ns.load_eval_rows("train")[:250]
         self.tasks = ns.load_eval_rows("tasks")
         self.retention = None
@@ -335,6 +352,7 @@ class Evaluator:
         qa = lambda rows: ns.qa_eval(model, self.tok, self.world, rows, self.longest)
         test = qa(self.test)
         r = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"],
+             "dev_loss": ns.mean_loss(model, self.dev_answers, self.rt),
              "degenerate": test["degenerate_rate"],
              "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None}
         if full:
@@ -343,13 +361,21 @@ class Evaluator:
         return r
 
 
-def rewind(points, tolerance, final=None, min_gain=0.0):
+def rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None):
     """Rewinding: among candidate points -- the checkpoints along the SFT path (--rewind
     path), or weights on the line from the pre-trained to the final ones (--rewind
-    interpolate) -- keep those whose held-out DEV accuracy is within `tolerance` of the best
-    one, and of these take the one with the LOWEST retention loss: the good-enough point
-    where SFT has paid the least of the pre-trained model's knowledge. Only the dev half
-    chooses; the test half is reported.
+    interpolate) -- keep those that have learned the task: held-out DEV accuracy within
+    `tolerance` of the best point's and, with loss_tolerance, dev answer loss (see
+    dev_answer_batches) within loss_tolerance nats per token of the lowest. Of these take
+    the one with the LOWEST retention loss: the good-enough point where SFT has paid the
+    least of the pre-trained model's knowledge. Only the dev half chooses; the test half
+    is reported.
+
+    Why the loss too: accuracy is reached early, before the model writes the community's
+    answers as SFT teaches them. An AMX bf16 run rewound to step 125 of 300 on accuracy
+    alone; it answered as well as the final step, but its log-odds of the voted closing
+    over <|end|> were -3.7 against the final's -1.5, and DPO (whose IPO loss moves a pair
+    only so far) then never reached the voted style (0% instead of ~100%).
 
     final, min_gain: when the chosen point saves less than min_gain nats of retention loss
     over `final`, return `final`. A run that has not overshot gains nothing from rewinding
@@ -357,6 +383,11 @@ def rewind(points, tolerance, final=None, min_gain=0.0):
     by a question or two from one checkpoint to the next)."""
     best = max(p["dev"] for p in points)
     ok = [p for p in points if p["dev"] >= best - tolerance]
+    if loss_tolerance is not None and all(p.get("dev_loss") is not None for p in points):
+        least = min(p["dev_loss"] for p in points)
+        ok = [p for p in ok if p["dev_loss"] <= least + loss_tolerance]
+        if not ok:  # no point is best at both: keep the final one
+            return final if final is not None else min(points, key=lambda p: p["dev_loss"])
     pick = min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0,
                                   p.get("step", p.get("alpha"))))
     if final is not None and None not in (pick["retention"], final["retention"]) \
@@ -469,8 +500,8 @@ def main(argv=None):
             if evaluator and (not path or path[-1]["step"] != it):
                 r = evaluator(model)
                 path.append({"step": it, **r})
-                rt.log(f"eval step {it}: held-out {r['heldout']:.3f} (dev {r['dev']:.3f}) | "
-                       f"retention loss {r['retention']:.4f}")
+                rt.log(f"eval step {it}: held-out {r['heldout']:.3f} (dev {r['dev']:.3f}, dev answer loss "
+                       f"{r['dev_loss']:.4f}) | retention loss {r['retention']:.4f}")
                 ns.save_checkpoint(os.path.join(path_dir, f"step{it:05d}.pt"),
                                    ns.checkpoint_dict("sft", plain_model(model), tok, None, it, args))
             final = ns.checkpoint_dict("sft", plain_model(model), tok, optimizer, it, args, {"path": path})
@@ -494,10 +525,12 @@ def main(argv=None):
     if evaluator:
         final_eval = evaluator(model, full=True)
         last = path[-1]  # the final checkpoint as the path saw it
-        by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance, last, args.rewind_min_gain)
+        by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance, last, args.rewind_min_gain,
+                         args.rewind_loss_tolerance)
         ends = {0.0: path[0], 1.0: final_eval} if path[0]["step"] == 0 else {1.0: final_eval}
         interp = interpolate(evaluator, ck, model, rt, ends) if args.init == "pretrained" else []
-        by_line = rewind(interp, args.rewind_tolerance, interp[-1], args.rewind_min_gain) if interp else None
+        by_line = rewind(interp, args.rewind_tolerance, interp[-1], args.rewind_min_gain,
+                         args.rewind_loss_tolerance) if interp else None
         on_line = args.rewind == "interpolate" and by_line is not None
         if on_line:
             rew_model = ns.GPT(model.config)
@@ -523,7 +556,8 @@ def main(argv=None):
             "rewound_alpha": by_line["alpha"] if on_line else None,
             "rewind": args.rewind,
             "rewind_rule": f"lowest retention loss among the {args.rewind} points within {args.rewind_tolerance} "
-                           f"of the best dev held-out accuracy, if it saves >= {args.rewind_min_gain} nats "
+                           f"of the best dev held-out accuracy and {args.rewind_loss_tolerance} nats/token of the "
+                           f"lowest dev answer loss, if it saves >= {args.rewind_min_gain} nats "
                            "over the final checkpoint (else the final one)",
             # both rules, each as measured at its point (test-half accuracy, retention)
             "rewind_path": by_path, "rewind_interpolate": by_line,
@@ -577,7 +611,7 @@ def interpolate(evaluator, ck, model, rt, known, alphas=ALPHAS):
         if a not in known:
             m.load_state_dict(interpolated(pre, fin, a))
         r = known.get(a) or evaluator(m)
-        out.append({"alpha": a, **{k: r[k] for k in ("dev", "heldout", "degenerate", "retention")}})
+        out.append({"alpha": a, **{k: r[k] for k in ("dev", "dev_loss", "heldout", "degenerate", "retention")}})
     return out
 
 

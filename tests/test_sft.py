@@ -195,6 +195,14 @@ def test_rewind_rule():
     assert finetune.rewind(path, 0.01, path[-1], min_gain=0.8)["step"] == 40
     line = [{"alpha": a, "dev": d, "retention": r} for a, d, r in ((0.5, 0.2, 0.7), (0.8, 0.75, 0.9), (1.0, 0.75, 1.3))]
     assert finetune.rewind(line, 0.01, line[-1], min_gain=0.05)["alpha"] == 0.8
+    # accurate early is not enough: a point must also write the answers (dev answer loss)
+    path = [{"step": s, "dev": d, "dev_loss": l, "retention": r} for s, d, l, r in
+            ((100, 0.99, 0.37, 1.05), (150, 0.99, 0.33, 1.20), (200, 0.99, 0.32, 1.26), (300, 0.99, 0.31, 1.33))]
+    assert finetune.rewind(path, 0.01, path[-1], 0.05)["step"] == 100              # accuracy alone
+    assert finetune.rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.02)["step"] == 150
+    assert finetune.rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.01)["step"] == 200
+    path[-1]["dev"] = 0.95  # the lowest loss is not among the accurate points: the final one stays
+    assert finetune.rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.0)["step"] == 300
 
 
 def test_step_order_is_pure_and_buckets_lengths():
