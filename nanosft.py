@@ -8,7 +8,8 @@ Read top to bottom:
   4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache),
                     plus LoRA and prompt tuning for parameter-efficient fine-tuning
   5. optimizer      AdamW (decay on 2-D weights only), warmup + cosine schedule
-  6. checkpoints    one .pt, written atomically, loaded with weights_only=True
+  6. checkpoints    one .pt, written atomically, loaded with weights_only=True (or a Hugging
+                    Face GPT-2 directory: hf.py)
   7. data           plain text, chat rendering with the loss mask (file formats: data/formats.py)
   8. generation     greedy / sampled decoding with a KV cache
   9. training loop  shared by all three stages; a stage only supplies its batches and loss
@@ -305,23 +306,35 @@ class Tokenizer:
 
     Text from data is always encoded with encode_ordinary: special-token strings typed in
     data (say a literal "<|assistant|>") stay plain text and can never switch roles. Role
-    tokens enter a sequence only through render_chat, as ids."""
+    tokens enter a sequence only through render_chat, as ids.
 
-    def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS)):
+    ids: only for a BPE trained elsewhere (GPT-2, read by hf.py), whose token ids are in its
+    own order: {"bytes": the id of byte 0..255, "merges": the id merge k creates, "specials":
+    the id of each special}. Without it, ours: bytes 0-255, merge k creates 256 + k, then the
+    specials. tiktoken ranks a merge by the id of the token it creates, so either way the
+    ids must grow with the merge order (hf.py checks that a foreign vocabulary's do)."""
+
+    def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS), ids=None):
         self.merges = [tuple(int(x) for x in m) for m in merges]
         self.pattern = pattern
-        token_bytes = [bytes([i]) for i in range(256)]
-        for a, b in self.merges:
-            token_bytes.append(token_bytes[a] + token_bytes[b])
-        self.ranks = {b: i for i, b in enumerate(token_bytes)}
-        if len(self.ranks) != len(token_bytes):
+        self.ids = ids
+        if ids is None:
+            n = 256 + len(self.merges)
+            ids = {"bytes": range(256), "merges": range(256, n), "specials": range(n, n + len(specials))}
+        ids = {k: [int(i) for i in v] for k, v in ids.items()}
+        token_bytes = {i: bytes([b]) for b, i in enumerate(ids["bytes"])}
+        for (a, b), i in zip(self.merges, ids["merges"], strict=True):
+            token_bytes[i] = token_bytes[a] + token_bytes[b]
+        self.ranks = {b: i for i, b in token_bytes.items()}
+        self.special = dict(zip(specials, ids["specials"], strict=True))
+        if len(self.ranks) != 256 + len(self.merges) or set(self.special.values()) & set(token_bytes):
             raise UserError("tokenizer: merges produce duplicate tokens (corrupt tokenizer)")
-        self.special = {s: len(token_bytes) + i for i, s in enumerate(specials)}
         self.enc = tiktoken.Encoding(name="nanosft", pat_str=pattern, mergeable_ranks=self.ranks,
                                      special_tokens=self.special)
-        self.vocab_size = len(token_bytes) + len(specials)
-        for s in specials:  # eot, pad, user, assistant, end as attributes
-            setattr(self, s.strip("<|>"), self.special[s])
+        self.vocab_size = max([*token_bytes, *self.special.values()]) + 1
+        for s in SPECIALS:  # eot, pad, user, assistant, end as attributes
+            if s in self.special:
+                setattr(self, s.strip("<|>"), self.special[s])
 
     @classmethod
     def train(cls, text, vocab_size):
@@ -354,12 +367,16 @@ class Tokenizer:
 
     def state(self):
         """Plain tensors, strings and lists: safe under torch.load(weights_only=True)."""
-        return {"merges": torch.tensor(self.merges, dtype=torch.int64).reshape(-1, 2),
-                "pattern": self.pattern, "specials": list(self.special)}
+        s = {"merges": torch.tensor(self.merges, dtype=torch.int64).reshape(-1, 2),
+             "pattern": self.pattern, "specials": list(self.special)}
+        if self.ids is not None:
+            s["ids"] = {k: torch.tensor([int(i) for i in v], dtype=torch.int64) for k, v in self.ids.items()}
+        return s
 
     @classmethod
     def from_state(cls, s):
-        return cls(s["merges"].tolist(), s["pattern"], tuple(s["specials"]))
+        ids = {k: v.tolist() for k, v in s["ids"].items()} if "ids" in s else None
+        return cls(s["merges"].tolist(), s["pattern"], tuple(s["specials"]), ids)
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,6 +392,9 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     n_prefix: int = 0  # prompt tuning: learned embeddings prepended to every sequence
+    # what an imported GPT-2 needs (hf.py); ours trains without biases and with exact GELU
+    bias: bool = False  # biases on the linear layers (LayerNorm always has them)
+    gelu: str = "none"  # F.gelu's `approximate`: "none" (erf, exact) or "tanh" (GPT-2's)
 
     @classmethod
     def from_dict(cls, d):
@@ -395,8 +415,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x, cache=None, layer=0, mask=None):
@@ -427,11 +447,12 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.gelu = cfg.gelu
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu))
 
 
 class Block(nn.Module):
@@ -467,6 +488,8 @@ class GPT(nn.Module):
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -532,7 +555,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base = base
-        self.base.weight.requires_grad_(False)
+        self.base.requires_grad_(False)
         self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))
         self.scale = alpha / rank
@@ -541,8 +564,10 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
     def merged(self):
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
         lin.weight.data = self.base.weight.data + self.scale * (self.B @ self.A).to(self.base.weight.dtype)
+        if lin.bias is not None:  # an imported GPT-2's
+            lin.bias.data = self.base.bias.data
         return lin
 
 
@@ -646,8 +671,9 @@ def load_checkpoint(path, expect_kind=None):
     """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
     that would run code is refused, never executed."""
     import pickle
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory, expected a checkpoint file")
+    if os.path.isdir(path):  # a Hugging Face GPT-2 directory (hf.py, imported only when used)
+        import hf
+        return hf.load_dir(path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     import zipfile
@@ -685,6 +711,8 @@ def model_from_checkpoint(ck, path="checkpoint"):
                         f"got {ck['config']!r:.120}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"{path}: config n_embd {cfg.n_embd} not divisible by n_head {cfg.n_head}")
+    if cfg.gelu not in ("none", "tanh"):
+        raise UserError(f"{path}: config gelu must be 'none' or 'tanh', got {cfg.gelu!r:.40}")
     try:
         tok = Tokenizer.from_state(ck["tokenizer"])
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:

@@ -1,0 +1,29 @@
+"""
+Export a checkpoint as a Hugging Face GPT-2 directory, for `transformers`:
+
+    python export.py --ckpt out/dpo.pt --out hf/
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("hf/")
+    tok = AutoTokenizer.from_pretrained("hf/")
+
+Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat
+template) and a README.md model card with the checkpoint's training figures. Needs the
+`safetensors` package (requirements-dev.txt); the training scripts do not.
+"""
+import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
+import hf
+
+
+def main(argv=None):
+    ap = ns.ArgumentParser(__doc__)
+    ap.add_argument("--ckpt", default="out/dpo.pt", help="checkpoint (or HF GPT-2 directory) to export")
+    ap.add_argument("--out", default="hf", help="directory to write")
+    args = ap.parse_args(argv)
+    ck = ns.load_checkpoint(args.ckpt)
+    model, tok = hf.save_dir(ck, args.out, args.ckpt)
+    print(f"{args.ckpt} ({ck['kind']}, {model.num_params():,} parameters, {tok.vocab_size:,} tokens) -> {args.out}")
+
+
+if __name__ == "__main__":
+    ns.cli(main)
