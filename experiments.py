@@ -98,8 +98,9 @@ OVERSHOOT = ["--lr", "1.5e-3", "--rewind", "interpolate"]
 # a tiny configuration, for the test that runs verify end to end in seconds
 TINY = {"pretrain.py": ["--max-iters", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                         "--eval-interval", "20", "--vocab-size", "600"],
-        "finetune.py": ["--max-iters", "4", "--eval-interval", "4", "--batch-size", "4", "--warmup", "1"],
-        "dpo.py": ["--max-iters", "4", "--eval-interval", "2", "--batch-size", "4", "--warmup", "1"]}
+        "finetune.py": ["--max-iters", "4", "--eval-interval", "4", "--batch-size", "4", "--warmup", "1",
+                        "--alphas", "0.8"],
+        "dpo.py": ["--max-iters", "4", "--eval-interval", "4", "--batch-size", "4", "--warmup", "1"]}
 
 
 def seed_values(d):

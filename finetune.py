@@ -69,6 +69,9 @@ def parse_args(argv=None):
     ap.add_argument("--rewind-loss-tolerance", type=float, default=0.02,
                     help="... and whose dev answer loss is within this many nats per token of the "
                     "lowest (a point must also write the answers as SFT teaches them)")
+    ap.add_argument("--alphas", type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
+                    default=ALPHAS, help="the points of the line pre-trained -> final that are evaluated "
+                    "(comma-separated; 0 and 1 always); default: 0, 0.5, 0.6, 0.7, 0.75, ..., 0.95, 1")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--log-interval", type=int, default=25)
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
@@ -528,7 +531,7 @@ def main(argv=None):
         by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance, last, args.rewind_min_gain,
                          args.rewind_loss_tolerance)
         ends = {0.0: path[0], 1.0: final_eval} if path[0]["step"] == 0 else {1.0: final_eval}
-        interp = interpolate(evaluator, ck, model, rt, ends) if args.init == "pretrained" else []
+        interp = interpolate(evaluator, ck, model, rt, ends, args.alphas) if args.init == "pretrained" else []
         by_line = rewind(interp, args.rewind_tolerance, interp[-1], args.rewind_min_gain,
                          args.rewind_loss_tolerance) if interp else None
         on_line = args.rewind == "interpolate" and by_line is not None

@@ -8,6 +8,7 @@ import torch
 import nanosft as ns
 from data import formats
 import finetune
+import pretrain
 from conftest import ROOT, tiny_gpt, run_script
 
 
@@ -219,33 +220,32 @@ def test_step_order_is_pure_and_buckets_lengths():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("pre")
-    r = run_script("pretrain.py", "--out-dir", str(d), "--max-iters", "4", "--n-layer", "1", "--n-head", "2",
-                   "--n-embd", "32", "--block-size", "64", "--vocab-size", "400", "--eval-interval", "4",
-                   "--batch-size", "4", "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
+    pretrain.main(["--out-dir", str(d), "--max-iters", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                   "--block-size", "64", "--vocab-size", "400", "--eval-interval", "4", "--batch-size", "4",
+                   "--dtype", "float32"])
     return str(d / "pretrain.pt")
 
 
-def sft_cli(ckpt, out, *extra):
+def sft_argv(ckpt, out, *extra):
     data = os.path.join(out, "data.jsonl")
     with open(data, "w") as f:
         for i in range(24):
             f.write(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i} " * (1 + i % 3)}) + "\n")
         f.write(json.dumps({"prompt": "Question 0?", "response": "Answer 0 "}) + "\n")  # a copy: skipped
-    return run_script("finetune.py", "--ckpt", ckpt, "--data", data, "--out-dir", out, "--batch-size", "8",
-                      "--eval-interval", "5", "--dtype", "float32", "--lr", "1e-3", *extra)
+    return ["--ckpt", ckpt, "--data", data, "--out-dir", out, "--batch-size", "8", "--eval-interval", "5",
+            "--dtype", "float32", "--lr", "1e-3", *extra]
 
 
-def test_cli_accumulation_and_resume_match(tiny_ckpt, tmp_path):
+def test_cli_accumulation_and_resume_match(tiny_ckpt, tmp_path, one_thread):
+    """Three runs in this process; the resume in a fresh one (its state comes from the file)."""
     runs = {}
     for name, extra in {"plain": ["--max-iters", "10"], "accum": ["--max-iters", "10", "--grad-accum", "4"],
                         "first": ["--max-iters", "5"]}.items():
         out = str(tmp_path / name)
         os.makedirs(out)
-        r = sft_cli(tiny_ckpt, out, *extra)
-        assert r.returncode == 0, r.stderr
+        finetune.main(sft_argv(tiny_ckpt, out, *extra))
         runs[name] = out
-    r = sft_cli(tiny_ckpt, runs["first"], "--max-iters", "10", "--resume")
+    r = run_script("finetune.py", *sft_argv(tiny_ckpt, runs["first"], "--max-iters", "10", "--resume"))
     assert r.returncode == 0, r.stderr
     assert "skipped 1 of 25 records that repeat an earlier record exactly (record 25)" in r.stdout + r.stderr
     data = json.load(open(os.path.join(runs["plain"], "sft.json")))["data"]
