@@ -230,7 +230,7 @@ def collate_pairs(examples, pad_id, packed=True):
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a stream per (seed, epoch); 1,000,003 is prime
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -366,10 +366,14 @@ def rewind(path, tolerance=0.01):
     return max((p for p in ok if p["clean_style_rate"] >= best - tolerance), key=lambda p: p["step"])
 
 
+GREEDY_ROOM = 8  # positions a too-long prompt leaves free for the answer in `greedy`
+
+
 def greedy(model, tok, prompts, max_new_tokens):
     """Greedy answers to chat prompts (lists of messages)."""
     was_training = model.training
-    ids = [ns.chat_prompt(tok, p)[-(model.config.block_size - 8):] for p in prompts]
+    room = model.config.block_size - GREEDY_ROOM  # keep the prompt's end, leave room to answer
+    ids = [ns.chat_prompt(tok, p)[-room:] for p in prompts]
     outs = ns.generate_greedy_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})
     model.train(was_training)
     return [tok.decode(o) for o in outs]
@@ -553,17 +557,15 @@ def main(argv=None):
                f"{before['response_tokens']:.1f} tokens per answer")
 
     # ---- batches: this rank's share of the step's pairs, cut into micro-batches
-    current = {"it": 0}
     sums = {}  # step -> [sum rewards/chosen, sum rewards/rejected, sum correct, pairs]
 
     def get_batch(it):
-        current["it"] = it
         ids = torch.tensor(shard(it))
-        return [(*collate_pairs([train_ex[i] for i in c.tolist()], tok.pad, packed), c)
+        return [(*collate_pairs([train_ex[i] for i in c.tolist()], tok.pad, packed), c, it)
                 for c in ids.chunk(args.grad_accum)], B
 
     def loss_fn(m, mb):
-        X, Y, S, ids = mb
+        X, Y, S, ids, it = mb  # it: the step this micro-batch belongs to (for the logged rewards)
         X, Y = X.to(rt.device), Y.to(rt.device)
         S = S if S is None else S.to(rt.device)
         if args.no_ref_cache:
@@ -573,7 +575,7 @@ def main(argv=None):
             rc, rr = ref_c[ids].to(rt.device), ref_r[ids].to(rt.device)
         loss, r_c, r_r = pair_loss(m, X, Y, rc, rr, args, S)
         s = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), torch.tensor(float(len(ids)))])
-        sums[current["it"]] = sums.get(current["it"], 0) + s.float().cpu()
+        sums[it] = sums.get(it, 0) + s.float().cpu()
         return loss
 
     def evaluate(it):

@@ -193,7 +193,7 @@ def step_order(n_examples, batch_size, seed, it, lengths):
     holds examples of similar length (little padding) while batches still vary."""
     per_epoch = max(1, n_examples // batch_size)
     epoch, k = divmod(it, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a stream per (seed, epoch); 1,000,003 is prime
     perm = torch.randperm(n_examples, generator=g).tolist()
     window = 8 * batch_size
     batches = []
@@ -336,16 +336,16 @@ class Evaluator:
     """Held-out accuracy (dev half used for rewinding, test half reported), training-people
     accuracy, list-task accuracy and retention (pre-training validation loss)."""
 
-    def __init__(self, rt, tok, pre_args, block_size):
+    def __init__(self, rt, tok, pretrain_data, block_size):
         self.rt, self.tok = rt, tok
         self.world = ns.load_world()
         self.longest = ns.world_longest()
         self.dev, self.test = ns.heldout_halves()
         self.dev_answers = dev_answer_batches(tok, {r["person"] for r in self.dev})
-        self.train = ns.load_eval_rows("train")[:250]
+        self.train = ns.load_eval_rows("train")[:250]  # as many as a held-out half: the same sampling error
         self.tasks = ns.load_eval_rows("tasks")
         self.retention = None
-        path = pre_args.get("pretrain_data")
+        path = pretrain_data
         if path and os.path.isfile(path):
             # the same stream and split pre-training used: retention = its validation loss
             self.train_tokens, val = ns.split_corpus(corpus_stream(tok, path), block_size)
@@ -433,7 +433,7 @@ def main(argv=None):
     pre_args = ck.get("args", {})
     # the pre-training text, carried from stage to stage: retention is measured on its val split
     args.pretrain_data = pre_args.get("pretrain_data") or (pre_args.get("data") if ck["kind"] == "pretrain" else None)
-    evaluator = Evaluator(rt, tok, vars(args), model.config.block_size) if is_world else None
+    evaluator = Evaluator(rt, tok, args.pretrain_data, model.config.block_size) if is_world else None
     start_iter, resume_ck = 0, None
     if args.resume:
         resume_ck = ns.load_checkpoint(final_path, expect_kind=("sft",))

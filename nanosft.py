@@ -332,9 +332,10 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name="nanosft", pat_str=pattern, mergeable_ranks=self.ranks,
                                      special_tokens=self.special)
         self.vocab_size = max([*token_bytes, *self.special.values()]) + 1
-        for s in SPECIALS:  # eot, pad, user, assistant, end as attributes
-            if s in self.special:
-                setattr(self, s.strip("<|>"), self.special[s])
+        # the special tokens' ids, by name (tok.end, tok.user, ...)
+        sp = self.special.get
+        self.endoftext, self.pad, self.system = sp("<|endoftext|>"), sp("<|pad|>"), sp("<|system|>")
+        self.user, self.assistant, self.end = sp("<|user|>"), sp("<|assistant|>"), sp("<|end|>")
 
     @classmethod
     def train(cls, text, vocab_size):
@@ -926,13 +927,16 @@ def pack(examples, pad_id):
 # 8. generation
 
 
+SMALL_WIDTH = 512  # up to this n_embd, one-token decoding is faster on one CPU thread (bench.py)
+
+
 @contextmanager
 def one_thread_if_small(model, device):
     """Decoding one sequence, each step is a handful of (1 x C) @ (C x k) products: for a
     model of this project's sizes they are too small to split across threads, and the
     threads' hand-offs cost more than they save (bench.py measures it: kv_cache_speedup).
     Large models (or GPUs) keep their threads."""
-    one = device.type == "cpu" and model.config.n_embd <= 512 and torch.get_num_threads() > 1
+    one = device.type == "cpu" and model.config.n_embd <= SMALL_WIDTH and torch.get_num_threads() > 1
     n = torch.get_num_threads()
     if one:
         torch.set_num_threads(1)

@@ -100,7 +100,7 @@ def main(argv=None):
                            f"({rt.world} x {args.grad_accum})")
 
     def get_batch(it):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # a stream per (seed, step); 1,000,003 is prime
         starts = torch.randint(len(train_data) - T - 1, (B,), generator=g)
         starts = starts[rt.rank::rt.world]  # this process's shard of the global batch
         windows = torch.stack([train_data[s:s + T + 1] for s in starts.tolist()])
