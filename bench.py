@@ -373,7 +373,7 @@ def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
         return lambda: step(sft_m, sft_opt, sft_m(X, Y, reduction="sum", segments=S)[1] / (Y != -1).sum())
 
     def dpo_step(X, Y, S, rc, rr):
-        return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, da, S)[0] / len(rc))
+        return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, da.beta, da.loss, da.label_smoothing, da.rpo_alpha, S)[0] / len(rc))
     fns = [f(*b) for b in batches for f in (sft, dpo_step)]  # SFT, DPO, SFT, DPO, ... per batch
     for f in fns:  # warm-up
         f()

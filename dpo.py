@@ -156,21 +156,21 @@ def concatenated_logprobs(model, X, Y, S=None):
     return logps[:B], logps[B:]
 
 
-def pair_loss(model, X, Y, ref_chosen, ref_rejected, args, S=None):
-    """The SUM over the pairs of a micro-batch of the DPO loss (plus, with --rpo-alpha a, a
-    times each chosen answer's per-token NLL: Pang et al. 2024, TRL's rpo_alpha). Summed,
-    because train_loop divides by the global number of pairs of the step. Also returns the
-    implicit rewards (B,) of chosen and rejected for logging."""
+def pair_loss(model, X, Y, ref_chosen, ref_rejected, beta, loss="sigmoid", label_smoothing=0.0,
+              rpo_alpha=0.0, S=None):
+    """The SUM over the pairs of a micro-batch of the DPO loss (dpo_loss with beta, loss and
+    label_smoothing), plus rpo_alpha times each chosen answer's per-token NLL (Pang et al.
+    2024, TRL's rpo_alpha). Summed, because train_loop divides by the global number of pairs
+    of the step. Also returns the implicit rewards (B,) of chosen and rejected for logging."""
     pi_c, pi_r = concatenated_logprobs(model, X, Y, S)  # (B,), (B,)
-    losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_chosen, ref_rejected, args.beta, args.loss,
-                                args.label_smoothing)
-    if args.rpo_alpha:
+    losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_chosen, ref_rejected, beta, loss, label_smoothing)
+    if rpo_alpha:
         # per-token NLL of each chosen answer: its own mean, so long and short answers
         # weigh the same and the term stays on the scale of an SFT loss
         sup = (Y != -1).float()  # (R, T)
         n_tokens = sup.sum(-1) if S is None else segment_sums(sup, S)  # (2B,) response tokens
         n_chosen = n_tokens[:len(pi_c)].clamp(min=1)  # (B,)
-        losses = losses + args.rpo_alpha * (-pi_c / n_chosen)
+        losses = losses + rpo_alpha * (-pi_c / n_chosen)
     return losses.sum(), r_c, r_r
 
 
@@ -573,7 +573,7 @@ def main(argv=None):
                 rc, rr = concatenated_logprobs(ref, X, Y, S)
         else:
             rc, rr = ref_c[ids].to(rt.device), ref_r[ids].to(rt.device)
-        loss, r_c, r_r = pair_loss(m, X, Y, rc, rr, args, S)
+        loss, r_c, r_r = pair_loss(m, X, Y, rc, rr, args.beta, args.loss, args.label_smoothing, args.rpo_alpha, S)
         s = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), torch.tensor(float(len(ids)))])
         sums[it] = sums.get(it, 0) + s.float().cpu()
         return loss
