@@ -1030,8 +1030,24 @@ def generate_greedy_batch(model, prompts, max_new_tokens, stop, keep_stop=False)
 # 9. the training loop, shared by every stage
 
 
-def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_eval, warmup):
-    """The one optimizer loop of pretrain.py, finetune.py and dpo.py.
+@dataclass(frozen=True)
+class Loop:
+    """What the training loop needs to know about a run, and nothing else."""
+    max_iters: int
+    lr: float                 # peak learning rate (warmup, then cosine; see lr_at)
+    warmup: int
+    eval_interval: int        # on_eval every this many steps, and at the end
+    log_interval: int = 50
+    time_budget: float | None = None  # seconds; stop early (at the same step on every rank)
+
+    @classmethod
+    def of(cls, args):
+        """A stage's parsed flags -> the loop's settings."""
+        return cls(args.max_iters, args.lr, args.warmup, args.eval_interval, args.log_interval, args.time_budget)
+
+
+def train_loop(rt, model, optimizer, loop, start_iter, get_batch, loss_fn, on_eval):
+    """The one optimizer loop of pretrain.py, finetune.py and dpo.py, run as `loop` (a Loop).
 
     get_batch(it) -> (micro_batches, count): this rank's micro-batches of step `it`, and
         the number of loss terms (supervised tokens, or pairs) in the GLOBAL step.
@@ -1039,7 +1055,7 @@ def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_ev
     So the step's loss is sum / count over the whole step: gradient accumulation and
     several processes give the gradient of one big batch, and a micro-batch without
     supervised tokens adds exactly zero (never 0/0 = NaN).
-    on_eval(it) is called every --eval-interval steps and at the end (checkpoints, logs).
+    on_eval(it) is called every loop.eval_interval steps and at the end (checkpoints, logs).
     Returns the number of steps done and the training seconds."""
     ddp = rt.world > 1
     scaler = torch.amp.GradScaler("cuda", enabled=(rt.dtype == "float16"))
@@ -1047,17 +1063,17 @@ def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_ev
     t0 = time.time()
     it = start_iter
     tokens_seen = 0
-    while it < args.max_iters:
-        out_of_time = bool(args.time_budget) and time.time() - t0 > args.time_budget
-        if ddp and args.time_budget:  # all ranks stop at the same step, or the others wait forever
+    while it < loop.max_iters:
+        out_of_time = bool(loop.time_budget) and time.time() - t0 > loop.time_budget
+        if ddp and loop.time_budget:  # all ranks stop at the same step, or the others wait forever
             import torch.distributed as dist
             flag = torch.tensor([float(out_of_time)], device=rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = flag.item() > 0
         if out_of_time:
-            rt.log(f"time budget of {args.time_budget:.0f}s reached at step {it}")
+            rt.log(f"time budget of {loop.time_budget:.0f}s reached at step {it}")
             break
-        lr = lr_at(it, args.lr, warmup, args.max_iters)
+        lr = lr_at(it, loop.lr, loop.warmup, loop.max_iters)
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro, count = get_batch(it)
@@ -1084,13 +1100,13 @@ def train_loop(rt, model, optimizer, args, start_iter, get_batch, loss_fn, on_ev
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         it += 1
-        if it % max(1, args.log_interval) == 0 or it == args.max_iters:
+        if it % max(1, loop.log_interval) == 0 or it == loop.max_iters:
             dt = time.time() - t0
-            eta = dt / (it - start_iter) * (args.max_iters - it)
-            rt.log(f"step {it:5d}/{args.max_iters} | loss {step_loss / max(count, 1):.4f} | "
+            eta = dt / (it - start_iter) * (loop.max_iters - it)
+            rt.log(f"step {it:5d}/{loop.max_iters} | loss {step_loss / max(count, 1):.4f} | "
                    f"lr {lr:.2e} | {tokens_seen * rt.world / max(dt, 1e-9):,.0f} tok/s | "
                    f"eta {eta:.0f}s")
-        if it % args.eval_interval == 0 and it < args.max_iters:
+        if it % loop.eval_interval == 0 and it < loop.max_iters:
             on_eval(it)
     seconds = time.time() - t0
     on_eval(it)

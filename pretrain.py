@@ -131,8 +131,8 @@ def main(argv=None):
 
     # ---- train
     model.train()
-    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, args, start_iter, get_batch,
-                                           loss_fn, on_eval, args.warmup)
+    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, ns.Loop.of(args), start_iter,
+                                           get_batch, loss_fn, on_eval)
 
     # ---- report
     if rt.master:

@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,8 +168,8 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     ex = examples(tok) * 2
     rt = ns.Runtime(torch.device("cpu"), "float32")
     cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, rt)
-    args = SimpleNamespace(max_iters=4, lr=1e-2, time_budget=None, log_interval=100, eval_interval=100)
-    opt = ns.configure_optimizer(model, args.lr)
+    loop = ns.Loop(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100)
+    opt = ns.configure_optimizer(model, loop.lr)
 
     def get_batch(it):
         ids = torch.tensor([(2 * it) % len(ex), (2 * it + 1) % len(ex)])
@@ -178,7 +177,7 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
 
     def loss_fn(m, mb):
         return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[3]], cache_r[mb[3]], **loss_kw(rpo_alpha=1.0), S=mb[2])[0]
-    ns.train_loop(rt, model, opt, args, 0, get_batch, loss_fn, lambda it: None, warmup=1)
+    ns.train_loop(rt, model, opt, loop, 0, get_batch, loss_fn, lambda it: None)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # policy moved
