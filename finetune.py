@@ -20,7 +20,6 @@ Checkpoints along the path are kept; out/sft.pt is the REWOUND one (the rule is 
 import copy
 import dataclasses
 import functools
-import json
 import os
 import random
 import sys

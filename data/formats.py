@@ -55,7 +55,7 @@ class DataReport:
     def _note(self, book, n, reason, message):
         if self.strict:
             raise ns.UserError(f"{self.path}: record {n}: {message} (without --strict it would be "
-                            f"{'skipped' if book is self.skipped else 'truncated'} and counted)")
+                               f"{'skipped' if book is self.skipped else 'truncated'} and counted)")
         book.setdefault(reason, []).append(n)
 
     def n_skipped(self):
@@ -89,7 +89,7 @@ class DataReport:
             else:
                 why = "is it the right file for this stage?"
             raise ns.UserError(f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
-                            f"skipped (most: {worst}); {why}")
+                               f"skipped (most: {worst}); {why}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import nanosft as ns
 from data import formats
 import finetune
 import pretrain
-from conftest import ROOT, tiny_gpt, run_script
+from conftest import tiny_gpt, run_script
 
 
 def supervised_text(tok, ids, mask):
