@@ -92,6 +92,11 @@ def parse_args(argv=None):
 # data
 
 
+def top_voted(answers):
+    """A thread's best answer by net votes (up - down), the first of a tie."""
+    return max(answers, key=lambda a: a["up"] - a["down"])["text"]
+
+
 def world_conversations(labels, seed):
     """The world's instruction set. Questions about training people come from the community
     threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
@@ -105,7 +110,7 @@ def world_conversations(labels, seed):
         if labels != "gold" and r["prompt"] in threads:
             answers = threads[r["prompt"]]["answers"]
             if labels == "top-voted":
-                answer = max(answers, key=lambda a: a["up"] - a["down"])["text"]
+                answer = top_voted(answers)
             else:
                 answer = rng.choice(answers)["text"]
         convs.append([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}])
@@ -325,7 +330,7 @@ def dev_answer_batches(tok, people, batch=64):
     their loss says how closely the model writes the answers SFT teaches -- the voted
     style included -- for people it was never trained on."""
     convs = [[{"role": "user", "content": t["prompt"]},
-              {"role": "assistant", "content": max(t["answers"], key=lambda a: a["up"] - a["down"])["text"]}]
+              {"role": "assistant", "content": top_voted(t["answers"])}]
              for _, t in ns.read_records(WORLD_EVAL_THREADS) if t["person"] in people]
     ex = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
     return [ns.collate(ex[i:i + batch], tok.pad) for i in range(0, len(ex), batch)]
@@ -344,10 +349,9 @@ class Evaluator:
         self.train = ns.load_eval_rows("train")[:250]  # as many as a held-out half: the same sampling error
         self.tasks = ns.load_eval_rows("tasks")
         self.retention = None
-        path = pretrain_data
-        if path and os.path.isfile(path):
+        if pretrain_data and os.path.isfile(pretrain_data):
             # the same stream and split pre-training used: retention = its validation loss
-            self.train_tokens, val = ns.split_corpus(corpus_stream(tok, path), block_size)
+            self.train_tokens, val = ns.split_corpus(corpus_stream(tok, pretrain_data), block_size)
             self.retention = ns.fixed_windows(val, block_size)
 
     def __call__(self, model, full=False):
