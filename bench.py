@@ -20,7 +20,7 @@ What it measures (targets in TARGETS below):
   dpo_step_ratio     a DPO step over an SFT step on the same tokens (reference log-probs cached,
                      as dpo.py does).
   pad_efficiency     real tokens over computed tokens in the SFT and DPO batches of the world data.
-  bpe_train_seconds_1mb  Tokenizer.train to 4096 tokens (specials included) on 1 MB of
+  bpe_train_seconds_1mb  pretrain.train_tokenizer to 4096 tokens (specials included) on 1 MB of
                      English: the help topics of the Python reference manual that ship with
                      every Python (pydoc_data.topics), then docstrings of the standard
                      library's modules, classes and functions.
@@ -31,22 +31,16 @@ Timing on a shared machine: things compared are run in alternation, round after 
 each keeps its fastest round. Other work on the machine only ever adds time, so the fastest
 round is the closest to the code's own cost, and both sides of a ratio saw the same machine.
 """
-import os
-
-# OpenMP threads that finish an op early spin, waiting for the next one; on a machine that
-# is busy with other work a spinning thread takes the core away from the thread the op is
-# waiting for, and small ops (decoding one token) ran ~40x slower here. Sleeping instead
-# costs one wake-up per parallel op, small next to the ops of a training step. OpenMP reads
-# this once, when torch loads it; export OMP_WAIT_POLICY=ACTIVE to measure the default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
+# CPU settings: ns.tune_cpu() runs first, as in the stage scripts (export
+# OMP_WAIT_POLICY=ACTIVE to measure OpenMP's default instead).
+import argparse
 import ast
 import contextlib
 import copy
 import importlib.util
 import io
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -206,10 +200,10 @@ def bench_kv_cache(res, rounds, new_tokens=256):
     cfg = ns.GPTConfig(**dict(BENCH_MODEL, block_size=64 + new_tokens))
     model = ns.GPT(cfg).eval()
     prompt = torch.randint(0, cfg.vocab_size, (64,)).tolist()
-    outs = {}
+    outs, generate = {}, load_script("sample").generate
 
     def cached():
-        outs["cached"] = ns.generate(model, prompt, new_tokens, temperature=0)
+        outs["cached"] = generate(model, prompt, new_tokens, temperature=0)
 
     @torch.no_grad()
     def full():  # what decoding costs without a cache: the whole prefix again for every token
@@ -265,15 +259,15 @@ def bench_tokenizer(res, rounds):
     text = english_text()
     res["bpe_text"] = "pydoc_data.topics + stdlib docstrings, Python " + platform.python_version()
     res["bpe_text_bytes"] = len(text.encode())
-    best = math.inf
+    best, pretrain = math.inf, load_script("pretrain")
     for _ in range(max(1, rounds // 2)):
         t = time.perf_counter()
-        tok = ns.Tokenizer.train(text, 4096)
+        tok = pretrain.train_tokenizer(text, 4096)
         best = min(best, time.perf_counter() - t)
     res["bpe_train_seconds_1mb"] = round(best, 2)
     sample = text[:100_000]  # the Python encoder is slow; 100 kB is plenty for a rate
     out = {}
-    t_py, t_tk = best_times([lambda: out.update(py=tok.encode_python(sample)),
+    t_py, t_tk = best_times([lambda: out.update(py=pretrain.encode_python(tok, sample)),
                              lambda: out.update(tk=tok.encode(sample))], max(2, rounds // 2))
     if out["py"] != out["tk"]:
         raise AssertionError("tiktoken and the Python encoder disagree")
@@ -295,8 +289,9 @@ def load_script(name):
 
 
 def world_tokenizer():
-    pre = load_script("pretrain").parse_args([])
-    return ns.Tokenizer.train(ns.read_text(pre.data), pre.vocab_size or 2048), pre  # the world's size
+    pretrain = load_script("pretrain")
+    pre = pretrain.parse_args([])
+    return pretrain.train_tokenizer(ns.read_text(pre.data), pre.vocab_size or pretrain.WORLD_VOCAB), pre
 
 
 def bench_padding(res, tok, pre):
@@ -492,4 +487,5 @@ def main():
 
 
 if __name__ == "__main__":
+    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
     ns.cli(main)

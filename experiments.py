@@ -246,10 +246,11 @@ def main():
         md = table(["dpo.py run", "training pairs", "held-out pref. acc", "clean style after", "degenerate after",
                     "held-out task acc after", "rewound step", "KL", "time"], rows)
     elif args.which == "sft":
-        runs = {"full SFT": [], "from scratch (no pre-training)": ["--init", "scratch", "--lr", "1e-3"],
-                "LoRA r=8 (attention)": ["--lora-rank", "8", "--lr", "3e-3"],
-                "LoRA r=8 (attention + MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp", "--lr", "3e-3"],
-                "prompt tuning, 16 tokens": ["--prompt-tokens", "16", "--lr", "3e-2"],
+        # every method with its own default learning rate (finetune.LR): no hidden flags
+        runs = {"full SFT": [], "from scratch (no pre-training)": ["--init", "scratch"],
+                "LoRA r=8 (attention)": ["--lora-rank", "8"],
+                "LoRA r=8 (attention + MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp"],
+                "prompt tuning, 16 tokens": ["--prompt-tokens", "16"],
                 "full SFT + replay 1.0": ["--replay", "1.0"]}
         slug = lambda n: re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")
         rows = [sft_row(n, sft(root, slug(n), args.ckpt, *a)) for n, a in runs.items()]
@@ -284,7 +285,7 @@ def main():
                 probe = json.load(f)["knowledge_probe_accuracy"]
             ck = os.path.join(pre_dir, "pretrain.pt")
             pre = sft(pre_dir, "sft", ck)
-            scratch = sft(pre_dir, "scratch", ck, "--init", "scratch", "--lr", "1e-3")
+            scratch = sft(pre_dir, "scratch", ck, "--init", "scratch")
             rows.append([name, fmt(pre["total_params"]), fmt(probe), fmt(scratch["heldout_accuracy"]),
                          fmt(pre["heldout_accuracy"]), fmt(pre["heldout_accuracy"] - scratch["heldout_accuracy"])])
         md = table(["model", "params", "knowledge probe", "held-out acc, SFT from scratch",

@@ -11,7 +11,7 @@ Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (wi
 template) and a README.md model card with the checkpoint's training figures. Needs the
 `safetensors` package (requirements-dev.txt); the training scripts do not.
 """
-import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
+import nanosft as ns
 import hf
 
 
@@ -26,4 +26,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
     ns.cli(main)

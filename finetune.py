@@ -8,6 +8,9 @@ Stage 2: supervised fine-tuning (SFT) with a masked loss on instruction pairs.
     python finetune.py --ckpt out/pretrain.pt --prompt-tokens 16   # prompt tuning
     python finetune.py --ckpt out/pretrain.pt --data alpaca.json   # your own data
 
+Defaults are in DEFAULTS; without --lr the rate is the method's (LR): full SFT 1e-3, LoRA
+3e-3, prompt tuning 3e-2.
+
 The loss covers assistant tokens only, including the closing <|end|> (so the model learns
 to stop), averaged over the supervised tokens of the whole optimizer step.
 
@@ -15,24 +18,36 @@ On the world data it measures what the concept guide claims: held-out accuracy (
 facts were only in the pre-training prose: knowledge that SFT makes usable), retention (the
 pre-training validation loss of the current weights: what SFT costs), and the path between.
 Checkpoints along the path are kept; out/sft.pt is the REWOUND one (the rule is in
-`rewind`), the last step is out/sft_final.pt.
+`rewind`), the last step is out/sft_last.pt (what --resume continues from).
 """
-import copy
-import dataclasses
 import functools
 import os
 import random
 import sys
 import time
 
-import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
+import nanosft as ns
+import nanopeft as peft
 import torch
 from data import formats
+from data import world_eval as we
 
 
-WORLD_SFT = os.path.join(ns.HERE, "data", "world_sft.jsonl")
-WORLD_THREADS = os.path.join(ns.HERE, "data", "world_community.jsonl")
-WORLD_EVAL_THREADS = os.path.join(ns.HERE, "data", "world_community_eval.jsonl")
+# ----------------------------------------------------------------------------------------
+# arguments: one table of defaults
+
+DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=25, warmup=20, log_interval=25)
+# --lr's default depends on what trains: the rates of docs/peft.md's table (experiments.py sft).
+# Full SFT (also --init scratch) at 1e-3: at 2e-3 or 3e-3 it forgot far more (docs/forgetting.md).
+# LoRA and prompt tuning change only a few new parameters (adapters that start at zero, a
+# prefix), and were run at higher rates.
+LR = {"full": 1e-3, "lora": 3e-3, "prompt": 3e-2}
+ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas, see `interpolate`
+
+
+def method(lora_rank, prompt_tokens):
+    """What trains: "lora", "prompt" or "full" (every weight; also --init scratch)."""
+    return "lora" if lora_rank else "prompt" if prompt_tokens else "full"
 
 
 def parse_args(argv=None):
@@ -71,20 +86,27 @@ def parse_args(argv=None):
     ap.add_argument("--alphas", type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
                     default=ALPHAS, help="the points of the line pre-trained -> final that are evaluated "
                     "(comma-separated; 0 and 1 always); default: 0, 0.5, 0.6, 0.7, 0.75, ..., 0.95, 1")
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--log-interval", type=int, default=25)
+    ap.add_argument("--warmup", type=int, help="learning-rate warmup steps")
+    ap.add_argument("--log-interval", type=int, help="log the loss every N steps")
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
     ap.add_argument("--strict", action="store_true",
                     help="a record that would be skipped or truncated (too long, a duplicate, no "
                     "answer) is an error instead")
     ns.add_common_args(ap)
-    ap.set_defaults(max_iters=300, batch_size=16, lr=1e-3, eval_interval=25)
+    ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
-    ns.check_args(args)
     if args.lora_rank and args.prompt_tokens:
         raise ns.UserError("--lora-rank and --prompt-tokens are alternatives; pick one")
     if args.lora_rank < 0 or args.prompt_tokens < 0 or args.replay < 0:
         raise ns.UserError("--lora-rank, --prompt-tokens and --replay must be >= 0")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
+    if args.batch_size % (world * args.grad_accum):
+        raise ns.UserError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
+                           f"({world} x {args.grad_accum})")
+    if args.lr is None:
+        args.lr = LR[method(args.lora_rank, args.prompt_tokens)]
+    if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
+        args.alphas = ()
     return args
 
 
@@ -101,8 +123,8 @@ def world_conversations(labels, seed):
     """The world's instruction set. Questions about training people come from the community
     threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
     random community answer; the list tasks (copy/reverse/count) always use their gold answer."""
-    gold = [(w, r) for w, r in ns.read_records(WORLD_SFT)]
-    threads = {r["prompt"]: r for _, r in ns.read_records(WORLD_THREADS)}
+    gold = [(w, r) for w, r in ns.read_records(we.SFT)]
+    threads = {r["prompt"]: r for _, r in ns.read_records(we.THREADS)}
     rng = random.Random(seed)
     convs = []
     for _, r in gold:
@@ -115,6 +137,17 @@ def world_conversations(labels, seed):
                 answer = rng.choice(answers)["text"]
         convs.append([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}])
     return convs
+
+
+def load_records(data, labels, seed, strict):
+    """([(record number, conversation)], its DataReport): the file `data` (any format
+    data/formats.py reads) or, without one, the world's questions (see world_conversations)."""
+    report = formats.DataReport(data or we.SFT, strict)
+    if data:
+        return formats.load_instructions(data, report), report
+    records = list(enumerate(world_conversations(labels, seed), 1))
+    report.total = len(records)
+    return records, report
 
 
 MIN_PROMPT = 8  # a prompt cut from the left keeps at least this many of its tokens
@@ -208,30 +241,52 @@ def step_order(n_examples, batch_size, seed, it, lengths):
     return batches[order[k % len(batches)]]
 
 
+def replay_windows(tokens, n_tokens, T, seed, it, rank=0, world=1):
+    """--replay at step `it`: about n_tokens of pre-training text (at least one window), as
+    windows of T + 1 tokens at random starts (a stream per (seed, step)), every token
+    supervised. Returns this process's share as [(x, y)] or [], and the tokens of all
+    processes' windows."""
+    n = max(1, round(n_tokens / T))
+    g = torch.Generator().manual_seed(seed * 7_000_003 + it)  # 7,000,003 is prime
+    starts = torch.randint(len(tokens) - T - 1, (n,), generator=g)[rank::world].tolist()
+    if not starts:
+        return [], n * T
+    w = torch.stack([tokens[s:s + T + 1] for s in starts])
+    return [(w[:, :-1], w[:, 1:])], n * T
+
+
+# ----------------------------------------------------------------------------------------
+# loss
+
+
+def sft_loss(model, batch):
+    """The loss of one micro-batch (x, y): the SUM over its supervised tokens. train_loop
+    divides by the supervised tokens of the whole optimizer step, so a step of several
+    micro-batches (or processes) has the gradient of one big batch."""
+    return model(batch[0], batch[1], reduction="sum")[1]
+
+
 # ----------------------------------------------------------------------------------------
 # model set-up: full fine-tuning, scratch, LoRA or prompt tuning
 
 
-def build_model(args, ck):
-    model, tok = ns.model_from_checkpoint(ck, args.ckpt)
-    if args.init == "scratch":
-        torch.manual_seed(args.seed)
+def build_model(ck, ckpt="checkpoint", init="pretrained", seed=1337, train_embeddings=False,
+                lora_rank=0, lora_alpha=None, lora_on="attn", prompt_tokens=0):
+    """The model to train, from checkpoint `ck` (read from `ckpt`): the pre-trained weights
+    with their well-trained vocabulary frozen (unless train_embeddings), or random ones
+    (init "scratch"); then LoRA adapters (lora_rank, on the projections of lora_on, e.g.
+    "attn,mlp") or a prompt-tuning prefix (prompt_tokens), which freeze everything else."""
+    model, tok = ns.model_from_checkpoint(ck, ckpt)
+    if init == "scratch":
+        torch.manual_seed(seed)
         model = ns.GPT(model.config)
-    elif not args.train_embeddings:
+    elif not train_embeddings:
         freeze_vocabulary(model, tok, pretraining_counts(tok, ck))
-    if args.prompt_tokens:
-        cfg = dataclasses.replace(model.config, n_prefix=args.prompt_tokens)
-        base = model
-        model = ns.GPT(cfg)
-        model.load_state_dict(base.state_dict(), strict=False)
-        model.requires_grad_(False)
-        g = torch.Generator().manual_seed(args.seed)
-        init = torch.randint(0, tok.vocab_size, (args.prompt_tokens,), generator=g)
-        model.prefix.data = base.wte.weight.data[init].clone()  # start from real token embeddings
-        model.prefix.requires_grad_(True)
-    if args.lora_rank:
-        torch.manual_seed(args.seed)
-        ns.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_on.split(","))
+    if prompt_tokens:
+        model = peft.add_prompt(model, prompt_tokens, seed)
+    if lora_rank:
+        torch.manual_seed(seed)
+        peft.add_lora(model, lora_rank, lora_alpha, lora_on.split(","))
     return model, tok
 
 
@@ -262,6 +317,7 @@ def train_rows(model, rows):
     keep[rows] = 1.0
     model.wte.weight.requires_grad_(True)
     model.wte.weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+    return rows
 
 
 def trainable_params(model, rows=None):
@@ -280,9 +336,24 @@ def corpus_stream(tok, path):
     return ns.encode_corpus(tok, ns.read_text(path))
 
 
+def pretrain_text(ck):
+    """The path of the pre-training text, carried from stage to stage in the checkpoints'
+    args (a pre-training checkpoint names it --data): retention is measured on its val
+    split, --replay draws from its train split, and the vocabulary freeze counts its tokens."""
+    flags = ck.get("args", {})
+    return flags.get("pretrain_data") or (flags.get("data") if ck["kind"] == "pretrain" else None)
+
+
+def pretrain_split(tok, path, block_size):
+    """The pre-training text's train split as one token stream (the one pre-training used)."""
+    if not path or not os.path.isfile(path):
+        raise ns.UserError(f"--replay needs the pre-training text ({path}), which is missing")
+    return ns.split_corpus(corpus_stream(tok, path), block_size)[0]
+
+
 def pretraining_counts(tok, ck):
     """How often each token occurs in the pre-training text (None when it is not at hand)."""
-    path = ck.get("args", {}).get("pretrain_data") or ck.get("args", {}).get("data")
+    path = pretrain_text(ck)
     if ck["kind"] != "pretrain" or not path or not os.path.isfile(path):
         return None
     return torch.bincount(corpus_stream(tok, path), minlength=tok.vocab_size)
@@ -307,19 +378,6 @@ def freeze_vocabulary(model, tok, counts, min_count=RARE):
     train_rows(model, sorted(set(rare) | set(chat_tokens(tok))))
 
 
-def plain_state(model):
-    """A state dict an ordinary GPT loads: LoRA adapters merged into their weights."""
-    if any(isinstance(m, ns.LoRALinear) for m in model.modules()):
-        model = ns.merge_lora(copy.deepcopy(model))
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def plain_model(model):
-    m = ns.GPT(model.config)
-    m.load_state_dict(plain_state(model))
-    return m.to(next(model.parameters()).device)
-
-
 # ----------------------------------------------------------------------------------------
 # evaluation
 
@@ -331,7 +389,7 @@ def dev_answer_batches(tok, people, batch=64):
     style included -- for people it was never trained on."""
     convs = [[{"role": "user", "content": t["prompt"]},
               {"role": "assistant", "content": top_voted(t["answers"])}]
-             for _, t in ns.read_records(WORLD_EVAL_THREADS) if t["person"] in people]
+             for _, t in ns.read_records(we.EVAL_THREADS) if t["person"] in people]
     ex = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
     return [ns.collate(ex[i:i + batch], tok.pad) for i in range(0, len(ex), batch)]
 
@@ -342,20 +400,20 @@ class Evaluator:
 
     def __init__(self, rt, tok, pretrain_data, block_size):
         self.rt, self.tok = rt, tok
-        self.world = ns.load_world()
-        self.longest = ns.world_longest()
-        self.dev, self.test = ns.heldout_halves()
+        self.world = we.load_world()
+        self.longest = we.world_longest()
+        self.dev, self.test = we.heldout_halves()
         self.dev_answers = dev_answer_batches(tok, {r["person"] for r in self.dev})
-        self.train = ns.load_eval_rows("train")[:250]  # as many as a held-out half: the same sampling error
-        self.tasks = ns.load_eval_rows("tasks")
+        self.train = we.load_eval_rows("train")[:250]  # as many as a held-out half: the same sampling error
+        self.tasks = we.load_eval_rows("tasks")
         self.retention = None
         if pretrain_data and os.path.isfile(pretrain_data):
             # the same stream and split pre-training used: retention = its validation loss
-            self.train_tokens, val = ns.split_corpus(corpus_stream(tok, pretrain_data), block_size)
+            val = ns.split_corpus(corpus_stream(tok, pretrain_data), block_size)[1]
             self.retention = ns.fixed_windows(val, block_size)
 
     def __call__(self, model, full=False):
-        qa = lambda rows: ns.qa_eval(model, self.tok, self.world, rows, self.longest)
+        qa = lambda rows: we.qa_eval(model, self.tok, self.world, rows, self.longest)
         test = qa(self.test)
         r = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"],
              "dev_loss": ns.mean_loss(model, self.dev_answers, self.rt),
@@ -363,8 +421,13 @@ class Evaluator:
              "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None}
         if full:
             r["train"] = qa(self.train)["accuracy"]
-            r["tasks"] = ns.task_accuracy(model, self.tok, self.tasks)
+            r["tasks"] = we.task_accuracy(model, self.tok, self.tasks)
         return r
+
+
+def log_eval(log, r):
+    log(f"eval step {r['step']}: held-out {r['heldout']:.3f} (dev {r['dev']:.3f}, dev answer loss "
+        f"{r['dev_loss']:.4f}) | retention loss {r['retention']:.4f}")
 
 
 def rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None):
@@ -403,192 +466,30 @@ def rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None):
 
 
 # ----------------------------------------------------------------------------------------
+# checkpoints
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rt = ns.setup_runtime(args)
-    t_start = time.time()
-    final_path = os.path.join(args.out_dir, "sft_final.pt")
-
-    # ---- checkpoint, data, model (all input validated before anything is written)
-    ck = ns.load_checkpoint(args.ckpt, expect_kind=("pretrain", "sft", "dpo"))
-    model, tok = build_model(args, ck)
-    is_world = args.data is None
-    source = args.data or WORLD_SFT
-    report = formats.DataReport(source, args.strict)
-    if is_world:
-        records = list(enumerate(world_conversations(args.labels, args.seed), 1))
-        report.total = len(records)
-    else:
-        records = formats.load_instructions(args.data, report)
-    if args.show_mask:
-        show_mask(tok, records[0][1])
-        return
-    examples = render_all(tok, records, model.config.block_size, report)
-    for line in report.lines():
-        rt.log(line)
-    lengths = [len(x) for x, _ in examples]
-    rows = None
-    if args.lora_rank:
-        rows = new_token_rows(tok, None if args.init == "scratch" else pretraining_counts(tok, ck), examples)
-        train_rows(model, rows)
-    pre_args = ck.get("args", {})
-    # the pre-training text, carried from stage to stage: retention is measured on its val split
-    args.pretrain_data = pre_args.get("pretrain_data") or (pre_args.get("data") if ck["kind"] == "pretrain" else None)
-    evaluator = Evaluator(rt, tok, args.pretrain_data, model.config.block_size) if is_world else None
-    start_iter, resume_ck = 0, None
-    if args.resume:
-        resume_ck = ns.load_checkpoint(final_path, expect_kind=("sft",))
-        if "train_state" not in resume_ck:
-            raise ns.UserError(f"{final_path}: has no training state to resume from")
-        # the run being resumed must have started from the same model and tokenizer as --ckpt
-        fits = torch.equal(resume_ck["tokenizer"]["merges"], ck["tokenizer"]["merges"])
-        if fits:
-            try:
-                model.load_state_dict(resume_ck["train_state"])
-            except RuntimeError:  # other shapes or parameter names
-                fits = False
-        if not fits:
-            raise ns.UserError(f"{final_path}: was trained from another model or tokenizer than "
-                               f"{args.ckpt} (or other --lora-rank / --prompt-tokens); expected the same --ckpt")
-        start_iter = resume_ck["iter"]
-        torch.set_rng_state(resume_ck["rng"]["torch"])
-    model.to(rt.device)
-    trainable = trainable_params(model, rows)
-    rt.log(f"{len(examples)} examples from {source} | {trainable:,} trainable of "
-           f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
-    optimizer = ns.configure_optimizer(model, args.lr, weight_decay=0.0, device_type=rt.device.type)
-    if resume_ck is not None:
-        optimizer.load_state_dict(resume_ck["optimizer"])
-    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    replay_tokens = evaluator.train_tokens if (evaluator and args.replay) else None
-    if args.replay and replay_tokens is None:
-        pre_data = args.pretrain_data
-        if not pre_data or not os.path.isfile(pre_data):
-            raise ns.UserError(f"--replay needs the pre-training text ({pre_data}), which is missing")
-        replay_tokens = ns.split_corpus(corpus_stream(tok, pre_data), model.config.block_size)[0]
-    B = args.batch_size
-    if B % (rt.world * args.grad_accum):
-        raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum "
-                           f"({rt.world} x {args.grad_accum})")
-
-    # ---- batches
-    def get_batch(it):
-        chosen = step_order(len(examples), B, args.seed, it, lengths)
-        count = sum(int((examples[i][1] != -1).sum()) for i in chosen)
-        mine = chosen[rt.rank::rt.world]
-        micro = [ns.collate([examples[i] for i in part], tok.pad) for part in
-                 [mine[j::args.grad_accum] for j in range(args.grad_accum)] if part]
-        if replay_tokens is not None:  # pre-training windows, every token supervised
-            T = model.config.block_size
-            n_win = max(1, round(args.replay * count / T))
-            g = torch.Generator().manual_seed(args.seed * 7_000_003 + it)
-            starts = torch.randint(len(replay_tokens) - T - 1, (n_win,), generator=g)[rt.rank::rt.world]
-            if len(starts):
-                w = torch.stack([replay_tokens[s:s + T + 1] for s in starts.tolist()])
-                micro.append((w[:, :-1], w[:, 1:]))
-            count += n_win * T
-        return [(x.to(rt.device), y.to(rt.device)) for x, y in micro], count
-
-    def loss_fn(m, mb):
-        return m(mb[0], mb[1], reduction="sum")[1]
-
-    # ---- the path: evaluate and keep a checkpoint every --eval-interval steps
-    path = list(resume_ck["metrics"].get("path", [])) if resume_ck else []
-    path_dir = os.path.join(args.out_dir, "sft_path")
-    before = evaluator(model) if (evaluator and not path) else None
-    if before is not None:
-        path.append({"step": 0, **before})
-
-    def on_eval(it):
-        if rt.master:
-            if evaluator and (not path or path[-1]["step"] != it):
-                r = evaluator(model)
-                path.append({"step": it, **r})
-                rt.log(f"eval step {it}: held-out {r['heldout']:.3f} (dev {r['dev']:.3f}, dev answer loss "
-                       f"{r['dev_loss']:.4f}) | retention loss {r['retention']:.4f}")
-                ns.save_checkpoint(os.path.join(path_dir, f"step{it:05d}.pt"),
-                                   ns.checkpoint_dict("sft", plain_model(model), tok, None, it, args))
-            final = ns.checkpoint_dict("sft", plain_model(model), tok, optimizer, it, args, {"path": path})
-            final["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            ns.save_checkpoint(final_path, final)
-        ns.barrier(rt)
-
-    model.train()
-    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, ns.Loop.of(args), start_iter,
-                                           get_batch, loss_fn, on_eval)
-    if not rt.master:
-        return
-
-    # ---- rewinding, interpolation, report
-    out = {"trainable_params": trainable, "total_params": model.num_params(), "steps": it,
-           "train_seconds": seconds, "tokens_per_sec": tok_per_s, "labels": args.labels if is_world else None,
-           "init": args.init, "lora_rank": args.lora_rank, "prompt_tokens": args.prompt_tokens,
-           "replay": args.replay, "lr": args.lr, "device": str(rt.device), "dtype": rt.dtype,
-           "data": report.state()}
-    sft_path = os.path.join(args.out_dir, "sft.pt")
-    if evaluator:
-        final_eval = evaluator(model, full=True)
-        last = path[-1]  # the final checkpoint as the path saw it
-        by_path = rewind(path[1:] if len(path) > 1 else path, args.rewind_tolerance, last, args.rewind_min_gain,
-                         args.rewind_loss_tolerance)
-        ends = {0.0: path[0], 1.0: final_eval} if path[0]["step"] == 0 else {1.0: final_eval}
-        interp = interpolate(evaluator, ck, model, rt, ends, args.alphas) if args.init == "pretrained" else []
-        by_line = rewind(interp, args.rewind_tolerance, interp[-1], args.rewind_min_gain,
-                         args.rewind_loss_tolerance) if interp else None
-        on_line = args.rewind == "interpolate" and by_line is not None
-        if on_line:
-            rew_model = ns.GPT(model.config)
-            rew_model.load_state_dict(interpolated(pretrained_state(ck), plain_state(model), by_line["alpha"]))
-            rewound = ns.checkpoint_dict("sft", rew_model, tok, None, it, args)
-            where = f"alpha {by_line['alpha']:.2f} of the line pre-trained -> final"
-        else:
-            rewound = ns.load_checkpoint(os.path.join(path_dir, f"step{by_path['step']:05d}.pt"))
-            rew_model, _ = ns.model_from_checkpoint(rewound)
-            where = f"step {by_path['step']} of the path"
-        rew_eval = evaluator(rew_model.to(rt.device), full=True)
-        start = path[0]
-        out.update({
-            "heldout_accuracy": rew_eval["heldout"], "train_accuracy": rew_eval["train"],
-            "task_accuracy": rew_eval["tasks"],
-            "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final_eval["heldout"],
-            "heldout_accuracy_rewound": rew_eval["heldout"], "heldout_accuracy_peak": max(p["heldout"] for p in path),
-            "train_accuracy_final": final_eval["train"], "task_accuracy_final": final_eval["tasks"],
-            "degenerate_rate": rew_eval["degenerate"], "degenerate_rate_final": final_eval["degenerate"],
-            "retention_val_loss_before": start["retention"], "retention_val_loss_final": final_eval["retention"],
-            "retention_val_loss_rewound": rew_eval["retention"], "rewound": where,
-            "rewound_step": None if on_line else by_path["step"],
-            "rewound_alpha": by_line["alpha"] if on_line else None,
-            "rewind": args.rewind,
-            "rewind_rule": f"lowest retention loss among the {args.rewind} points within {args.rewind_tolerance} "
-                           f"of the best dev held-out accuracy and {args.rewind_loss_tolerance} nats/token of the "
-                           f"lowest dev answer loss, if it saves >= {args.rewind_min_gain} nats "
-                           "over the final checkpoint (else the final one)",
-            # both rules, each as measured at its point (test-half accuracy, retention)
-            "rewind_path": by_path, "rewind_interpolate": by_line,
-            "chance_accuracy": chance(evaluator.world), "path": path, "interpolation": interp,
-        })
-        rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
-        ns.save_checkpoint(sft_path, rewound)
-        plot_path(os.path.join(args.out_dir, "sft_path.png"), path, interp, it, by_path["step"], by_line)
-        rt.log(f"held-out accuracy: before {start['heldout']:.3f} | final {final_eval['heldout']:.3f} | "
-               f"rewound ({where}) {rew_eval['heldout']:.3f}")
-        rt.log(f"retention loss:    before {start['retention']:.4f} | final {final_eval['retention']:.4f} | "
-               f"rewound {rew_eval['retention']:.4f}")
-        rt.log(f"training people {rew_eval['train']:.3f} | list tasks {rew_eval['tasks']:.3f} | "
-               f"degenerate answers {rew_eval['degenerate']:.3f}")
-    else:
-        ns.save_checkpoint(sft_path, ns.checkpoint_dict("sft", plain_model(model), tok, None, it, args))
-    out["seconds"] = time.time() - t_start
-    ns.write_json(os.path.join(args.out_dir, "sft.json"), out)
-    rt.log(f"done in {out['seconds']:.0f}s -> {sft_path}")
+def step_file(out_dir, it):
+    """The path's checkpoint of step `it`."""
+    return os.path.join(out_dir, "sft_path", f"step{it:05d}.pt")
 
 
-def chance(world):
-    """Accuracy of guessing uniformly among an attribute's values, averaged over attributes."""
-    W, facts = world
-    return sum(1 / len(W.VALUES[a]) for a in facts["attributes"]) / len(facts["attributes"])
+def save_plain(file, model, tok, it, flags):
+    """A checkpoint every later stage loads as an ordinary GPT (adapters merged)."""
+    ns.save_checkpoint(file, ns.checkpoint_dict("sft", peft.plain_model(model), tok, None, it, flags))
+
+
+def save_last(file, model, tok, optimizer, it, flags, state):
+    """out/sft_last.pt, written at every evaluation: an ordinary final checkpoint (adapters
+    merged into plain weights), plus what --resume needs (ns.resume): the optimizer, the
+    stage's state (its path) and the weights in their training form (adapters unmerged)."""
+    ck = ns.checkpoint_dict("sft", peft.plain_model(model), tok, optimizer, it, flags, state=state)
+    ck["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ns.save_checkpoint(file, ck)
+
+
+# ----------------------------------------------------------------------------------------
+# after training: choose the rewound point, report
 
 
 def pretrained_state(ck):
@@ -601,17 +502,14 @@ def interpolated(pre, fin, a):
     return {k: (1 - a) * pre[k] + a * v if k in pre and pre[k].shape == v.shape else v for k, v in fin.items()}
 
 
-ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
-
-
 @torch.no_grad()
-def interpolate(evaluator, ck, model, rt, known, alphas=ALPHAS):
+def interpolate(evaluator, ck, model, known, alphas=ALPHAS):
     """Evaluate the weights on the straight line from the pre-trained to the final ones.
     PEFT-Arena's path-wise rewinding moves back along this line: it does not retrace the
     training path, and here it lies above it (more accuracy for the same forgetting).
     known: {alpha: evaluation} already measured (the two ends)."""
-    pre, fin = pretrained_state(ck), plain_state(model)
-    m = ns.GPT(model.config).to(rt.device)
+    pre, fin = pretrained_state(ck), peft.plain_state(model)
+    m = ns.GPT(model.config).to(evaluator.rt.device)
     out = []
     for a in alphas:
         if a not in known:
@@ -621,7 +519,11 @@ def interpolate(evaluator, ck, model, rt, known, alphas=ALPHAS):
     return out
 
 
-def plot_path(png, path, interp, final_step, rewound_step, by_line=None):
+def plot_path(png, path, final_step, choice):
+    """Held-out accuracy against retention loss: the path, the line (if evaluated), and the
+    pre-trained, final and rewound points (choice: see choose_rewound)."""
+    interp, by_line = choice["interpolation"], choice["rewind_interpolate"]
+    rewound_step = choice["rewind_path"]["step"]
     at = lambda s: next(p for p in path if p["step"] == s)
     series = {"SFT path": ([p["retention"] for p in path], [p["heldout"] for p in path])}
     if interp:
@@ -639,5 +541,145 @@ def plot_path(png, path, interp, final_step, rewound_step, by_line=None):
             "held-out accuracy", series, marks)
 
 
+def choose_rewound(evaluator, ck, model, path, final, where, alphas, tolerance, loss_tolerance, min_gain):
+    """Rewinding both ways (see `rewind` for the rule and its settings): among the path's
+    checkpoints (its step 0, the pre-trained model, is no candidate) and, given `alphas`, on
+    the line pre-trained -> final (a scratch run has no pre-trained end). `where` says whose
+    choice becomes out/sft.pt; both are reported. final: the final weights' evaluation.
+    Returns sft.json's fields on rewinding."""
+    rule = dict(tolerance=tolerance, loss_tolerance=loss_tolerance, min_gain=min_gain)
+    by_path = rewind(path[1:] if len(path) > 1 else path, final=path[-1], **rule)
+    ends = {0.0: path[0], 1.0: final} if path[0]["step"] == 0 else {1.0: final}
+    interp = interpolate(evaluator, ck, model, ends, alphas) if alphas else []
+    by_line = rewind(interp, final=interp[-1], **rule) if interp else None
+    on_line = where == "interpolate" and by_line is not None
+    return {"rewound": f"alpha {by_line['alpha']:.2f} of the line pre-trained -> final" if on_line
+            else f"step {by_path['step']} of the path",
+            "rewound_step": None if on_line else by_path["step"],
+            "rewound_alpha": by_line["alpha"] if on_line else None, "rewind": where,
+            "rewind_rule": f"lowest retention loss among the {where} points within {tolerance} of the best "
+                           f"dev held-out accuracy and {loss_tolerance} nats/token of the lowest dev answer "
+                           f"loss, if it saves >= {min_gain} nats over the final checkpoint (else the final one)",
+            # both rules, each as measured at its point (test-half accuracy, retention)
+            "rewind_path": by_path, "rewind_interpolate": by_line, "interpolation": interp}
+
+
+def rewound_checkpoint(choice, ck, model, tok, it, flags, out_dir):
+    """The chosen point's checkpoint: a step of the path as saved then, or the weights at the
+    chosen alpha of the line pre-trained -> final, made now."""
+    if choice["rewound_alpha"] is None:
+        return ns.load_checkpoint(step_file(out_dir, choice["rewound_step"]))
+    m = ns.GPT(model.config)
+    m.load_state_dict(interpolated(pretrained_state(ck), peft.plain_state(model), choice["rewound_alpha"]))
+    return ns.checkpoint_dict("sft", m, tok, None, it, flags)
+
+
+def world_report(log, path, final, rew, choice, chance):
+    """sft.json's world numbers: before SFT (the path's step 0), at the final step and at the
+    rewound point (`rew`; `final` the final one's full evaluation); the headline is logged."""
+    start = path[0]
+    log(f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
+        f"rewound ({choice['rewound']}) {rew['heldout']:.3f}")
+    log(f"retention loss:    before {start['retention']:.4f} | final {final['retention']:.4f} | "
+        f"rewound {rew['retention']:.4f}")
+    log(f"training people {rew['train']:.3f} | list tasks {rew['tasks']:.3f} | "
+        f"degenerate answers {rew['degenerate']:.3f}")
+    return {
+        "heldout_accuracy": rew["heldout"], "train_accuracy": rew["train"], "task_accuracy": rew["tasks"],
+        "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final["heldout"],
+        "heldout_accuracy_rewound": rew["heldout"], "heldout_accuracy_peak": max(p["heldout"] for p in path),
+        "train_accuracy_final": final["train"], "task_accuracy_final": final["tasks"],
+        "degenerate_rate": rew["degenerate"], "degenerate_rate_final": final["degenerate"],
+        "retention_val_loss_before": start["retention"], "retention_val_loss_final": final["retention"],
+        "retention_val_loss_rewound": rew["retention"], **choice, "chance_accuracy": chance, "path": path}
+
+
+# ----------------------------------------------------------------------------------------
+# the stage: arguments, load, data, loss, loop, evaluate, save, report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = ns.setup_runtime(args.device, args.dtype)
+    t_start = time.time()
+
+    # ---- load: checkpoint, model, data (all input validated before anything is written)
+    ck = ns.load_checkpoint(args.ckpt, expect_kind=("pretrain", "sft", "dpo"))
+    model, tok = build_model(ck, args.ckpt, args.init, args.seed, args.train_embeddings,
+                             args.lora_rank, args.lora_alpha, args.lora_on, args.prompt_tokens)
+    T = model.config.block_size
+    records, report = load_records(args.data, args.labels, args.seed, args.strict)
+    if args.show_mask:
+        return show_mask(tok, records[0][1])
+    examples = render_all(tok, records, T, report)
+    for line in report.lines():
+        rt.log(line)
+    rows = None
+    if args.lora_rank:  # the embedding rows of tokens new to the model train with the adapters (train_rows)
+        counts = None if args.init == "scratch" else pretraining_counts(tok, ck)
+        rows = train_rows(model, new_token_rows(tok, counts, examples))
+    args.pretrain_data = pretrain_text(ck)  # saved in the checkpoints' args for the next stage
+    evaluator = Evaluator(rt, tok, args.pretrain_data, T) if args.data is None else None
+    replay_tokens = pretrain_split(tok, args.pretrain_data, T) if args.replay else None
+    optimizer = ns.configure_optimizer(model.to(rt.device), args.lr, weight_decay=0.0, device_type=rt.device.type)
+    start_iter, state = ns.resume(args.out_dir, "sft", model, tok, optimizer) if args.resume else (0, {})
+    trainable = trainable_params(model, rows)
+    rt.log(f"{len(examples)} examples from {report.path} | {trainable:,} trainable of {model.num_params():,} "
+           f"parameters | {method(args.lora_rank, args.prompt_tokens)}, lr {args.lr:g} | {rt.device} {rt.dtype}")
+
+    # ---- data: this process's micro-batches of step `it`, and the supervised tokens of the whole step
+    def get_batch(it):
+        chosen = step_order(len(examples), args.batch_size, args.seed, it, [len(x) for x, _ in examples])
+        count = sum(int((examples[i][1] != -1).sum()) for i in chosen)
+        mine = chosen[rt.rank::rt.world]
+        micro = [ns.collate([examples[i] for i in part], tok.pad) for part in
+                 [mine[j::args.grad_accum] for j in range(args.grad_accum)] if part]
+        if replay_tokens is not None:  # --replay pre-training tokens per SFT token
+            windows, n = replay_windows(replay_tokens, args.replay * count, T, args.seed, it, rt.rank, rt.world)
+            micro, count = micro + windows, count + n
+        return [(x.to(rt.device), y.to(rt.device)) for x, y in micro], count
+
+    # ---- loop (loss: sft_loss); every --eval-interval steps evaluate, keep the path's step, save sft_last.pt
+    path = state.get("path") or ([{"step": 0, **evaluator(model)}] if evaluator else [])
+
+    def on_eval(it):
+        if rt.master:
+            if evaluator and path[-1]["step"] != it:
+                path.append({"step": it, **evaluator(model)})
+                log_eval(rt.log, path[-1])
+                save_plain(step_file(args.out_dir, it), model, tok, it, vars(args))
+            save_last(ns.last_path(args.out_dir, "sft"), model, tok, optimizer, it, vars(args), {"path": path})
+        ns.barrier(rt)
+
+    model.train()
+    it, seconds, tok_per_s = ns.train_loop(rt, ns.wrap_ddp(torch.compile(model) if args.compile else model, rt),
+                                           optimizer, ns.Loop.of(vars(args)), start_iter, get_batch, sft_loss, on_eval)
+    if not rt.master:
+        return
+
+    # ---- evaluate (on the world: rewind along the path or the line), save, report
+    out = {"trainable_params": trainable, "total_params": model.num_params(), "steps": it, "train_seconds": seconds,
+           "tokens_per_sec": tok_per_s, "labels": args.labels if evaluator else None, "init": args.init,
+           "lora_rank": args.lora_rank, "prompt_tokens": args.prompt_tokens, "replay": args.replay, "lr": args.lr,
+           "device": str(rt.device), "dtype": rt.dtype, "data": report.state()}
+    sft_file = os.path.join(args.out_dir, "sft.pt")
+    if evaluator:
+        final = evaluator(model, full=True)
+        choice = choose_rewound(evaluator, ck, model, path, final, args.rewind, args.alphas,
+                                args.rewind_tolerance, args.rewind_loss_tolerance, args.rewind_min_gain)
+        rewound = rewound_checkpoint(choice, ck, model, tok, it, vars(args), args.out_dir)
+        rew = evaluator(ns.model_from_checkpoint(rewound)[0].to(rt.device), full=True)
+        out.update(world_report(rt.log, path, final, rew, choice, we.chance(evaluator.world)))
+        rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
+        ns.save_checkpoint(sft_file, rewound)
+        plot_path(os.path.join(args.out_dir, "sft_path.png"), path, it, choice)
+    else:
+        save_plain(sft_file, model, tok, it, vars(args))
+    out["seconds"] = time.time() - t_start
+    ns.write_json(os.path.join(args.out_dir, "sft.json"), out)
+    rt.log(f"done in {out['seconds']:.0f}s -> {sft_file}")
+
+
 if __name__ == "__main__":
+    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
     ns.cli(main)

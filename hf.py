@@ -214,7 +214,7 @@ def load_dir(path, expect_kind=None):
     if expect_kind and kind not in expect_kind:
         raise ns.UserError(f"{path}: a '{kind}' model, expected one of {', '.join(expect_kind)}")
     return {"kind": kind, "model": model, "config": asdict(cfg), "tokenizer": tok.state(), "optimizer": None,
-            "iter": 0, "rng": ns.rng_state(), "args": {}, "metrics": {}}
+            "iter": 0, "rng": {"torch": torch.get_rng_state()}, "args": {}, "metrics": {}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def save_dir(ck, out, source="checkpoint"):
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
               "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
               "n_inner": None, "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
-              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # nanosft trains without dropout
               "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
               "tie_word_embeddings": True, "use_cache": True, "bos_token_id": tok.endoftext,
               "eos_token_id": tok.special[eos], "pad_token_id": tok.pad, "dtype": "float32",

@@ -1,19 +1,21 @@
 """
-nanosft: the one shared library of the pre-train -> SFT -> DPO pipeline.
+nanosft: the one shared library of the pre-train -> SFT -> DPO pipeline: what two or more
+stages use, and nothing else (each stage's own code is in its script; LoRA and prompt
+tuning in nanopeft.py; file formats in data/formats.py; the world's evaluation in
+data/world_eval.py).
 
 Read top to bottom:
   1. errors         one clear line for bad input (exit code 2), never a traceback
-  2. device, dtype  chosen by what the hardware can do, never assumed
-  3. tokenizer      a byte-level BPE trained in readable Python, served by tiktoken
-  4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache),
-                    plus LoRA and prompt tuning for parameter-efficient fine-tuning
+  2. device, dtype  chosen by what the hardware can do, never assumed; CPU tuning
+  3. tokenizer      a byte-level BPE (trained by pretrain.py) served by tiktoken
+  4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
   5. optimizer      AdamW (decay on 2-D weights only), warmup + cosine schedule
   6. checkpoints    one .pt, written atomically, loaded with weights_only=True (or a Hugging
-                    Face GPT-2 directory: hf.py)
-  7. data           plain text, chat rendering with the loss mask (file formats: data/formats.py)
-  8. generation     greedy / sampled decoding with a KV cache
+                    Face GPT-2 directory: hf.py); one <stage>_last.pt to resume from
+  7. data           plain text, chat rendering with the loss mask, padding and packing
+  8. generation     batched greedy / sampled decoding with a KV cache
   9. training loop  shared by all three stages; a stage only supplies its batches and loss
- 10. evaluation     knowledge probe, question answering graded by the world's verifier, plots
+ 10. evaluation     mean loss over fixed batches, plots
 """
 import argparse
 import json
@@ -21,36 +23,11 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
-# OpenMP threads that finish an op early spin while they wait for the next one. When other
-# programs share the cores, a spinning thread steals the core from the thread it waits
-# for: on 2 shared cores that made pre-training ~3x and one-token decoding ~40x slower.
-# Sleeping costs one wake-up per parallel op instead. OpenMP reads this once, when torch
-# loads: a script imports nanosft before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def keep_freed_memory():
-    """glibc hands large freed blocks back to the operating system, so every training step
-    takes page faults to get its activation buffers again. Keeping freed memory in the heap
-    makes a CPU training step ~4% faster here (bench.py's step, paired runs); the cost is
-    that a process keeps its peak memory until it exits. glibc only; elsewhere nothing."""
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
-    mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
-
-
-keep_freed_memory()
-
-import regex  # noqa: E402  installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
-import tiktoken  # noqa: E402
-import torch  # noqa: E402
+import tiktoken
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -81,7 +58,8 @@ def cli(main):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line ("error: ...") and exit code 2, like every other
-    bad input (plain argparse prints the whole usage first)."""
+    bad input (plain argparse prints the whole usage first), and the values argparse's
+    types cannot rule out are checked as the flags are parsed."""
 
     def __init__(self, description):
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +67,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+    def parse_args(self, argv=None):
+        args = super().parse_args(argv)
+        flags = vars(args)
+        for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "block_size", "n_layer",
+                     "n_head", "n_embd", "vocab_size", "max_new_tokens", "num_samples"):
+            if flags.get(name) is not None and flags[name] <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {flags[name]}")
+        for name in ("lr", "time_budget", "beta"):
+            v = flags.get(name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        if flags.get("n_embd") and flags.get("n_head") and flags["n_embd"] % flags["n_head"]:
+            raise UserError(f"--n-embd ({flags['n_embd']}) must be divisible by --n-head ({flags['n_head']})")
+        out_dir = flags.get("out_dir")
+        if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            # found now, not after an hour of training when the first save fails
+            raise UserError(f"--out-dir {out_dir}: exists and is not a directory")
+        return args
 
 
 def shutdown_distributed():
@@ -98,26 +95,6 @@ def shutdown_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def check_args(args):
-    """Flag values that argparse's types cannot rule out."""
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "block_size", "n_layer",
-                 "n_head", "n_embd", "vocab_size", "max_new_tokens", "num_samples"):
-        v = getattr(args, name, None)
-        if v is not None and v <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    for name in ("lr", "time_budget", "beta"):
-        v = getattr(args, name, None)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-    n_embd, n_head = getattr(args, "n_embd", None), getattr(args, "n_head", None)
-    if n_embd and n_head and n_embd % n_head:
-        raise UserError(f"--n-embd ({n_embd}) must be divisible by --n-head ({n_head})")
-    out_dir = getattr(args, "out_dir", None)
-    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        # found now, not after an hour of training when the first save fails
-        raise UserError(f"--out-dir {out_dir}: exists and is not a directory")
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,6 +119,34 @@ def cpu_has_native_bf16():
             return time.perf_counter() - start
         t(a32), t(a16)
         return t(a16) < t(a32)
+
+
+def tune_cpu():
+    """Two settings that make CPU runs faster. A script calls this first thing when run
+    from the command line (nothing is changed by importing this module):
+
+    1. OpenMP threads that finish an op early spin while they wait for the next one. When
+       other programs share the cores, a spinning thread steals the core from the thread
+       it waits for: on 2 shared cores that made pre-training ~3x and one-token decoding
+       ~40x slower. OMP_WAIT_POLICY=PASSIVE makes them sleep instead (one wake-up per
+       parallel op). OpenMP reads it only when torch loads, so when it is not set the
+       process restarts itself once with it set: same arguments, same process id.
+    2. glibc hands large freed blocks back to the operating system, so every training step
+       takes page faults to get its activation buffers again. Keeping freed memory in the
+       heap makes a CPU step ~4% faster (bench.py, paired runs); a process then keeps its
+       peak memory until it exits. glibc only; elsewhere nothing changes.
+    Set OMP_WAIT_POLICY yourself (to anything) to skip the restart."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+    mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
 
 
 def pick_device(name="auto"):
@@ -171,10 +176,10 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
-def setup_runtime(args):
+def setup_runtime(device="auto", dtype="auto"):
     """Device, dtype and (under torchrun) the process group. Returns a small namespace."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(args.device)
+    device = pick_device(device)
     if world > 1:
         import torch.distributed as dist
         if device.type == "cuda":
@@ -184,7 +189,7 @@ def setup_runtime(args):
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dtype = pick_dtype(device, args.dtype)
+    dtype = pick_dtype(device, dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -234,73 +239,6 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
-    """Byte-level BPE: start from the 256 bytes and repeatedly merge the most frequent
-    adjacent pair into a new token. Returns the merges as (left_id, right_id) pairs; merge
-    k creates token 256 + k.
-
-    Fast enough for megabytes in pure Python because (a) identical chunks are counted once
-    and (b) pair counts are updated incrementally, only for the chunks that contain the
-    merged pair, with a max-heap (lazy deletion) to find the next best pair."""
-    import heapq
-    from collections import Counter, defaultdict
-    if vocab_size < 256:
-        raise UserError(f"--vocab-size must be at least 256 (the byte alphabet), got {vocab_size}")
-    chunk_counts = Counter(regex.findall(pattern, text))
-    words = [list(c.encode("utf-8")) for c in chunk_counts]
-    counts = list(chunk_counts.values())
-    pairs, where = Counter(), defaultdict(set)
-    for i, w in enumerate(words):
-        for p in zip(w, w[1:]):
-            pairs[p] += counts[i]
-            where[p].add(i)
-    heap = [(-c, p) for p, c in pairs.items()]
-    heapq.heapify(heap)
-    token_bytes = [bytes([i]) for i in range(256)]
-    known = {b: i for i, b in enumerate(token_bytes)}
-    merges = []
-    while len(token_bytes) < vocab_size and heap:
-        neg, pair = heapq.heappop(heap)
-        if pairs.get(pair, 0) != -neg or neg == 0:
-            continue  # stale heap entry
-        a, b = pair
-        new_bytes = token_bytes[a] + token_bytes[b]
-        if new_bytes in known:   # same bytes reached by another merge path: reuse that id
-            new_id = known[new_bytes]
-        else:
-            new_id = len(token_bytes)
-            token_bytes.append(new_bytes)
-            known[new_bytes] = new_id
-            merges.append(pair)
-        changed = set()
-        for i in list(where[pair]):
-            w, c = words[i], counts[i]
-            merged, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    merged.append(new_id)
-                    j += 2
-                else:
-                    merged.append(w[j])
-                    j += 1
-            if len(merged) == len(w):
-                continue
-            for p in zip(w, w[1:]):
-                pairs[p] -= c
-                changed.add(p)
-            for p in zip(merged, merged[1:]):
-                pairs[p] += c
-                where[p].add(i)
-                changed.add(p)
-            words[i] = merged
-        del where[pair]
-        pairs.pop(pair, None)
-        for p in changed:
-            if pairs.get(p, 0) > 0:
-                heapq.heappush(heap, (-pairs[p], p))
-    return merges
-
-
 class Tokenizer:
     """Our BPE merges handed to tiktoken for fast encode/decode.
 
@@ -337,34 +275,11 @@ class Tokenizer:
         self.endoftext, self.pad, self.system = sp("<|endoftext|>"), sp("<|pad|>"), sp("<|system|>")
         self.user, self.assistant, self.end = sp("<|user|>"), sp("<|assistant|>"), sp("<|end|>")
 
-    @classmethod
-    def train(cls, text, vocab_size):
-        if vocab_size < 256 + len(SPECIALS):  # checked here so the message quotes the flag's value
-            raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS)} (256 bytes + "
-                            f"{len(SPECIALS)} special tokens), got {vocab_size}")
-        return cls(train_bpe(text, vocab_size - len(SPECIALS)))
-
     def encode(self, text):
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
-
-    def encode_python(self, text):
-        """The same encoding in readable Python (slow): split with the regex, then inside
-        each chunk repeatedly merge the adjacent pair whose merged bytes have the lowest
-        rank, leftmost first -- exactly the rule tiktoken applies."""
-        ids = []
-        for chunk in regex.findall(self.pattern, text):
-            parts = [bytes([b]) for b in chunk.encode("utf-8")]
-            while len(parts) > 1:
-                ranks = [self.ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
-                i = min(range(len(ranks)), key=ranks.__getitem__)
-                if ranks[i] == math.inf:
-                    break
-                parts[i:i + 2] = [parts[i] + parts[i + 1]]
-            ids += [self.ranks[p] for p in parts]
-        return ids
 
     def state(self):
         """Plain tensors, strings and lists: safe under torch.load(weights_only=True)."""
@@ -391,8 +306,7 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
-    dropout: float = 0.0
-    n_prefix: int = 0  # prompt tuning: learned embeddings prepended to every sequence
+    n_prefix: int = 0  # prompt tuning (peft.py): learned embeddings prepended to every sequence
     # what an imported GPT-2 needs (hf.py); ours trains without biases and with exact GELU
     bias: bool = False  # biases on the linear layers (LayerNorm always has them)
     gelu: str = "none"  # F.gelu's `approximate`: "none" (erf, exact) or "tanh" (GPT-2's)
@@ -418,10 +332,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
 
     def forward(self, x, cache=None, layer=0, mask=None):
-        """mask (B, 1, T, T) bool, for packed rows: True where a query may attend a key."""
+        """mask (B, 1, T, T) bool, for packed rows (see `pack`): True where a query may attend a key."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -431,16 +344,15 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nh, Tp+T, hs)
             cache.layers[layer] = (k, v)
         past = k.size(2) - T
-        drop = self.dropout if self.training else 0.0
         if mask is not None:  # packed rows: causal within each sequence, blind across them
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # one new token may look at everything before it
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v)
         else:  # several new tokens after a cached prefix: causal mask shifted by `past`
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -495,107 +407,33 @@ class GPT(nn.Module):
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean", last_only=False, segments=None):
-        """idx (B, T) token ids. targets (B, T) next-token ids, -1 where not supervised.
-        reduction "mean" averages over supervised tokens (0 when there are none, never
-        NaN); "sum" returns the sum so a caller can normalise over a whole optimizer step;
-        "none" returns (B, T) per-token losses.
-        segments (B, T): for rows packed with several sequences (see `pack`), which sequence
-        each token belongs to; each sequence then gets positions from 0 and attends only to
-        its own earlier tokens, exactly as if it had a row to itself."""
+    def forward(self, idx, targets=None, cache=None, reduction="mean", last_only=False, layout=None):
+        """idx (B, T) token ids; targets (B, T) next-token ids, -1 where not supervised.
+        Returns logits (B, T, V) and the loss: the mean over supervised tokens (0 when there
+        are none, never NaN), or with reduction="sum" the sum, for a caller that normalises
+        over a whole optimizer step. layout: (pos, mask) of rows packed with several
+        sequences (see `pack`); last_only: logits of the last position only (decoding)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        mask = None
-        if segments is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        else:  # a packed row may be longer than block_size; each of its sequences may not
-            if cache is not None or self.prefix is not None:
-                raise ValueError("packed rows (segments) work without a KV cache or prompt-tuning prefix")
-            t = torch.arange(T, device=idx.device)
-            first = torch.ones_like(segments, dtype=torch.bool)
-            first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T) a sequence starts here
-            pos = t - torch.where(first, t, 0).cummax(dim=1).values  # (B, T) index in its sequence
-            if int(pos.masked_fill(segments < 0, 0).max()) >= self.config.block_size:
-                raise ValueError(f"a packed sequence exceeds block_size {self.config.block_size}")
-            pos = pos.clamp(max=self.config.block_size - 1)  # a long run of padding (segment -1)
-            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-            mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
+        pos, mask = layout or (torch.arange(start, start + T, device=idx.device), None)  # (T,) or (B, T)
+        if layout is None and start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        n_pre = 0
-        if self.prefix is not None and start == 0:
-            # prompt tuning: learned vectors in front of every sequence. They carry no
-            # position embedding (they are free vectors), so real tokens keep positions 0..T-1.
-            n_pre = self.prefix.size(0)
+        if self.prefix is not None and start == 0:  # prompt tuning: free vectors, no position
             x = torch.cat([self.prefix.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, P+T, C)
         for i, block in enumerate(self.h):
             x = block(x, cache, i, mask)
         if cache is not None:
             cache.pos = start + T
-        x = self.ln_f(x[:, n_pre:])  # (B, T, C)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)  # (B, T, V)
+        x = self.ln_f(x[:, x.size(1) - T:])  # (B, T, C): the prefix's outputs are dropped
+        logits = self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
         if targets is None:
             return logits, None
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                              ignore_index=-1, reduction="none").view(B, T)
-        if reduction == "none":
-            return logits, nll
-        loss = nll.sum()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                               reduction="none").sum()  # (B*T,) -> a sum
         if reduction == "mean":
             loss = loss / (targets != -1).sum().clamp(min=1)
         return logits, loss
-
-
-class LoRALinear(nn.Module):
-    """y = x W^T + (alpha / r) * x A^T B^T with W frozen. B starts at zero, so at init the
-    adapted model computes exactly what the base model computes."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
-
-    def merged(self):
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        lin.weight.data = self.base.weight.data + self.scale * (self.B @ self.A).to(self.base.weight.dtype)
-        if lin.bias is not None:  # an imported GPT-2's
-            lin.bias.data = self.base.bias.data
-        return lin
-
-
-LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
-
-
-def add_lora(model, rank, alpha=None, where=("attn", "mlp")):
-    """Freeze every weight, then wrap the projections of the attention and/or the MLP
-    (`where`) of every block with adapters."""
-    model.requires_grad_(False)
-    for block in model.h:
-        for parent in (getattr(block, w) for w in where):
-            for name in LORA_TARGETS:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha or 2 * rank))
-    return model
-
-
-def merge_lora(model):
-    """Fold every adapter into a plain Linear, so later stages load an ordinary GPT."""
-    for block in model.h:
-        for parent in (block.attn, block.mlp):
-            for name in LORA_TARGETS:
-                m = getattr(parent, name, None)
-                if isinstance(m, LoRALinear):
-                    setattr(parent, name, m.merged())
-    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -731,16 +569,39 @@ def model_from_checkpoint(ck, path="checkpoint"):
     return model, tok
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state()}
-
-
-def checkpoint_dict(kind, model, tok, optimizer=None, it=0, args=None, metrics=None):
-    args_plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))} if args else {}
+def checkpoint_dict(kind, model, tok, optimizer=None, it=0, flags=None, metrics=None, state=None):
+    """What a .pt holds: the weights, config and tokenizer (all a later stage needs); for a
+    <stage>_last.pt also the optimizer, the RNG and the stage's own `state` (its history,
+    its path), all that --resume needs. flags: the run's settings (non-plain values dropped)."""
+    plain = {k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"kind": kind, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": asdict(model.config), "tokenizer": tok.state(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "iter": it, "rng": rng_state(), "args": args_plain, "metrics": metrics or {}}
+            "iter": it, "rng": {"torch": torch.get_rng_state()}, "args": plain,
+            "metrics": metrics or {}, "state": state}
+
+
+def last_path(out_dir, stage):
+    """The one resume file of a stage: written at every evaluation, read by --resume."""
+    return os.path.join(out_dir, f"{stage}_last.pt")
+
+
+def resume(out_dir, stage, model, tok, optimizer):
+    """Continue a stage from <stage>_last.pt: weights (in their training form, adapters
+    unmerged), optimizer, RNG and step. Returns (step, the stage's saved state)."""
+    path = last_path(out_dir, stage)
+    ck = load_checkpoint(path, expect_kind=(stage,))
+    try:
+        if not torch.equal(ck["tokenizer"]["merges"], tok.state()["merges"]):
+            raise RuntimeError("another tokenizer")
+        model.load_state_dict(ck.get("train_state") or ck["model"])
+    except RuntimeError:
+        raise UserError(f"{path}: was trained from another model or tokenizer (or other adapter "
+                        "flags) than this run's; expected the same --ckpt and flags")
+    if ck.get("optimizer"):
+        optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    return ck["iter"], ck.get("state") or {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -894,7 +755,7 @@ def pack(examples, pad_id):
     decreasing). The row width is the one, from the longest sequence to twice that, that
     computes the fewest tokens in all. Returns X, Y (R, T) and S (R, T): the index in
     `examples` of the sequence each token belongs to, -1 on padding. Run the model with
-    segments=S: each sequence sees only itself, at its own positions."""
+    layout=packed_layout(S, block_size): each sequence sees only itself, at its own positions."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     lengths = [len(examples[i][0]) for i in order]
 
@@ -923,104 +784,61 @@ def pack(examples, pad_id):
     return X, Y, S
 
 
+def packed_layout(S, block_size):
+    """Positions and attention mask of packed rows: every sequence starts again at position
+    0 and attends only to its own earlier tokens, exactly as if it had a row to itself.
+    S (R, T) from `pack` -> pos (R, T), mask (R, 1, T, T)."""
+    R, T = S.shape
+    t = torch.arange(T, device=S.device)
+    first = torch.ones_like(S, dtype=torch.bool)
+    first[:, 1:] = S[:, 1:] != S[:, :-1]  # (R, T) a sequence starts here
+    pos = t - torch.where(first, t, 0).cummax(dim=1).values  # (R, T) index within its sequence
+    if int(pos.masked_fill(S < 0, 0).max()) >= block_size:
+        raise ValueError(f"a packed sequence exceeds block_size {block_size}")
+    pos = pos.clamp(max=block_size - 1)  # a long run of padding (S = -1) is one "sequence"
+    same = S[:, :, None] == S[:, None, :]  # (R, T, T)
+    return pos, (same & torch.ones(T, T, dtype=torch.bool, device=S.device).tril())[:, None]
+
+
 # ----------------------------------------------------------------------------------------
 # 8. generation
 
 
-SMALL_WIDTH = 512  # up to this n_embd, one-token decoding is faster on one CPU thread (bench.py)
-
-
-@contextmanager
-def one_thread_if_small(model, device):
-    """Decoding one sequence, each step is a handful of (1 x C) @ (C x k) products: for a
-    model of this project's sizes they are too small to split across threads, and the
-    threads' hand-offs cost more than they save (bench.py measures it: kv_cache_speedup).
-    Large models (or GPUs) keep their threads."""
-    one = device.type == "cpu" and model.config.n_embd <= SMALL_WIDTH and torch.get_num_threads() > 1
-    n = torch.get_num_threads()
-    if one:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if one:
-            torch.set_num_threads(n)
-
-
-def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
-    """Decode one sequence with a KV cache (see `stream`). temperature 0 = greedy. Returns
-    the new token ids (the stop token not included)."""
-    return list(stream(model, ids, max_new_tokens, temperature, top_k, stop, generator))
+DECODE_ROWS = 256  # sequences decoded together in generate_batch (bounds the KV cache's memory)
 
 
 @torch.no_grad()
-def stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
-    """Decode one sequence with a KV cache: the prompt is read once, then each new token
-    costs a single position. Yields each new id as soon as it is drawn (a chat prints it
-    while the next one is computed); the stop token is not yielded."""
-    model.eval()
-    device = next(model.parameters()).device
-    limit = model.config.block_size
-    ids = list(ids)[-limit:]
-    cache = KVCache(model.config.n_layer)
-    logits, _ = model(torch.tensor([ids], device=device), cache=cache, last_only=True)
-    with one_thread_if_small(model, device):
-        for n in range(1, max_new_tokens + 1):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            if nxt in stop:
-                return
-            yield nxt
-            if len(ids) + n >= limit:  # the context is full
-                return
-            logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
-
-
-def sample_next(logits, temperature, top_k, generator=None):
-    logits = logits[0].float()
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = F.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-@torch.no_grad()
-def generate_greedy_batch(model, prompts, max_new_tokens, stop, keep_stop=False):
-    """Greedy answers to many prompts at once. Prompts are grouped by length so no padding
-    (and no position shift) is needed: each row is decoded exactly as it would be alone.
-    keep_stop: a row that drew a stop token ends with it (so a caller can tell an answer
-    that ended from one cut off by max_new_tokens)."""
+def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, generator=None, keep_stop=False):
+    """Answers to many prompts at once (lists of ids), greedy (temperature 0) or sampled.
+    Prompts are grouped by length, so no padding (and no position shift) is needed: each
+    row is decoded exactly as it would be alone. keep_stop: a row that drew a stop token
+    ends with it (so a caller can tell an answer that ended from one cut off)."""
     model.eval()
     device = next(model.parameters()).device
     by_len = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     results = [None] * len(prompts)
-    for n, idx in by_len.items():
-        for s in range(0, len(idx), 256):
-            rows = idx[s:s + 256]
-            x = torch.tensor([prompts[i] for i in rows], device=device)
+    for n, idx in sorted(by_len.items()):
+        for s in range(0, len(idx), DECODE_ROWS):
+            rows = idx[s:s + DECODE_ROWS]
             cache = KVCache(model.config.n_layer)
-            logits, _ = model(x, cache=cache, last_only=True)
-            outs = [[] for _ in rows]
-            done = torch.zeros(len(rows), dtype=torch.bool)
-            steps = min(max_new_tokens, model.config.block_size - n)
-            for _ in range(steps):
-                nxt = logits[:, -1, :].argmax(-1).cpu()
-                for j, t in enumerate(nxt.tolist()):
+            logits, _ = model(torch.tensor([prompts[i] for i in rows], device=device), cache=cache, last_only=True)
+            outs, done = [[] for _ in rows], [False] * len(rows)
+            for _ in range(min(max_new_tokens, model.config.block_size - n)):
+                if temperature == 0:
+                    nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()  # (b, 1)
+                else:
+                    probs = F.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()  # (b, V)
+                    nxt = torch.multinomial(probs, 1, generator=generator)  # (b, 1)
+                for j, t in enumerate(nxt[:, 0].tolist()):
                     if not done[j]:
-                        if t in stop:
-                            done[j] = True
-                            if keep_stop:
-                                outs[j].append(t)
-                        else:
+                        done[j] = t in stop
+                        if keep_stop or not done[j]:
                             outs[j].append(t)
-                if done.all():
+                if all(done):
                     break
-                logits, _ = model(nxt.view(-1, 1).to(device), cache=cache)
+                logits, _ = model(nxt.to(device), cache=cache)
             for j, i in enumerate(rows):
                 results[i] = outs[j]
     return results
@@ -1041,9 +859,9 @@ class Loop:
     time_budget: float | None = None  # seconds; stop early (at the same step on every rank)
 
     @classmethod
-    def of(cls, args):
-        """A stage's parsed flags -> the loop's settings."""
-        return cls(args.max_iters, args.lr, args.warmup, args.eval_interval, args.log_interval, args.time_budget)
+    def of(cls, flags):
+        """A stage's flags (a dict, e.g. vars(args)) -> the loop's settings."""
+        return cls(*(flags[k] for k in ("max_iters", "lr", "warmup", "eval_interval", "log_interval", "time_budget")))
 
 
 def train_loop(rt, model, optimizer, loop, start_iter, get_batch, loss_fn, on_eval):
@@ -1128,85 +946,6 @@ def barrier(rt):
 
 # ----------------------------------------------------------------------------------------
 # 10. evaluation
-
-
-def load_world():
-    sys.path.insert(0, HERE)
-    from data import world as W
-    with open(os.path.join(HERE, "data", "world.json"), encoding="utf-8") as f:
-        return W, json.load(f)
-
-
-def knowledge_probe(model, tok, world, people=None):
-    """Complete '<name> was born in' (one prompt per person and attribute) greedily and
-    grade the next few words with the world's verifier. Measures what pre-training stored."""
-    W, facts = world
-    rows = [(p["name"], a) for p in facts["people"] if people is None or p["name"] in people
-            for a in facts["attributes"]]
-    prompts = [[tok.endoftext] + tok.encode(W.PROBE[a].format(n=n)) for n, a in rows]
-    outs = generate_greedy_batch(model, prompts, 4, stop={tok.endoftext})
-    hits = [W.grade(facts, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]
-    return sum(hits) / len(hits)
-
-
-def answer_questions(model, tok, prompts, max_new_tokens=24):
-    """Greedy chat answers to a list of user questions -> (answers, ended): ended[i] is False
-    when answer i reached max_new_tokens without writing <|end|> (the model did not stop)."""
-    ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
-    stop = {tok.end, tok.endoftext}
-    outs = generate_greedy_batch(model, ids, max_new_tokens, stop=stop, keep_stop=True)
-    ended = [bool(o) and o[-1] in stop for o in outs]
-    return [tok.decode(o[:-1] if e else o).strip() for o, e in zip(outs, ended)], ended
-
-
-def load_eval_rows(split=None):
-    rows = [json.loads(line) for line in open(os.path.join(HERE, "data", "world_eval.jsonl"), encoding="utf-8")]
-    return [r for r in rows if split is None or r["split"] == split]
-
-
-def heldout_halves():
-    """The held-out people's questions, split BY PERSON into a dev half (which chooses
-    rewound checkpoints, in SFT and in DPO) and a test half (which is reported). A choice
-    made on the dev half and reported on the test half is not fitted to what it reports."""
-    rows = load_eval_rows("heldout")
-    people = sorted({r["person"] for r in rows})
-    dev_people = set(people[::2])
-    return [r for r in rows if r["person"] in dev_people], [r for r in rows if r["person"] not in dev_people]
-
-
-def world_longest():
-    """{question: characters of the longest community answer to it}, for every thread of the
-    world (training and evaluation threads): the degeneration check's length bound."""
-    W, _ = load_world()
-    threads = [json.loads(line) for name in ("world_community.jsonl", "world_community_eval.jsonl")
-               for line in open(os.path.join(HERE, "data", name), encoding="utf-8")]
-    return W.longest_answers(threads)
-
-
-QA_TOKENS = 48  # answer budget: the longest community answer is ~26 tokens
-
-
-def qa_eval(model, tok, world, rows, longest=None):
-    """Greedy answers to world questions graded by the world's verifier: accuracy, the
-    strict voted-style rate (correct, then "Hope this helps!" once, at the very end), the
-    loose one (ends with it) and the degenerate rate (repeats, never stops, or far too long)."""
-    W, facts = world
-    longest = longest or {}
-    answers, ended = answer_questions(model, tok, [r["prompt"] for r in rows], QA_TOKENS)
-    n = max(1, len(rows))
-    degen = [W.degenerate(a, e, longest.get(r["prompt"])) for r, a, e in zip(rows, answers, ended)]
-    return {"accuracy": sum(W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)) / n,
-            "clean_style_rate": sum(W.clean_style(facts, r["person"], r["attribute"], a, e, longest.get(r["prompt"]))
-                                    for r, a, e in zip(rows, answers, ended)) / n,
-            "style_rate": sum(W.is_polite(facts, a) for a in answers) / n,
-            "degenerate_rate": sum(bool(d) for d in degen) / n,
-            "answers": answers, "degenerate": degen}
-
-
-def task_accuracy(model, tok, rows):
-    """List tasks (copy / reverse / count): exact match."""
-    answers, _ = answer_questions(model, tok, [r["prompt"] for r in rows])
-    return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
 
 
 @torch.no_grad()

@@ -8,36 +8,143 @@ Stage 1: next-token pre-training on plain text.
 Trains a BPE tokenizer on the text (unless resuming), holds out the last 10% of the tokens
 for validation, and on the world corpus measures the knowledge probe: how many facts
 ("<name> was born in ...") the model can complete. Writes out/pretrain.pt (model, config,
-tokenizer, optimizer, step, RNG: everything a later stage or --resume needs),
-out/pretrain.json and out/pretrain_loss.png.
+tokenizer: what a later stage needs), out/pretrain_last.pt at every evaluation (also the
+optimizer, step, RNG and history: what --resume needs), out/pretrain.json and
+out/pretrain_loss.png.
 """
+import dataclasses
+import math
 import os
 import time
 
-import nanosft as ns  # first: it sets how OpenMP threads wait, read when torch loads
+import nanosft as ns
+import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
 import torch
+from data import world_eval as we
 
-WORLD_CORPUS = os.path.join(ns.HERE, "data", "world_corpus.txt")
+# Every default of this stage in one place (the architecture's are GPTConfig's, in nanosft.py).
+DEFAULTS = dict(max_iters=1200, batch_size=8, lr=6e-3, eval_interval=200, warmup=50, log_interval=50,
+                weight_decay=0.0)
+WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
+
+
+# ----------------------------------------------------------------------------------------
+# the tokenizer: a byte-level BPE trained here, in readable Python (nanosft.Tokenizer hands
+# its merges to tiktoken, which encodes and decodes fast)
+
+
+def train_bpe(text, vocab_size, pattern=ns.SPLIT_PATTERN):
+    """Byte-level BPE: start from the 256 bytes and repeatedly merge the most frequent
+    adjacent pair into a new token. Returns the merges as (left_id, right_id) pairs; merge
+    k creates token 256 + k.
+
+    Fast enough for megabytes in pure Python because (a) identical chunks are counted once
+    and (b) pair counts are updated incrementally, only for the chunks that contain the
+    merged pair, with a max-heap (lazy deletion) to find the next best pair."""
+    import heapq
+    from collections import Counter, defaultdict
+    if vocab_size < 256:
+        raise ns.UserError(f"--vocab-size must be at least 256 (the byte alphabet), got {vocab_size}")
+    chunk_counts = Counter(regex.findall(pattern, text))
+    words = [list(c.encode("utf-8")) for c in chunk_counts]
+    counts = list(chunk_counts.values())
+    pairs, where = Counter(), defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += counts[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    token_bytes = [bytes([i]) for i in range(256)]
+    known = {b: i for i, b in enumerate(token_bytes)}
+    merges = []
+    while len(token_bytes) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg or neg == 0:
+            continue  # stale heap entry
+        a, b = pair
+        new_bytes = token_bytes[a] + token_bytes[b]
+        if new_bytes in known:   # same bytes reached by another merge path: reuse that id
+            new_id = known[new_bytes]
+        else:
+            new_id = len(token_bytes)
+            token_bytes.append(new_bytes)
+            known[new_bytes] = new_id
+            merges.append(pair)
+        changed = set()
+        for i in list(where[pair]):
+            w, c = words[i], counts[i]
+            merged, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            if len(merged) == len(w):
+                continue
+            for p in zip(w, w[1:]):
+                pairs[p] -= c
+                changed.add(p)
+            for p in zip(merged, merged[1:]):
+                pairs[p] += c
+                where[p].add(i)
+                changed.add(p)
+            words[i] = merged
+        del where[pair]
+        pairs.pop(pair, None)
+        for p in changed:
+            if pairs.get(p, 0) > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+    return merges
+
+
+def train_tokenizer(text, vocab_size):
+    """A BPE of vocab_size tokens in all: 256 bytes, merges, then the special tokens."""
+    if vocab_size < 256 + len(ns.SPECIALS):  # checked here so the message quotes the flag's value
+        raise ns.UserError(f"--vocab-size must be at least {256 + len(ns.SPECIALS)} (256 bytes + "
+                           f"{len(ns.SPECIALS)} special tokens), got {vocab_size}")
+    return ns.Tokenizer(train_bpe(text, vocab_size - len(ns.SPECIALS)))
+
+
+def encode_python(tok, text):
+    """tok.encode in readable Python (slow): split with the regex, then inside each chunk
+    repeatedly merge the adjacent pair whose merged bytes have the lowest rank, leftmost
+    first -- exactly the rule tiktoken applies."""
+    ids = []
+    for chunk in regex.findall(tok.pattern, text):
+        parts = [bytes([b]) for b in chunk.encode("utf-8")]
+        while len(parts) > 1:
+            ranks = [tok.ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
+            i = min(range(len(ranks)), key=ranks.__getitem__)
+            if ranks[i] == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [tok.ranks[p] for p in parts]
+    return ids
+
+
+# ----------------------------------------------------------------------------------------
+# the stage
 
 
 def parse_args(argv=None):
     ap = ns.ArgumentParser(__doc__)
-    ap.add_argument("--data", default=WORLD_CORPUS, help="UTF-8 text file to train on")
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--data", default=we.CORPUS, help="UTF-8 text file to train on")
+    arch = ns.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
+    for name in ("block_size", "n_layer", "n_head", "n_embd"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
                     "picked from the text's size, see vocab_size_for)")
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--weight-decay", type=float, default=0.0,
+    ap.add_argument("--weight-decay", type=float,
                     help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
-    ap.add_argument("--log-interval", type=int, default=50)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--log-interval", type=int)
     ns.add_common_args(ap)
-    ap.set_defaults(max_iters=1200, batch_size=8, lr=6e-3, eval_interval=200)
+    ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
-    ns.check_args(args)
     return args
 
 
@@ -49,34 +156,46 @@ def vocab_size_for(text):
     return int(min(16384, max(512, 256 * round(4 * len(text) ** 0.5 / 256))))
 
 
+def new_model(text, source, vocab_size, is_world, cfg, log):
+    """A BPE trained on the text, and a GPT of config `cfg` with that vocabulary."""
+    if len(text) < 1000:
+        raise ns.UserError(f"{source}: only {len(text)} characters; need at least 1,000 to train on")
+    if vocab_size is None:
+        vocab_size = WORLD_VOCAB if is_world else vocab_size_for(text)
+        log(f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; set --vocab-size to choose)")
+    t0 = time.time()
+    tok = train_tokenizer(text, vocab_size)
+    log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
+    return ns.GPT(dataclasses.replace(cfg, vocab_size=tok.vocab_size)), tok
+
+
+def window_batch(data, it, seed, batch_size, block_size, rt, grad_accum):
+    """Step `it`'s windows, from a generator seeded by (seed, it): the data order is a pure
+    function of the step, so resuming continues it exactly. -> this rank's micro-batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + it)  # a stream per (seed, step); 1,000,003 is prime
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g)
+    starts = starts[rt.rank::rt.world]  # this process's shard of the global batch
+    windows = torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])
+    return [(w[:, :-1].to(rt.device), w[:, 1:].to(rt.device)) for w in windows.chunk(grad_accum)]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rt = ns.setup_runtime(args)
-    ckpt_path = os.path.join(args.out_dir, "pretrain.pt")
+    rt = ns.setup_runtime(args.device, args.dtype)
     t_start = time.time()
+    if args.batch_size % (rt.world * args.grad_accum):
+        raise ns.UserError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
+                           f"({rt.world} x {args.grad_accum})")
 
     # ---- data and model (everything is validated before anything is written)
     text = ns.read_text(args.data)
-    if args.resume:
-        ck = ns.load_checkpoint(ckpt_path, expect_kind=("pretrain",))
-        model, tok = ns.model_from_checkpoint(ck, ckpt_path)
-        start_iter = ck["iter"]
-        torch.set_rng_state(ck["rng"]["torch"])
+    is_world = we.is_default(args.data, we.CORPUS)
+    if args.resume:  # the tokenizer and config of the run being continued
+        model, tok = ns.model_from_checkpoint(ns.load_checkpoint(ns.last_path(args.out_dir, "pretrain")))
     else:
-        if len(text) < 1000:
-            raise ns.UserError(f"{args.data}: only {len(text)} characters; need at least 1,000 to train on")
         torch.manual_seed(args.seed)
-        t0 = time.time()
-        if args.vocab_size is None:
-            is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_CORPUS)
-            args.vocab_size = 2048 if is_world else vocab_size_for(text)
-            rt.log(f"--vocab-size {args.vocab_size} (picked for {len(text):,} characters of text; "
-                   "set --vocab-size to choose)")
-        tok = ns.Tokenizer.train(text, args.vocab_size)
-        rt.log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
-        cfg = ns.GPTConfig(block_size=args.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
-                           n_head=args.n_head, n_embd=args.n_embd)
-        model, start_iter, ck = ns.GPT(cfg), 0, None
+        arch = ns.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        model, tok = new_model(text, args.data, args.vocab_size, is_world, arch, rt.log)
     cfg = model.config
     data = ns.encode_corpus(tok, text)
     train_data, val_data = ns.split_corpus(data, cfg.block_size)
@@ -86,69 +205,60 @@ def main(argv=None):
            f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
     model.to(rt.device)
     optimizer = ns.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
-    if ck is not None and ck.get("optimizer"):
-        optimizer.load_state_dict(ck["optimizer"])
+    start_iter, history = 0, {"step": [], "val_loss": [], "probe": []}
+    if args.resume:
+        start_iter, history = ns.resume(args.out_dir, "pretrain", model, tok, optimizer)
     ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    is_world = os.path.abspath(args.data) == os.path.abspath(WORLD_CORPUS)
-    world = ns.load_world() if is_world else None
+    world = we.load_world() if is_world else None
 
-    # ---- batches: step `it` draws its windows from a generator seeded by (seed, it), so
-    # the data order is a pure function of the step: resuming continues it exactly.
-    B, T = args.batch_size, cfg.block_size
-    if B % (rt.world * args.grad_accum):
-        raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum "
-                           f"({rt.world} x {args.grad_accum})")
+    # ---- batches and loss: every token of a window is a target
+    get_batch = lambda it: (window_batch(train_data, it, args.seed, args.batch_size, cfg.block_size, rt,
+                                         args.grad_accum), args.batch_size * cfg.block_size)
+    loss_fn = lambda m, mb: m(mb[0], mb[1], reduction="sum")[1]
 
-    def get_batch(it):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # a stream per (seed, step); 1,000,003 is prime
-        starts = torch.randint(len(train_data) - T - 1, (B,), generator=g)
-        starts = starts[rt.rank::rt.world]  # this process's shard of the global batch
-        windows = torch.stack([train_data[s:s + T + 1] for s in starts.tolist()])
-        micro = [(w[:, :-1].to(rt.device), w[:, 1:].to(rt.device))
-                 for w in windows.chunk(args.grad_accum)]
-        return micro, B * T
-
-    def loss_fn(m, mb):
-        return m(mb[0], mb[1], reduction="sum")[1]
-
-    val_batches = ns.fixed_windows(val_data, T)
-    history = {"step": [], "val_loss": [], "probe": []}
-
-    def evaluate(it):
-        if not rt.master:
-            return
-        history["step"].append(it)
-        history["val_loss"].append(ns.mean_loss(model, val_batches, rt))
-        history["probe"].append(ns.knowledge_probe(model, tok, world) if world else None)
-        probe = f" | probe {history['probe'][-1]:.3f}" if world else ""
-        rt.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}{probe}")
-        ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("pretrain", model, tok, optimizer, it, args,
-                                                         {"val_loss": history["val_loss"][-1]}))
+    # ---- evaluate (validation loss, knowledge probe) and keep the resume file
+    val_batches = ns.fixed_windows(val_data, cfg.block_size)
 
     def on_eval(it):
-        evaluate(it)
+        if rt.master:
+            history["step"].append(it)
+            history["val_loss"].append(ns.mean_loss(model, val_batches, rt))
+            history["probe"].append(we.knowledge_probe(model, tok, world) if world else None)
+            rt.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
+                   + (f" | probe {history['probe'][-1]:.3f}" if world else ""))
+            ns.save_checkpoint(ns.last_path(args.out_dir, "pretrain"), ns.checkpoint_dict(
+                "pretrain", model, tok, optimizer, it, vars(args), {"val_loss": history["val_loss"][-1]}, history))
         ns.barrier(rt)
 
     # ---- train
     model.train()
-    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, ns.Loop.of(args), start_iter,
+    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, ns.Loop.of(vars(args)), start_iter,
                                            get_batch, loss_fn, on_eval)
 
-    # ---- report
+    # ---- save and report
     if rt.master:
-        result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
-                  "tokens_per_sec": tok_per_s, "seconds": time.time() - t_start,
-                  "train_seconds": seconds, "steps": it, "params": model.num_params(),
-                  "device": str(rt.device), "dtype": rt.dtype, "history": history}
-        ns.write_json(os.path.join(args.out_dir, "pretrain.json"), result)
-        series = {"val loss": (history["step"], history["val_loss"])}
-        if world:
-            series["knowledge probe accuracy"] = (history["step"], history["probe"])
-        ns.plot(os.path.join(args.out_dir, "pretrain_loss.png"), "pre-training", "step", "value", series)
-        rt.log(f"done: val loss {result['val_loss']:.4f}"
-               + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
-               + f" | {tok_per_s:,.0f} tok/s | {result['seconds']:.0f}s -> {ckpt_path}")
+        ckpt_path = os.path.join(args.out_dir, "pretrain.pt")
+        ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("pretrain", model, tok, None, it, vars(args),
+                                                         {"val_loss": history["val_loss"][-1]}))
+        report(args.out_dir, history, model, rt, tok_per_s, time.time() - t_start, seconds, it, world is not None)
+
+
+def report(out_dir, history, model, rt, tok_per_s, total_seconds, train_seconds, steps, world):
+    """out/pretrain.json, out/pretrain_loss.png and the closing line."""
+    result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
+              "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": train_seconds,
+              "steps": steps, "params": model.num_params(), "device": str(rt.device), "dtype": rt.dtype,
+              "history": history}
+    ns.write_json(os.path.join(out_dir, "pretrain.json"), result)
+    series = {"val loss": (history["step"], history["val_loss"])}
+    if world:
+        series["knowledge probe accuracy"] = (history["step"], history["probe"])
+    ns.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", "step", "value", series)
+    rt.log(f"done: val loss {result['val_loss']:.4f}"
+           + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
+           + f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s -> {os.path.join(out_dir, 'pretrain.pt')}")
 
 
 if __name__ == "__main__":
+    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
     ns.cli(main)

@@ -18,10 +18,11 @@ and exits at the end of the input; notices go to stderr.
 """
 import math
 import sys
+from contextlib import contextmanager
 
-import nanosft as ns  # first: it sets OpenMP's wait policy before torch loads
+import nanosft as ns
 import torch
-
+import torch.nn.functional as F
 
 
 def main(argv=None):
@@ -36,7 +37,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    ns.check_args(args)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ns.UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
@@ -51,7 +51,8 @@ def main(argv=None):
     model.to(ns.pick_device(args.device))
     g = torch.Generator().manual_seed(args.seed)
     if args.chat:
-        return repl(Chat(model, tok, args, g), f"{args.ckpt} ({ck['kind']})")
+        chat = Chat(model, tok, g, args.max_new_tokens, args.temperature, args.top_k)
+        return repl(chat, f"{args.ckpt} ({ck['kind']})")
     chat = ck["kind"] in ("sft", "dpo")
     if chat:
         ids = ns.chat_prompt(tok, [{"role": "user", "content": args.prompt}])
@@ -60,11 +61,75 @@ def main(argv=None):
         ids = [tok.endoftext] + tok.encode(args.prompt)
         stop = {tok.endoftext}
     for i in range(args.num_samples):
-        out = ns.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stop, g)
+        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stop, g)
         text = tok.decode(out)
         print(text.strip() if chat else args.prompt + text)
         if i + 1 < args.num_samples:
             print("-" * 40)
+
+
+# ----------------------------------------------------------------------------------------
+# decoding one sequence with a KV cache (the stages' evaluations use ns.generate_batch)
+
+
+SMALL_WIDTH = 512  # up to this n_embd, one-token decoding is faster on one CPU thread (bench.py)
+
+
+@contextmanager
+def one_thread_if_small(model, device):
+    """Decoding one sequence, each step is a handful of (1 x C) @ (C x k) products: for a
+    model of this project's sizes they are too small to split across threads, and the
+    threads' hand-offs cost more than they save (bench.py measures it: kv_cache_speedup).
+    Large models (or GPUs) keep their threads."""
+    one = device.type == "cpu" and model.config.n_embd <= SMALL_WIDTH and torch.get_num_threads() > 1
+    n = torch.get_num_threads()
+    if one:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if one:
+            torch.set_num_threads(n)
+
+
+def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
+    """Decode one sequence with a KV cache (see `stream`). temperature 0 = greedy. Returns
+    the new token ids (the stop token not included)."""
+    return list(stream(model, ids, max_new_tokens, temperature, top_k, stop, generator))
+
+
+@torch.no_grad()
+def stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
+    """Decode one sequence with a KV cache: the prompt is read once, then each new token
+    costs a single position. Yields each new id as soon as it is drawn (a chat prints it
+    while the next one is computed); the stop token is not yielded."""
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model.config.block_size
+    ids = list(ids)[-limit:]
+    cache = ns.KVCache(model.config.n_layer)
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache, last_only=True)
+    with one_thread_if_small(model, device):
+        for n in range(1, max_new_tokens + 1):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
+            if nxt in stop:
+                return
+            yield nxt
+            if len(ids) + n >= limit:  # the context is full
+                return
+            logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+
+
+def sample_next(logits, temperature, top_k, generator=None):
+    logits = logits[0].float()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,12 +229,13 @@ def notice(text):
 class Chat:
     """One conversation with a fine-tuned model: the turns so far and how to answer a new one."""
 
-    def __init__(self, model, tok, args, generator):
-        self.model, self.tok, self.args, self.generator = model, tok, args, generator
+    def __init__(self, model, tok, generator, max_new_tokens, temperature, top_k):
+        self.model, self.tok, self.generator = model, tok, generator
+        self.sampling = (max_new_tokens, temperature, top_k)
         self.block_size = model.config.block_size
         # room kept free for the answer: all of --max-new-tokens, but never more than half
         # the context (a long answer must not push out the whole conversation)
-        self.reserve = min(args.max_new_tokens, self.block_size // 2)
+        self.reserve = min(max_new_tokens, self.block_size // 2)
         self.history = []  # {"role": "user" | "assistant", "content": text}, oldest first
 
     def reset(self):
@@ -195,9 +261,8 @@ class Chat:
 
     def stream(self, ids):
         """Print the answer to the prompt `ids` token by token; return its text."""
-        tok, a = self.tok, self.args
-        tokens = ns.stream(self.model, ids, a.max_new_tokens, a.temperature, a.top_k,
-                               {tok.end, tok.endoftext}, self.generator)
+        tok = self.tok
+        tokens = stream(self.model, ids, *self.sampling, {tok.end, tok.endoftext}, self.generator)
         decoder, drawn, stopped = StreamDecoder(tok), [], False
         started = False  # has any of the answer's text been printed yet?
 
@@ -258,4 +323,5 @@ def repl(chat, name):
 
 
 if __name__ == "__main__":
+    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
     ns.cli(main)

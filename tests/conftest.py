@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-import nanosft as ns  # noqa: E402
+import nanosft as ns
+import pretrain
 
 SAMPLE_TEXT = open(os.path.join(ROOT, "data", "world_corpus.txt"), encoding="utf-8").read()[:60_000]
 
@@ -25,7 +26,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tok():
-    return ns.Tokenizer.train(SAMPLE_TEXT, 600)
+    return pretrain.train_tokenizer(SAMPLE_TEXT, 600)
 
 
 def tiny_gpt(tok, seed=0, **kw):
@@ -37,7 +38,7 @@ def tiny_gpt(tok, seed=0, **kw):
 
 def run_script(*args, cwd=ROOT, timeout=120, env=None):
     """Run a stage script in a fresh process; returns CompletedProcess."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    e = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONHASHSEED="0")
     e.update(env or {})
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e)

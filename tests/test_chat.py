@@ -5,7 +5,6 @@ import select
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,12 +52,12 @@ def bot(text):
 def prompts(monkeypatch):
     """Records the prompt ids of every answer the chat asks the model for."""
     seen = []
-    real = ns.stream
+    real = sample.stream
 
     def spy(model, ids, *a):
         seen.append(list(ids))
         return real(model, ids, *a)
-    monkeypatch.setattr(ns, "stream", spy)
+    monkeypatch.setattr(sample, "stream", spy)
     return seen
 
 
@@ -96,15 +95,14 @@ def test_answer_is_printed_while_it_is_generated(tok, monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     on_screen = []
-    real = ns.stream
+    real = sample.stream
 
     def spy(*a):
         for t in real(*a):
             on_screen.append(out.getvalue())
             yield t
-    monkeypatch.setattr(ns, "stream", spy)
-    args = SimpleNamespace(max_new_tokens=4, temperature=0.0, top_k=0)
-    sample.Chat(parrot(tok), tok, args, torch.Generator()).ask("Hi")
+    monkeypatch.setattr(sample, "stream", spy)
+    sample.Chat(parrot(tok), tok, torch.Generator(), max_new_tokens=4, temperature=0.0, top_k=0).ask("Hi")
     assert on_screen == ["", "the", "the the", "the the the"]
     assert out.getvalue() == answer(4) + "\n"
 
@@ -171,7 +169,7 @@ def test_a_user_turn_longer_than_the_context_is_cut_from_the_left(tok, sft_ckpt,
 
 
 def test_ctrl_c_during_an_answer_stops_only_that_answer(tok, sft_ckpt, monkeypatch, capsys):
-    real, seen = ns.stream, []
+    real, seen = sample.stream, []
 
     def interrupted(model, ids, *a):
         seen.append(list(ids))
@@ -179,7 +177,7 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer(tok, sft_ckpt, monkeypat
             yield from list(real(model, ids, *a))[:2]
             raise KeyboardInterrupt
         yield from real(model, ids, *a)
-    monkeypatch.setattr(ns, "stream", interrupted)
+    monkeypatch.setattr(sample, "stream", interrupted)
     out, err = chat_main(monkeypatch, capsys, sft_ckpt, ["Hi", "Again?"], "--max-new-tokens", "5")
     assert out == f"{answer(2)}\n{answer(5)}\n"  # the program went on to the next turn
     assert err == "[answer stopped]\n"

@@ -54,7 +54,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # Adam's update is nearly blind to the gradient's scale (only clipping and eps see it), so
     # a gradient off by the world size barely moves the weights; Adam's first moment, a
     # running mean of the gradients, shows it directly.
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    # (the optimizer's state is in the resume file, pretrain_last.pt, written at the last eval)
+    la = torch.load(one / "pretrain_last.pt", weights_only=True)
+    lb = torch.load(two / "pretrain_last.pt", weights_only=True)
+    assert la["iter"] == lb["iter"] == 5
+    sa, sb = la["optimizer"]["state"], lb["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for i in sa:
         torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-4, atol=1e-6)

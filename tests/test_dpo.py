@@ -13,6 +13,7 @@ from data import formats
 from conftest import tiny_gpt, run_script
 
 import dpo
+import dpo_eval
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
@@ -194,7 +195,7 @@ def test_packed_sequences_do_not_see_each_other(tok):
     seqs = [e[k:k + 2] for e in examples(tok) for k in (0, 2)]
     X, Y, S = ns.pack(seqs, tok.pad)
     assert X.size(0) < len(seqs) and sorted(set(S.flatten().tolist()) - {-1}) == list(range(len(seqs)))
-    logits, _ = model(X, segments=S)
+    logits, _ = model(X, layout=ns.packed_layout(S, 64))
     for i, (x, y) in enumerate(seqs):
         r, cols = (S == i).nonzero(as_tuple=True)
         assert torch.equal(X[r, cols], x) and torch.equal(Y[r, cols], y)
@@ -203,13 +204,13 @@ def test_packed_sequences_do_not_see_each_other(tok):
     # a row may be wider than block_size (each sequence fits), padding runs longer than it
     Sl = torch.tensor([[0] * 60 + [1] * 40, [2] * 10 + [-1] * 90])
     Xl = torch.where(Sl >= 0, 7, tok.pad)
-    assert torch.isfinite(model(Xl, segments=Sl)[0]).all()
+    assert torch.isfinite(model(Xl, layout=ns.packed_layout(Sl, 64))[0]).all()
     with pytest.raises(ValueError, match="block_size"):  # but no sequence longer than the block
-        model(torch.zeros(1, 70, dtype=torch.long), segments=torch.zeros(1, 70, dtype=torch.long))
+        ns.packed_layout(torch.zeros(1, 70, dtype=torch.long), 64)
     # scramble every token but sequence 0's: its logits stay exactly the same
     X2 = torch.where(S == 0, X, torch.randint(0, tok.vocab_size, X.shape))
     r, cols = (S == 0).nonzero(as_tuple=True)
-    torch.testing.assert_close(model(X2, segments=S)[0][r, cols], logits[r, cols], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(X2, layout=ns.packed_layout(S, 64))[0][r, cols], logits[r, cols], rtol=0, atol=1e-6)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -350,6 +351,7 @@ def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
     dpo.main(common + ["--out-dir", a, "--max-iters", "10"])
     dpo.main(common + ["--out-dir", b, "--max-iters", "5"])
     assert ns.load_checkpoint(os.path.join(b, "dpo.pt"))["iter"] == 5
+    assert ns.load_checkpoint(os.path.join(b, "dpo_last.pt"))["iter"] == 5  # what --resume reads
     dpo.main(common + ["--out-dir", b, "--max-iters", "10", "--resume"])
     ck_a, ck_b = ns.load_checkpoint(os.path.join(a, "dpo.pt")), ns.load_checkpoint(os.path.join(b, "dpo.pt"))
     assert ck_a["iter"] == ck_b["iter"] == 10
@@ -382,10 +384,10 @@ def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
     ref = dpo.freeze(copy.deepcopy(model))
     rt = ns.Runtime(torch.device("cpu"), "float32")
     prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
-    assert dpo.kl_estimate(model, ref, tok, prompts, rt, seed=0) == 0.0
+    assert dpo_eval.kl_estimate(model, ref, tok, prompts, rt, seed=0) == 0.0
     with torch.no_grad():
         model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
-    assert dpo.kl_estimate(model, ref, tok, prompts, rt, seed=0) > 0.0
+    assert dpo_eval.kl_estimate(model, ref, tok, prompts, rt, seed=0) > 0.0
 
 
 @pytest.mark.parametrize("cache", [True, False])

@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 import nanosft as ns
+import nanopeft as peft
 from data import formats
 from conftest import ROOT, tiny_gpt
 
 import dpo
 import finetune
 from data import world as W
+from data import world_eval as we
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
@@ -64,7 +66,7 @@ def test_lora_forward_and_merge_use_alpha_over_rank():
     r, alpha, d_in, d_out = 4, 8, 6, 5   # alpha != r: scale 2
     base = nn.Linear(d_in, d_out, bias=False)
     W0 = base.weight.detach().clone()
-    m = ns.LoRALinear(base, r, alpha)
+    m = peft.LoRALinear(base, r, alpha)
     assert m.A.shape == (r, d_in) and m.B.shape == (d_out, r)
     A = torch.randn(r, d_in)
     B = torch.randn(d_out, r)
@@ -78,7 +80,7 @@ def test_lora_forward_and_merge_use_alpha_over_rank():
     assert not torch.allclose(want, x @ W0.t() + alpha * (x @ A.t() @ B.t()))
 
     merged = m.merged()
-    assert isinstance(merged, nn.Linear) and not isinstance(merged, ns.LoRALinear)
+    assert isinstance(merged, nn.Linear) and not isinstance(merged, peft.LoRALinear)
     torch.testing.assert_close(merged.weight, W0 + (alpha / r) * (B @ A))
     torch.testing.assert_close(merged(x), want)
 
@@ -90,8 +92,8 @@ def test_add_lora_passes_alpha_and_merge_lora_folds_with_the_same_scale(tok):
     model = tiny_gpt(tok, seed=5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     r, alpha = 4, 8
-    ns.add_lora(model, r, alpha)
-    loras = {n: m for n, m in model.named_modules() if isinstance(m, ns.LoRALinear)}
+    peft.add_lora(model, r, alpha)
+    loras = {n: m for n, m in model.named_modules() if isinstance(m, peft.LoRALinear)}
     assert loras
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -107,8 +109,8 @@ def test_add_lora_passes_alpha_and_merge_lora_folds_with_the_same_scale(tok):
               for n, m in loras.items()}
     ids = torch.randint(0, tok.vocab_size, (2, 16))
     adapted = model(ids)[0].detach()
-    ns.merge_lora(model)
-    assert not any(isinstance(m, ns.LoRALinear) for m in model.modules())
+    peft.merge_lora(model)
+    assert not any(isinstance(m, peft.LoRALinear) for m in model.modules())
     sd = model.state_dict()
     for k, w in want_w.items():
         torch.testing.assert_close(sd[k], w)
@@ -170,12 +172,12 @@ def test_sft_rewind_reads_the_dev_half_never_the_test_half():
 def test_heldout_halves_split_the_heldout_people_disjointly_and_about_evenly():
     """Catches dev and test halves that share a person (or rows), that miss or add people,
     or that are badly lopsided."""
-    rows = ns.load_eval_rows("heldout")
-    dev, test = ns.heldout_halves()
+    rows = we.load_eval_rows("heldout")
+    dev, test = we.heldout_halves()
     dev_p, test_p = {r["person"] for r in dev}, {r["person"] for r in test}
     all_p = {r["person"] for r in rows}
     assert dev_p and test_p and not dev_p & test_p
-    assert dev_p | test_p == all_p == set(ns.load_world()[1]["heldout"])
+    assert dev_p | test_p == all_p == set(we.load_world()[1]["heldout"])
     assert len(dev) + len(test) == len(rows)
     assert abs(len(dev_p) - len(test_p)) <= max(2, len(all_p) // 10)
 
@@ -215,7 +217,7 @@ def test_dpo_rewind_rule():
 
 @pytest.fixture(scope="module")
 def facts():
-    return ns.load_world()[1]
+    return we.load_world()[1]
 
 
 def _gold(facts, attr="city"):
@@ -293,7 +295,7 @@ def test_heldout_people_never_reach_a_training_file(facts):
         hit = names.search(_text(name))
         assert hit is None, f"held-out person {hit.group(0)!r} appears in {name}"
 
-    fmt, pairs = formats.read_pairs(dpo.WORLD_VOTES, 10.0, True)
+    fmt, pairs = formats.read_pairs(we.THREADS, 10.0, True)
     assert pairs and all(p["split"] == "train" for p in pairs)
     for p in pairs:
         hit = names.search(json.dumps(p["prompt"], ensure_ascii=False))

@@ -158,7 +158,7 @@ def run_main(main, argv, capsys):
 
 # ---- bad input: one line, exit code 2, every saved checkpoint byte-identical
 
-SAVED = {"pretrain.pt": "pre", "sft.pt": "sft", "dpo.pt": "dpo"}  # no sft_final.pt: nothing to resume
+SAVED = {"pretrain.pt": "pre", "sft.pt": "sft", "dpo.pt": "dpo"}  # no sft_last.pt: nothing to resume
 PRE = ["--data", "{corpus}", "--out-dir", "{out}", "--max-iters", "2", "--eval-interval", "2", *TINY]
 SFT = ["--ckpt", "{pre}", "--data", "{good}", "--out-dir", "{out}", "--max-iters", "2",
        "--batch-size", "4", "--dtype", "float32"]
@@ -187,9 +187,9 @@ CASES = {
     "pretrain non-UTF-8 text": ("pretrain", PRE + ["--data", "{latin1}"], SAVED,
                                 r"latin1\.txt:2: not valid UTF-8 \(byte offset \d+\); expected UTF-8 text"),
     "pretrain --resume, nothing to resume": ("pretrain", PRE + ["--resume"], {"sft.pt": "sft"},
-                                             r"pretrain\.pt: no such checkpoint file"),
-    "pretrain --resume of another stage": ("pretrain", PRE + ["--resume"], {"pretrain.pt": "sft"},
-                                           r"pretrain\.pt: a 'sft' checkpoint, expected one of pretrain"),
+                                             r"pretrain_last\.pt: no such checkpoint file"),
+    "pretrain --resume of another stage": ("pretrain", PRE + ["--resume"], {"pretrain_last.pt": "sft"},
+                                           r"pretrain_last\.pt: a 'sft' checkpoint, expected one of pretrain"),
     "finetune field of wrong type": ("finetune", SFT + ["--data", "{wrongtype}"], SAVED,
                                      r"wrongtype\.jsonl:2: field 'response' must be a string, got int"),
     "finetune record missing a field": ("finetune", SFT + ["--data", "{alpaca}"], SAVED,
@@ -224,9 +224,9 @@ CASES = {
     "finetune config not a dict": ("finetune", SFT + ["--ckpt", "{badcfg}"], SAVED,
                                    r"badcfg\.pt: config must hold positive integers"),
     "finetune --resume, nothing to resume": ("finetune", SFT + ["--resume"], SAVED,
-                                             r"sft_final\.pt: no such checkpoint file"),
-    "finetune --resume of another model": ("finetune", SFT + ["--resume"], {"sft_final.pt": "other"},
-                                           r"sft_final\.pt: was trained from another model or tokenizer"),
+                                             r"sft_last\.pt: no such checkpoint file"),
+    "finetune --resume of another model": ("finetune", SFT + ["--resume"], {"sft_last.pt": "other"},
+                                           r"sft_last\.pt: was trained from another model or tokenizer"),
     "sample missing checkpoint": ("sample", SAMPLE + ["--ckpt", "{dir}/nope.pt"], SAVED,
                                   r"nope\.pt: no such checkpoint file"),
     "sample malicious pickle": ("sample", SAMPLE + ["--ckpt", "{evil}"], SAVED,
@@ -242,8 +242,8 @@ CASES = {
                                  r"good\.jsonl:1: unknown preference record \(keys: prompt, response\)"),
     "dpo empty JSON array": ("dpo", DPO + ["--data", "{emptyarr}"], SAVED, r"emptyarr\.json: empty JSON array"),
     "dpo --beta 0": ("dpo", DPO + ["--beta", "0"], SAVED, r"--beta must be a positive number, got 0\.0"),
-    "dpo --resume of another stage": ("dpo", DPO + ["--resume"], {"dpo_final.pt": "pre"},
-                                      r"dpo_final\.pt: a 'pretrain' checkpoint, expected one of dpo"),
+    "dpo --resume of another stage": ("dpo", DPO + ["--resume"], {"dpo_last.pt": "pre"},
+                                      r"dpo_last\.pt: a 'pretrain' checkpoint, expected one of dpo"),
 }
 
 
@@ -338,7 +338,7 @@ def test_pretrain_resume_equals_straight_run(F, tmp_path, monkeypatch):
     with pytest.raises(Killed):
         pretrain.main(args(a))
     monkeypatch.setattr(ns, "save_checkpoint", real_save)
-    assert torch.load(os.path.join(a, "pretrain.pt"), weights_only=True)["iter"] == 10
+    assert torch.load(os.path.join(a, "pretrain_last.pt"), weights_only=True)["iter"] == 10
     pretrain.main(args(a) + ["--resume"])
     pretrain.main(args(b))
     resumed, straight = (torch.load(os.path.join(d, "pretrain.pt"), weights_only=True) for d in (a, b))
@@ -373,7 +373,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(F, tmp_path
     assert code == 2 and err.count("\n") == 1
     assert "non-finite loss at step 3" in err and "last good one" in err
     assert list(saved) == [2]  # the step-2 save happened, nothing after it
-    path = os.path.join(out, "pretrain.pt")
+    path = os.path.join(out, "pretrain_last.pt")
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == saved[2]
     ck = ns.load_checkpoint(path)
     assert ck["iter"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())

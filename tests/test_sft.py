@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nanosft as ns
+import nanopeft as peft
 from data import formats
 import finetune
 import pretrain
@@ -112,7 +113,7 @@ def test_lora_init_exact_only_adapters_train_and_merge_equal(tok):
     base = tiny_gpt(tok, seed=2)
     x = torch.randint(0, tok.vocab_size, (2, 16))
     ref = base(x)[0]
-    model = ns.add_lora(tiny_gpt(tok, seed=2), rank=4)
+    model = peft.add_lora(tiny_gpt(tok, seed=2), rank=4)
     assert torch.equal(model(x)[0], ref)                        # B = 0: exactly the base model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".A", ".B")) for n in trainable)
@@ -126,16 +127,15 @@ def test_lora_init_exact_only_adapters_train_and_merge_equal(tok):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     adapted = model(x)[0]
     assert not torch.equal(adapted, ref)
-    merged = ns.merge_lora(model)
-    assert not any(isinstance(m, ns.LoRALinear) for m in merged.modules())
+    merged = peft.merge_lora(model)
+    assert not any(isinstance(m, peft.LoRALinear) for m in merged.modules())
     torch.testing.assert_close(merged(x)[0], adapted, rtol=1e-4, atol=1e-5)
     ns.GPT(merged.config).load_state_dict(merged.state_dict())  # loads as a plain GPT
 
 
 def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
     ck = ns.checkpoint_dict("pretrain", tiny_gpt(tok, seed=2), tok)
-    args = finetune.parse_args(["--lora-rank", "4"])
-    model, _ = finetune.build_model(args, ck)
+    model, _ = finetune.build_model(ck, lora_rank=4)
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
     ex = [ns.example_tensors(*ns.render_chat(tok, conv))]
     X, Y = ns.collate(ex, tok.pad)
@@ -162,8 +162,7 @@ def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
 def test_prompt_tuning_changes_no_model_weight(tok, tmp_path):
     base = tiny_gpt(tok, seed=3)
     ck = ns.checkpoint_dict("pretrain", base, tok)
-    args = finetune.parse_args(["--prompt-tokens", "4"])
-    model, _ = finetune.build_model(args, ck)
+    model, _ = finetune.build_model(ck, prompt_tokens=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix"]
     opt = ns.configure_optimizer(model, 1e-2)
@@ -177,12 +176,34 @@ def test_prompt_tuning_changes_no_model_weight(tok, tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in before if k != "prefix")
     # cached generation still equals a full forward with the prefix in front
     prompt = tok.encode("Ada was")
-    out = ns.generate(model, prompt, 8, temperature=0)
+    out = ns.generate_batch(model, [prompt], 8, stop=set())[0]
     seq = prompt[:]
     for t in out:
         logits, _ = model(torch.tensor([seq]))
         assert int(logits[0, -1].argmax()) == t
         seq.append(t)
+
+
+def test_defaults_one_table_and_the_learning_rate_of_each_method():
+    """The stage's defaults are DEFAULTS; --lr, when not given, is the method's rate from LR
+    (so --lora-rank 8 alone reproduces the README's LoRA row); a given --lr wins."""
+    plain = finetune.parse_args([])
+    assert {k: getattr(plain, k) for k in finetune.DEFAULTS if k != "lr"} == \
+        {k: v for k, v in finetune.DEFAULTS.items() if k != "lr"}
+    assert plain.lr == finetune.LR["full"] == 1e-3
+    assert finetune.parse_args(["--init", "scratch"]).lr == finetune.LR["full"]
+    assert finetune.parse_args(["--lora-rank", "8"]).lr == finetune.LR["lora"] == 3e-3
+    assert finetune.parse_args(["--lora-rank", "8", "--lora-on", "attn,mlp"]).lr == finetune.LR["lora"]
+    assert finetune.parse_args(["--prompt-tokens", "16"]).lr == finetune.LR["prompt"] == 3e-2
+    assert finetune.parse_args(["--lora-rank", "8", "--lr", "1e-2"]).lr == 1e-2
+
+
+def test_only_main_and_parse_args_take_the_argparse_namespace():
+    """Every other function takes explicit values, so it can be read (and called) alone."""
+    import inspect
+    takers = [name for name, f in vars(finetune).items() if inspect.isfunction(f) and f.__module__ == "finetune"
+              and "args" in inspect.signature(f).parameters]
+    assert takers == []  # main(argv) and parse_args(argv) take the command line, not a namespace
 
 
 def test_rewind_rule():
@@ -226,14 +247,14 @@ def tiny_ckpt(tmp_path_factory):
     return str(d / "pretrain.pt")
 
 
-def sft_argv(ckpt, out, *extra):
+def sft_argv(ckpt, out, *extra, lr="1e-3"):
     data = os.path.join(out, "data.jsonl")
     with open(data, "w") as f:
         for i in range(24):
             f.write(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i} " * (1 + i % 3)}) + "\n")
         f.write(json.dumps({"prompt": "Question 0?", "response": "Answer 0 "}) + "\n")  # a copy: skipped
     return ["--ckpt", ckpt, "--data", data, "--out-dir", out, "--batch-size", "8", "--eval-interval", "5",
-            "--dtype", "float32", "--lr", "1e-3", *extra]
+            "--dtype", "float32", *(["--lr", lr] if lr else []), *extra]
 
 
 def test_cli_accumulation_and_resume_match(tiny_ckpt, tmp_path, one_thread):
@@ -250,11 +271,32 @@ def test_cli_accumulation_and_resume_match(tiny_ckpt, tmp_path, one_thread):
     assert "skipped 1 of 25 records that repeat an earlier record exactly (record 25)" in r.stdout + r.stderr
     data = json.load(open(os.path.join(runs["plain"], "sft.json")))["data"]
     assert (data["total"], data["kept"], data["skipped"]["that repeat an earlier record exactly"]["records"]) == (25, 24, [25])
-    load = lambda d: torch.load(os.path.join(d, "sft_final.pt"), weights_only=True)["model"]
+    load = lambda d: torch.load(os.path.join(d, "sft_last.pt"), weights_only=True)["model"]
     plain = load(runs["plain"])
     for other in ("accum", "first"):
         for k, v in load(runs[other]).items():
             torch.testing.assert_close(v, plain[k], rtol=0, atol=1e-5, msg=f"{other}: {k}")
+
+
+def test_cli_lora_resume_continues_the_adapters_and_sft_last_is_plain(tiny_ckpt, tmp_path, one_thread):
+    """A LoRA run stopped at step 5 and resumed equals one straight run: --resume reads the
+    unmerged adapters (train_state), not the merged weights. sft_last.pt's "model" is an
+    ordinary GPT's, and without --lr the run trains at LoRA's rate."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    os.makedirs(a)
+    os.makedirs(b)
+    lora = ["--lora-rank", "4"]
+    finetune.main(sft_argv(tiny_ckpt, a, *lora, "--max-iters", "5", lr=None))
+    finetune.main(sft_argv(tiny_ckpt, a, *lora, "--max-iters", "10", "--resume", lr=None))
+    finetune.main(sft_argv(tiny_ckpt, b, *lora, "--max-iters", "10", lr=None))
+    resumed, straight = (torch.load(os.path.join(d, "sft_last.pt"), weights_only=True) for d in (a, b))
+    assert resumed["iter"] == straight["iter"] == 10
+    for key in ("model", "train_state"):
+        assert all(torch.equal(resumed[key][k], v) for k, v in straight[key].items()), key
+    assert any(k.endswith(".A") for k in straight["train_state"])
+    assert not any(k.endswith((".A", ".B")) for k in straight["model"])
+    ns.model_from_checkpoint(straight)  # loads as a plain GPT
+    assert straight["args"]["lr"] == json.load(open(os.path.join(b, "sft.json")))["lr"] == finetune.LR["lora"]
 
 
 def test_cli_bad_record_is_one_clean_line(tiny_ckpt, tmp_path):

@@ -1,0 +1,225 @@
+"""
+Parameter-efficient fine-tuning for finetune.py: the base model stays frozen and a few new
+parameters learn the task.
+
+  LoRA           a low-rank update added to chosen projections (Hu et al. 2021)
+  OFT            a learned rotation of each chosen projection's input (Qiu et al. 2023)
+  prompt tuning  learned vectors in front of every sequence (Lester et al. 2021)
+  int8 base      the frozen projections of LoRA/OFT stored as int8 (as QLoRA stores 4-bit)
+
+Adapters are merged into plain weights when a checkpoint is saved (`plain_state`), so every
+later stage loads an ordinary GPT. A prompt-tuning prefix cannot be merged: it is saved as
+the model's `prefix` (GPTConfig.n_prefix), which nanosft.GPT reads.
+"""
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nanosft as ns
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA
+
+
+def dense(linear):
+    """The weight matrix (out, in) of a plain or an int8 Linear, in float."""
+    return linear.dequantized() if isinstance(linear, Int8Linear) else linear.weight.data
+
+
+def plain_linear(weight, bias):
+    lin = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None)
+    lin.weight.data = weight
+    if bias is not None:  # an imported GPT-2's
+        lin.bias.data = bias.data.clone()
+    return lin
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / r) * x A^T B^T with W frozen. B starts at zero, so at init the
+    adapted model computes exactly what the base model computes."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+    def merged(self):
+        w = dense(self.base)
+        return plain_linear(w + self.scale * (self.B @ self.A).to(w.dtype), self.base.bias)
+
+
+# ----------------------------------------------------------------------------------------
+# OFT
+
+
+class OFTLinear(nn.Module):
+    """y = base(x R): the input features rotated by a block-diagonal orthogonal R, W frozen.
+
+    Each b x b block is the Cayley transform of a skew-symmetric Q (Q^T = -Q), built from
+    its b(b-1)/2 free entries:  R = (I - Q)(I + Q)^-1.  For every such Q, R is orthogonal
+    (R^T R = I) with det +1: a pure rotation. It keeps the angles between the weight's
+    neurons, which is why OFT forgets little (Qiu et al. 2023). Q = 0 at the start, so
+    R = I and the adapted model computes exactly what the base model computes.
+    (I - Q) and (I + Q)^-1 commute, so R = solve(I + Q, I - Q): an exact inverse, no series."""
+
+    def __init__(self, base, block):
+        super().__init__()
+        if base.in_features % block:
+            raise ValueError(f"--oft-block {block} must divide the layer's {base.in_features} input features")
+        self.base, self.block = base, block
+        self.base.requires_grad_(False)
+        n = base.in_features // block
+        self.register_buffer("iu", torch.triu_indices(block, block, offset=1), persistent=False)
+        self.q = nn.Parameter(torch.zeros(n, block * (block - 1) // 2))  # (blocks, b(b-1)/2)
+
+    def rotation(self):
+        """R's blocks, (n, b, b), in float32 (the solve is not for bf16)."""
+        n, b = self.q.size(0), self.block
+        Q = self.q.new_zeros(n, b, b, dtype=torch.float32)
+        Q[:, self.iu[0], self.iu[1]] = self.q.float()
+        Q = Q - Q.transpose(1, 2)  # skew-symmetric
+        eye = torch.eye(b, device=Q.device).expand(n, b, b)
+        return torch.linalg.solve(eye + Q, eye - Q)
+
+    def forward(self, x):
+        R = self.rotation().to(x.dtype)  # (n, b, b)
+        xs = x.unflatten(-1, (R.size(0), self.block))  # (..., n, b): the input, block by block
+        return self.base(torch.einsum("...nb,nbc->...nc", xs, R).flatten(-2))  # (..., in) rotated
+
+    def merged(self):
+        # x R W^T = x (W R^T)^T: the merged weight is W R^T, with R block-diagonal
+        w = dense(self.base)
+        R = torch.block_diag(*self.rotation().detach()).to(w.dtype)
+        return plain_linear(w @ R.t(), self.base.bias)
+
+
+# ----------------------------------------------------------------------------------------
+# where adapters go, merging them, and the int8 base
+
+
+TARGETS = ("c_attn", "c_proj", "c_fc")  # the projections of attention and MLP
+
+
+def projections(model, where=("attn", "mlp")):
+    """(parent module, name) of each projection in the attention and/or MLP of every block."""
+    return [(parent, name) for block in model.h for parent in (getattr(block, w) for w in where)
+            for name in TARGETS if hasattr(parent, name)]
+
+
+def add_lora(model, rank, alpha=None, where=("attn", "mlp")):
+    """Freeze every weight, then wrap the projections of the attention and/or the MLP
+    (`where`) of every block with LoRA adapters."""
+    model.requires_grad_(False)
+    for parent, name in projections(model, where):
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha or 2 * rank))
+    return model
+
+
+def add_oft(model, block, where=("attn", "mlp")):
+    """Freeze every weight, then rotate the input of the chosen projections (OFTLinear)."""
+    model.requires_grad_(False)
+    for parent, name in projections(model, where):
+        setattr(parent, name, OFTLinear(getattr(parent, name), block))
+    return model
+
+
+def merge(model):
+    """Fold every adapter into a plain Linear (and every int8 weight back to float), so
+    later stages load an ordinary GPT."""
+    for parent, name in projections(model):
+        m = getattr(parent, name)
+        if isinstance(m, (LoRALinear, OFTLinear)):
+            setattr(parent, name, m.merged())
+        elif isinstance(m, Int8Linear):
+            setattr(parent, name, plain_linear(m.dequantized(), m.bias))
+    return model
+
+
+class Int8Linear(nn.Module):
+    """A frozen Linear stored as int8, one scale per output channel (absmax / 127), turned
+    back into float for each matmul. A quarter of fp32's bytes; the rounding error of each
+    weight is at most half a step, scale / 2."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.data.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized(self):
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x):
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def quantize_base(model):
+    """Every projection of every block -> Int8Linear (before the adapters wrap them)."""
+    for parent, name in projections(model):
+        setattr(parent, name, Int8Linear(getattr(parent, name)))
+    return model
+
+
+def frozen_bytes(model):
+    """Bytes of the projections' frozen weights as stored (int8 + scales, or float)."""
+    total = 0
+    for parent, name in projections(model):
+        m = getattr(parent, name)
+        m = getattr(m, "base", m)
+        total += sum(t.numel() * t.element_size() for t in
+                     ((m.qweight, m.scale) if isinstance(m, Int8Linear) else (m.weight,)))
+    return total
+
+
+merge_lora = merge  # the older name
+
+
+# ----------------------------------------------------------------------------------------
+# prompt tuning
+
+
+def add_prompt(model, n_tokens, seed):
+    """A copy of `model` with n_tokens learned vectors in front of every sequence, the only
+    trainable parameters. They start as the embeddings of n_tokens random vocabulary tokens
+    (real token embeddings train better than random vectors: Lester et al. 2021)."""
+    cfg = dataclasses.replace(model.config, n_prefix=n_tokens)
+    tuned = ns.GPT(cfg)
+    tuned.load_state_dict(model.state_dict(), strict=False)
+    tuned.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    init = torch.randint(0, cfg.vocab_size, (n_tokens,), generator=g)
+    tuned.prefix.data = model.wte.weight.data[init].clone()
+    tuned.prefix.requires_grad_(True)
+    return tuned
+
+
+# ----------------------------------------------------------------------------------------
+# saving: plain weights
+
+
+def plain_state(model):
+    """A state dict an ordinary GPT loads: adapters merged into their weights."""
+    if any(isinstance(m, (LoRALinear, OFTLinear, Int8Linear)) for m in model.modules()):
+        model = merge(copy.deepcopy(model))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def plain_model(model):
+    """An ordinary GPT with the adapted model's weights (adapters merged)."""
+    m = ns.GPT(model.config)
+    m.load_state_dict(plain_state(model))
+    return m.to(next(model.parameters()).device)
