@@ -53,6 +53,7 @@ import torch
 
 import nanosft as ns
 from data import formats
+from data import world_eval as we
 
 TARGETS = {  # name: (comparison, value)
     "mfu_fp32": (">=", 0.85), "bf16_speedup": (">=", 1.6), "kv_cache_speedup": (">=", 5.0),
@@ -288,37 +289,46 @@ def load_script(name):
     return __import__(name)
 
 
+SEED = 1337  # the stage scripts' default --seed
+
+
 def world_tokenizer():
+    """The default world's tokenizer, as pretrain.py trains it, and the default GPT config."""
     pretrain = load_script("pretrain")
-    pre = pretrain.parse_args([])
-    return pretrain.train_tokenizer(ns.read_text(pre.data), pre.vocab_size or pretrain.WORLD_VOCAB), pre
+    tok = pretrain.train_tokenizer(ns.read_text(we.CORPUS), pretrain.WORLD_VOCAB)
+    return tok, ns.GPTConfig(vocab_size=tok.vocab_size)
 
 
-def bench_padding(res, tok, pre):
+def world_pairs(tok, cfg):
+    """The default DPO run's training pair examples and its defaults."""
+    dpo = load_script("dpo")
+    d = dpo.DEFAULTS
+    (_, ex), _, _ = formats.load_pairs(we.THREADS, we.EVAL_THREADS, tok, cfg.block_size, d["min_margin"],
+                                       d["pairs"] == "top", SEED, False, lambda line: None, dpo.EVAL_PAIRS)
+    return dpo, d, ex
+
+
+def bench_padding(res, tok, cfg):
     """Real (non-pad) tokens over all tokens the model computes, over one epoch of batches."""
     try:
         ft = load_script("finetune")
-        fa = ft.parse_args([])
-        ex = ft.render_all(tok, list(enumerate(ft.world_conversations(fa.labels, fa.seed), 1)), pre.block_size,
+        B = ft.DEFAULTS["batch_size"]
+        ex = ft.render_all(tok, list(enumerate(ft.world_conversations("top-voted", SEED), 1)), cfg.block_size,
                            formats.DataReport("world"))
         lengths = [len(x) for x, _ in ex]
-        steps = max(1, len(ex) // fa.batch_size)
         r = t = 0
-        for it in range(steps):
-            X, _ = ns.collate([ex[i] for i in ft.step_order(len(ex), fa.batch_size, fa.seed, it, lengths)], tok.pad)
+        for it in range(max(1, len(ex) // B)):
+            X, _ = ns.collate([ex[i] for i in ft.step_order(len(ex), B, SEED, it, lengths)], tok.pad)
             r, t = r + int((X != tok.pad).sum()), t + X.numel()
         res["pad_efficiency_sft"] = round(r / t, 3)
     except Exception as e:
         res["pad_efficiency_sft"] = None
         res["pad_efficiency_sft_reason"] = f"{type(e).__name__}: {e}"
     try:
-        dpo = load_script("dpo")
-        da = dpo.parse_args([])
-        _, pairs, _ = formats.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
-        ex = [dpo.pair_example(tok, p, pre.block_size) for p in pairs]
+        dpo, d, ex = world_pairs(tok, cfg)
         r = t = 0
-        for it in range(max(1, len(ex) // da.batch_size)):
-            X, _, _ = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(da.seed, it, da.batch_size, len(ex))], tok.pad)
+        for it in range(max(1, len(ex) // d["batch_size"])):
+            X, _, _ = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(SEED, it, d["batch_size"], len(ex))], tok.pad)
             r, t = r + int((X != tok.pad).sum()), t + X.numel()
         res["pad_efficiency_dpo"] = round(r / t, 3)
     except Exception as e:
@@ -331,27 +341,22 @@ def bench_padding(res, tok, pre):
         res["pad_efficiency_reason"] = "needs finetune.py and dpo.py (see the stage reasons)"
 
 
-def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
+def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
     """A DPO step and an SFT step on the same packed rows: chosen and rejected answers of
     world preference pairs, the SFT loss on the same response tokens. The reference
     log-probs are computed once beforehand, as dpo.py caches them."""
     try:
-        dpo = load_script("dpo")
-        da = dpo.parse_args([])
-        _, pairs, _ = formats.load_preferences(dpo.WORLD_VOTES, da.min_margin, da.seed, da.pairs == "top")
-        ex = [dpo.pair_example(tok, p, pre.block_size) for p in pairs]
+        dpo, d, ex = world_pairs(tok, cfg)
     except Exception as e:
         res["dpo_step_ratio"] = None
         res["dpo_step_ratio_reason"] = f"dpo.py not usable yet ({type(e).__name__}: {e})"
         return
     torch.manual_seed(0)
-    cfg = ns.GPTConfig(block_size=pre.block_size, vocab_size=tok.vocab_size, n_layer=pre.n_layer,
-                       n_head=pre.n_head, n_embd=pre.n_embd)
     model = ns.GPT(cfg)
     ref = dpo.freeze(copy.deepcopy(model))
     batches = []
     for it in range(n_batches):
-        X, Y, S = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(da.seed, it, da.batch_size, len(ex))], tok.pad)
+        X, Y, S = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(SEED, it, d["batch_size"], len(ex))], tok.pad)
         with torch.no_grad():
             rc, rr = dpo.concatenated_logprobs(ref, X, Y, S)
         batches.append((X, Y, S, rc, rr))
@@ -365,10 +370,11 @@ def bench_dpo_step(res, tok, pre, rounds, n_batches=4):
         opt.zero_grad(set_to_none=True)
 
     def sft(X, Y, S, rc, rr):
-        return lambda: step(sft_m, sft_opt, sft_m(X, Y, reduction="sum", segments=S)[1] / (Y != -1).sum())
+        return lambda: step(sft_m, sft_opt, sft_m(X, Y, reduction="sum", layout=dpo.packed_layout(S, cfg.block_size))[1] / (Y != -1).sum())
 
     def dpo_step(X, Y, S, rc, rr):
-        return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, da.beta, da.loss, da.label_smoothing, da.rpo_alpha, S)[0] / len(rc))
+        return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, d["beta"], d["loss"], d["label_smoothing"],
+                                                               d["rpo_alpha"], S)[0] / len(rc))
     fns = [f(*b) for b in batches for f in (sft, dpo_step)]  # SFT, DPO, SFT, DPO, ... per batch
     for f in fns:  # warm-up
         f()
@@ -456,9 +462,9 @@ def main():
            "load_average_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     t0 = time.perf_counter()
     def sft_dpo():
-        tok, pre = world_tokenizer()
-        bench_padding(res, tok, pre)
-        bench_dpo_step(res, tok, pre, rounds=rounds)
+        tok, cfg = world_tokenizer()
+        bench_padding(res, tok, cfg)
+        bench_dpo_step(res, tok, cfg, rounds=rounds)
     # the training steps are the noisiest figure and a round costs seconds: twice the rounds
     sections = {"training": lambda: bench_training(res, 2 * rounds, args.nanogpt, args.compile),
                 "kv-cache": lambda: bench_kv_cache(res, rounds),

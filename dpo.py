@@ -85,70 +85,65 @@ def parse_args(argv=None):
 # the data: preference pairs -> tensors -> batches
 
 
-def load_pairs(path, world, tok, block_size, min_margin, top_only, seed, strict, log):
-    """Training and held-out pairs, each as (pairs, examples), and their counts for dpo.json.
-    On the world the held-out pairs are about people neither SFT nor DPO trains on (pairs
-    split off the training people's threads would share people, and the other phrasing of
-    the question, with the training pairs); elsewhere a share of --data's records."""
-    report = formats.DataReport(path, strict, unit="pairs")
-    if world:
-        fmt, train = formats.read_pairs(path, min_margin, top_only, report)
-        held = formats.read_pairs(we.EVAL_THREADS, min_margin, top_only)[1]
-    else:
-        fmt, train, held = formats.load_preferences(path, min_margin, seed, top_only, report)
-    train = pair_examples(tok, train, block_size, report)
-    held = pair_examples(tok, held, block_size, formats.DataReport(we.EVAL_THREADS, strict, unit="pairs")
-                         if world else report)
-    for line in report.lines():
-        log(line)
-    step = max(1, len(held[0]) // EVAL_PAIRS)  # scored at every evaluation: an evenly spaced subset
-    scored = tuple(h[::step][:EVAL_PAIRS] for h in held)
-    return train, scored, {"data": path, "format": fmt, "data_report": report.state(), "pairs_train": len(train[0]),
-                           "pairs_heldout": len(held[0]), "pairs_heldout_scored": len(scored[0])}
-
-
-def pair_example(tok, pair, block_size, report=None):
-    """(x_chosen, y_chosen, x_rejected, y_rejected): inputs and targets, -1 off the response.
-    The response ends with <|end|>, a target like any other token: stopping is part of it.
-
-    Too long for the block: the prompt loses its OLDEST tokens first, the same ones for both
-    answers (a pair compares two answers to one prompt), but keeps at least half the window;
-    then each answer is cut to what is left (as TRL does: the log-probabilities of two
-    answers' beginnings still compare them). Both are counted in `report`. Returns None when
-    the two cut answers are the same tokens: nothing is left to prefer."""
-    prompt = ns.chat_prompt(tok, pair["prompt"])
-    answers = [ns.encode_content(tok, pair[k]) + [tok.end] for k in ("chosen", "rejected")]
-    limit = block_size + 1
-    keep = min(len(prompt), max(limit - max(map(len, answers)), limit // 2))
-    n, report = pair.get("record", 0), report or formats.DataReport("pairs", unit="pairs")
-    cut_prompt, cut_answer = keep < len(prompt), any(len(a) > limit - keep for a in answers)
-    prompt, answers = prompt[len(prompt) - keep:], [a[:limit - keep] for a in answers]
-    if answers[0] == answers[1]:
-        report.skip(n, "whose answers are the same within the block",
-                    f"chosen and rejected are the same in their first {limit - keep} tokens")
-        return None
-    if cut_prompt:
-        report.truncate(n, "prompts cut from the left to fit", f"the prompt is longer than the model's block size {block_size}")
-    if cut_answer:
-        report.truncate(n, "answers cut to fit the block", f"an answer is longer than the model's block size {block_size}")
-    return tuple(t for a in answers for t in ns.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a)))
-
-
-def pair_examples(tok, pairs, block_size, report):
-    """pair_example for many pairs -> (kept pairs, their examples)."""
-    kept = [(p, e) for p in pairs if (e := pair_example(tok, p, block_size, report)) is not None]
-    report.check(block_size)
-    return [p for p, _ in kept], [e for _, e in kept]
-
-
 def collate_pairs(examples, pad_id, packed=True):
     """B pair examples -> X, Y, S: the 2B sequences, the B chosen then the B rejected.
-    packed: several sequences per row (ns.pack; S (R, T) numbers them 0..2B-1), which
+    packed: several sequences per row (pack; S (R, T) numbers them 0..2B-1), which
     wastes little on padding although a pair's two answers differ in length (a curt "Oslo."
     against a sentence with a closing remark). Otherwise one row each (2B, T), S None
     (needed by a prompt-tuned model, whose prefix belongs at the start of every row)."""
     seqs = [e[:2] for e in examples] + [e[2:] for e in examples]
-    return ns.pack(seqs, pad_id) if packed else (*ns.collate(seqs, pad_id), None)
+    return pack(seqs, pad_id) if packed else (*ns.collate(seqs, pad_id), None)
+
+
+def pack(examples, pad_id):
+    """Several sequences per row instead of one each, so short ones stop paying for the
+    longest: sequences, longest first, go into the first row with room (first-fit
+    decreasing). The row width is the one, from the longest sequence to twice that, that
+    computes the fewest tokens in all. Returns X, Y (R, T) and S (R, T): the index in
+    `examples` of the sequence each token belongs to, -1 on padding. Run the model with
+    layout=packed_layout(S, block_size): each sequence sees only itself, at its own positions."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    lengths = [len(examples[i][0]) for i in order]
+
+    def first_fit(T):
+        rows = []  # [free width, [example indices]]
+        for i, n in zip(order, lengths):
+            row = next((r for r in rows if r[0] >= n), None)
+            if row is None:
+                row = [T, []]
+                rows.append(row)
+            row[0] -= n
+            row[1].append(i)
+        return rows
+
+    T = min(range(lengths[0], 2 * lengths[0] + 1), key=lambda w: len(first_fit(w)) * w)
+    rows = first_fit(T)
+    X = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    Y = torch.full((len(rows), T), -1, dtype=torch.long)
+    S = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, (_, idx) in enumerate(rows):
+        at = 0
+        for i in idx:
+            x, y = examples[i]
+            X[r, at:at + len(x)], Y[r, at:at + len(x)], S[r, at:at + len(x)] = x, y, i
+            at += len(x)
+    return X, Y, S
+
+
+def packed_layout(S, block_size):
+    """Positions and attention mask of packed rows: every sequence starts again at position
+    0 and attends only to its own earlier tokens, exactly as if it had a row to itself.
+    S (R, T) from `pack` -> pos (R, T), mask (R, 1, T, T)."""
+    R, T = S.shape
+    t = torch.arange(T, device=S.device)
+    first = torch.ones_like(S, dtype=torch.bool)
+    first[:, 1:] = S[:, 1:] != S[:, :-1]  # (R, T) a sequence starts here
+    pos = t - torch.where(first, t, 0).cummax(dim=1).values  # (R, T) index within its sequence
+    if int(pos.masked_fill(S < 0, 0).max()) >= block_size:
+        raise ValueError(f"a packed sequence exceeds block_size {block_size}")
+    pos = pos.clamp(max=block_size - 1)  # a long run of padding (S = -1) is one "sequence"
+    same = S[:, :, None] == S[:, None, :]  # (R, T, T)
+    return pos, (same & torch.ones(T, T, dtype=torch.bool, device=S.device).tril())[:, None]
 
 
 @functools.lru_cache(maxsize=4)
@@ -207,7 +202,7 @@ def sequence_logprobs(logits, labels, mask, segments=None):
     the padded length also counts padding: every log-ratio shrinks by the batch's longest
     row, an effective beta that changes from batch to batch.
     mask (B, T) is 1 on response tokens; prompt tokens and padding never enter the sum.
-    segments (B, T), for packed rows (ns.pack): sum per sequence instead of per row, giving
+    segments (B, T), for packed rows (pack): sum per sequence instead of per row, giving
     (N,) for the N = segments.max() + 1 sequences."""
     lp = token_logprobs(logits, labels)  # (B, T)
     lp = torch.where(mask.bool(), lp, torch.zeros_like(lp))  # (B, T)
@@ -260,7 +255,7 @@ def concatenated_logprobs(model, X, Y, S=None):
     0..B-1, rejected B..2B-1). One forward instead of two halves the kernel launches and,
     under DDP, keeps a single forward per backward. Returns two (B,) tensors."""
     block = getattr(model, "module", model).config.block_size  # (DDP holds the model in .module)
-    logits, _ = model(X, layout=None if S is None else ns.packed_layout(S, block))  # (R, T, V)
+    logits, _ = model(X, layout=None if S is None else packed_layout(S, block))  # (R, T, V)
     logps = sequence_logprobs(logits, Y, Y != -1, S)  # (2B,)
     B = logps.size(0) // 2
     return logps[:B], logps[B:]
@@ -322,20 +317,18 @@ def main(argv=None):
     ref, tok = ns.model_from_checkpoint(ck0, args.ckpt)
     model, _ = ns.model_from_checkpoint(ck0, args.ckpt)  # an independent copy: the policy
     ref, world = freeze(ref).to(rt.device), we.is_default(args.data, we.THREADS)
-    (train_pairs, train_ex), (held_pairs, held_ex), counts = load_pairs(
-        args.data, world, tok, model.config.block_size, args.min_margin, args.pairs == "top", args.seed, args.strict, rt.log)
+    (train_pairs, train_ex), (held_pairs, held_ex), counts = formats.load_pairs(
+        args.data, we.EVAL_THREADS if world else None, tok, model.config.block_size, args.min_margin,
+        args.pairs == "top", args.seed, args.strict, rt.log, EVAL_PAIRS)
     rt.log(f"{args.data}: {counts['format']} format, {len(train_ex):,} train / {counts['pairs_heldout']:,} held-out pairs "
            f"({len(held_ex)} scored) | {model.num_params():,} parameters | {rt.device} {rt.dtype}")
-    if B % (rt.world * args.grad_accum):
-        raise ns.UserError(f"--batch-size {B} must be divisible by processes x --grad-accum ({rt.world} x {args.grad_accum})")
     model.to(rt.device).train()
     optimizer = ns.configure_optimizer(model, args.lr, device_type=rt.device.type)
     start_iter, state = ns.resume(args.out_dir, "dpo", model, tok, optimizer) if args.resume else (0, {})
 
     # ---- the reference's log-probs, once: for the pairs this run's steps will visit (this
     # rank's shard) and for the held-out pairs. A step then costs one policy forward.
-    t0 = time.time()
-    shard = lambda it: step_pair_ids(args.seed, it, B, len(train_ex))[rt.rank::rt.world]
+    t0, shard = time.time(), lambda it: step_pair_ids(args.seed, it, B, len(train_ex))[rt.rank::rt.world]
     need = [] if args.no_ref_cache else sorted({i for it in range(start_iter, args.max_iters) for i in shard(it)})
     ref_c, ref_r = pair_logprobs(ref, train_ex, need, tok.pad, rt)
     score = (lambda m: pair_logprobs(m, held_ex, range(len(held_ex)), tok.pad, rt)) if held_ex else None
@@ -387,8 +380,8 @@ def main(argv=None):
         "dpo", model, tok, None, it, flags, {k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
     if held_ex:  # the held-out pair with the largest margin now: which tokens moved
         k = int(held["margins"].argmax())
-        dpo_eval.plot_logratio(os.path.join(args.out_dir, "dpo_logratio.png"), model, ref, tok, held_pairs[k],
-                               held_ex[k], rt, token_logprobs)
+        png = os.path.join(args.out_dir, "dpo_logratio.png")
+        dpo_eval.plot_logratio(png, model, ref, tok, held_pairs[k], held_ex[k], rt, token_logprobs)
     dpo_eval.report(rt, args.out_dir, result)
 
 

@@ -114,11 +114,12 @@ class Evaluator:
     def evaluate(self, model, state, it):
         """A point of the history: held-out preferences and the KL; on the world also a point
         of the path (the dev half's behaviour)."""
-        h, kl = self.pairs(model), self.kl(model)
-        for k, v in zip(("step", "margin", "pref_accuracy", "kl"), (it, h and h["margin"], h and h["pref_accuracy"], kl)):
+        held, kl = self.pairs(model) or {}, self.kl(model)
+        for k, v in zip(("step", "margin", "pref_accuracy", "kl"), (it, held.get("margin"), held.get("pref_accuracy"), kl)):
             state["eval"][k].append(v)
-        self.rt.log(f"eval step {it}: held-out pref accuracy {h and round(h['pref_accuracy'], 3)} | "
-                    f"held-out margin {h and round(h['margin'], 3)} | KL(pi||ref) {kl:.3f} nats/answer")
+        r3 = lambda k: None if k not in held else round(held[k], 3)
+        self.rt.log(f"eval step {it}: held-out pref accuracy {r3('pref_accuracy')} | "
+                    f"held-out margin {r3('margin')} | KL(pi||ref) {kl:.3f} nats/answer")
         if self.world and state["path"][-1]["step"] != it:
             state["path"].append(d := {"step": it, **self.behaviour(model, "dev")})
             self.rt.log(f"eval step {it} (dev): accuracy {d['accuracy']:.3f} | clean style "

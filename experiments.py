@@ -158,14 +158,101 @@ def machine():
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
-def verify(args):
+def exp_dpo(root, ckpt):
+    """dpo.py's variants from one SFT checkpoint. -> a markdown table."""
+    runs = {"defaults (IPO, beta 0.05)": [], "--seed 2": ["--seed", "2"],
+            "--loss sigmoid --beta 0.1 (the DPO loss)": ["--loss", "sigmoid", "--beta", "0.1"],
+            "--loss sigmoid --beta 0.1 --seed 2": ["--loss", "sigmoid", "--beta", "0.1", "--seed", "2"],
+            "--beta 0.1": ["--beta", "0.1"], "--pairs all": ["--pairs", "all"],
+            "--rpo-alpha 0.5": ["--rpo-alpha", "0.5"]}
+    rows = []
+    for name, extra in runs.items():
+        out = os.path.join(root, re.sub(r"[^A-Za-z0-9.]+", "_", name.split(" (")[0]).strip("_"))
+        run("dpo.py", "--ckpt", ckpt, "--out-dir", out, *extra)
+        with open(os.path.join(out, "dpo.json")) as f:
+            r = json.load(f)
+        rows.append([name, fmt(r["pairs_train"]), fmt(r["pref_accuracy_heldout"]),
+                     fmt(r["clean_style_rate_after"]), fmt(r["degenerate_rate_after"]),
+                     fmt(r["heldout_accuracy_after"]), fmt(r["rewound_step"]), fmt(r["kl"], 2),
+                     f"{r['seconds']:.0f}s"])
+    md = table(["dpo.py run", "training pairs", "held-out pref. acc", "clean style after", "degenerate after",
+                "held-out task acc after", "rewound step", "KL", "time"], rows)
+    return md
+
+
+def exp_sft(root, ckpt):
+    """Every SFT method, each with its own default learning rate (finetune.LR): no hidden flags. -> a markdown table."""
+    # every method with its own default learning rate (finetune.LR): no hidden flags
+    runs = {"full SFT": [], "from scratch (no pre-training)": ["--init", "scratch"],
+            "LoRA r=8 (attention)": ["--lora-rank", "8"],
+            "LoRA r=8 (attention + MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp"],
+            "prompt tuning, 16 tokens": ["--prompt-tokens", "16"],
+            "full SFT + replay 1.0": ["--replay", "1.0"]}
+    slug = lambda n: re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")
+    rows = [sft_row(n, sft(root, slug(n), ckpt, *a)) for n, a in runs.items()]
+    md = table(SFT_HEADER, rows)
+    return md
+
+
+def exp_labels(root, ckpt):
+    """SFT targets: gold, top-voted, or a random community answer. -> a markdown table."""
+    rows = []
+    for labels in ("gold", "top-voted", "random-community"):
+        r = sft(root, labels, ckpt, "--labels", labels)
+        rows.append([labels, fmt(r["heldout_accuracy"]), fmt(r["train_accuracy"]),
+                     fmt(r["retention_val_loss_rewound"])])
+    md = table(["SFT labels", "held-out acc", "training-people acc", "retention loss"], rows)
+    return md
+
+
+def exp_overshoot(root, ckpt):
+    """A learning rate that overshoots, and what rewinding recovers. -> a markdown table."""
+    r = sft(root, "lr1.5e-3", ckpt, *OVERSHOOT)
+    peak, final, rew = max(p["heldout"] for p in r["path"]), r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
+    md = table(["", "held-out acc (test half)", "retention loss", "where"],
+               [["peak along the path", fmt(peak), "", ""],
+                ["final", fmt(final), fmt(r["retention_val_loss_final"]), f"step {r['steps']}"],
+                ["rewound (out/overshoot/lr1.5e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
+                 r["rewound"]]])
+    md += (f"\n\nrewinding saves {r['retention_val_loss_final'] - r['retention_val_loss_rewound']:.3f} nats of "
+           f"retention loss at {100 * (rew - final):+.1f} points of held-out accuracy.")
+    return md
+
+
+def exp_scale(root, ckpt):
+    """Three model sizes, each pre-trained, then fine-tuned from its weights and from scratch. -> a markdown table."""
+    rows = []
+    sizes = {"tiny (L1 C64)": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64"],
+             "small (L2 C128)": ["--n-layer", "2", "--n-head", "2", "--n-embd", "128"],
+             "default (L4 C256)": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256"]}
+    for name, arch in sizes.items():
+        tag = name.split()[0]
+        pre_dir = os.path.join(root, tag)
+        run("pretrain.py", "--out-dir", pre_dir, *arch)
+        with open(os.path.join(pre_dir, "pretrain.json")) as f:
+            probe = json.load(f)["knowledge_probe_accuracy"]
+        ck = os.path.join(pre_dir, "pretrain.pt")
+        pre = sft(pre_dir, "sft", ck)
+        scratch = sft(pre_dir, "scratch", ck, "--init", "scratch")
+        rows.append([name, fmt(pre["total_params"]), fmt(probe), fmt(scratch["heldout_accuracy"]),
+                     fmt(pre["heldout_accuracy"]), fmt(pre["heldout_accuracy"] - scratch["heldout_accuracy"])])
+    md = table(["model", "params", "knowledge probe", "held-out acc, SFT from scratch",
+                "held-out acc, SFT from pre-trained", "gain from pre-training"], rows)
+    return md
+
+
+EXPERIMENTS = {"sft": exp_sft, "labels": exp_labels, "overshoot": exp_overshoot, "scale": exp_scale, "dpo": exp_dpo}
+
+
+def verify(out_dir, n_seeds, dtype, tiny=False, reuse=False):
+    """Every claim on every seed -> out/verify.md, out/verify.json; 1 when a claim fails."""
     sys.path.insert(0, HERE)
     import nanosft as ns
-    dtype = ns.pick_dtype(ns.pick_device("auto"), args.dtype)
-    seeds = [1337] + list(range(2, args.seeds + 1))
-    root = os.path.join(args.out_dir, "verify", dtype)
-    common = ["--dtype", dtype] + (["--device", "cpu"] if args.tiny else [])
-    extra = lambda script: TINY[script] if args.tiny else []
+    dtype = ns.pick_dtype(ns.pick_device("auto"), dtype)
+    seeds = [1337] + list(range(2, n_seeds + 1))
+    root = os.path.join(out_dir, "verify", dtype)
+    common = ["--dtype", dtype] + (["--device", "cpu"] if tiny else [])
+    extra = lambda script: TINY[script] if tiny else []
     per_seed = {}
     for seed in seeds:
         d = os.path.join(root, f"seed{seed}")
@@ -174,7 +261,7 @@ def verify(args):
         log = os.path.join(d, "log.txt")
 
         def stage(script, out, done, *a):  # --reuse: a stage whose JSON is there is not run again
-            if args.reuse and os.path.isfile(os.path.join(out, done)):
+            if reuse and os.path.isfile(os.path.join(out, done)):
                 print(f"reusing {os.path.join(out, done)}", flush=True)
             else:
                 run(script, *a, *s, out, *common, *extra(script), log=log)
@@ -202,10 +289,10 @@ def verify(args):
     failed = [r["claim"] for r in rows if r["result"] == "FAIL"]
     print(head)
     print(f"{len(failed)} of {len(CLAIMS)} claims FAIL" if failed else f"all {len(CLAIMS)} claims PASS on every seed")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "verify.md"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "verify.md"), "w") as f:
         f.write(head + "\n\n" + md + "\n")
-    with open(os.path.join(args.out_dir, "verify.json"), "w") as f:
+    with open(os.path.join(out_dir, "verify.json"), "w") as f:
         json.dump({"machine": m, "dtype": dtype, "seeds": seeds, "claims": rows, "per_seed": per_seed}, f, indent=1)
     return 1 if failed else 0
 
@@ -224,72 +311,9 @@ def main():
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
     if args.which == "verify":
-        sys.exit(verify(args))
-    root = os.path.join(args.out_dir, args.which)
-    args.ckpt = args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt")
-    if args.which == "dpo":
-        runs = {"defaults (IPO, beta 0.05)": [], "--seed 2": ["--seed", "2"],
-                "--loss sigmoid --beta 0.1 (the DPO loss)": ["--loss", "sigmoid", "--beta", "0.1"],
-                "--loss sigmoid --beta 0.1 --seed 2": ["--loss", "sigmoid", "--beta", "0.1", "--seed", "2"],
-                "--beta 0.1": ["--beta", "0.1"], "--pairs all": ["--pairs", "all"],
-                "--rpo-alpha 0.5": ["--rpo-alpha", "0.5"]}
-        rows = []
-        for name, extra in runs.items():
-            out = os.path.join(root, re.sub(r"[^A-Za-z0-9.]+", "_", name.split(" (")[0]).strip("_"))
-            run("dpo.py", "--ckpt", args.ckpt, "--out-dir", out, *extra)
-            with open(os.path.join(out, "dpo.json")) as f:
-                r = json.load(f)
-            rows.append([name, fmt(r["pairs_train"]), fmt(r["pref_accuracy_heldout"]),
-                         fmt(r["clean_style_rate_after"]), fmt(r["degenerate_rate_after"]),
-                         fmt(r["heldout_accuracy_after"]), fmt(r["rewound_step"]), fmt(r["kl"], 2),
-                         f"{r['seconds']:.0f}s"])
-        md = table(["dpo.py run", "training pairs", "held-out pref. acc", "clean style after", "degenerate after",
-                    "held-out task acc after", "rewound step", "KL", "time"], rows)
-    elif args.which == "sft":
-        # every method with its own default learning rate (finetune.LR): no hidden flags
-        runs = {"full SFT": [], "from scratch (no pre-training)": ["--init", "scratch"],
-                "LoRA r=8 (attention)": ["--lora-rank", "8"],
-                "LoRA r=8 (attention + MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp"],
-                "prompt tuning, 16 tokens": ["--prompt-tokens", "16"],
-                "full SFT + replay 1.0": ["--replay", "1.0"]}
-        slug = lambda n: re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")
-        rows = [sft_row(n, sft(root, slug(n), args.ckpt, *a)) for n, a in runs.items()]
-        md = table(SFT_HEADER, rows)
-    elif args.which == "labels":
-        rows = []
-        for labels in ("gold", "top-voted", "random-community"):
-            r = sft(root, labels, args.ckpt, "--labels", labels)
-            rows.append([labels, fmt(r["heldout_accuracy"]), fmt(r["train_accuracy"]),
-                         fmt(r["retention_val_loss_rewound"])])
-        md = table(["SFT labels", "held-out acc", "training-people acc", "retention loss"], rows)
-    elif args.which == "overshoot":
-        r = sft(root, "lr1.5e-3", args.ckpt, *OVERSHOOT)
-        peak, final, rew = max(p["heldout"] for p in r["path"]), r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
-        md = table(["", "held-out acc (test half)", "retention loss", "where"],
-                   [["peak along the path", fmt(peak), "", ""],
-                    ["final", fmt(final), fmt(r["retention_val_loss_final"]), f"step {r['steps']}"],
-                    ["rewound (out/overshoot/lr1.5e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
-                     r["rewound"]]])
-        md += (f"\n\nrewinding saves {r['retention_val_loss_final'] - r['retention_val_loss_rewound']:.3f} nats of "
-               f"retention loss at {100 * (rew - final):+.1f} points of held-out accuracy.")
-    else:
-        rows = []
-        sizes = {"tiny (L1 C64)": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64"],
-                 "small (L2 C128)": ["--n-layer", "2", "--n-head", "2", "--n-embd", "128"],
-                 "default (L4 C256)": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256"]}
-        for name, arch in sizes.items():
-            tag = name.split()[0]
-            pre_dir = os.path.join(root, tag)
-            run("pretrain.py", "--out-dir", pre_dir, *arch)
-            with open(os.path.join(pre_dir, "pretrain.json")) as f:
-                probe = json.load(f)["knowledge_probe_accuracy"]
-            ck = os.path.join(pre_dir, "pretrain.pt")
-            pre = sft(pre_dir, "sft", ck)
-            scratch = sft(pre_dir, "scratch", ck, "--init", "scratch")
-            rows.append([name, fmt(pre["total_params"]), fmt(probe), fmt(scratch["heldout_accuracy"]),
-                         fmt(pre["heldout_accuracy"]), fmt(pre["heldout_accuracy"] - scratch["heldout_accuracy"])])
-        md = table(["model", "params", "knowledge probe", "held-out acc, SFT from scratch",
-                    "held-out acc, SFT from pre-trained", "gain from pre-training"], rows)
+        sys.exit(verify(args.out_dir, args.seeds, args.dtype, args.tiny, args.reuse))
+    md = EXPERIMENTS[args.which](os.path.join(args.out_dir, args.which),
+                                 args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"))
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"{args.which}.md"), "w") as f:

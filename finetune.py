@@ -99,10 +99,6 @@ def parse_args(argv=None):
         raise ns.UserError("--lora-rank and --prompt-tokens are alternatives; pick one")
     if args.lora_rank < 0 or args.prompt_tokens < 0 or args.replay < 0:
         raise ns.UserError("--lora-rank, --prompt-tokens and --replay must be >= 0")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
-    if args.batch_size % (world * args.grad_accum):
-        raise ns.UserError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
-                           f"({world} x {args.grad_accum})")
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.prompt_tokens)]
     if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
@@ -123,8 +119,8 @@ def world_conversations(labels, seed):
     """The world's instruction set. Questions about training people come from the community
     threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
     random community answer; the list tasks (copy/reverse/count) always use their gold answer."""
-    gold = [(w, r) for w, r in ns.read_records(we.SFT)]
-    threads = {r["prompt"]: r for _, r in ns.read_records(we.THREADS)}
+    gold = [(w, r) for w, r in formats.read_records(we.SFT)]
+    threads = {r["prompt"]: r for _, r in formats.read_records(we.THREADS)}
     rng = random.Random(seed)
     convs = []
     for _, r in gold:
@@ -330,33 +326,33 @@ def trainable_params(model, rows=None):
 
 
 @functools.lru_cache(maxsize=2)
-def corpus_stream(tok, path):
+def corpus_stream(tok, file):
     """The pre-training text as one token stream. The vocabulary freeze, the retention loss
     and --replay all need it: read and encoded once per run."""
-    return ns.encode_corpus(tok, ns.read_text(path))
+    return ns.encode_corpus(tok, ns.read_text(file))
 
 
 def pretrain_text(ck):
-    """The path of the pre-training text, carried from stage to stage in the checkpoints'
+    """The file name of the pre-training text, carried from stage to stage in the checkpoints'
     args (a pre-training checkpoint names it --data): retention is measured on its val
     split, --replay draws from its train split, and the vocabulary freeze counts its tokens."""
     flags = ck.get("args", {})
     return flags.get("pretrain_data") or (flags.get("data") if ck["kind"] == "pretrain" else None)
 
 
-def pretrain_split(tok, path, block_size):
+def pretrain_split(tok, file, block_size):
     """The pre-training text's train split as one token stream (the one pre-training used)."""
-    if not path or not os.path.isfile(path):
-        raise ns.UserError(f"--replay needs the pre-training text ({path}), which is missing")
-    return ns.split_corpus(corpus_stream(tok, path), block_size)[0]
+    if not file or not os.path.isfile(file):
+        raise ns.UserError(f"--replay needs the pre-training text ({file}), which is missing")
+    return ns.split_corpus(corpus_stream(tok, file), block_size)[0]
 
 
 def pretraining_counts(tok, ck):
     """How often each token occurs in the pre-training text (None when it is not at hand)."""
-    path = pretrain_text(ck)
-    if ck["kind"] != "pretrain" or not path or not os.path.isfile(path):
+    file = pretrain_text(ck)
+    if ck["kind"] != "pretrain" or not file or not os.path.isfile(file):
         return None
-    return torch.bincount(corpus_stream(tok, path), minlength=tok.vocab_size)
+    return torch.bincount(corpus_stream(tok, file), minlength=tok.vocab_size)
 
 
 RARE = 10  # a token pre-training saw fewer times than this has no trustworthy embedding
@@ -389,7 +385,7 @@ def dev_answer_batches(tok, people, batch=64):
     style included -- for people it was never trained on."""
     convs = [[{"role": "user", "content": t["prompt"]},
               {"role": "assistant", "content": top_voted(t["answers"])}]
-             for _, t in ns.read_records(we.EVAL_THREADS) if t["person"] in people]
+             for _, t in formats.read_records(we.EVAL_THREADS) if t["person"] in people]
     ex = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
     return [ns.collate(ex[i:i + batch], tok.pad) for i in range(0, len(ex), batch)]
 

@@ -79,6 +79,10 @@ class ArgumentParser(argparse.ArgumentParser):
             v = flags.get(name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        world = int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
+        if flags.get("grad_accum") and flags.get("batch_size") and flags["batch_size"] % (world * flags["grad_accum"]):
+            raise UserError(f"--batch-size {flags['batch_size']} must be divisible by processes x --grad-accum "
+                            f"({world} x {flags['grad_accum']})")
         if flags.get("n_embd") and flags.get("n_head") and flags["n_embd"] % flags["n_head"]:
             raise UserError(f"--n-embd ({flags['n_embd']}) must be divisible by --n-head ({flags['n_head']})")
         out_dir = flags.get("out_dir")
@@ -306,7 +310,7 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
-    n_prefix: int = 0  # prompt tuning (peft.py): learned embeddings prepended to every sequence
+    n_prefix: int = 0  # prompt tuning (nanopeft.py): learned embeddings prepended to every sequence
     # what an imported GPT-2 needs (hf.py); ours trains without biases and with exact GELU
     bias: bool = False  # biases on the linear layers (LayerNorm always has them)
     gelu: str = "none"  # F.gelu's `approximate`: "none" (erf, exact) or "tanh" (GPT-2's)
@@ -334,7 +338,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, cache=None, layer=0, mask=None):
-        """mask (B, 1, T, T) bool, for packed rows (see `pack`): True where a query may attend a key."""
+        """mask (B, 1, T, T) bool, for packed rows (see dpo.pack): True where a query may attend a key."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -412,7 +416,7 @@ class GPT(nn.Module):
         Returns logits (B, T, V) and the loss: the mean over supervised tokens (0 when there
         are none, never NaN), or with reduction="sum" the sum, for a caller that normalises
         over a whole optimizer step. layout: (pos, mask) of rows packed with several
-        sequences (see `pack`); last_only: logits of the last position only (decoding)."""
+        sequences (see dpo.pack); last_only: logits of the last position only (decoding)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         pos, mask = layout or (torch.arange(start, start + T, device=idx.device), None)  # (T,) or (B, T)
@@ -627,51 +631,6 @@ def read_text(path):
     return text.replace("\r\n", "\n")
 
 
-def read_records(path):
-    """JSON records from a .json array or a JSON-lines file. Returns [(where, record)],
-    `where` naming the line (JSONL) or the element (JSON array) for error messages."""
-    text = read_text(path)
-    stripped = text.lstrip()
-    if not stripped:
-        raise UserError(f"{path}: empty file, expected JSON records")
-    if stripped[0] == "[":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects")
-        except RecursionError:  # json's parser recurses once per nesting level
-            raise UserError(f"{path}: JSON nested too deeply; expected a JSON array of objects")
-        if not rows:
-            raise UserError(f"{path}: empty JSON array, expected records")
-        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(rows)]
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
-        except RecursionError:
-            raise UserError(f"{path}:{n}: JSON nested too deeply; expected one JSON object per line")
-    if not out:
-        raise UserError(f"{path}: no records found")
-    return out
-
-
-def field(rec, key, where, optional=False):
-    """A string field of a record, or a clear error naming the record."""
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if key not in rec:
-        if optional:
-            return ""
-        raise UserError(f"{where}: missing field '{key}'")
-    if not isinstance(rec[key], str):
-        raise UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
-    return rec[key]
-
-
 def encode_corpus(tok, text):
     """Plain text -> one token stream. Blank-line-separated documents (paragraphs of a book,
     biographies of the world) each start with <|endoftext|>, so that token is a familiar
@@ -747,57 +706,6 @@ def collate(examples, pad_id):
     for i, (x, y) in enumerate(examples):
         X[i, :len(x)], Y[i, :len(y)] = x, y
     return X, Y
-
-
-def pack(examples, pad_id):
-    """Several sequences per row instead of one each, so short ones stop paying for the
-    longest: sequences, longest first, go into the first row with room (first-fit
-    decreasing). The row width is the one, from the longest sequence to twice that, that
-    computes the fewest tokens in all. Returns X, Y (R, T) and S (R, T): the index in
-    `examples` of the sequence each token belongs to, -1 on padding. Run the model with
-    layout=packed_layout(S, block_size): each sequence sees only itself, at its own positions."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    lengths = [len(examples[i][0]) for i in order]
-
-    def first_fit(T):
-        rows = []  # [free width, [example indices]]
-        for i, n in zip(order, lengths):
-            row = next((r for r in rows if r[0] >= n), None)
-            if row is None:
-                row = [T, []]
-                rows.append(row)
-            row[0] -= n
-            row[1].append(i)
-        return rows
-
-    T = min(range(lengths[0], 2 * lengths[0] + 1), key=lambda w: len(first_fit(w)) * w)
-    rows = first_fit(T)
-    X = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    Y = torch.full((len(rows), T), -1, dtype=torch.long)
-    S = torch.full((len(rows), T), -1, dtype=torch.long)
-    for r, (_, idx) in enumerate(rows):
-        at = 0
-        for i in idx:
-            x, y = examples[i]
-            X[r, at:at + len(x)], Y[r, at:at + len(x)], S[r, at:at + len(x)] = x, y, i
-            at += len(x)
-    return X, Y, S
-
-
-def packed_layout(S, block_size):
-    """Positions and attention mask of packed rows: every sequence starts again at position
-    0 and attends only to its own earlier tokens, exactly as if it had a row to itself.
-    S (R, T) from `pack` -> pos (R, T), mask (R, 1, T, T)."""
-    R, T = S.shape
-    t = torch.arange(T, device=S.device)
-    first = torch.ones_like(S, dtype=torch.bool)
-    first[:, 1:] = S[:, 1:] != S[:, :-1]  # (R, T) a sequence starts here
-    pos = t - torch.where(first, t, 0).cummax(dim=1).values  # (R, T) index within its sequence
-    if int(pos.masked_fill(S < 0, 0).max()) >= block_size:
-        raise ValueError(f"a packed sequence exceeds block_size {block_size}")
-    pos = pos.clamp(max=block_size - 1)  # a long run of padding (S = -1) is one "sequence"
-    same = S[:, :, None] == S[:, None, :]  # (R, T, T)
-    return pos, (same & torch.ones(T, T, dtype=torch.bool, device=S.device).tril())[:, None]
 
 
 # ----------------------------------------------------------------------------------------

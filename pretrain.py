@@ -183,9 +183,6 @@ def main(argv=None):
     args = parse_args(argv)
     rt = ns.setup_runtime(args.device, args.dtype)
     t_start = time.time()
-    if args.batch_size % (rt.world * args.grad_accum):
-        raise ns.UserError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
-                           f"({rt.world} x {args.grad_accum})")
 
     # ---- data and model (everything is validated before anything is written)
     text = ns.read_text(args.data)

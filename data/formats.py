@@ -5,12 +5,14 @@ that are valid but unusable.
     load_instructions(path, report)  SFT: Alpaca, {prompt,response}, {messages}, ShareGPT
     read_pairs(path, ..., report)    DPO: pairs (strings or TRL's messages), HH, Alpaca pairs,
     load_preferences(...)            ShareGPT pairs, votes, scores; and the train/held-out split
+    load_pairs(...)                  DPO: pairs as token examples, cut to the block size
     DataReport                       skipped and truncated records, counted per reason
+    read_records(path), field(...)   JSON array or JSON lines; a record's string field
 
 A MALFORMED record (bad JSON, a missing field, a wrong type) is one clear error naming the
 file and the record. A VALID record that teaches nothing (no answer, a tie, an exact copy)
 is skipped and counted; the stages cut records that are too long for the block size and
-count those too (finetune.render_all, dpo.pair_examples).
+count those too (finetune.render_all, pair_examples below).
 """
 import json
 import random
@@ -19,6 +21,55 @@ import re
 import nanosft as ns
 
 HELDOUT_FRAC = 0.1  # share of preference records held out when the file has no "split" field
+
+
+# ----------------------------------------------------------------------------------------
+# JSON records, read with one clear error per malformed file
+
+
+def read_records(path):
+    """JSON records from a .json array or a JSON-lines file. Returns [(where, record)],
+    `where` naming the line (JSONL) or the element (JSON array) for error messages."""
+    text = ns.read_text(path)
+    stripped = text.lstrip()
+    if not stripped:
+        raise ns.UserError(f"{path}: empty file, expected JSON records")
+    if stripped[0] == "[":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ns.UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects")
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise ns.UserError(f"{path}: JSON nested too deeply; expected a JSON array of objects")
+        if not rows:
+            raise ns.UserError(f"{path}: empty JSON array, expected records")
+        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(rows)]
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ns.UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
+        except RecursionError:
+            raise ns.UserError(f"{path}:{n}: JSON nested too deeply; expected one JSON object per line")
+    if not out:
+        raise ns.UserError(f"{path}: no records found")
+    return out
+
+
+def field(rec, key, where, optional=False):
+    """A string field of a record, or a clear error naming the record."""
+    if not isinstance(rec, dict):
+        raise ns.UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if key not in rec:
+        if optional:
+            return ""
+        raise ns.UserError(f"{where}: missing field '{key}'")
+    if not isinstance(rec[key], str):
+        raise ns.UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+    return rec[key]
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,10 +156,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def alpaca_prompt(r, where):
     """An Alpaca record's prompt as messages: its optional "system", then the instruction
     and its optional "input" as one user turn."""
-    system = ns.field(r, "system", where, optional=True)
-    extra = ns.field(r, "input", where, optional=True)
+    system = field(r, "system", where, optional=True)
+    extra = field(r, "input", where, optional=True)
     return ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": ns.field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
+        [{"role": "user", "content": field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
 
 
 def instruction_record(r, where):
@@ -127,18 +178,18 @@ def instruction_record(r, where):
         conv = []
         for j, m in enumerate(msgs):
             w = f"{where}: message {j + 1}"
-            role = ns.field(m, role_key, w)
+            role = field(m, role_key, w)
             if key == "messages" and role not in ("system", "user", "assistant"):
                 raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
             if key == "conversations" and role not in SHAREGPT_ROLES:
                 raise ns.UserError(f"{w}: 'from' must be human, gpt, system (or a tool turn), got '{role}'")
-            conv.append({"role": SHAREGPT_ROLES.get(role, role), "content": ns.field(m, text_key, w)})
+            conv.append({"role": SHAREGPT_ROLES.get(role, role), "content": field(m, text_key, w)})
         return conv
     if "instruction" in r:
-        return alpaca_prompt(r, where) + [{"role": "assistant", "content": ns.field(r, "output", where)}]
+        return alpaca_prompt(r, where) + [{"role": "assistant", "content": field(r, "output", where)}]
     if "prompt" in r and "response" in r:
-        return [{"role": "user", "content": ns.field(r, "prompt", where)},
-                {"role": "assistant", "content": ns.field(r, "response", where)}]
+        return [{"role": "user", "content": field(r, "prompt", where)},
+                {"role": "assistant", "content": field(r, "response", where)}]
     keys = ", ".join(sorted(r)) or "none"
     raise ns.UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
                     "{instruction,input,output}, {prompt,response}, {messages:[...]} or ShareGPT "
@@ -152,7 +203,7 @@ def load_instructions(path, report=None):
     assistant turn are dropped (no target follows them, so they change no loss)."""
     report = report or DataReport(path)
     out, seen = [], set()
-    records = ns.read_records(path)
+    records = read_records(path)
     report.total = len(records)
     for n, (where, r) in enumerate(records, 1):
         conv = instruction_record(r, where)
@@ -229,17 +280,17 @@ def conversational_pair(r, where):
         out = []
         for j, m in enumerate(msgs):
             w = f"{where}: {key}[{j}]"
-            role = ns.field(m, "role", w)
+            role = field(m, "role", w)
             if role not in ("system", "user", "assistant"):
                 raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
-            out.append({"role": role, "content": ns.field(m, "content", w)})
+            out.append({"role": role, "content": field(m, "content", w)})
         return out
     chosen, rejected = messages("chosen"), messages("rejected")
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
             raise ns.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
     if "prompt" in r:
-        prompt = [{"role": "user", "content": ns.field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
+        prompt = [{"role": "user", "content": field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
             else messages("prompt")
         if len(chosen) > 1 or len(rejected) > 1:  # prompt repeated inside the answers
             prompt = prompt + chosen[:-1]
@@ -287,7 +338,7 @@ def scored_items(r, key, where, score):
     lst = r.get(key)
     if not isinstance(lst, list) or len(lst) < 2:
         raise ns.UserError(f"{where}: '{key}' must be a list of at least two answers")
-    return [(ns.field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
+    return [(field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
             for i, a in enumerate(lst)]
 
 
@@ -296,18 +347,18 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
     if fmt == "votes":
         def net(a, w):  # a is a dict here: its "text" was read first
             return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
-        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        user = [{"role": "user", "content": field(r, "prompt", where)}]
         return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
     if fmt == "scores":
         def score(a, w):
             return number(a.get("score"), "score", w)
-        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
+        user = [{"role": "user", "content": field(r, "prompt", where)}]
         return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin, top_only)
     if fmt == "pairs":
-        user = [{"role": "user", "content": ns.field(r, "prompt", where)}]
-        return user, [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+        user = [{"role": "user", "content": field(r, "prompt", where)}]
+        return user, [(field(r, "chosen", where), field(r, "rejected", where))]
     if fmt == "alpaca":
-        return alpaca_prompt(r, where), [(ns.field(r, "chosen", where), ns.field(r, "rejected", where))]
+        return alpaca_prompt(r, where), [(field(r, "chosen", where), field(r, "rejected", where))]
     if fmt == "conversational":
         prompt, chosen, rejected = conversational_pair(r, where)
         return prompt, [(chosen, rejected)]
@@ -317,8 +368,8 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
                    for k in ("chosen", "rejected")]
         return prompt, [tuple(answers)]
     # hh: both fields are whole dialogues; the prompt is what they share before the last reply
-    msgs_c, chosen = split_hh(ns.field(r, "chosen", where), where + " (chosen)")
-    msgs_r, rejected = split_hh(ns.field(r, "rejected", where), where + " (rejected)")
+    msgs_c, chosen = split_hh(field(r, "chosen", where), where + " (chosen)")
+    msgs_r, rejected = split_hh(field(r, "rejected", where), where + " (rejected)")
     if msgs_c != msgs_r:
         raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
                            "their last Assistant turn")
@@ -331,7 +382,7 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None):
     an error; a pair that teaches nothing is skipped and counted in `report`: chosen and
     rejected the same text (a tie), or an exact copy of an earlier pair."""
     report = report or DataReport(path, unit="pairs")
-    records = ns.read_records(path)
+    records = read_records(path)
     fmt = record_format(records[0][1], records[0][0])
     pairs, seen = [], set()
     for group, (where, r) in enumerate(records):
@@ -384,3 +435,64 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None
     if not train:
         raise ns.UserError(f"{path}: every pair is held out; no training pairs")
     return fmt, train, heldout
+
+
+# ----------------------------------------------------------------------------------------
+# preference pairs as token examples (dpo.py), cut to the model's block size
+
+
+def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, strict, log, max_scored):
+    """dpo.py's data: training and held-out pairs, each as (pairs, examples), and their counts
+    for dpo.json. The held-out pairs come from `heldout_path` (on the world: people neither
+    SFT nor DPO trains on; pairs split off the training people's threads would share people,
+    and the other phrasing of the question, with the training pairs) or, when it is None, are
+    a share of `path`'s records. At most `max_scored` held-out pairs are kept for scoring."""
+    report = DataReport(path, strict, unit="pairs")
+    if heldout_path:
+        fmt, train = read_pairs(path, min_margin, top_only, report)
+        held = read_pairs(heldout_path, min_margin, top_only)[1]
+    else:
+        fmt, train, held = load_preferences(path, min_margin, seed, top_only, report)
+    train = pair_examples(tok, train, block_size, report)
+    held = pair_examples(tok, held, block_size, DataReport(heldout_path, strict, unit="pairs")
+                         if heldout_path else report)
+    for line in report.lines():
+        log(line)
+    step = max(1, len(held[0]) // max_scored)  # scored at every evaluation: an evenly spaced subset
+    scored = tuple(h[::step][:max_scored] for h in held)
+    return train, scored, {"data": path, "format": fmt, "data_report": report.state(), "pairs_train": len(train[0]),
+                           "pairs_heldout": len(held[0]), "pairs_heldout_scored": len(scored[0])}
+
+
+def pair_example(tok, pair, block_size, report=None):
+    """(x_chosen, y_chosen, x_rejected, y_rejected): inputs and targets, -1 off the response.
+    The response ends with <|end|>, a target like any other token: stopping is part of it.
+
+    Too long for the block: the prompt loses its OLDEST tokens first, the same ones for both
+    answers (a pair compares two answers to one prompt), but keeps at least half the window;
+    then each answer is cut to what is left (as TRL does: the log-probabilities of two
+    answers' beginnings still compare them). Both are counted in `report`. Returns None when
+    the two cut answers are the same tokens: nothing is left to prefer."""
+    prompt = ns.chat_prompt(tok, pair["prompt"])
+    answers = [ns.encode_content(tok, pair[k]) + [tok.end] for k in ("chosen", "rejected")]
+    limit = block_size + 1
+    keep = min(len(prompt), max(limit - max(map(len, answers)), limit // 2))
+    n, report = pair.get("record", 0), report or DataReport("pairs", unit="pairs")
+    cut_prompt, cut_answer = keep < len(prompt), any(len(a) > limit - keep for a in answers)
+    prompt, answers = prompt[len(prompt) - keep:], [a[:limit - keep] for a in answers]
+    if answers[0] == answers[1]:
+        report.skip(n, "whose answers are the same within the block",
+                    f"chosen and rejected are the same in their first {limit - keep} tokens")
+        return None
+    if cut_prompt:
+        report.truncate(n, "prompts cut from the left to fit", f"the prompt is longer than the model's block size {block_size}")
+    if cut_answer:
+        report.truncate(n, "answers cut to fit the block", f"an answer is longer than the model's block size {block_size}")
+    return tuple(t for a in answers for t in ns.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a)))
+
+
+def pair_examples(tok, pairs, block_size, report):
+    """pair_example for many pairs -> (kept pairs, their examples)."""
+    kept = [(p, e) for p in pairs if (e := pair_example(tok, p, block_size, report)) is not None]
+    report.check(block_size)
+    return [p for p, _ in kept], [e for _, e in kept]

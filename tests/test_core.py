@@ -1,5 +1,4 @@
 """Tokenizer, model, generation, checkpoints, world data: the core every stage relies on."""
-import hashlib
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import torch
 import nanosft as ns
 import pretrain
 import sample
-from conftest import ROOT, SAMPLE_TEXT, tiny_gpt, run_script
+from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
 
 sys.path.insert(0, ROOT)
 from data import world as W  # noqa: E402

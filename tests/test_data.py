@@ -11,7 +11,6 @@ import torch
 
 import nanosft as ns
 from data import formats
-import dpo
 import finetune
 from conftest import ROOT
 
@@ -53,7 +52,7 @@ def load_sft(tok, name, strict=False):
 def load_pref(tok, name, strict=False):
     report = formats.DataReport(fixture(name), strict, unit="pairs")
     fmt, pairs = formats.read_pairs(fixture(name), report=report)
-    kept, examples = dpo.pair_examples(tok, pairs, BLOCK, report)
+    kept, examples = formats.pair_examples(tok, pairs, BLOCK, report)
     return fmt, kept, examples, report
 
 

@@ -31,7 +31,7 @@ def pair_dict(q, c, r):
 
 
 def examples(tok, block_size=64):
-    return [dpo.pair_example(tok, pair_dict(*p), block_size) for p in PAIRS]
+    return [formats.pair_example(tok, pair_dict(*p), block_size) for p in PAIRS]
 
 
 def loss_kw(**kw):
@@ -70,7 +70,7 @@ def test_sequence_logprobs_is_the_sum_of_picked_log_softmax():
 
 
 def test_pair_example_masks_exactly_the_response(tok):
-    (xc, yc, xr, yr), = [dpo.pair_example(tok, pair_dict(*PAIRS[0]), 64)]
+    (xc, yc, xr, yr), = [formats.pair_example(tok, pair_dict(*PAIRS[0]), 64)]
     prompt = ns.chat_prompt(tok, [{"role": "user", "content": PAIRS[0][0]}])
     for x, y, text in ((xc, yc, PAIRS[0][1]), (xr, yr, PAIRS[0][2])):
         resp = ns.encode_content(tok, text) + [tok.end]
@@ -193,9 +193,9 @@ def test_packed_sequences_do_not_see_each_other(tok):
     neighbours' tokens changes nothing in it (positions restart, attention stays inside)."""
     model = tiny_gpt(tok, seed=5)
     seqs = [e[k:k + 2] for e in examples(tok) for k in (0, 2)]
-    X, Y, S = ns.pack(seqs, tok.pad)
+    X, Y, S = dpo.pack(seqs, tok.pad)
     assert X.size(0) < len(seqs) and sorted(set(S.flatten().tolist()) - {-1}) == list(range(len(seqs)))
-    logits, _ = model(X, layout=ns.packed_layout(S, 64))
+    logits, _ = model(X, layout=dpo.packed_layout(S, 64))
     for i, (x, y) in enumerate(seqs):
         r, cols = (S == i).nonzero(as_tuple=True)
         assert torch.equal(X[r, cols], x) and torch.equal(Y[r, cols], y)
@@ -204,13 +204,13 @@ def test_packed_sequences_do_not_see_each_other(tok):
     # a row may be wider than block_size (each sequence fits), padding runs longer than it
     Sl = torch.tensor([[0] * 60 + [1] * 40, [2] * 10 + [-1] * 90])
     Xl = torch.where(Sl >= 0, 7, tok.pad)
-    assert torch.isfinite(model(Xl, layout=ns.packed_layout(Sl, 64))[0]).all()
+    assert torch.isfinite(model(Xl, layout=dpo.packed_layout(Sl, 64))[0]).all()
     with pytest.raises(ValueError, match="block_size"):  # but no sequence longer than the block
-        ns.packed_layout(torch.zeros(1, 70, dtype=torch.long), 64)
+        dpo.packed_layout(torch.zeros(1, 70, dtype=torch.long), 64)
     # scramble every token but sequence 0's: its logits stay exactly the same
     X2 = torch.where(S == 0, X, torch.randint(0, tok.vocab_size, X.shape))
     r, cols = (S == 0).nonzero(as_tuple=True)
-    torch.testing.assert_close(model(X2, layout=ns.packed_layout(S, 64))[0][r, cols], logits[r, cols], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(X2, layout=dpo.packed_layout(S, 64))[0][r, cols], logits[r, cols], rtol=0, atol=1e-6)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -285,7 +285,7 @@ def test_hh_split_on_a_multi_turn_dialogue(tok):
                               {"role": "user", "content": "What is 2+2?"}]
     assert (chosen, rejected) == ("It is 4.", "5, obviously.")
     # the earlier assistant turn is context: only the last reply is scored
-    _, yc, _, _ = dpo.pair_example(tok, {"prompt": msgs, "chosen": chosen, "rejected": rejected}, 64)
+    _, yc, _, _ = formats.pair_example(tok, {"prompt": msgs, "chosen": chosen, "rejected": rejected}, 64)
     assert [t for t in yc.tolist() if t != -1] == ns.encode_content(tok, "It is 4.") + [tok.end]
 
 

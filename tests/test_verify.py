@@ -2,7 +2,7 @@
 import json
 import os
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 import experiments
 
