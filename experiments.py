@@ -5,8 +5,11 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
     python experiments.py sft        # full SFT vs scratch vs LoRA vs prompt tuning vs replay (~12 min)
     python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
     python experiments.py overshoot  # SFT at 1.5x the learning rate, rewound along the pre-trained -> final line
-    python experiments.py scale      # three model sizes, each pre-trained, SFT'd and vs scratch (~25 min)
+    python experiments.py scale      # four sizes, 0.16M-11M: SFT's gain over scratch in-domain and
+                                     # cross-domain, 2 seeds (~35 min in bf16)
     python experiments.py dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
+    python experiments.py plane      # every SFT method on the stability-plasticity plane, 3 seeds
+    python experiments.py prompt     # prompt tuning's remedies, one at a time
     python experiments.py verify --seeds 3 [--dtype float32]
                                      # the whole default pipeline + a scratch SFT per seed: one
                                      # PASS/FAIL line per README headline (~8 min a seed in fp32)
@@ -42,6 +45,10 @@ def sft(out_root, name, ckpt, *extra):
     run("finetune.py", "--ckpt", ckpt, "--out-dir", out, *extra)
     with open(os.path.join(out, "sft.json")) as f:
         return json.load(f)
+
+
+def slug(name):
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def fmt(v, digits=3):
@@ -188,7 +195,6 @@ def exp_sft(root, ckpt):
             "LoRA r=8 (attention + MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp"],
             "prompt tuning, 16 tokens": ["--prompt-tokens", "16"],
             "full SFT + replay 1.0": ["--replay", "1.0"]}
-    slug = lambda n: re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")
     rows = [sft_row(n, sft(root, slug(n), ckpt, *a)) for n, a in runs.items()]
     md = table(SFT_HEADER, rows)
     return md
@@ -219,29 +225,256 @@ def exp_overshoot(root, ckpt):
     return md
 
 
-def exp_scale(root, ckpt):
-    """Three model sizes, each pre-trained, then fine-tuned from its weights and from scratch. -> a markdown table."""
+# Scale: every size pre-trained on the same world, then SFT on three attributes' questions
+# from its pre-trained weights and from random ones (2 SFT seeds each); the test half is also
+# asked about the two attributes SFT never asked about (cross-domain: the facts are in the
+# pre-training prose, only the question type is new). Each size's pretrain.py flags are its
+# architecture and its schedule, stated in the table: the default schedule for every size
+# (1,200 steps of 8 x 128 tokens, peak lr 6e-3; the 11M model ran stably through that peak
+# in a 160-step check). SCALE_SFT evaluates before and after SFT only (so the final weights
+# are reported; the training is finetune.py's default).
+SCALE = {  # name: pretrain.py flags
+    "L1 C64": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64", "--max-iters", "1200", "--lr", "6e-3"],
+    "L2 C128": ["--n-layer", "2", "--n-head", "2", "--n-embd", "128", "--max-iters", "1200", "--lr", "6e-3"],
+    "L4 C256": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--max-iters", "1200", "--lr", "6e-3"],
+    "L6 C384": ["--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--max-iters", "1200", "--lr", "6e-3"],
+}
+SCALE_ATTRIBUTES = "city,job,food"  # what SFT asks about; pet and hobby are cross-domain
+SCALE_SFT = ["--sft-attributes", SCALE_ATTRIBUTES, "--eval-interval", "300", "--alphas", "1"]
+
+
+def timed(what, fn, *a):
+    """fn(*a), printing how long `what` took."""
+    t = time.time()
+    out = fn(*a)
+    print(f"  {what}: {time.time() - t:.0f}s", flush=True)
+    return out
+
+
+def exp_scale(root, ckpt=None, seeds=2, people=None, sizes=None):
+    """The gain from pre-training (SFT from pre-trained minus SFT from scratch, held-out test
+    half) against model size, in-domain and cross-domain -> out/scale.png and a markdown
+    table. people: a larger world of that many people (data/world.py --people, written to
+    root/world) instead of the default one. Pre-trains its own models: `ckpt` is not used."""
+    world = os.path.join(HERE, "data")
+    if people:
+        world = os.path.join(root, "world")
+        run(os.path.join("data", "world.py"), "--out-dir", world, "--people", str(people))
+    seeds, t0, res = [1337] + list(range(2, seeds + 1)), time.time(), {}
+    for name, flags in (sizes or SCALE).items():
+        d = os.path.join(root, slug(name))
+        timed(f"{name}: pretrain", run, "pretrain.py", "--world", world, "--out-dir", d, *flags)
+        with open(os.path.join(d, "pretrain.json")) as f:
+            res[name] = {"pretrain": json.load(f), "pre": [], "scratch": []}
+        for seed, init in ((s, i) for s in seeds for i in ("pre", "scratch")):
+            extra = ["--world", world, "--seed", str(seed), *SCALE_SFT, "--init", init.replace("pre", "pretrained")]
+            res[name][init].append(timed(f"{name}: SFT {init}, seed {seed}", sft, d, f"{init}/seed{seed}",
+                                         os.path.join(d, "pretrain.pt"), *extra))
+    plot_scale(os.path.join(os.path.dirname(root), "scale.png"), res)
+    return scale_table(res, sizes or SCALE, seeds, world) + f"\nwall time {time.time() - t0:.0f}s."
+
+
+def scale_gains(r, key):
+    """Per SFT seed: (pre-trained, scratch, pre-trained minus scratch) of sft.json's `key`."""
+    return [(p[key], s[key], p[key] - s[key]) for p, s in zip(r["pre"], r["scratch"])]
+
+
+def scale_table(res, sizes, seeds, world):
+    """One row per size: params, schedule, probe, then in-domain and cross-domain held-out
+    accuracy from scratch and from pre-trained weights and the gain, mean [min–max] over seeds."""
     rows = []
-    sizes = {"tiny (L1 C64)": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64"],
-             "small (L2 C128)": ["--n-layer", "2", "--n-head", "2", "--n-embd", "128"],
-             "default (L4 C256)": ["--n-layer", "4", "--n-head", "4", "--n-embd", "256"]}
-    for name, arch in sizes.items():
-        tag = name.split()[0]
-        pre_dir = os.path.join(root, tag)
-        run("pretrain.py", "--out-dir", pre_dir, *arch)
-        with open(os.path.join(pre_dir, "pretrain.json")) as f:
-            probe = json.load(f)["knowledge_probe_accuracy"]
-        ck = os.path.join(pre_dir, "pretrain.pt")
-        pre = sft(pre_dir, "sft", ck)
-        scratch = sft(pre_dir, "scratch", ck, "--init", "scratch")
-        rows.append([name, fmt(pre["total_params"]), fmt(probe), fmt(scratch["heldout_accuracy"]),
-                     fmt(pre["heldout_accuracy"]), fmt(pre["heldout_accuracy"] - scratch["heldout_accuracy"])])
-    md = table(["model", "params", "knowledge probe", "held-out acc, SFT from scratch",
-                "held-out acc, SFT from pre-trained", "gain from pre-training"], rows)
-    return md
+    for name, r in res.items():
+        cells = [name, fmt(r["pretrain"]["params"]), f"`{' '.join(sizes[name])}`",
+                 f"{r['pretrain']['seconds']:.0f}s", fmt(r["pretrain"]["knowledge_probe_accuracy"])]
+        for key in ("heldout_accuracy_in_domain", "heldout_accuracy_cross_domain"):
+            g = scale_gains(r, key)
+            cells += [spread([x[1] for x in g]), spread([x[0] for x in g]), spread([x[2] for x in g])]
+        rows.append(cells)
+    md = table(["model", "params", "pretrain.py flags", "pretrain time", "knowledge probe",
+                "in-domain: scratch", "in-domain: pre-trained", "in-domain gain",
+                "cross-domain: scratch", "cross-domain: pre-trained", "cross-domain gain"], rows)
+    return (md + f"\n\nworld {world}; SFT on {SCALE_ATTRIBUTES} questions (finetune.py {' '.join(SCALE_SFT)}), "
+            f"seeds {', '.join(map(str, seeds))}; held-out test half, final weights; mean [min–max] over seeds.")
 
 
-EXPERIMENTS = {"sft": exp_sft, "labels": exp_labels, "overshoot": exp_overshoot, "scale": exp_scale, "dpo": exp_dpo}
+def plot_scale(png, res):
+    """Gain over scratch against parameters (log x): one line in-domain, one cross-domain,
+    each the mean over seeds with min–max bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    params = [r["pretrain"]["params"] for r in res.values()]
+    for key, label in (("heldout_accuracy_in_domain", f"in-domain ({SCALE_ATTRIBUTES})"),
+                       ("heldout_accuracy_cross_domain", "cross-domain (the other attributes)")):
+        gains = [[g[2] for g in scale_gains(r, key)] for r in res.values()]
+        mean = [sum(g) / len(g) for g in gains]
+        bars = [[m - min(g) for m, g in zip(mean, gains)], [max(g) - m for m, g in zip(mean, gains)]]
+        ax.errorbar(params, mean, yerr=bars, marker="o", capsize=3, label=label)
+    ax.set(xscale="log", xlabel="parameters", ylabel="held-out accuracy gain over SFT from scratch",
+           title="SFT's gain from pre-training vs model size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(png + ".tmp.png", png)
+
+
+# ----------------------------------------------------------------------------------------
+# the stability-plasticity plane: every SFT method, forgetting against held-out accuracy
+
+# Each point is one finetune.py command, run once per seed (the SFT seed; one pre-trained
+# model). --eval-interval 100 and --alphas 1 only thin what is evaluated along the way (the
+# training is the same); the full-SFT run keeps every eval point and the whole line.
+FAST = ["--eval-interval", "100", "--alphas", "1"]
+PLANE = {  # name: flags
+    "full SFT": [],
+    "full SFT + replay 1.0": ["--replay", "1.0"] + FAST,
+    "LoRA r=2 (attn)": ["--lora-rank", "2"] + FAST,
+    "LoRA r=8 (attn)": ["--lora-rank", "8"] + FAST,
+    "LoRA r=32 (attn)": ["--lora-rank", "32"] + FAST,
+    "LoRA r=2 (attn+MLP)": ["--lora-rank", "2", "--lora-on", "attn,mlp"] + FAST,
+    "LoRA r=8 (attn+MLP)": ["--lora-rank", "8", "--lora-on", "attn,mlp"] + FAST,
+    "LoRA r=32 (attn+MLP)": ["--lora-rank", "32", "--lora-on", "attn,mlp"] + FAST,
+    "OFT b=16 (attn)": ["--oft-block", "16"] + FAST,
+    "OFT b=32 (attn)": ["--oft-block", "32"] + FAST,
+    "OFT b=64 (attn)": ["--oft-block", "64"] + FAST,
+    "prompt tuning, 16 tokens": ["--prompt-tokens", "16"] + FAST,
+    "LoRA r=8 (attn), int8 base": ["--lora-rank", "8", "--quantize-base", "int8"] + FAST,
+    "OFT b=32 (attn), int8 base": ["--oft-block", "32", "--quantize-base", "int8"] + FAST,
+}
+
+
+def spread(values):
+    """mean [min–max] of a list of numbers."""
+    return f"{sum(values) / len(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
+def pareto(points):
+    """The points no other point beats on both axes (less forgetting AND more accuracy),
+    points = [(forgetting, accuracy, name)], in order of forgetting."""
+    front, best = [], -1.0
+    for x, y, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y, name))
+            best = y
+    return front
+
+
+def exp_plane(root, ckpt, seeds=3, runs=None):
+    """Every SFT method on one picture: forgetting (retention loss up; knowledge probe down)
+    against held-out accuracy, mean and min–max over `seeds` SFT seeds -> out/plane.png and
+    a markdown table."""
+    seeds = [1337] + list(range(2, seeds + 1))
+    res, t0 = {}, time.time()
+    for name, flags in (runs or PLANE).items():
+        for seed in seeds:
+            t = time.time()
+            res.setdefault(name, []).append(sft(root, f"{slug(name)}/seed{seed}", ckpt, "--seed", str(seed), *flags))
+            print(f"  {name}, seed {seed}: {time.time() - t:.0f}s", flush=True)
+    points = plane_points(res)
+    plot_plane(os.path.join(os.path.dirname(root), "plane.png"), points, res)
+    rows = []
+    for name, p in points.items():
+        flags = (runs or PLANE).get(name.split(": ")[0], [])  # a rewound point: its run's flags
+        rows.append([name, f"`{' '.join(flags)}`" if flags else "(defaults)", fmt(p["params"]), spread(p["acc"]),
+                     spread(p["forget"]), spread(p["probe_drop"]), fmt(p["frozen_bytes"])])
+    front = [n for _, _, n in pareto([(sum(p["forget"]) / len(p["forget"]), sum(p["acc"]) / len(p["acc"]), n)
+                                      for n, p in points.items()])]
+    md = table(["point", "finetune.py --ckpt out/pretrain.pt --seed S ...", "trainable params",
+                "held-out acc", "forgetting (retention loss up, nats)", "knowledge probe drop",
+                "frozen projection bytes"], rows)
+    return (md + f"\n\nseeds {', '.join(map(str, seeds))} (SFT seeds, one pre-trained model); mean [min–max]."
+            f"\nPareto frontier (mean forgetting vs mean accuracy): {', '.join(front)}."
+            f"\nwall time {time.time() - t0:.0f}s.")
+
+
+def plane_points(res):
+    """{point name: {"acc", "forget", "probe_drop": a list over seeds, "params", "frozen_bytes"}}:
+    each run's final weights; for full SFT also its rewound points (by path, by line)."""
+    points = {}
+
+    def add(name, r, acc, ret, probe):
+        p = points.setdefault(name, {"acc": [], "forget": [], "probe_drop": [], "params": r["trainable_params"],
+                                     "frozen_bytes": r.get("frozen_bytes")})
+        p["acc"].append(acc)
+        p["forget"].append(ret - r["retention_val_loss_before"])
+        p["probe_drop"].append(r["knowledge_probe_before"] - probe)
+    for name, rs in res.items():
+        for r in rs:
+            add(name, r, r["heldout_accuracy_final"], r["retention_val_loss_final"], r["knowledge_probe_final"])
+            if name == "full SFT":
+                for how in ("path", "interpolate"):
+                    q = r[f"rewind_{how}"]
+                    add(f"full SFT: rewound by {'path' if how == 'path' else 'interpolation'}", r, q["heldout"],
+                        q["retention"], q["probe"])
+    return points
+
+
+def plot_plane(png, points, res):
+    """Two panels (forgetting as retention loss, and as knowledge-probe drop) against held-out
+    accuracy: each point's mean with min–max bars, marker area ~ log trainable parameters,
+    the Pareto frontier, and the full-SFT path and interpolation line of the first seed."""
+    import math
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    mean = lambda v: sum(v) / len(v)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), constrained_layout=True)
+    for ax, key, label in ((axes[0], "forget", "forgetting: retention loss, final minus pre-trained (nats)"),
+                           (axes[1], "probe_drop", "forgetting: knowledge probe, pre-trained minus final")):
+        full = res.get("full SFT", [None])[0]
+        if full:
+            b = full["retention_val_loss_before"] if key == "forget" else None
+            fx = (lambda q: q["retention"] - b) if key == "forget" else (lambda q: full["knowledge_probe_before"] - q["probe"])
+            ax.plot([fx(q) for q in full["path"]], [q["heldout"] for q in full["path"]], "-", color="0.6", lw=1,
+                    label="full SFT path (seed 1337, every eval)")
+            if full["interpolation"]:
+                ax.plot([fx(q) for q in full["interpolation"]], [q["heldout"] for q in full["interpolation"]], ":",
+                        color="0.3", lw=1, label="line pre-trained -> final (seed 1337)")
+        for i, (name, p) in enumerate(points.items()):
+            x, y = mean(p[key]), mean(p["acc"])
+            ax.errorbar(x, y, xerr=[[x - min(p[key])], [max(p[key]) - x]], yerr=[[y - min(p["acc"])], [max(p["acc"]) - y]],
+                        fmt="o", ms=3 + 2 * math.log10(max(10, p["params"])), color=f"C{i % 10}", alpha=0.85,
+                        label=f"{name} ({p['params']:,} trainable)")
+        front = pareto([(mean(p[key]), mean(p["acc"]), n) for n, p in points.items()])
+        ax.plot([f[0] for f in front], [f[1] for f in front], "--", color="k", lw=1.2, label="Pareto frontier")
+        ax.set(xlabel=label, ylabel="held-out accuracy (test half)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("stability (x: less forgetting to the left) vs plasticity (y): mean over seeds, min–max bars")
+    fig.savefig(png + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(png + ".tmp.png", png)
+
+
+PROMPT = {  # prompt tuning's remedies, one at a time from the default (16 tokens, lr 3e-2)
+    "full SFT (for the time)": FAST,
+    "16 tokens, prefix only (new rows frozen)": ["--prompt-tokens", "16", "--new-rows", "freeze"] + FAST,
+    "16 tokens (new rows train)": ["--prompt-tokens", "16"] + FAST,
+    "64 tokens": ["--prompt-tokens", "64"] + FAST,
+    "16 tokens from task words": ["--prompt-tokens", "16", "--prompt-init", "task"] + FAST,
+    "16 tokens through an MLP (256)": ["--prompt-tokens", "16", "--prompt-mlp", "256"] + FAST,
+    "16 tokens, lr 1e-2": ["--prompt-tokens", "16", "--lr", "1e-2"] + FAST,
+    "16 tokens, 900 steps": ["--prompt-tokens", "16", "--max-iters", "900"] + FAST,
+}
+
+
+def exp_prompt(root, ckpt):
+    """Prompt tuning's known remedies, each alone, against full SFT's accuracy and time."""
+    rows, base = [], None
+    for name, flags in PROMPT.items():
+        r = sft(root, slug(name), ckpt, *flags)
+        base = base or r
+        rows.append([name, f"`{' '.join(flags[:len(flags) - len(FAST)]) or '(defaults)'}`", fmt(r["trainable_params"]),
+                     fmt(r["heldout_accuracy_final"]), fmt(r["degenerate_rate_final"]),
+                     f"{r['train_seconds']:.0f}s ({r['train_seconds'] / base['train_seconds']:.1f}x)"])
+    return table(["prompt tuning", "flags", "trainable params", "held-out acc (final)", "degenerate answers",
+                  "train time (x full SFT)"], rows)
+
+
+EXPERIMENTS = {"plane": exp_plane, "prompt": exp_prompt, "sft": exp_sft, "labels": exp_labels, "overshoot": exp_overshoot, "scale": exp_scale, "dpo": exp_dpo}
 
 
 def verify(out_dir, n_seeds, dtype, tiny=False, reuse=False):
@@ -299,8 +532,8 @@ def verify(out_dir, n_seeds, dtype, tiny=False, reuse=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo", "verify"])
-    ap.add_argument("--seeds", type=int, default=3, help="verify: how many seeds (1337, 2, 3, ...)")
+    ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo", "plane", "prompt", "verify"])
+    ap.add_argument("--seeds", type=int, default=3, help="verify, plane: how many seeds (1337, 2, 3, ...)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="verify: the stages' --dtype (auto: bf16 where the CPU runs it natively)")
     ap.add_argument("--tiny", action="store_true", help="verify: a tiny configuration (for the tests)")
@@ -313,7 +546,8 @@ def main():
     if args.which == "verify":
         sys.exit(verify(args.out_dir, args.seeds, args.dtype, args.tiny, args.reuse))
     md = EXPERIMENTS[args.which](os.path.join(args.out_dir, args.which),
-                                 args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"))
+                                 args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"),
+                                 **({"seeds": args.seeds} if args.which == "plane" else {}))
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"{args.which}.md"), "w") as f:

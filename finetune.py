@@ -4,19 +4,23 @@ Stage 2: supervised fine-tuning (SFT) with a masked loss on instruction pairs.
     python finetune.py --ckpt out/pretrain.pt                  # world Q&A, community labels
     python finetune.py --ckpt out/pretrain.pt --show-mask      # see what the loss trains on
     python finetune.py --ckpt out/pretrain.pt --init scratch   # same, from random weights
+    python finetune.py --ckpt out/pretrain.pt --sft-attributes city,job,food   # + cross-domain accuracy
     python finetune.py --ckpt out/pretrain.pt --lora-rank 8    # LoRA (merged on save)
+    python finetune.py --ckpt out/pretrain.pt --oft-block 32   # OFT: rotations (merged on save)
+    python finetune.py --ckpt out/pretrain.pt --lora-rank 8 --quantize-base int8   # on an int8 base
     python finetune.py --ckpt out/pretrain.pt --prompt-tokens 16   # prompt tuning
     python finetune.py --ckpt out/pretrain.pt --data alpaca.json   # your own data
 
-Defaults are in DEFAULTS; without --lr the rate is the method's (LR): full SFT 1e-3, LoRA
-3e-3, prompt tuning 3e-2.
+Defaults are in DEFAULTS; without --lr the rate is the method's (LR). Retention is measured
+two ways: the pre-training validation loss and the knowledge probe.
 
 The loss covers assistant tokens only, including the closing <|end|> (so the model learns
 to stop), averaged over the supervised tokens of the whole optimizer step.
 
 On the world data it measures what the concept guide claims: held-out accuracy (people whose
 facts were only in the pre-training prose: knowledge that SFT makes usable), retention (the
-pre-training validation loss of the current weights: what SFT costs), and the path between.
+pre-training validation loss and the knowledge probe of the current weights: what SFT
+costs), and the path between.
 Checkpoints along the path are kept; out/sft.pt is the REWOUND one (the rule is in
 `rewind`), the last step is out/sft_last.pt (what --resume continues from).
 """
@@ -41,13 +45,13 @@ DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=25, warmup=
 # Full SFT (also --init scratch) at 1e-3: at 2e-3 or 3e-3 it forgot far more (docs/forgetting.md).
 # LoRA and prompt tuning change only a few new parameters (adapters that start at zero, a
 # prefix), and were run at higher rates.
-LR = {"full": 1e-3, "lora": 3e-3, "prompt": 3e-2}
+LR = {"full": 1e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas, see `interpolate`
 
 
-def method(lora_rank, prompt_tokens):
-    """What trains: "lora", "prompt" or "full" (every weight; also --init scratch)."""
-    return "lora" if lora_rank else "prompt" if prompt_tokens else "full"
+def method(lora_rank, oft_block, prompt_tokens):
+    """What trains: "lora", "oft", "prompt" or "full" (every weight; also --init scratch)."""
+    return "lora" if lora_rank else "oft" if oft_block else "prompt" if prompt_tokens else "full"
 
 
 def parse_args(argv=None):
@@ -59,14 +63,34 @@ def parse_args(argv=None):
     ap.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"],
                     help="world data only: where the answers come from (gold facts, the best-voted "
                     "community answer, or any community answer)")
+    ap.add_argument("--world", default=we.HERE, help="world data only: the world directory to train and "
+                    "evaluate on (python data/world.py --out-dir DIR; the one the checkpoint was pre-trained "
+                    "on, pretrain.py --world); default: data/")
+    ap.add_argument("--sft-attributes", default=None, help="world data only: train on the questions about "
+                    "these attributes only, e.g. city,job,food (list tasks kept; default: all). Held-out "
+                    "accuracy is then also reported in-domain (these) and cross-domain (the others: a "
+                    "question type SFT never showed, about facts only the pre-training prose states)")
     ap.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"],
                     help="scratch: same architecture, random weights (the no-pre-training baseline)")
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank, base frozen")
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2*rank)")
+    ap.add_argument("--oft-block", type=int, default=0,
+                    help="OFT: rotate each adapted projection's input in blocks of this size, base frozen")
     ap.add_argument("--lora-on", default="attn", choices=["attn", "mlp", "attn,mlp"],
-                    help="which projections get adapters: attention (default, as in the LoRA "
-                    "paper), MLP or both")
+                    help="which projections get LoRA or OFT adapters: attention (default, as in the "
+                    "LoRA paper), MLP or both")
+    ap.add_argument("--quantize-base", default="none", choices=["none", "int8"],
+                    help="LoRA/OFT: store the frozen projections as per-channel int8")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="prompt tuning: learned prefix length")
+    ap.add_argument("--prompt-init", default="random", choices=["random", "task"],
+                    help="prompt tuning: start from random tokens' embeddings, or from the task's most "
+                    "frequent answer tokens'")
+    ap.add_argument("--prompt-mlp", type=int, default=0,
+                    help="prompt tuning: reparametrise the prefix through an MLP of this hidden width "
+                    "(prefix tuning; 0 = off)")
+    ap.add_argument("--new-rows", default="train", choices=["train", "freeze"],
+                    help="LoRA, OFT, prompt tuning: the embedding rows of tokens new to the model (chat "
+                    "tokens, words pre-training never saw) train with the adapters (default), or stay frozen")
     ap.add_argument("--train-embeddings", action="store_true",
                     help="also train the pre-trained token embeddings (default: only the chat tokens')")
     ap.add_argument("--replay", type=float, default=0.0,
@@ -95,12 +119,20 @@ def parse_args(argv=None):
     ns.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
-    if args.lora_rank and args.prompt_tokens:
-        raise ns.UserError("--lora-rank and --prompt-tokens are alternatives; pick one")
-    if args.lora_rank < 0 or args.prompt_tokens < 0 or args.replay < 0:
-        raise ns.UserError("--lora-rank, --prompt-tokens and --replay must be >= 0")
+    if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
+        raise ns.UserError("--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one")
+    if min(args.lora_rank, args.oft_block, args.prompt_tokens, args.prompt_mlp, args.replay) < 0:
+        raise ns.UserError("--lora-rank, --oft-block, --prompt-tokens, --prompt-mlp and --replay must be >= 0")
+    if (args.prompt_mlp or args.prompt_init != "random") and not args.prompt_tokens:
+        raise ns.UserError("--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens")
+    if args.quantize_base != "none" and not (args.lora_rank or args.oft_block):
+        raise ns.UserError("--quantize-base needs a frozen base: add --lora-rank or --oft-block")
+    if args.data and args.sft_attributes:
+        raise ns.UserError("--sft-attributes picks the world's questions: it does not apply to --data")
+    args.sft_attributes = None if args.data else we.sft_attributes(args.sft_attributes)
+    we.check_world_dir(args.world)
     if args.lr is None:
-        args.lr = LR[method(args.lora_rank, args.prompt_tokens)]
+        args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
     if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
         args.alphas = ()
     return args
@@ -115,16 +147,21 @@ def top_voted(answers):
     return max(answers, key=lambda a: a["up"] - a["down"])["text"]
 
 
-def world_conversations(labels, seed):
+def world_conversations(labels, seed, world_dir=we.HERE, attributes=None):
     """The world's instruction set. Questions about training people come from the community
     threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
-    random community answer; the list tasks (copy/reverse/count) always use their gold answer."""
-    gold = [(w, r) for w, r in formats.read_records(we.SFT)]
-    threads = {r["prompt"]: r for _, r in formats.read_records(we.THREADS)}
+    random community answer; the list tasks (copy/reverse/count) always use their gold answer.
+    attributes (--sft-attributes; None: all): only the questions about these are kept, so
+    the other attributes' questions stay unseen question types (cross-domain evaluation)."""
+    gold = [(w, r) for w, r in formats.read_records(we.path("world_sft.jsonl", world_dir))]
+    threads = {r["prompt"]: r for _, r in formats.read_records(we.path("world_community.jsonl", world_dir))}
     rng = random.Random(seed)
     convs = []
     for _, r in gold:
         answer = r["response"]
+        # a fact question's attribute is its thread's (every one has a thread; a list task has none)
+        if attributes is not None and r["prompt"] in threads and threads[r["prompt"]]["attribute"] not in attributes:
+            continue
         if labels != "gold" and r["prompt"] in threads:
             answers = threads[r["prompt"]]["answers"]
             if labels == "top-voted":
@@ -135,13 +172,14 @@ def world_conversations(labels, seed):
     return convs
 
 
-def load_records(data, labels, seed, strict):
+def load_records(data, labels, seed, strict, world_dir=we.HERE, attributes=None):
     """([(record number, conversation)], its DataReport): the file `data` (any format
-    data/formats.py reads) or, without one, the world's questions (see world_conversations)."""
-    report = formats.DataReport(data or we.SFT, strict)
+    data/formats.py reads) or, without one, the questions of the world in world_dir about
+    `attributes` (see world_conversations)."""
+    report = formats.DataReport(data or we.path("world_sft.jsonl", world_dir), strict)
     if data:
         return formats.load_instructions(data, report), report
-    records = list(enumerate(world_conversations(labels, seed), 1))
+    records = list(enumerate(world_conversations(labels, seed, world_dir, attributes), 1))
     report.total = len(records)
     return records, report
 
@@ -267,11 +305,13 @@ def sft_loss(model, batch):
 
 
 def build_model(ck, ckpt="checkpoint", init="pretrained", seed=1337, train_embeddings=False,
-                lora_rank=0, lora_alpha=None, lora_on="attn", prompt_tokens=0):
+                lora_rank=0, lora_alpha=None, lora_on="attn", prompt_tokens=0, oft_block=0, quantize="none"):
     """The model to train, from checkpoint `ck` (read from `ckpt`): the pre-trained weights
     with their well-trained vocabulary frozen (unless train_embeddings), or random ones
-    (init "scratch"); then LoRA adapters (lora_rank, on the projections of lora_on, e.g.
-    "attn,mlp") or a prompt-tuning prefix (prompt_tokens), which freeze everything else."""
+    (init "scratch"); then LoRA adapters (lora_rank) or OFT rotations (oft_block) on the
+    projections of lora_on (e.g. "attn,mlp"), or a prompt-tuning prefix (prompt_tokens),
+    which freeze everything else. quantize "int8": the frozen projections under LoRA/OFT
+    are stored as int8 (nanopeft.quantize_base), before the adapters wrap them."""
     model, tok = ns.model_from_checkpoint(ck, ckpt)
     if init == "scratch":
         torch.manual_seed(seed)
@@ -280,9 +320,15 @@ def build_model(ck, ckpt="checkpoint", init="pretrained", seed=1337, train_embed
         freeze_vocabulary(model, tok, pretraining_counts(tok, ck))
     if prompt_tokens:
         model = peft.add_prompt(model, prompt_tokens, seed)
+    if quantize == "int8":
+        peft.quantize_base(model)
     if lora_rank:
         torch.manual_seed(seed)
         peft.add_lora(model, lora_rank, lora_alpha, lora_on.split(","))
+    if oft_block:
+        if model.config.n_embd % oft_block:  # (the MLP's 4 * n_embd inputs then divide too)
+            raise ns.UserError(f"--oft-block {oft_block} must divide the model's width {model.config.n_embd}")
+        peft.add_oft(model, oft_block, lora_on.split(","))
     return model, tok
 
 
@@ -316,9 +362,37 @@ def train_rows(model, rows):
     return rows
 
 
+def adapter_rows(model, tok, ck, examples, scratch=False, new_rows="train"):
+    """Under LoRA, OFT or prompt tuning the embedding rows of the tokens new to the model
+    train with the adapters or the prefix (train_rows), unless new_rows is "freeze" ->
+    those rows; None for full SFT. (Frozen, a new token keeps its untrained embedding,
+    which is also its output row: the model cannot read "<|user|>" or learn to write
+    "<|end|>" except by bending every layer around them.)"""
+    peft_model = model.config.n_prefix or any(isinstance(m, (peft.LoRALinear, peft.OFTLinear)) for m in model.modules())
+    if not peft_model or new_rows == "freeze":
+        return None
+    return train_rows(model, new_token_rows(tok, None if scratch else pretraining_counts(tok, ck), examples))
+
+
+def prompt_setup(model, tok, examples, init="random", mlp_hidden=0):
+    """Prompt tuning's remedies (none without a prefix): init "task" starts the prefix from
+    the embeddings of the most frequent answer tokens of `examples`; mlp_hidden > 0
+    reparametrises it through an MLP (nanopeft.PromptMLP)."""
+    if not model.config.n_prefix:
+        return
+    if init == "task":
+        targets = torch.cat([y[y >= 0] for _, y in examples])
+        counts = torch.bincount(targets, minlength=tok.vocab_size)
+        counts[chat_tokens(tok) + [tok.endoftext, tok.pad]] = 0  # words, not the chat format's tokens
+        peft.init_prompt(model, counts.argsort(descending=True)[:model.config.n_prefix].tolist())
+    if mlp_hidden:
+        peft.reparametrise_prompt(model, mlp_hidden)
+
+
 def trainable_params(model, rows=None):
-    """Parameters the optimizer can change: with `rows` (LoRA), of the embedding matrix only
-    those rows (the others get zero gradients and, without weight decay, stay put)."""
+    """Parameters the optimizer can change: with `rows` (LoRA, OFT, prompt tuning), of the
+    embedding matrix only those rows (the others get zero gradients and, without weight
+    decay, stay put)."""
     n = model.num_params(trainable_only=True)
     if rows is not None:
         n -= (model.wte.weight.size(0) - len(rows)) * model.config.n_embd
@@ -378,30 +452,38 @@ def freeze_vocabulary(model, tok, counts, min_count=RARE):
 # evaluation
 
 
-def dev_answer_batches(tok, people, batch=64):
-    """The community's top-voted answers to the questions about the dev half's people
-    (data/world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
+def dev_answer_batches(tok, prompts, world_dir=we.HERE, batch=64):
+    """The community's top-voted answers to the dev half's questions `prompts`
+    (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
     their loss says how closely the model writes the answers SFT teaches -- the voted
     style included -- for people it was never trained on."""
-    convs = [[{"role": "user", "content": t["prompt"]},
-              {"role": "assistant", "content": top_voted(t["answers"])}]
-             for _, t in formats.read_records(we.EVAL_THREADS) if t["person"] in people]
+    threads = formats.read_records(we.path("world_community_eval.jsonl", world_dir))
+    convs = [[{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": top_voted(t["answers"])}]
+             for _, t in threads if t["prompt"] in prompts]
     ex = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
     return [ns.collate(ex[i:i + batch], tok.pad) for i in range(0, len(ex), batch)]
 
 
 class Evaluator:
-    """Held-out accuracy (dev half used for rewinding, test half reported), training-people
-    accuracy, list-task accuracy and retention (pre-training validation loss)."""
+    """Held-out accuracy (dev half used for rewinding, test half reported, also split into
+    in-domain and cross-domain: the attributes SFT asked about and the others), training-people
+    accuracy, list-task accuracy and retention measured two ways: the pre-training
+    validation loss, and the knowledge probe (the biographies' facts completed as plain
+    text, as after pre-training; a stand-in for PEFT-Arena's general-ability benchmarks).
 
-    def __init__(self, rt, tok, pretrain_data, block_size):
+    attributes: those SFT trains on (--sft-attributes). Rewinding sees the dev half's
+    questions about these only, so nothing about a cross-domain attribute informs the choice."""
+
+    def __init__(self, rt, tok, pretrain_data, block_size, world_dir=we.HERE, attributes=None):
         self.rt, self.tok = rt, tok
-        self.world = we.load_world()
-        self.longest = we.world_longest()
-        self.dev, self.test = we.heldout_halves()
-        self.dev_answers = dev_answer_batches(tok, {r["person"] for r in self.dev})
-        self.train = we.load_eval_rows("train")[:250]  # as many as a held-out half: the same sampling error
-        self.tasks = we.load_eval_rows("tasks")
+        self.world = we.load_world(world_dir)
+        self.attributes = attributes or self.world[1]["attributes"]
+        self.longest = we.world_longest(world_dir)
+        dev, self.test = we.heldout_halves(world_dir)
+        self.dev = we.by_domain(dev, self.attributes)[0]
+        self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
+        self.train = we.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half: the same sampling error
+        self.tasks = we.load_eval_rows("tasks", world_dir)
         self.retention = None
         if pretrain_data and os.path.isfile(pretrain_data):
             # the same stream and split pre-training used: retention = its validation loss
@@ -411,10 +493,12 @@ class Evaluator:
     def __call__(self, model, full=False):
         qa = lambda rows: we.qa_eval(model, self.tok, self.world, rows, self.longest)
         test = qa(self.test)
-        r = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"],
+        inside, cross = we.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
+        r = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"], "heldout_in": inside, "heldout_cross": cross,
              "dev_loss": ns.mean_loss(model, self.dev_answers, self.rt),
              "degenerate": test["degenerate_rate"],
-             "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None}
+             "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None,
+             "probe": we.knowledge_probe(model, self.tok, self.world)}
         if full:
             r["train"] = qa(self.train)["accuracy"]
             r["tasks"] = we.task_accuracy(model, self.tok, self.tasks)
@@ -422,8 +506,10 @@ class Evaluator:
 
 
 def log_eval(log, r):
+    cross = "" if r["heldout_cross"] is None else \
+        f", in-domain {r['heldout_in']:.3f}, cross-domain {r['heldout_cross']:.3f}"
     log(f"eval step {r['step']}: held-out {r['heldout']:.3f} (dev {r['dev']:.3f}, dev answer loss "
-        f"{r['dev_loss']:.4f}) | retention loss {r['retention']:.4f}")
+        f"{r['dev_loss']:.4f}{cross}) | retention loss {r['retention']:.4f} | knowledge probe {r['probe']:.3f}")
 
 
 def rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None):
@@ -506,12 +592,12 @@ def interpolate(evaluator, ck, model, known, alphas=ALPHAS):
     known: {alpha: evaluation} already measured (the two ends)."""
     pre, fin = pretrained_state(ck), peft.plain_state(model)
     m = ns.GPT(model.config).to(evaluator.rt.device)
-    out = []
+    out, keys = [], ("dev", "dev_loss", "heldout", "heldout_in", "heldout_cross", "degenerate", "retention", "probe")
     for a in alphas:
         if a not in known:
             m.load_state_dict(interpolated(pre, fin, a))
         r = known.get(a) or evaluator(m)
-        out.append({"alpha": a, **{k: r[k] for k in ("dev", "dev_loss", "heldout", "degenerate", "retention")}})
+        out.append({"alpha": a, **{k: r[k] for k in keys}})
     return out
 
 
@@ -570,14 +656,20 @@ def rewound_checkpoint(choice, ck, model, tok, it, flags, out_dir):
     return ns.checkpoint_dict("sft", m, tok, None, it, flags)
 
 
-def world_report(log, path, final, rew, choice, chance):
+def world_report(log, path, final, rew, choice, chance, attributes):
     """sft.json's world numbers: before SFT (the path's step 0), at the final step and at the
-    rewound point (`rew`; `final` the final one's full evaluation); the headline is logged."""
+    rewound point (`rew`; `final` the final one's full evaluation); the headline is logged.
+    attributes: those SFT asked about; held-out accuracy is split into these (in-domain) and
+    the others (cross-domain; None when SFT asked about every attribute)."""
     start = path[0]
     log(f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
         f"rewound ({choice['rewound']}) {rew['heldout']:.3f}")
+    if rew["heldout_cross"] is not None:
+        log(f"  of it, rewound: in-domain ({','.join(attributes)}) {rew['heldout_in']:.3f} | "
+            f"cross-domain (the other attributes) {rew['heldout_cross']:.3f}, before SFT {start['heldout_cross']:.3f}")
     log(f"retention loss:    before {start['retention']:.4f} | final {final['retention']:.4f} | "
         f"rewound {rew['retention']:.4f}")
+    log(f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | rewound {rew['probe']:.3f}")
     log(f"training people {rew['train']:.3f} | list tasks {rew['tasks']:.3f} | "
         f"degenerate answers {rew['degenerate']:.3f}")
     return {
@@ -587,7 +679,12 @@ def world_report(log, path, final, rew, choice, chance):
         "train_accuracy_final": final["train"], "task_accuracy_final": final["tasks"],
         "degenerate_rate": rew["degenerate"], "degenerate_rate_final": final["degenerate"],
         "retention_val_loss_before": start["retention"], "retention_val_loss_final": final["retention"],
-        "retention_val_loss_rewound": rew["retention"], **choice, "chance_accuracy": chance, "path": path}
+        "retention_val_loss_rewound": rew["retention"], "knowledge_probe_before": start["probe"],
+        "knowledge_probe_final": final["probe"], "knowledge_probe_rewound": rew["probe"], **choice,
+        "chance_accuracy": chance, "sft_attributes": attributes, "heldout_accuracy_in_domain": rew["heldout_in"],
+        "heldout_accuracy_cross_domain": rew["heldout_cross"], "heldout_accuracy_in_domain_final": final["heldout_in"],
+        "heldout_accuracy_cross_domain_final": final["heldout_cross"],
+        "heldout_accuracy_cross_domain_before": start["heldout_cross"], "path": path}
 
 
 # ----------------------------------------------------------------------------------------
@@ -601,27 +698,25 @@ def main(argv=None):
 
     # ---- load: checkpoint, model, data (all input validated before anything is written)
     ck = ns.load_checkpoint(args.ckpt, expect_kind=("pretrain", "sft", "dpo"))
-    model, tok = build_model(ck, args.ckpt, args.init, args.seed, args.train_embeddings,
-                             args.lora_rank, args.lora_alpha, args.lora_on, args.prompt_tokens)
+    model, tok = build_model(ck, args.ckpt, args.init, args.seed, args.train_embeddings, args.lora_rank,
+                             args.lora_alpha, args.lora_on, args.prompt_tokens, args.oft_block, args.quantize_base)
     T = model.config.block_size
-    records, report = load_records(args.data, args.labels, args.seed, args.strict)
+    records, report = load_records(args.data, args.labels, args.seed, args.strict, args.world, args.sft_attributes)
     if args.show_mask:
         return show_mask(tok, records[0][1])
     examples = render_all(tok, records, T, report)
     for line in report.lines():
         rt.log(line)
-    rows = None
-    if args.lora_rank:  # the embedding rows of tokens new to the model train with the adapters (train_rows)
-        counts = None if args.init == "scratch" else pretraining_counts(tok, ck)
-        rows = train_rows(model, new_token_rows(tok, counts, examples))
+    rows = adapter_rows(model, tok, ck, examples, args.init == "scratch", args.new_rows)
+    prompt_setup(model, tok, examples, args.prompt_init, args.prompt_mlp)
     args.pretrain_data = pretrain_text(ck)  # saved in the checkpoints' args for the next stage
-    evaluator = Evaluator(rt, tok, args.pretrain_data, T) if args.data is None else None
+    evaluator = None if args.data else Evaluator(rt, tok, args.pretrain_data, T, args.world, args.sft_attributes)
     replay_tokens = pretrain_split(tok, args.pretrain_data, T) if args.replay else None
     optimizer = ns.configure_optimizer(model.to(rt.device), args.lr, weight_decay=0.0, device_type=rt.device.type)
     start_iter, state = ns.resume(args.out_dir, "sft", model, tok, optimizer) if args.resume else (0, {})
     trainable = trainable_params(model, rows)
     rt.log(f"{len(examples)} examples from {report.path} | {trainable:,} trainable of {model.num_params():,} "
-           f"parameters | {method(args.lora_rank, args.prompt_tokens)}, lr {args.lr:g} | {rt.device} {rt.dtype}")
+           f"parameters | {method(args.lora_rank, args.oft_block, args.prompt_tokens)}, lr {args.lr:g} | {rt.device} {rt.dtype}")
 
     # ---- data: this process's micro-batches of step `it`, and the supervised tokens of the whole step
     def get_batch(it):
@@ -656,7 +751,9 @@ def main(argv=None):
     # ---- evaluate (on the world: rewind along the path or the line), save, report
     out = {"trainable_params": trainable, "total_params": model.num_params(), "steps": it, "train_seconds": seconds,
            "tokens_per_sec": tok_per_s, "labels": args.labels if evaluator else None, "init": args.init,
-           "lora_rank": args.lora_rank, "prompt_tokens": args.prompt_tokens, "replay": args.replay, "lr": args.lr,
+           "lora_rank": args.lora_rank, "oft_block": args.oft_block, "prompt_tokens": args.prompt_tokens,
+           "prompt_init": args.prompt_init, "prompt_mlp": args.prompt_mlp, "new_rows": args.new_rows,
+           "quantize_base": args.quantize_base, "frozen_bytes": peft.frozen_bytes(model), "replay": args.replay, "lr": args.lr,
            "device": str(rt.device), "dtype": rt.dtype, "data": report.state()}
     sft_file = os.path.join(args.out_dir, "sft.pt")
     if evaluator:
@@ -665,7 +762,7 @@ def main(argv=None):
                                 args.rewind_tolerance, args.rewind_loss_tolerance, args.rewind_min_gain)
         rewound = rewound_checkpoint(choice, ck, model, tok, it, vars(args), args.out_dir)
         rew = evaluator(ns.model_from_checkpoint(rewound)[0].to(rt.device), full=True)
-        out.update(world_report(rt.log, path, final, rew, choice, we.chance(evaluator.world)))
+        out.update(world_report(rt.log, path, final, rew, choice, we.chance(evaluator.world), evaluator.attributes))
         rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
         ns.save_checkpoint(sft_file, rewound)
         plot_path(os.path.join(args.out_dir, "sft_path.png"), path, it, choice)

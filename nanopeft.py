@@ -4,7 +4,8 @@ parameters learn the task.
 
   LoRA           a low-rank update added to chosen projections (Hu et al. 2021)
   OFT            a learned rotation of each chosen projection's input (Qiu et al. 2023)
-  prompt tuning  learned vectors in front of every sequence (Lester et al. 2021)
+  prompt tuning  learned vectors in front of every sequence (Lester et al. 2021), started
+                 from task words' embeddings or reparametrised by an MLP (prefix tuning)
   int8 base      the frozen projections of LoRA/OFT stored as int8 (as QLoRA stores 4-bit)
 
 Adapters are merged into plain weights when a checkpoint is saved (`plain_state`), so every
@@ -18,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 
 import nanosft as ns
 
@@ -185,9 +187,6 @@ def frozen_bytes(model):
     return total
 
 
-merge_lora = merge  # the older name
-
-
 # ----------------------------------------------------------------------------------------
 # prompt tuning
 
@@ -207,6 +206,39 @@ def add_prompt(model, n_tokens, seed):
     return tuned
 
 
+def init_prompt(model, token_ids):
+    """Start the prefix from the embeddings of these tokens (e.g. the task's most frequent
+    answer words: Lester et al. 2021 start from the class labels' embeddings), cycled to
+    the prefix's length."""
+    ids = torch.tensor(token_ids)[torch.arange(model.config.n_prefix) % len(token_ids)]
+    with torch.no_grad():
+        model.prefix.copy_(model.wte.weight[ids.to(model.wte.weight.device)])
+    return model
+
+
+class PromptMLP(nn.Module):
+    """A reparametrised prefix: prefix = P + MLP(P), with P the stored vectors. The MLP
+    couples the prefix's vectors, so each step moves them together (prefix tuning, Li &
+    Liang 2021; P-tuning, Liu et al. 2021; the residual form of Razdaibiedina et al. 2023).
+    The last layer starts at zero: at the start the prefix is exactly P."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, P):
+        return P + self.down(torch.tanh(self.up(P)))
+
+
+def reparametrise_prompt(model, hidden):
+    """model.prefix becomes PromptMLP(hidden)(P): P and the MLP train; `plain_state` saves
+    the prefix they compute."""
+    parametrize.register_parametrization(model, "prefix", PromptMLP(model.config.n_embd, hidden))
+    return model
+
+
 # ----------------------------------------------------------------------------------------
 # saving: plain weights
 
@@ -215,7 +247,10 @@ def plain_state(model):
     """A state dict an ordinary GPT loads: adapters merged into their weights."""
     if any(isinstance(m, (LoRALinear, OFTLinear, Int8Linear)) for m in model.modules()):
         model = merge(copy.deepcopy(model))
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("parametrizations.")}
+    if parametrize.is_parametrized(model, "prefix"):  # a reparametrised prompt: its output is the prefix
+        state["prefix"] = model.prefix.detach().cpu().clone()
+    return state
 
 
 def plain_model(model):

@@ -3,6 +3,7 @@ Stage 1: next-token pre-training on plain text.
 
     python pretrain.py                          # the embedded world corpus -> out/pretrain.pt
     python pretrain.py --data book.txt          # any UTF-8 text file
+    python pretrain.py --world out/world_hard   # another world (python data/world.py --out-dir DIR)
     torchrun --nproc_per_node 2 pretrain.py     # several processes (DDP)
 
 Trains a BPE tokenizer on the text (unless resuming), holds out the last 10% of the tokens
@@ -131,7 +132,9 @@ def encode_python(tok, text):
 
 def parse_args(argv=None):
     ap = ns.ArgumentParser(__doc__)
-    ap.add_argument("--data", default=we.CORPUS, help="UTF-8 text file to train on")
+    ap.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
+    ap.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
+                    "train on its corpus and measure its knowledge probe (default: data/, unless --data)")
     arch = ns.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
     for name in ("block_size", "n_layer", "n_head", "n_embd"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
@@ -145,6 +148,12 @@ def parse_args(argv=None):
     ns.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
+    if args.world and args.data:
+        raise ns.UserError("--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both")
+    if args.world:
+        args.data = we.path("world_corpus.txt", we.check_world_dir(args.world))
+    elif args.data is None or we.is_default(args.data, we.CORPUS):  # the default world
+        args.data, args.world = we.CORPUS, we.HERE
     return args
 
 
@@ -186,7 +195,7 @@ def main(argv=None):
 
     # ---- data and model (everything is validated before anything is written)
     text = ns.read_text(args.data)
-    is_world = we.is_default(args.data, we.CORPUS)
+    is_world = args.world is not None
     if args.resume:  # the tokenizer and config of the run being continued
         model, tok = ns.model_from_checkpoint(ns.load_checkpoint(ns.last_path(args.out_dir, "pretrain")))
     else:
@@ -206,7 +215,7 @@ def main(argv=None):
     if args.resume:
         start_iter, history = ns.resume(args.out_dir, "pretrain", model, tok, optimizer)
     ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    world = we.load_world() if is_world else None
+    world = we.load_world(args.world) if is_world else None
 
     # ---- batches and loss: every token of a window is a target
     get_batch = lambda it: (window_batch(train_data, it, args.seed, args.batch_size, cfg.block_size, rt,

@@ -6,6 +6,8 @@ so we can ask the model about people whose facts it saw *only* in pre-training p
 grade its answers exactly.
 
     python data/world.py            # (re)writes the files below, deterministic under --seed
+    python data/world.py --out-dir out/world_hard --people 2000
+                                    # a larger world of the same shape, elsewhere (experiments.py scale)
 
 writes, next to this script:
     world.json              the facts: people, attributes, which people are held out
@@ -126,6 +128,9 @@ def build_world(seed=1337, n_people=200, n_heldout=50):
     firsts = list(FIRST)
     rng.shuffle(firsts)
     names = [f"{f} {rng.choice(LAST)}" for f in firsts]
+    if n_people > len(names):  # a larger world (--people): every name a distinct (first, last)
+        # pair, so recall keys on two tokens for everyone alike, held-out people included
+        names = [f"{f} {l}" for f, l in rng.sample([(f, l) for f in FIRST for l in LAST], n_people)]
     people = [{"name": n, **{a: rng.choice(VALUES[a]) for a in ATTRS}} for n in names[:n_people]]
     return {"seed": seed, "attributes": ATTRS, "values": VALUES, "people": people,
             "heldout": [p["name"] for p in people[-n_heldout:]], "polite_marker": POLITE,
@@ -199,9 +204,10 @@ def community_thread(rng, name, attr, value):
     return answers
 
 
-def build_files(seed=1337):
-    """Everything the default pipeline reads, as {filename: text}."""
-    world = build_world(seed)
+def build_files(seed=1337, n_people=200, n_heldout=50):
+    """Everything the default pipeline reads, as {filename: text}; --people and --heldout make
+    a larger world (more facts to store) of the same shape."""
+    world = build_world(seed, n_people, n_heldout)
     rng = random.Random(seed + 1)
     heldout = set(world["heldout"])
     train_people = [p for p in world["people"] if p["name"] not in heldout]
@@ -314,8 +320,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--people", type=int, default=200,
+                    help=f"people in the world, at most {len(FIRST) * len(LAST)} (more than {len(FIRST)}: "
+                    "every name a distinct first and family name pair)")
+    ap.add_argument("--heldout", type=int, default=50, help="of those, held out of SFT and DPO (at least 2)")
     args = ap.parse_args()
-    for name, text in build_files(args.seed).items():
+    if not 2 <= args.heldout < args.people <= len(FIRST) * len(LAST):
+        ap.error(f"need 2 <= --heldout < --people <= {len(FIRST) * len(LAST)}, "
+                 f"got --heldout {args.heldout} --people {args.people}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, text in build_files(args.seed, args.people, args.heldout).items():
         path = os.path.join(args.out_dir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)

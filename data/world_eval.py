@@ -15,8 +15,10 @@ from data import world as W
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def path(name):
-    return os.path.join(HERE, name)
+def path(name, world_dir=HERE):
+    """The world file `name` of a world directory (data/, or one `python data/world.py
+    --out-dir DIR` wrote)."""
+    return os.path.join(world_dir, name)
 
 
 # the world's files (python data/world.py writes them)
@@ -33,18 +35,39 @@ def is_default(file, name):
     return file is not None and os.path.abspath(file) == os.path.abspath(name)
 
 
-def load_world():
+def check_world_dir(world_dir):
+    """One clear error for a directory that holds no world, before anything is written."""
+    if not os.path.isfile(path("world.json", world_dir)):
+        raise ns.UserError(f"--world {world_dir}: no world.json there; write a world with "
+                           f"python data/world.py --out-dir {world_dir}")
+    return world_dir
+
+
+def load_world(world_dir=HERE):
     """(the verifier module, the world's facts): what every grading function below takes."""
-    with open(path("world.json"), encoding="utf-8") as f:
+    with open(path("world.json", world_dir), encoding="utf-8") as f:
         return W, json.load(f)
+
+
+PROBE_PEOPLE = 200  # the probe asks about at most this many people: all of the default world's
+
+
+def probe_people(facts, n=PROBE_PEOPLE):
+    """The people the knowledge probe asks about: everyone in a world of up to n people; in
+    a larger one (data/world.py --people) the held-out people and the first training people,
+    n in all, so that a probe, run at every evaluation, costs the same in every world."""
+    heldout = set(facts["heldout"])
+    train = [p["name"] for p in facts["people"] if p["name"] not in heldout]
+    return heldout | set(train[:max(0, n - len(heldout))])
 
 
 def knowledge_probe(model, tok, world, people=None):
     """Complete '<name> was born in' (one prompt per person and attribute) greedily and
-    grade the next few words with the world's verifier. Measures what pre-training stored."""
+    grade the next few words with the world's verifier. Measures what pre-training stored.
+    people: whom to ask about (default: probe_people)."""
     W, facts = world
-    rows = [(p["name"], a) for p in facts["people"] if people is None or p["name"] in people
-            for a in facts["attributes"]]
+    people = probe_people(facts) if people is None else people
+    rows = [(p["name"], a) for p in facts["people"] if p["name"] in people for a in facts["attributes"]]
     prompts = [[tok.endoftext] + tok.encode(W.PROBE[a].format(n=n)) for n, a in rows]
     outs = ns.generate_batch(model, prompts, 4, stop={tok.endoftext})
     hits = [W.grade(facts, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]
@@ -61,25 +84,26 @@ def answer_questions(model, tok, prompts, max_new_tokens=24):
     return [tok.decode(o[:-1] if e else o).strip() for o, e in zip(outs, ended)], ended
 
 
-def load_eval_rows(split=None):
-    rows = [json.loads(line) for line in open(path("world_eval.jsonl"), encoding="utf-8")]
+def load_eval_rows(split=None, world_dir=HERE):
+    rows = [json.loads(line) for line in open(path("world_eval.jsonl", world_dir), encoding="utf-8")]
     return [r for r in rows if split is None or r["split"] == split]
 
 
-def heldout_halves():
+def heldout_halves(world_dir=HERE):
     """The held-out people's questions, split BY PERSON into a dev half (which chooses
     rewound checkpoints, in SFT and in DPO) and a test half (which is reported). A choice
     made on the dev half and reported on the test half is not fitted to what it reports."""
-    rows = load_eval_rows("heldout")
+    rows = load_eval_rows("heldout", world_dir)
     people = sorted({r["person"] for r in rows})
     dev_people = set(people[::2])
     return [r for r in rows if r["person"] in dev_people], [r for r in rows if r["person"] not in dev_people]
 
 
-def world_longest():
+def world_longest(world_dir=HERE):
     """{question: characters of the longest community answer to it}, for every thread of the
     world (training and evaluation threads): the degeneration check's length bound."""
-    threads = [json.loads(line) for name in (THREADS, EVAL_THREADS) for line in open(name, encoding="utf-8")]
+    names = [path(n, world_dir) for n in ("world_community.jsonl", "world_community_eval.jsonl")]
+    threads = [json.loads(line) for name in names for line in open(name, encoding="utf-8")]
     return W.longest_answers(threads)
 
 
@@ -101,6 +125,33 @@ def qa_eval(model, tok, world, rows, longest=None):
             "style_rate": sum(W.is_polite(facts, a) for a in answers) / n,
             "degenerate_rate": sum(bool(d) for d in degen) / n,
             "answers": answers, "degenerate": degen}
+
+
+def sft_attributes(spec):
+    """--sft-attributes "city,job,food" -> ["city", "job", "food"] (the world's order): the
+    attributes whose questions SFT trains on; the others are asked only in evaluation, a
+    question type SFT never showed (cross-domain). None: every attribute."""
+    names = W.ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in names if a not in W.ATTRS]
+    if unknown or not names:
+        raise ns.UserError(f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
+                           f"the world's attributes are {','.join(W.ATTRS)}")
+    return [a for a in W.ATTRS if a in names]
+
+
+def by_domain(rows, attributes):
+    """(in-domain rows, cross-domain rows) of world questions: those about an attribute SFT
+    asked about (`attributes`), and the rest. Together they are `rows`."""
+    return [r for r in rows if r["attribute"] in attributes], [r for r in rows if r["attribute"] not in attributes]
+
+
+def domain_accuracy(world, rows, answers, attributes):
+    """(in-domain, cross-domain) accuracy of the answers to `rows` (split by by_domain), graded
+    by the world's verifier; None for a side without rows."""
+    W, facts = world
+    said = {id(r): a for r, a in zip(rows, answers)}
+    return tuple(sum(W.grade(facts, r["person"], r["attribute"], said[id(r)]) for r in part) / len(part)
+                 if part else None for part in by_domain(rows, attributes))
 
 
 def task_accuracy(model, tok, rows):

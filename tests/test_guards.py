@@ -85,9 +85,9 @@ def test_lora_forward_and_merge_use_alpha_over_rank():
     torch.testing.assert_close(merged(x), want)
 
 
-def test_add_lora_passes_alpha_and_merge_lora_folds_with_the_same_scale(tok):
+def test_add_lora_passes_alpha_and_merge_folds_with_the_same_scale(tok):
     """The same two mistakes through the model-level helpers: add_lora with rank 4 and alpha 8
-    must compute base + 2 * x A^T B^T in every wrapped projection, and merge_lora must leave
+    must compute base + 2 * x A^T B^T in every wrapped projection, and peft.merge must leave
     plain weights W + 2 * B A."""
     model = tiny_gpt(tok, seed=5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -109,7 +109,7 @@ def test_add_lora_passes_alpha_and_merge_lora_folds_with_the_same_scale(tok):
               for n, m in loras.items()}
     ids = torch.randint(0, tok.vocab_size, (2, 16))
     adapted = model(ids)[0].detach()
-    peft.merge_lora(model)
+    peft.merge(model)
     assert not any(isinstance(m, peft.LoRALinear) for m in model.modules())
     sd = model.state_dict()
     for k, w in want_w.items():

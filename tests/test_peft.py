@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nanopeft as peft
+import nanosft as ns
 from conftest import tiny_gpt
 
 
@@ -112,3 +113,35 @@ def test_adapters_on_an_int8_base_merge_into_plain_float_weights(tok, base, adap
     merged = peft.plain_model(model)
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     torch.testing.assert_close(merged(x)[0], model(x)[0], rtol=0, atol=1e-4)
+
+
+def test_reparametrised_prompt_starts_as_its_vectors_trains_and_saves_plain(tok):
+    """prefix = P + MLP(P), the MLP's last layer at zero: the same model at the start; after
+    training both P and the MLP have moved, and plain_state bakes the MLP's output into an
+    ordinary `prefix` that a plain GPT loads and computes the same logits with."""
+    base = tiny_gpt(tok, seed=5)
+    model = peft.add_prompt(base, 4, seed=0)
+    P0 = model.prefix.detach().clone()
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    before = model(x)[0]
+    peft.reparametrise_prompt(model, 16)
+    torch.testing.assert_close(model(x)[0], before, rtol=0, atol=0)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["parametrizations.prefix.0.down.bias", "parametrizations.prefix.0.down.weight",
+                         "parametrizations.prefix.0.up.bias", "parametrizations.prefix.0.up.weight",
+                         "parametrizations.prefix.original"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(model.prefix.detach(), P0)
+    plain = ns.GPT(model.config)
+    plain.load_state_dict(peft.plain_state(model))
+    torch.testing.assert_close(plain(x)[0], model(x)[0], rtol=0, atol=1e-6)
+
+
+def test_prompt_from_task_words_copies_their_embeddings(tok):
+    model = peft.add_prompt(tiny_gpt(tok, seed=6), 5, seed=0)
+    peft.init_prompt(model, [7, 9])  # cycled to the prefix's length
+    torch.testing.assert_close(model.prefix.detach(), model.wte.weight.detach()[[7, 9, 7, 9, 7]], rtol=0, atol=0)

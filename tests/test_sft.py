@@ -127,7 +127,7 @@ def test_lora_init_exact_only_adapters_train_and_merge_equal(tok):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     adapted = model(x)[0]
     assert not torch.equal(adapted, ref)
-    merged = peft.merge_lora(model)
+    merged = peft.merge(model)
     assert not any(isinstance(m, peft.LoRALinear) for m in merged.modules())
     torch.testing.assert_close(merged(x)[0], adapted, rtol=1e-4, atol=1e-5)
     ns.GPT(merged.config).load_state_dict(merged.state_dict())  # loads as a plain GPT
@@ -196,14 +196,11 @@ def test_defaults_one_table_and_the_learning_rate_of_each_method():
     assert finetune.parse_args(["--lora-rank", "8", "--lora-on", "attn,mlp"]).lr == finetune.LR["lora"]
     assert finetune.parse_args(["--prompt-tokens", "16"]).lr == finetune.LR["prompt"] == 3e-2
     assert finetune.parse_args(["--lora-rank", "8", "--lr", "1e-2"]).lr == 1e-2
-
-
-def test_only_main_and_parse_args_take_the_argparse_namespace():
-    """Every other function takes explicit values, so it can be read (and called) alone."""
-    import inspect
-    takers = [name for name, f in vars(finetune).items() if inspect.isfunction(f) and f.__module__ == "finetune"
-              and "args" in inspect.signature(f).parameters]
-    assert takers == []  # main(argv) and parse_args(argv) take the command line, not a namespace
+    assert finetune.parse_args(["--oft-block", "32"]).lr == finetune.LR["oft"]
+    for bad, needle in ((["--lora-rank", "8", "--oft-block", "32"], "alternatives"),
+                        (["--quantize-base", "int8"], "needs a frozen base"), (["--oft-block", "-1"], ">= 0")):
+        with pytest.raises(ns.UserError, match=needle):
+            finetune.parse_args(bad)
 
 
 def test_rewind_rule():
@@ -306,3 +303,40 @@ def test_cli_bad_record_is_one_clean_line(tiny_ckpt, tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_oft_on_an_int8_base_saves_a_plain_model(tiny_ckpt, tmp_path, one_thread):
+    """--oft-block with --quantize-base int8, at OFT's own rate: the frozen projections take
+    about a quarter of their fp32 bytes, only the rotations (and the new tokens' rows)
+    train, and sft.pt is an ordinary GPT (rotations merged, weights dequantized)."""
+    out = str(tmp_path / "oft")
+    os.makedirs(out)
+    finetune.main(sft_argv(tiny_ckpt, out, "--oft-block", "8", "--lora-on", "attn,mlp", "--quantize-base", "int8",
+                           "--max-iters", "5", lr=None))
+    r = json.load(open(os.path.join(out, "sft.json")))
+    base, _ = ns.model_from_checkpoint(ns.load_checkpoint(tiny_ckpt))
+    fp32 = sum(m.weight.numel() * 4 for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not base.lm_head)
+    assert r["lr"] == finetune.LR["oft"] and r["oft_block"] == 8 and r["quantize_base"] == "int8"
+    assert r["frozen_bytes"] <= 0.3 * fp32
+    n, C = base.config.n_layer, base.config.n_embd
+    q = n * (C // 8 * 3 + 4 * C // 8) * 8 * 7 // 2  # c_attn, attn c_proj, c_fc: C inputs; MLP c_proj: 4C
+    extra = r["trainable_params"] - q  # the embedding rows of the new tokens (chat tokens, rare words)
+    assert extra % C == 0 and extra >= 4 * C
+    sft = ns.load_checkpoint(os.path.join(out, "sft.pt"))
+    assert not any(k.endswith((".q", "qweight", "scale")) for k in sft["model"])
+    model, _ = ns.model_from_checkpoint(sft)  # loads as a plain GPT
+    assert not torch.equal(model.h[0].attn.c_attn.weight, base.h[0].attn.c_attn.weight)
+
+
+
+def test_cli_prompt_from_task_words_through_an_mlp_saves_a_plain_prefix(tiny_ckpt, tmp_path, one_thread):
+    out = str(tmp_path / "prompt")
+    os.makedirs(out)
+    finetune.main(sft_argv(tiny_ckpt, out, "--prompt-tokens", "4", "--prompt-init", "task", "--prompt-mlp", "8",
+                           "--max-iters", "3", lr=None))
+    r = json.load(open(os.path.join(out, "sft.json")))
+    assert (r["prompt_init"], r["prompt_mlp"], r["lr"]) == ("task", 8, finetune.LR["prompt"])
+    sft = ns.load_checkpoint(os.path.join(out, "sft.pt"))
+    assert sorted(k for k in sft["model"] if "prefix" in k) == ["prefix"]
+    model, _ = ns.model_from_checkpoint(sft)
+    assert model.config.n_prefix == 4

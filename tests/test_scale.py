@@ -1,0 +1,89 @@
+"""The cross-domain split of `experiments.py scale`: SFT on some attributes' questions
+(--sft-attributes), evaluation also on the others'. The split is clean only if no SFT record
+asks about an evaluation-only attribute and the in-/cross-domain rows partition the test half."""
+import json
+import re
+
+import pytest
+
+import nanosft as ns
+import finetune
+import pretrain
+from data import world as W
+from data import world_eval as we
+
+SFT_ATTRS = "city,job,food"
+
+
+def asked_attribute(question):
+    """The attribute a question asks about, read from its text against the world's question
+    templates (not from any label the code under test attaches); None for a list task."""
+    for attr, templates in W.QUESTIONS.items():
+        for t in templates:
+            if re.fullmatch(re.escape(t).replace(re.escape("{n}"), ".+"), question):
+                return attr
+    return None
+
+
+def questions(convs):
+    return [m["content"] for c in convs for m in c if m["role"] == "user"]
+
+
+@pytest.mark.parametrize("labels", ["top-voted", "gold", "random-community"])
+def test_sft_attributes_keep_the_evaluation_only_attributes_out_of_sft(labels):
+    """Catches a filter that is missing (unfiltered data asks about pet and hobby: the
+    detector below sees them), leaky (one labels path unfiltered) or too eager (an in-domain
+    question or a list task dropped)."""
+    attrs = we.sft_attributes(SFT_ATTRS)
+    every = questions(finetune.world_conversations(labels, 1337))
+    kept = questions(finetune.world_conversations(labels, 1337, we.HERE, attrs))
+    cross = set(W.ATTRS) - set(attrs)
+    assert {asked_attribute(q) for q in every} == set(W.ATTRS) | {None}   # the detector has teeth
+    assert not [q for q in kept if asked_attribute(q) in cross]
+    assert kept == [q for q in every if asked_attribute(q) not in cross]  # nothing else dropped, same order
+    assert sum(asked_attribute(q) is None for q in kept) == 300          # every list task kept
+
+
+def test_in_and_cross_domain_rows_partition_the_test_half_by_attribute():
+    attrs = we.sft_attributes(SFT_ATTRS)
+    dev, test = we.heldout_halves()
+    inside, cross = we.by_domain(test, attrs)
+    assert sorted(map(json.dumps, inside + cross)) == sorted(map(json.dumps, test))
+    assert {r["attribute"] for r in inside} == set(attrs)
+    assert {r["attribute"] for r in cross} == set(W.ATTRS) - set(attrs)
+    assert all(asked_attribute(r["prompt"]) == r["attribute"] for r in test)  # the rows' labels are right
+    # graded per side: right answers in-domain, a wrong value cross-domain
+    facts = we.load_world()[1]
+    value = {p["name"]: p for p in facts["people"]}
+    answers = [W.gold_sentence(r["person"], r["attribute"], value[r["person"]][r["attribute"]])
+               if r["attribute"] in attrs else "I do not know." for r in test]
+    assert we.domain_accuracy(we.load_world(), test, answers, attrs) == (1.0, 0.0)
+    assert we.domain_accuracy(we.load_world(), test, answers, W.ATTRS) == (len(inside) / len(test), None)
+
+
+def test_bad_world_flags_are_one_clear_error(tmp_path):
+    assert finetune.parse_args([]).sft_attributes == W.ATTRS
+    assert finetune.parse_args(["--sft-attributes", "food,city"]).sft_attributes == ["city", "food"]
+    for argv, needle in ((["--sft-attributes", "city,colour"], "unknown attribute colour"),
+                         (["--sft-attributes", ","], "unknown attribute"),
+                         (["--data", "x.jsonl", "--sft-attributes", "city"], "does not apply to --data"),
+                         (["--world", str(tmp_path)], "no world.json")):
+        with pytest.raises(ns.UserError, match=needle):
+            finetune.parse_args(argv)
+    with pytest.raises(ns.UserError, match="not both"):
+        pretrain.parse_args(["--world", str(tmp_path), "--data", "x.txt"])
+    assert pretrain.parse_args([]).world == we.HERE
+
+
+def test_a_larger_world_keeps_its_shape():
+    """--people beyond the distinct first names: distinct full names, the held-out people in
+    no SFT record, and the evaluation files of the same shape."""
+    files = W.build_files(1337, n_people=260, n_heldout=40)
+    facts = json.loads(files["world.json"])
+    names = [p["name"] for p in facts["people"]]
+    assert len(set(names)) == len(names) == 260 and len(facts["heldout"]) == 40
+    sft = files["world_sft.jsonl"]
+    assert not [n for n in facts["heldout"] if re.search(rf"\b{n}\b", sft)]
+    evals = [json.loads(line) for line in files["world_eval.jsonl"].splitlines()]
+    assert sum(r["split"] == "heldout" for r in evals) == 40 * 10
+    assert len(we.probe_people(facts)) == we.PROBE_PEOPLE and set(facts["heldout"]) <= we.probe_people(facts)
