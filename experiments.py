@@ -30,21 +30,41 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(script, *args, log=None):
-    """Run a stage script; its output goes to the file `log` (appended) or nowhere."""
+def run(script, *args, log=None, threads=None):
+    """Run a stage script; its output goes to the file `log` (appended) or nowhere.
+    threads: its OpenMP threads (default: the script's own choice, every core)."""
     cmd = [sys.executable, os.path.join(HERE, script), *args]
     print("$ " + " ".join(["python", script, *args]), flush=True)
     if log:
         os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(log, "a") if log else open(os.devnull, "w") as out:
-        subprocess.run(cmd, check=True, stdout=out)
+        subprocess.run(cmd, check=True, stdout=out, env=env)
 
 
-def sft(out_root, name, ckpt, *extra):
+def sft(out_root, name, ckpt, *extra, threads=None):
     out = os.path.join(out_root, name)
-    run("finetune.py", "--ckpt", ckpt, "--out-dir", out, *extra)
+    run("finetune.py", "--ckpt", ckpt, "--out-dir", out, *extra, threads=threads)
     with open(os.path.join(out, "sft.json")) as f:
         return json.load(f)
+
+
+def sft_many(out_root, ckpt, runs, jobs=1):
+    """{name: sft.json} of finetune.py runs {name: [out-dir name, *flags]}, `jobs` at a time,
+    each on cores/jobs threads. Small models use two cores poorly, so two one-thread runs
+    side by side finish sooner than the same runs one after the other (the runs' own
+    train_seconds then count a shared machine: compare times only within one --jobs)."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def one(item):
+        name, (where, *flags) = item
+        t = time.time()
+        r = sft(out_root, where, ckpt, *flags, threads=threads)
+        print(f"  {name}: {time.time() - t:.0f}s", flush=True)
+        return name, r
+    with ThreadPoolExecutor(jobs) as pool:
+        return dict(pool.map(one, runs.items()))
 
 
 def slug(name):
@@ -362,17 +382,16 @@ def pareto(points):
     return front
 
 
-def exp_plane(root, ckpt, seeds=3, runs=None):
+def exp_plane(root, ckpt, seeds=3, runs=None, jobs=1):
     """Every SFT method on one picture: forgetting (retention loss up; knowledge probe down)
     against held-out accuracy, mean and min–max over `seeds` SFT seeds -> out/plane.png and
     a markdown table."""
     seeds = [1337] + list(range(2, seeds + 1))
-    res, t0 = {}, time.time()
-    for name, flags in (runs or PLANE).items():
-        for seed in seeds:
-            t = time.time()
-            res.setdefault(name, []).append(sft(root, f"{slug(name)}/seed{seed}", ckpt, "--seed", str(seed), *flags))
-            print(f"  {name}, seed {seed}: {time.time() - t:.0f}s", flush=True)
+    t0 = time.time()
+    todo = {f"{name}, seed {seed}": [f"{slug(name)}/seed{seed}", "--seed", str(seed), *flags]
+            for name, flags in (runs or PLANE).items() for seed in seeds}
+    done = sft_many(root, ckpt, todo, jobs)
+    res = {name: [done[f"{name}, seed {seed}"] for seed in seeds] for name in (runs or PLANE)}
     points = plane_points(res)
     plot_plane(os.path.join(os.path.dirname(root), "plane.png"), points, res)
     rows = []
@@ -387,7 +406,7 @@ def exp_plane(root, ckpt, seeds=3, runs=None):
                 "frozen projection bytes"], rows)
     return (md + f"\n\nseeds {', '.join(map(str, seeds))} (SFT seeds, one pre-trained model); mean [min–max]."
             f"\nPareto frontier (mean forgetting vs mean accuracy): {', '.join(front)}."
-            f"\nwall time {time.time() - t0:.0f}s.")
+            f"\nwall time {time.time() - t0:.0f}s, {jobs} run(s) at a time.")
 
 
 def plane_points(res):
@@ -461,11 +480,12 @@ PROMPT = {  # prompt tuning's remedies, one at a time from the default (16 token
 }
 
 
-def exp_prompt(root, ckpt):
+def exp_prompt(root, ckpt, jobs=1):
     """Prompt tuning's known remedies, each alone, against full SFT's accuracy and time."""
+    done = sft_many(root, ckpt, {name: [slug(name), *flags] for name, flags in PROMPT.items()}, jobs)
     rows, base = [], None
     for name, flags in PROMPT.items():
-        r = sft(root, slug(name), ckpt, *flags)
+        r = done[name]
         base = base or r
         rows.append([name, f"`{' '.join(flags[:len(flags) - len(FAST)]) or '(defaults)'}`", fmt(r["trainable_params"]),
                      fmt(r["heldout_accuracy_final"]), fmt(r["degenerate_rate_final"]),
@@ -541,13 +561,16 @@ def main():
                     help="verify: keep the stages whose output JSON is already in out/verify/ (to finish "
                     "an interrupted run, or to rerun one stage after deleting its JSON)")
     ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
+    ap.add_argument("--jobs", type=int, default=1, help="plane, prompt: SFT runs side by side, each on "
+                    "cores/jobs threads (2 on 2 cores: sooner; their train times then count a shared machine)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
     if args.which == "verify":
         sys.exit(verify(args.out_dir, args.seeds, args.dtype, args.tiny, args.reuse))
     md = EXPERIMENTS[args.which](os.path.join(args.out_dir, args.which),
                                  args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"),
-                                 **({"seeds": args.seeds} if args.which == "plane" else {}))
+                                 **({"seeds": args.seeds} if args.which == "plane" else {}),
+                                 **({"jobs": args.jobs} if args.which in ("plane", "prompt") else {}))
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"{args.which}.md"), "w") as f:
