@@ -348,8 +348,10 @@ def plot_scale(png, res):
 # model). --eval-interval 100 and --alphas 1 only thin what is evaluated along the way (the
 # training is the same); the full-SFT run keeps every eval point and the whole line.
 FAST = ["--eval-interval", "100", "--alphas", "1"]
+REWOUND = ("full SFT", "full SFT, lr 1.5e-3")  # the runs whose rewound points (by path, by line) are drawn
 PLANE = {  # name: flags
     "full SFT": [],
+    "full SFT, lr 1.5e-3": ["--lr", "1.5e-3"],  # the overshoot run of verify: where rewinding pays
     "full SFT + replay 1.0": ["--replay", "1.0"] + FAST,
     "LoRA r=2 (attn)": ["--lora-rank", "2"] + FAST,
     "LoRA r=8 (attn)": ["--lora-rank", "8"] + FAST,
@@ -423,10 +425,10 @@ def plane_points(res):
     for name, rs in res.items():
         for r in rs:
             add(name, r, r["heldout_accuracy_final"], r["retention_val_loss_final"], r["knowledge_probe_final"])
-            if name == "full SFT":
+            if name in REWOUND:
                 for how in ("path", "interpolate"):
                     q = r[f"rewind_{how}"]
-                    add(f"full SFT: rewound by {'path' if how == 'path' else 'interpolation'}", r, q["heldout"],
+                    add(f"{name}: rewound by {'path' if how == 'path' else 'interpolation'}", r, q["heldout"],
                         q["retention"], q["probe"])
     return points
 
@@ -443,15 +445,17 @@ def plot_plane(png, points, res):
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), constrained_layout=True)
     for ax, key, label in ((axes[0], "forget", "forgetting: retention loss, final minus pre-trained (nats)"),
                            (axes[1], "probe_drop", "forgetting: knowledge probe, pre-trained minus final")):
-        full = res.get("full SFT", [None])[0]
-        if full:
-            b = full["retention_val_loss_before"] if key == "forget" else None
-            fx = (lambda q: q["retention"] - b) if key == "forget" else (lambda q: full["knowledge_probe_before"] - q["probe"])
-            ax.plot([fx(q) for q in full["path"]], [q["heldout"] for q in full["path"]], "-", color="0.6", lw=1,
-                    label="full SFT path (seed 1337, every eval)")
+        for name, grey in zip(REWOUND, ("0.65", "0.35")):
+            full = res.get(name, [None])[0]
+            if not full:
+                continue
+            b = full["retention_val_loss_before"] if key == "forget" else full["knowledge_probe_before"]
+            fx = (lambda q: q["retention"] - b) if key == "forget" else (lambda q: b - q["probe"])
+            ax.plot([fx(q) for q in full["path"]], [q["heldout"] for q in full["path"]], "-", color=grey, lw=1,
+                    label=f"{name}: path (seed 1337, every eval)")
             if full["interpolation"]:
                 ax.plot([fx(q) for q in full["interpolation"]], [q["heldout"] for q in full["interpolation"]], ":",
-                        color="0.3", lw=1, label="line pre-trained -> final (seed 1337)")
+                        color=grey, lw=1.2, label=f"{name}: line pre-trained -> final (seed 1337)")
         for i, (name, p) in enumerate(points.items()):
             x, y = mean(p[key]), mean(p["acc"])
             ax.errorbar(x, y, xerr=[[x - min(p[key])], [max(p[key]) - x]], yerr=[[y - min(p["acc"])], [max(p["acc"]) - y]],

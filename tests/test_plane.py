@@ -42,3 +42,15 @@ def test_plane_points_measure_forgetting_from_the_pretrained_model():
     assert path["acc"] == [0.97] and round(path["forget"][0], 6) == 0.3 and round(path["probe_drop"][0], 6) == 0.15
     assert line["acc"] == [0.96] and round(line["forget"][0], 6) == 0.2
     assert set(pts) == {"LoRA", "full SFT", "full SFT: rewound by path", "full SFT: rewound by interpolation"}
+
+
+def test_plot_plane_draws_paths_lines_and_points(tmp_path):
+    step = lambda s, acc, ret, probe: {"step": s, "heldout": acc, "retention": ret, "probe": probe}
+    line = [{"alpha": a, "heldout": a, "retention": 0.6 + a / 2, "probe": 0.9 - a / 10} for a in (0.0, 0.5, 1.0)]
+    full = sft_json(0.98, 1.1, 0.7, params=1000, path={"heldout": 0.97, "retention": 0.9, "probe": 0.75},
+                    interp={"heldout": 0.96, "retention": 0.8, "probe": 0.8})
+    full.update(path=[step(0, 0.0, 0.6, 0.9), step(300, 0.98, 1.1, 0.7)], interpolation=line)
+    res = {"full SFT": [full], "LoRA": [sft_json(0.8, 0.7, 0.85)]}
+    png = str(tmp_path / "plane.png")
+    experiments.plot_plane(png, experiments.plane_points(res), res)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
