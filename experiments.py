@@ -271,7 +271,7 @@ def timed(what, fn, *a):
     return out
 
 
-def exp_scale(root, ckpt=None, seeds=2, people=None, sizes=None):
+def exp_scale(root, ckpt=None, seeds=2, people=None, sizes=None, jobs=1):
     """The gain from pre-training (SFT from pre-trained minus SFT from scratch, held-out test
     half) against model size, in-domain and cross-domain -> out/scale.png and a markdown
     table. people: a larger world of that many people (data/world.py --people, written to
@@ -286,10 +286,12 @@ def exp_scale(root, ckpt=None, seeds=2, people=None, sizes=None):
         timed(f"{name}: pretrain", run, "pretrain.py", "--world", world, "--out-dir", d, *flags)
         with open(os.path.join(d, "pretrain.json")) as f:
             res[name] = {"pretrain": json.load(f), "pre": [], "scratch": []}
-        for seed, init in ((s, i) for s in seeds for i in ("pre", "scratch")):
-            extra = ["--world", world, "--seed", str(seed), *SCALE_SFT, "--init", init.replace("pre", "pretrained")]
-            res[name][init].append(timed(f"{name}: SFT {init}, seed {seed}", sft, d, f"{init}/seed{seed}",
-                                         os.path.join(d, "pretrain.pt"), *extra))
+        todo = {f"{name}: SFT {init}, seed {seed}": [f"{init}/seed{seed}", "--world", world, "--seed", str(seed),
+                                                      *SCALE_SFT, "--init", init.replace("pre", "pretrained")]
+                for init in ("pre", "scratch") for seed in seeds}
+        done = sft_many(d, os.path.join(d, "pretrain.pt"), todo, jobs)
+        for init in ("pre", "scratch"):
+            res[name][init] = [done[f"{name}: SFT {init}, seed {seed}"] for seed in seeds]
     plot_scale(os.path.join(os.path.dirname(root), "scale.png"), res)
     return scale_table(res, sizes or SCALE, seeds, world) + f"\nwall time {time.time() - t0:.0f}s."
 
@@ -565,7 +567,7 @@ def main():
                     help="verify: keep the stages whose output JSON is already in out/verify/ (to finish "
                     "an interrupted run, or to rerun one stage after deleting its JSON)")
     ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
-    ap.add_argument("--jobs", type=int, default=1, help="plane, prompt: SFT runs side by side, each on "
+    ap.add_argument("--jobs", type=int, default=1, help="plane, prompt, scale: SFT runs side by side, each on "
                     "cores/jobs threads (2 on 2 cores: sooner; their train times then count a shared machine)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
@@ -574,7 +576,7 @@ def main():
     md = EXPERIMENTS[args.which](os.path.join(args.out_dir, args.which),
                                  args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"),
                                  **({"seeds": args.seeds} if args.which == "plane" else {}),
-                                 **({"jobs": args.jobs} if args.which in ("plane", "prompt") else {}))
+                                 **({"jobs": args.jobs} if args.which in ("plane", "prompt", "scale") else {}))
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"{args.which}.md"), "w") as f:

@@ -87,3 +87,19 @@ def test_a_larger_world_keeps_its_shape():
     evals = [json.loads(line) for line in files["world_eval.jsonl"].splitlines()]
     assert sum(r["split"] == "heldout" for r in evals) == 40 * 10
     assert len(we.probe_people(facts)) == we.PROBE_PEOPLE and set(facts["heldout"]) <= we.probe_people(facts)
+
+
+def test_scale_table_and_figure_report_the_gain_over_scratch_per_domain(tmp_path):
+    import experiments
+    sj = lambda i, c: {"heldout_accuracy_in_domain": i, "heldout_accuracy_cross_domain": c}
+    res = {"small": {"pretrain": {"params": 1000, "seconds": 10.0, "knowledge_probe_accuracy": 0.5},
+                     "pre": [sj(0.9, 0.3), sj(0.8, 0.1)], "scratch": [sj(0.1, 0.0), sj(0.2, 0.1)]},
+           "big": {"pretrain": {"params": 9000, "seconds": 90.0, "knowledge_probe_accuracy": 0.9},
+                   "pre": [sj(1.0, 0.6), sj(1.0, 0.8)], "scratch": [sj(0.0, 0.0), sj(0.0, 0.0)]}}
+    assert [g[2] for g in experiments.scale_gains(res["small"], "heldout_accuracy_cross_domain")] == [0.3, 0.0]
+    md = experiments.scale_table(res, {"small": ["--n-layer", "1"], "big": ["--n-layer", "6"]}, [1337, 2], "data")
+    big = next(line for line in md.splitlines() if line.startswith("| big"))
+    assert "1.000 [1.000–1.000]" in big and "0.700 [0.600–0.800]" in big   # in-domain gain, cross-domain gain
+    png = str(tmp_path / "scale.png")
+    experiments.plot_scale(png, res)
+    assert open(png, "rb").read(4) == b"\x89PNG"
