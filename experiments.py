@@ -49,7 +49,7 @@ def sft(out_root, name, ckpt, *extra, threads=None):
         return json.load(f)
 
 
-def sft_many(out_root, ckpt, runs, jobs=1):
+def sft_many(out_root, ckpt, runs, jobs=1, reuse=False):
     """{name: sft.json} of finetune.py runs {name: [out-dir name, *flags]}, `jobs` at a time,
     each on cores/jobs threads. Small models use two cores poorly, so two one-thread runs
     side by side finish sooner than the same runs one after the other (the runs' own
@@ -60,6 +60,11 @@ def sft_many(out_root, ckpt, runs, jobs=1):
     def one(item):
         name, (where, *flags) = item
         t = time.time()
+        done = os.path.join(out_root, where, "sft.json")
+        if reuse and os.path.isfile(done):
+            print(f"reusing {done}", flush=True)
+            with open(done) as f:
+                return name, json.load(f)
         r = sft(out_root, where, ckpt, *flags, threads=threads)
         print(f"  {name}: {time.time() - t:.0f}s", flush=True)
         return name, r
@@ -386,15 +391,15 @@ def pareto(points):
     return front
 
 
-def exp_plane(root, ckpt, seeds=3, runs=None, jobs=1):
+def exp_plane(root, ckpt, seeds=3, runs=None, jobs=1, reuse=False):
     """Every SFT method on one picture: forgetting (retention loss up; knowledge probe down)
     against held-out accuracy, mean and min–max over `seeds` SFT seeds -> out/plane.png and
-    a markdown table."""
+    a markdown table. reuse: runs whose sft.json is there are read, not run again."""
     seeds = [1337] + list(range(2, seeds + 1))
     t0 = time.time()
     todo = {f"{name}, seed {seed}": [f"{slug(name)}/seed{seed}", "--seed", str(seed), *flags]
             for name, flags in (runs or PLANE).items() for seed in seeds}
-    done = sft_many(root, ckpt, todo, jobs)
+    done = sft_many(root, ckpt, todo, jobs, reuse)
     res = {name: [done[f"{name}, seed {seed}"] for seed in seeds] for name in (runs or PLANE)}
     points = plane_points(res)
     plot_plane(os.path.join(os.path.dirname(root), "plane.png"), points, res)
@@ -403,27 +408,42 @@ def exp_plane(root, ckpt, seeds=3, runs=None, jobs=1):
         flags = (runs or PLANE).get(name.split(": ")[0], [])  # a rewound point: its run's flags
         rows.append([name, f"`{' '.join(flags)}`" if flags else "(defaults)", fmt(p["params"]), spread(p["acc"]),
                      spread(p["forget"]), spread(p["probe_drop"]), fmt(p["frozen_bytes"])])
-    front = [n for _, _, n in pareto([(sum(p["forget"]) / len(p["forget"]), sum(p["acc"]) / len(p["acc"]), n)
-                                      for n, p in points.items()])]
     md = table(["point", "finetune.py --ckpt out/pretrain.pt --seed S ...", "trainable params",
                 "held-out acc", "forgetting (retention loss up, nats)", "knowledge probe drop",
                 "frozen projection bytes"], rows)
-    return (md + f"\n\nseeds {', '.join(map(str, seeds))} (SFT seeds, one pre-trained model); mean [min–max]."
-            f"\nPareto frontier (mean forgetting vs mean accuracy): {', '.join(front)}."
-            f"\nwall time {time.time() - t0:.0f}s, {jobs} run(s) at a time.")
+    mean = lambda v: sum(v) / len(v)
+    fronts = []
+    for key, what in (("forget", "retention loss"), ("probe_drop", "knowledge probe")):
+        for label, keep in (("", lambda n: True), (", without replay", lambda n: "replay" not in n)):
+            front = pareto([(mean(p[key]), mean(p["acc"]), n) for n, p in points.items() if keep(n)])
+            fronts.append(f"Pareto frontier ({what}{label}): {'; '.join(n for *_, n in front)}.")
+    return (md + f"\n\nseeds {', '.join(map(str, seeds))} (SFT seeds, one pre-trained model); mean [min–max]. "
+            "Forgetting is measured from the pre-trained model (full precision, no prefix)."
+            "\n\n" + "\n".join(fronts) + f"\n\nwall time {time.time() - t0:.0f}s, {jobs} run(s) at a time" + (" (--reuse: runs already there were read)." if reuse else "."))
+
+
+def baseline(res):
+    """The run whose step 0 is the pre-trained model itself: one with neither a prompt (its
+    step 0 has a random prefix in front) nor an int8 base (its step 0 is already rounded)."""
+    runs = [r for rs in res.values() for r in rs]
+    return next((r for r in runs if not r.get("prompt_tokens") and r.get("quantize_base", "none") == "none"), runs[0])
 
 
 def plane_points(res):
     """{point name: {"acc", "forget", "probe_drop": a list over seeds, "params", "frozen_bytes"}}:
-    each run's final weights; for full SFT also its rewound points (by path, by line)."""
+    each run's final weights; for the REWOUND runs also their rewound points (by path, by line).
+    Forgetting is counted from one baseline, the pre-trained model itself (`baseline`),
+    from which every run starts."""
+    base = baseline(res)
+    ret0, probe0 = base["retention_val_loss_before"], base["knowledge_probe_before"]
     points = {}
 
     def add(name, r, acc, ret, probe):
         p = points.setdefault(name, {"acc": [], "forget": [], "probe_drop": [], "params": r["trainable_params"],
                                      "frozen_bytes": r.get("frozen_bytes")})
         p["acc"].append(acc)
-        p["forget"].append(ret - r["retention_val_loss_before"])
-        p["probe_drop"].append(r["knowledge_probe_before"] - probe)
+        p["forget"].append(ret - ret0)
+        p["probe_drop"].append(probe0 - probe)
     for name, rs in res.items():
         for r in rs:
             add(name, r, r["heldout_accuracy_final"], r["retention_val_loss_final"], r["knowledge_probe_final"])
@@ -435,24 +455,29 @@ def plane_points(res):
     return points
 
 
+MARKERS = (("prompt", "*"), ("int8", "X"), ("OFT", "^"), ("attn+MLP", "D"), ("LoRA", "s"), ("replay", "P"), ("", "o"))
+
+
 def plot_plane(png, points, res):
     """Two panels (forgetting as retention loss, and as knowledge-probe drop) against held-out
-    accuracy: each point's mean with min–max bars, marker area ~ log trainable parameters,
-    the Pareto frontier, and the full-SFT path and interpolation line of the first seed."""
+    accuracy: each point's mean with min–max bars, a marker per method (area ~ log trainable
+    parameters), the Pareto frontier, and the full-SFT paths and lines of the first seed."""
     import math
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     mean = lambda v: sum(v) / len(v)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), constrained_layout=True)
-    for ax, key, label in ((axes[0], "forget", "forgetting: retention loss, final minus pre-trained (nats)"),
-                           (axes[1], "probe_drop", "forgetting: knowledge probe, pre-trained minus final")):
+    b0 = baseline(res)
+    fig, axes = plt.subplots(1, 2, figsize=(17, 7.5), constrained_layout=True)
+    colors = plt.get_cmap("tab20").colors
+    for ax, key, label in ((axes[0], "forget", "forgetting: retention loss, after minus pre-trained (nats)"),
+                           (axes[1], "probe_drop", "forgetting: knowledge probe, pre-trained minus after")):
+        fx = (lambda q: q["retention"] - b0["retention_val_loss_before"]) if key == "forget" else \
+            (lambda q: b0["knowledge_probe_before"] - q["probe"])
         for name, grey in zip(REWOUND, ("0.65", "0.35")):
             full = res.get(name, [None])[0]
             if not full:
                 continue
-            b = full["retention_val_loss_before"] if key == "forget" else full["knowledge_probe_before"]
-            fx = (lambda q: q["retention"] - b) if key == "forget" else (lambda q: b - q["probe"])
             ax.plot([fx(q) for q in full["path"]], [q["heldout"] for q in full["path"]], "-", color=grey, lw=1,
                     label=f"{name}: path (seed 1337, every eval)")
             if full["interpolation"]:
@@ -460,14 +485,19 @@ def plot_plane(png, points, res):
                         color=grey, lw=1.2, label=f"{name}: line pre-trained -> final (seed 1337)")
         for i, (name, p) in enumerate(points.items()):
             x, y = mean(p[key]), mean(p["acc"])
+            marker = next(m for word, m in MARKERS if word in name)
             ax.errorbar(x, y, xerr=[[x - min(p[key])], [max(p[key]) - x]], yerr=[[y - min(p["acc"])], [max(p["acc"]) - y]],
-                        fmt="o", ms=3 + 2 * math.log10(max(10, p["params"])), color=f"C{i % 10}", alpha=0.85,
+                        fmt=marker, ms=3 + 2 * math.log10(max(10, p["params"])), color=colors[i % 20], alpha=0.9,
                         label=f"{name} ({p['params']:,} trainable)")
+            ax.annotate(str(i + 1), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         front = pareto([(mean(p[key]), mean(p["acc"]), n) for n, p in points.items()])
         ax.plot([f[0] for f in front], [f[1] for f in front], "--", color="k", lw=1.2, label="Pareto frontier")
-        ax.set(xlabel=label, ylabel="held-out accuracy (test half)")
+        ax.set(xlabel=label, ylabel="held-out accuracy (test half)", ylim=(0.6, 1.01))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()  # the lines first, then the points in order
+    n_lines = len(labels) - len(points)
+    labels = labels[:n_lines] + [f"{i + 1}. {t}" for i, t in enumerate(labels[n_lines:])]
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle("stability (x: less forgetting to the left) vs plasticity (y): mean over seeds, min–max bars")
     fig.savefig(png + ".tmp.png", dpi=110)
     plt.close(fig)
@@ -564,8 +594,8 @@ def main():
                     help="verify: the stages' --dtype (auto: bf16 where the CPU runs it natively)")
     ap.add_argument("--tiny", action="store_true", help="verify: a tiny configuration (for the tests)")
     ap.add_argument("--reuse", action="store_true",
-                    help="verify: keep the stages whose output JSON is already in out/verify/ (to finish "
-                    "an interrupted run, or to rerun one stage after deleting its JSON)")
+                    help="verify, plane: keep the runs whose output JSON is already in out/ (to finish "
+                    "an interrupted run, or to rerun one after deleting its JSON)")
     ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
     ap.add_argument("--jobs", type=int, default=1, help="plane, prompt, scale: SFT runs side by side, each on "
                     "cores/jobs threads (2 on 2 cores: sooner; their train times then count a shared machine)")
@@ -575,7 +605,7 @@ def main():
         sys.exit(verify(args.out_dir, args.seeds, args.dtype, args.tiny, args.reuse))
     md = EXPERIMENTS[args.which](os.path.join(args.out_dir, args.which),
                                  args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"),
-                                 **({"seeds": args.seeds} if args.which == "plane" else {}),
+                                 **({"seeds": args.seeds, "reuse": args.reuse} if args.which == "plane" else {}),
                                  **({"jobs": args.jobs} if args.which in ("plane", "prompt", "scale") else {}))
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)

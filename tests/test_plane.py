@@ -22,15 +22,18 @@ def test_pareto_is_exactly_the_undominated_points():
                                                 (0.05, 0.3, "d"), (0.3, 0.8, "e")])] == ["d", "a", "c"]
 
 
-def sft_json(heldout, retention, probe, params=100, path=None, interp=None):
+def sft_json(heldout, retention, probe, params=100, path=None, interp=None, prompt_tokens=0, before=(0.6, 0.9)):
     return {"trainable_params": params, "frozen_bytes": None, "heldout_accuracy_final": heldout,
-            "retention_val_loss_before": 0.6, "retention_val_loss_final": retention,
-            "knowledge_probe_before": 0.9, "knowledge_probe_final": probe,
-            "rewind_path": path, "rewind_interpolate": interp}
+            "retention_val_loss_before": before[0], "retention_val_loss_final": retention,
+            "knowledge_probe_before": before[1], "knowledge_probe_final": probe, "prompt_tokens": prompt_tokens,
+            "quantize_base": "none", "rewind_path": path, "rewind_interpolate": interp}
 
 
 def test_plane_points_measure_forgetting_from_the_pretrained_model():
-    res = {"LoRA": [sft_json(0.8, 0.7, 0.85), sft_json(0.9, 0.8, 0.8)],
+    # a prompt run's step 0 has a random prefix in front (retention 1.9, probe 0.2): its
+    # forgetting still counts from the pre-trained model (0.6, 0.9), as every other run's
+    res = {"prompt": [sft_json(0.7, 0.65, 0.88, prompt_tokens=16, before=(1.9, 0.2))],
+           "LoRA": [sft_json(0.8, 0.7, 0.85), sft_json(0.9, 0.8, 0.8)],
            "full SFT": [sft_json(0.98, 1.1, 0.7, params=1000, path={"heldout": 0.97, "retention": 0.9, "probe": 0.75},
                                  interp={"heldout": 0.96, "retention": 0.8, "probe": 0.8})]}
     pts = experiments.plane_points(res)
@@ -41,7 +44,8 @@ def test_plane_points_measure_forgetting_from_the_pretrained_model():
     path, line = pts["full SFT: rewound by path"], pts["full SFT: rewound by interpolation"]
     assert path["acc"] == [0.97] and round(path["forget"][0], 6) == 0.3 and round(path["probe_drop"][0], 6) == 0.15
     assert line["acc"] == [0.96] and round(line["forget"][0], 6) == 0.2
-    assert set(pts) == {"LoRA", "full SFT", "full SFT: rewound by path", "full SFT: rewound by interpolation"}
+    assert round(pts["prompt"]["forget"][0], 6) == 0.05 and round(pts["prompt"]["probe_drop"][0], 6) == 0.02
+    assert set(pts) == {"prompt", "LoRA", "full SFT", "full SFT: rewound by path", "full SFT: rewound by interpolation"}
 
 
 def test_plot_plane_draws_paths_lines_and_points(tmp_path):
