@@ -255,7 +255,8 @@ def exp_overshoot(root, ckpt):
 # asked about the two attributes SFT never asked about (cross-domain: the facts are in the
 # pre-training prose, only the question type is new). Each size's pretrain.py flags are its
 # architecture and its schedule, stated in the table: the default schedule for every size
-# (1,200 steps of 8 x 128 tokens, peak lr 6e-3; 3e-3 for the 11M model, see below). SCALE_SFT evaluates before and after SFT only (so the final weights
+# (1,200 steps of 8 x 128 tokens, peak lr 6e-3; 3e-3 for the 11M model, see below).
+# SCALE_SFT evaluates before and after SFT only (so the final weights
 # are reported; the training is finetune.py's default).
 SCALE = {  # name: pretrain.py flags
     "L1 C64": ["--n-layer", "1", "--n-head", "2", "--n-embd", "64", "--max-iters", "1200", "--lr", "6e-3"],
@@ -421,7 +422,8 @@ def exp_plane(root, ckpt, seeds=3, runs=None, jobs=1, reuse=False):
             fronts.append(f"Pareto frontier ({what}{label}): {'; '.join(n for *_, n in front)}.")
     return (md + f"\n\nseeds {', '.join(map(str, seeds))} (SFT seeds, one pre-trained model); mean [min–max]. "
             "Forgetting is measured from the pre-trained model (full precision, no prefix)."
-            "\n\n" + "\n".join(fronts) + f"\n\nwall time {time.time() - t0:.0f}s, {jobs} run(s) at a time" + (" (--reuse: runs already there were read)." if reuse else "."))
+            "\n\n" + "\n".join(fronts) + f"\n\nwall time {time.time() - t0:.0f}s, {jobs} run(s) at a time"
+            + (" (--reuse: runs already there were read)." if reuse else "."))
 
 
 def baseline(res):
@@ -532,7 +534,8 @@ def exp_prompt(root, ckpt, jobs=1):
                   "train time (x full SFT)"], rows)
 
 
-EXPERIMENTS = {"plane": exp_plane, "prompt": exp_prompt, "sft": exp_sft, "labels": exp_labels, "overshoot": exp_overshoot, "scale": exp_scale, "dpo": exp_dpo}
+EXPERIMENTS = {"plane": exp_plane, "prompt": exp_prompt, "sft": exp_sft, "labels": exp_labels,
+               "overshoot": exp_overshoot, "scale": exp_scale, "dpo": exp_dpo}
 
 
 def verify(out_dir, n_seeds, dtype, tiny=False, reuse=False):
