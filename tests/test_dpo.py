@@ -34,6 +34,14 @@ def examples(tok, block_size=64):
     return [formats.pair_example(tok, pair_dict(*p), block_size) for p in PAIRS]
 
 
+def answer_logprob(model, tok, question, answer):
+    """log pi(answer | question), computed from the text alone (no pair code)."""
+    prompt = ns.chat_prompt(tok, [{"role": "user", "content": question}])
+    ids = prompt + ns.encode_content(tok, answer) + [tok.end]
+    logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), -1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+
+
 def loss_kw(**kw):
     """pair_loss's loss settings: the DPO paper's sigmoid loss, beta 0.1, unless changed."""
     return dict(dict(beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0), **kw)
@@ -391,7 +399,7 @@ def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_script_uses_the_starting_checkpoint_as_reference(sft_ckpt, tmp_path, cache):
+def test_script_uses_the_starting_checkpoint_as_reference(tok, sft_ckpt, tmp_path, cache):
     """dpo.py's own wiring: the reference is the frozen STARTING model. If the live policy
     (detached) were used as the reference, every log-ratio would be 0 at every step, so the
     logged rewards would never move. At step 1 policy == reference (margin ~0); after a few
@@ -401,8 +409,20 @@ def test_script_uses_the_starting_checkpoint_as_reference(sft_ckpt, tmp_path, ca
     dpo.main(["--ckpt", sft_ckpt, "--data", data, "--batch-size", "4", "--lr", "3e-3", "--warmup", "1",
               "--loss", "sigmoid", "--max-iters", "8", "--eval-interval", "8", "--log-interval", "8",
               "--dtype", "float32", "--device", "cpu", "--out-dir", out] + ([] if cache else ["--no-ref-cache"]))
-    hist = json.load(open(os.path.join(out, "dpo.json")))["history"]["train"]
+    res = json.load(open(os.path.join(out, "dpo.json")))
+    hist = res["history"]["train"]
     chosen = hist["rewards/chosen"]
     assert abs(chosen[0]) < 1e-4 and abs(hist["rewards/margins"][0]) < 1e-4
     assert max(abs(v) for v in chosen[1:]) > 1e-3
     assert hist["rewards/margins"][-1] > hist["rewards/margins"][0]  # and it moved the right way
+    # the evaluator measures against the starting model too: a policy that moved has a KL > 0
+    # (the live policy as the evaluator's reference logs 0 at every step)
+    assert res["history"]["eval"]["kl"][-1] > 0 and res["kl"] > 0
+    # "the right way" from the text alone, no pair code: log pi(chosen) - log pi(rejected) grew
+    # relative to the starting model's (a swap anywhere in the script's pairs would shrink it)
+    start, final = (ns.model_from_checkpoint(ns.load_checkpoint(p))[0] for p in (sft_ckpt, os.path.join(out, "dpo.pt")))
+
+    def gap(m):
+        with torch.no_grad():
+            return sum(answer_logprob(m, tok, q, c) - answer_logprob(m, tok, q, r) for q, c, r in PAIRS)
+    assert gap(final) > gap(start)
