@@ -76,15 +76,28 @@ def best_times(fns, rounds):
     return best
 
 
-def matmul_peak(n=1024, reps=8):
-    """fp32 matmul FLOPs/s of this CPU with torch's own threads: an n x n by n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n=1024, reps=8, dtype=torch.float32):
+    """fp32 (or dtype) matmul FLOPs/s of this CPU with torch's own threads: an n x n by n x n
+    product."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
 
     def run():
         for _ in range(reps):
             a @ b
     return run, 2 * n ** 3 * reps
+
+
+def bench_peak(res, rounds):
+    """The vector unit torch dispatches to and the fp32 and bf16 matmul peaks: under the
+    AVX2 emulation of docs/performance.md the capability reads AVX2, the fp32 peak drops
+    and bf16 is no longer faster than fp32 (no native bf16 below AVX-512)."""
+    res["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    (f32, flops), (b16, flops16) = matmul_peak(), matmul_peak(reps=1, dtype=torch.bfloat16)
+    t32, t16 = best_times([f32, b16], rounds)
+    res["matmul_peak_gflops"] = round(flops / t32 / 1e9, 1)
+    res["matmul_peak_bf16_gflops"] = round(flops16 / t16 / 1e9, 1)
+    res["native_bf16"] = ns.cpu_has_native_bf16()
 
 
 def cpu_name():
@@ -453,7 +466,7 @@ def main():
                     help="--dtype of the pipeline's stages (default float32, the ten-minute goal's setting)")
     ap.add_argument("--rounds", type=int, default=None, help="alternation rounds per timing (default 3 quick, 6 full)")
     ap.add_argument("--only", nargs="+", metavar="SECTION",
-                    help="run only these: training kv-cache tokenizer sft-dpo pipeline")
+                    help="run only these: peak training kv-cache tokenizer sft-dpo pipeline")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 6)
     res = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -466,7 +479,8 @@ def main():
         bench_padding(res, tok, cfg)
         bench_dpo_step(res, tok, cfg, rounds=rounds)
     # the training steps are the noisiest figure and a round costs seconds: twice the rounds
-    sections = {"training": lambda: bench_training(res, 2 * rounds, args.nanogpt, args.compile),
+    sections = {"peak": lambda: bench_peak(res, rounds),
+                "training": lambda: bench_training(res, 2 * rounds, args.nanogpt, args.compile),
                 "kv-cache": lambda: bench_kv_cache(res, rounds),
                 "tokenizer": lambda: bench_tokenizer(res, rounds),
                 "sft-dpo": sft_dpo}

@@ -10,9 +10,11 @@ outputs are collected into a markdown table (printed and written to out/<name>.m
     python experiments.py dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
     python experiments.py plane      # every SFT method on the stability-plasticity plane, 3 seeds
     python experiments.py prompt     # prompt tuning's remedies, one at a time
-    python experiments.py verify --seeds 3 [--dtype float32]
+    python experiments.py verify --seeds 101-105 [--dtype float32]
                                      # the whole default pipeline + a scratch SFT per seed: one
-                                     # PASS/FAIL line per README headline (~8 min a seed in fp32)
+                                     # PASS/FAIL line per README headline, with its worst seed
+    python experiments.py verify --only pretrain --seeds 101-110 --jobs 2
+                                     # pre-training's claims only, a cheap sweep over many seeds
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
 pre-trains its own models into out/scale/, `dpo`, which starts from out/sft.pt, and `verify`,
@@ -20,6 +22,7 @@ which runs everything itself into out/verify/.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -103,6 +106,7 @@ SFT_HEADER = ["run", "trainable params", "share", "held-out acc", "training-peop
 # EVERY seed: a mean that passes while one seed fails is a FAIL
 CLAIMS = [
     ("probe", "knowledge probe (pre-training stored the facts)", 0.90, ">="),
+    ("probe_reach", "pre-training: first evaluated step with probe >= 0.90, fraction of the steps", 0.70, "<="),
     ("sft_heldout", "SFT held-out accuracy, test half, rewound checkpoint", 0.90, ">="),
     ("scratch_over_chance", "SFT from scratch minus chance (best of rewound and final)", 0.05, "<="),
     ("rewound_minus_final", "SFT rewound minus final held-out accuracy", -0.01, ">="),
@@ -115,7 +119,10 @@ CLAIMS = [
     ("dpo_task_change", "DPO held-out task accuracy, after minus before", -0.01, ">="),
     ("pipeline_seconds", "default pipeline seconds (pretrain + finetune + dpo)", 600, "<="),
 ]
+PRETRAIN_KEYS = ("probe", "probe_reach", "pretrain_val_loss", "pretrain_seconds")  # verify --only pretrain
 INFO = [  # reported beside the claims, not judged
+    ("pretrain_val_loss", "pre-training validation loss"),
+    ("pretrain_seconds", "pre-training seconds"),
     ("retention_gap", "SFT default run: retention loss, final minus rewound (nats)"),
     ("sft_rewound_step", "SFT default run: rewound step (300 = the final one)"),
     ("sft_degenerate", "SFT degenerate rate (test half, rewound)"),
@@ -124,9 +131,9 @@ INFO = [  # reported beside the claims, not judged
     ("dpo_style_loose", "DPO answers that end with the closing (loose)"),
     ("dpo_kl", "DPO KL(policy ‖ reference), nats per answer"),
 ]
-# the overshoot run: the default SFT pushed harder (a 1.5x learning rate), rewound along the
+# the overshoot run: the default SFT pushed harder (twice the learning rate), rewound along the
 # line from the pre-trained to the final weights
-OVERSHOOT = ["--lr", "1.5e-3", "--rewind", "interpolate"]
+OVERSHOOT = ["--lr", "4e-3", "--rewind", "interpolate"]
 # a tiny configuration, for the test that runs verify end to end in seconds
 TINY = {"pretrain.py": ["--max-iters", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                         "--eval-interval", "20", "--vocab-size", "600"],
@@ -135,12 +142,27 @@ TINY = {"pretrain.py": ["--max-iters", "20", "--n-layer", "1", "--n-head", "2", 
         "dpo.py": ["--max-iters", "4", "--eval-interval", "4", "--batch-size", "4", "--warmup", "1"]}
 
 
+def probe_reach(pre, threshold=0.90):
+    """The first evaluated step at which the knowledge probe reached `threshold`, as a
+    fraction of the run's steps (inf if it never did): a run that gets there only at its
+    last step has stopped on the slope of its curve, not on the plateau."""
+    hist = pre["history"]
+    return next((s / pre["steps"] for s, p in zip(hist["step"], hist["probe"]) if p is not None and p >= threshold),
+                math.inf)
+
+
+def pretrain_values(pre):
+    """The pre-training claims' values from one seed's pretrain.json."""
+    return {"probe": pre["knowledge_probe_accuracy"], "probe_reach": probe_reach(pre),
+            "pretrain_val_loss": pre["val_loss"], "pretrain_seconds": pre["seconds"]}
+
+
 def seed_values(d):
     """The claims' values from one seed's JSON outputs (folder d)."""
     load = lambda *p: json.load(open(os.path.join(d, *p)))
     pre, sft, scratch, dpo = load("pretrain.json"), load("sft.json"), load("scratch", "sft.json"), load("dpo.json")
     over = load("overshoot", "sft.json")
-    return {"probe": pre["knowledge_probe_accuracy"],
+    return {**pretrain_values(pre),
             "sft_heldout": sft["heldout_accuracy"],
             "scratch_over_chance": max(scratch["heldout_accuracy"], scratch["heldout_accuracy_final"])
             - scratch["chance_accuracy"],
@@ -160,20 +182,45 @@ def seed_values(d):
 
 
 def judge(per_seed):
-    """per_seed: {seed: {key: value}} -> one row per claim: values, min, max, mean, PASS/FAIL.
-    PASS only when every seed meets the threshold."""
-    rows = []
+    """per_seed: {seed: {key: value}} -> one row per claim: values, min, max, mean, the worst
+    seed and its value, PASS/FAIL. PASS only when every seed meets the threshold. Only the
+    keys the seeds have are judged (verify --only pretrain has the pre-training ones)."""
+    rows, seeds = [], list(per_seed)
+    have = set.intersection(*(set(v) for v in per_seed.values())) if per_seed else set()
     for key, text, thr, op in CLAIMS:
-        vals = [v[key] for v in per_seed.values()]
+        if key not in have:
+            continue
+        vals = [per_seed[s][key] for s in seeds]
         ok = all((x >= thr) if op == ">=" else (x <= thr) for x in vals) and bool(vals)
+        worst = min(range(len(vals)), key=lambda i: vals[i] if op == ">=" else -vals[i])
         rows.append({"key": key, "claim": text, "threshold": f"{op} {thr:g}", "values": vals,
                      "min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals),
-                     "result": "PASS" if ok else "FAIL"})
+                     "worst_seed": seeds[worst], "worst": vals[worst], "result": "PASS" if ok else "FAIL"})
     for key, text in INFO:
-        vals = [v[key] for v in per_seed.values() if v[key] is not None] or [float("nan")]
+        if key not in have:
+            continue
+        vals = [per_seed[s][key] for s in seeds if per_seed[s][key] is not None] or [float("nan")]
         rows.append({"key": key, "claim": text, "threshold": "", "values": vals, "min": min(vals),
                      "max": max(vals), "mean": sum(vals) / len(vals), "result": "info"})
     return rows
+
+
+def parse_seeds(text):
+    """verify --seeds: N (1337, 2, ..., N, the seeds the defaults were tuned on), A-B (a range)
+    or a comma-separated list."""
+    try:
+        if "," in text:
+            seeds = [int(x) for x in text.split(",") if x.strip()]
+        elif "-" in text.strip("-"):
+            a, b = (int(x) for x in text.split("-"))
+            seeds = list(range(a, b + 1))
+        else:
+            seeds = [1337] + list(range(2, int(text) + 1))
+    except ValueError:
+        raise SystemExit(f"experiments.py: error: --seeds {text!r}: expected N, A-B or a comma-separated list")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"experiments.py: error: --seeds {text!r}: expected distinct seeds")
+    return seeds
 
 
 def machine():
@@ -238,12 +285,12 @@ def exp_labels(root, ckpt):
 
 def exp_overshoot(root, ckpt):
     """A learning rate that overshoots, and what rewinding recovers. -> a markdown table."""
-    r = sft(root, "lr1.5e-3", ckpt, *OVERSHOOT)
+    r = sft(root, "lr4e-3", ckpt, *OVERSHOOT)
     peak, final, rew = max(p["heldout"] for p in r["path"]), r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
     md = table(["", "held-out acc (test half)", "retention loss", "where"],
                [["peak along the path", fmt(peak), "", ""],
                 ["final", fmt(final), fmt(r["retention_val_loss_final"]), f"step {r['steps']}"],
-                ["rewound (out/overshoot/lr1.5e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
+                ["rewound (out/overshoot/lr4e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
                  r["rewound"]]])
     md += (f"\n\nrewinding saves {r['retention_val_loss_final'] - r['retention_val_loss_rewound']:.3f} nats of "
            f"retention loss at {100 * (rew - final):+.1f} points of held-out accuracy.")
@@ -358,10 +405,10 @@ def plot_scale(png, res):
 # model). --eval-interval 100 and --alphas 1 only thin what is evaluated along the way (the
 # training is the same); the full-SFT run keeps every eval point and the whole line.
 FAST = ["--eval-interval", "100", "--alphas", "1"]
-REWOUND = ("full SFT", "full SFT, lr 1.5e-3")  # the runs whose rewound points (by path, by line) are drawn
+REWOUND = ("full SFT", "full SFT, lr 4e-3")  # the runs whose rewound points (by path, by line) are drawn
 PLANE = {  # name: flags
     "full SFT": [],
-    "full SFT, lr 1.5e-3": ["--lr", "1.5e-3"],  # the overshoot run of verify: where rewinding pays
+    "full SFT, lr 4e-3": ["--lr", "4e-3"],  # the overshoot run of verify: where rewinding pays
     "full SFT + replay 1.0": ["--replay", "1.0"] + FAST,
     "LoRA r=2 (attn)": ["--lora-rank", "2"] + FAST,
     "LoRA r=8 (attn)": ["--lora-rank", "8"] + FAST,
@@ -538,17 +585,21 @@ EXPERIMENTS = {"plane": exp_plane, "prompt": exp_prompt, "sft": exp_sft, "labels
                "overshoot": exp_overshoot, "scale": exp_scale, "dpo": exp_dpo}
 
 
-def verify(out_dir, n_seeds, dtype, tiny=False, reuse=False):
-    """Every claim on every seed -> out/verify.md, out/verify.json; 1 when a claim fails."""
+def verify(out_dir, seeds, dtype, tiny=False, reuse=False, only=None, jobs=1):
+    """Every claim on every seed -> out/verify.md, out/verify.json; 1 when a claim fails.
+    only="pretrain": pre-train each seed and judge only the pre-training claims (a cheap
+    sweep over many seeds), `jobs` seeds side by side on cores/jobs threads each."""
     sys.path.insert(0, HERE)
     import nanosft as ns
     dtype = ns.pick_dtype(ns.pick_device("auto"), dtype)
-    seeds = [1337] + list(range(2, n_seeds + 1))
     root = os.path.join(out_dir, "verify", dtype)
     common = ["--dtype", dtype] + (["--device", "cpu"] if tiny else [])
     extra = lambda script: TINY[script] if tiny else []
-    per_seed = {}
-    for seed in seeds:
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    print(f"verify: seeds {', '.join(map(str, seeds))} | dtype {dtype}" + (f" | only {only}" if only else ""),
+          flush=True)
+
+    def one_seed(seed):
         d = os.path.join(root, f"seed{seed}")
         s = ["--seed", str(seed), "--out-dir"]
         t0 = time.time()
@@ -558,43 +609,59 @@ def verify(out_dir, n_seeds, dtype, tiny=False, reuse=False):
             if reuse and os.path.isfile(os.path.join(out, done)):
                 print(f"reusing {os.path.join(out, done)}", flush=True)
             else:
-                run(script, *a, *s, out, *common, *extra(script), log=log)
-        pre = os.path.join(d, "pretrain.pt")
+                run(script, *a, *s, out, *common, *extra(script), log=log, threads=threads)
         stage("pretrain.py", d, "pretrain.json")
+        if only == "pretrain":
+            with open(os.path.join(d, "pretrain.json")) as f:
+                values = pretrain_values(json.load(f))
+            print(f"seed {seed}: probe {values['probe']:.3f} | reaches 0.90 at {values['probe_reach']:.2f} of "
+                  f"the steps | {time.time() - t0:.0f}s", flush=True)
+            return seed, values
+        pre = os.path.join(d, "pretrain.pt")
         stage("finetune.py", d, "sft.json", "--ckpt", pre)
         stage("dpo.py", d, "dpo.json", "--ckpt", os.path.join(d, "sft.pt"))
         wall = time.time() - t0
         stage("finetune.py", os.path.join(d, "scratch"), "sft.json", "--ckpt", pre, "--init", "scratch")
         stage("finetune.py", os.path.join(d, "overshoot"), "sft.json", "--ckpt", pre, *OVERSHOOT)
-        per_seed[seed] = seed_values(d)
-        print(f"seed {seed}: pipeline {wall:.0f}s wall ({per_seed[seed]['pipeline_seconds']:.0f}s in the stages)",
-              flush=True)
+        values = seed_values(d)
+        print(f"seed {seed}: pipeline {wall:.0f}s wall ({values['pipeline_seconds']:.0f}s in the stages)", flush=True)
+        return seed, values
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(jobs) as pool:
+        per_seed = dict(pool.map(one_seed, seeds))
     rows = judge(per_seed)
     m = machine()
     head = (f"CPU: {m['cpu']}, {m['cores']} cores | torch {m['torch']} | python {m['python']} | dtype {dtype}"
-            f" | seeds {', '.join(map(str, seeds))}")
-    num = lambda v: f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}"
-    md = table(["claim", "threshold", *[f"seed {s}" for s in seeds], "min–max", "mean", "result"],
+            f" | seeds {', '.join(map(str, seeds))}" + (f" | only {only}, {jobs} at a time" if only else ""))
+    num = lambda v: "never" if v == math.inf else f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}"
+    md = table(["claim", "threshold", *[f"seed {s}" for s in seeds], "min–max", "mean", "worst seed", "result"],
                [[r["claim"], r["threshold"], *[num(v) for v in r["values"]], f"{num(r['min'])}–{num(r['max'])}",
-                 num(r["mean"]), f"**{r['result']}**" if r["result"] == "FAIL" else r["result"]] for r in rows])
+                 num(r["mean"]), f"{r['worst_seed']}: {num(r['worst'])}" if "worst" in r else "",
+                 f"**{r['result']}**" if r["result"] == "FAIL" else r["result"]] for r in rows])
     for r in rows:
         print(f"{r['result']:4}  {r['claim']} {r['threshold']}: " + " ".join(num(v) for v in r["values"])
-              + f" | min-max {num(r['min'])}-{num(r['max'])} | mean {num(r['mean'])}")
-    failed = [r["claim"] for r in rows if r["result"] == "FAIL"]
+              + f" | min-max {num(r['min'])}-{num(r['max'])} | mean {num(r['mean'])}"
+              + (f" | worst seed {r['worst_seed']}: {num(r['worst'])}" if "worst" in r else ""))
+    judged = [r for r in rows if r["result"] != "info"]
+    failed = [r["claim"] for r in judged if r["result"] == "FAIL"]
     print(head)
-    print(f"{len(failed)} of {len(CLAIMS)} claims FAIL" if failed else f"all {len(CLAIMS)} claims PASS on every seed")
+    print(f"{len(failed)} of {len(judged)} claims FAIL" if failed else f"all {len(judged)} claims PASS on every seed")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "verify.md"), "w") as f:
         f.write(head + "\n\n" + md + "\n")
     with open(os.path.join(out_dir, "verify.json"), "w") as f:
-        json.dump({"machine": m, "dtype": dtype, "seeds": seeds, "claims": rows, "per_seed": per_seed}, f, indent=1)
+        json.dump({"machine": m, "dtype": dtype, "seeds": seeds, "only": only, "claims": rows,
+                   "per_seed": per_seed}, f, indent=1)
     return 1 if failed else 0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo", "plane", "prompt", "verify"])
-    ap.add_argument("--seeds", type=int, default=3, help="verify, plane: how many seeds (1337, 2, 3, ...)")
+    ap.add_argument("--seeds", default="3", help="plane: how many seeds (1337, 2, 3, ...); verify: that, or "
+                    "a range A-B or a list A,B,C (the defaults were tuned on 1337, 2, 3; accept on others)")
+    ap.add_argument("--only", choices=["pretrain"], default=None,
+                    help="verify: only pre-train each seed and judge the pre-training claims (a cheap sweep)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="verify: the stages' --dtype (auto: bf16 where the CPU runs it natively)")
     ap.add_argument("--tiny", action="store_true", help="verify: a tiny configuration (for the tests)")
@@ -602,14 +669,19 @@ def main():
                     help="verify, plane, scale: keep the runs whose output JSON is already in out/ (to finish "
                     "an interrupted run, or to rerun one after deleting its JSON)")
     ap.add_argument("--ckpt", default=None, help="start checkpoint (default out/pretrain.pt; dpo: out/sft.pt)")
-    ap.add_argument("--jobs", type=int, default=1, help="plane, prompt, scale: SFT runs side by side, each on "
+    ap.add_argument("--jobs", type=int, default=1, help="plane, prompt, scale, verify --only pretrain: runs side by side, each on "
                     "cores/jobs threads (2 on 2 cores: sooner; their train times then count a shared machine)")
     ap.add_argument("--people", type=int, default=None, help="scale: a larger world of this many people "
                     "(data/world.py --people, written under out/scale/world; default: the default world)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
     if args.which == "verify":
-        sys.exit(verify(args.out_dir, args.seeds, args.dtype, args.tiny, args.reuse))
+        if args.jobs > 1 and args.only != "pretrain":
+            ap.error("verify --jobs applies to --only pretrain (the full pipeline's time claim needs the whole machine)")
+        sys.exit(verify(args.out_dir, parse_seeds(args.seeds), args.dtype, args.tiny, args.reuse, args.only,
+                        args.jobs))
+    if args.which == "plane":
+        args.seeds = int(args.seeds)
     md = EXPERIMENTS[args.which](os.path.join(args.out_dir, args.which),
                                  args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"),
                                  **({"seeds": args.seeds, "reuse": args.reuse} if args.which == "plane" else {}),

@@ -108,7 +108,10 @@ def shutdown_distributed():
 def cpu_has_native_bf16():
     """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
     On an AVX2-only CPU bf16 is emulated and hundreds of times slower than fp32, so we
-    must check, not assume. Linux tells us in /proc/cpuinfo; elsewhere we time it."""
+    must check, not assume. Linux tells us in /proc/cpuinfo; elsewhere we time it. A CPU
+    limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, as docs/performance.md emulates one) has none."""
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2", "NO AVX"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -307,9 +310,9 @@ class Tokenizer:
 class GPTConfig:
     block_size: int = 128
     vocab_size: int = 2048
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
+    n_layer: int = 2  # 0.6M parameters: small enough that pre-training reaches its plateau in
+    n_head: int = 4   # minutes on any CPU (docs/pretrain.md, "Why this size")
+    n_embd: int = 128
     n_prefix: int = 0  # prompt tuning (nanopeft.py): learned embeddings prepended to every sequence
     # what an imported GPT-2 needs (hf.py); ours trains without biases and with exact GELU
     bias: bool = False  # biases on the linear layers (LayerNorm always has them)

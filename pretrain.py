@@ -24,7 +24,7 @@ import torch
 from data import world_eval as we
 
 # Every default of this stage in one place (the architecture's are GPTConfig's, in nanosft.py).
-DEFAULTS = dict(max_iters=1200, batch_size=8, lr=6e-3, eval_interval=200, warmup=50, log_interval=50,
+DEFAULTS = dict(max_iters=3000, batch_size=8, lr=6e-3, eval_interval=200, warmup=50, log_interval=50,
                 weight_decay=0.0)
 WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 

@@ -441,16 +441,19 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None
 # preference pairs as token examples (dpo.py), cut to the model's block size
 
 
-def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, strict, log, max_scored):
+def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, strict, log, max_scored,
+               heldout_rule=None):
     """dpo.py's data: training and held-out pairs, each as (pairs, examples), and their counts
     for dpo.json. The held-out pairs come from `heldout_path` (on the world: people neither
     SFT nor DPO trains on; pairs split off the training people's threads would share people,
     and the other phrasing of the question, with the training pairs) or, when it is None, are
-    a share of `path`'s records. At most `max_scored` held-out pairs are kept for scoring."""
+    a share of `path`'s records. At most `max_scored` held-out pairs are kept for scoring.
+    heldout_rule: (min_margin, top_only) for `heldout_path`'s votes (default: the training
+    pairs' rule), so that a fixed benchmark stays the same whatever pairs the training uses."""
     report = DataReport(path, strict, unit="pairs")
     if heldout_path:
         fmt, train = read_pairs(path, min_margin, top_only, report)
-        held = read_pairs(heldout_path, min_margin, top_only)[1]
+        held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)))[1]
     else:
         fmt, train, held = load_preferences(path, min_margin, seed, top_only, report)
     train = pair_examples(tok, train, block_size, report)

@@ -88,6 +88,26 @@ def test_load_pairs_takes_held_out_pairs_from_the_held_out_file(tok, tmp_path):
     assert all("Leon Berg" in p["prompt"][0]["content"] for p in hp)
 
 
+def test_held_out_benchmark_stays_the_same_whatever_the_training_pairs(tok, tmp_path):
+    """dpo.py on the world scores the same held-out pairs (HELDOUT_RULE) whatever --pairs and
+    --min-margin the training uses, so runs with different pair rules are comparable."""
+    import dpo
+    votes = [{"prompt": f"Where was Ada Stone born? ({k})",
+              "answers": [{"text": t, "up": u, "down": 0} for t, u in (("Lisbon.", 40), ("Oslo.", 25), ("Lima.", 5))]}
+             for k in range(4)]
+    train = write_jsonl(tmp_path / "train.jsonl", votes)
+    held = write_jsonl(tmp_path / "held.jsonl", [{**v, "prompt": v["prompt"].replace("Ada Stone", "Leon Berg")}
+                                                 for v in votes])
+    seen = set()
+    for margin, top in ((10.0, True), (20.0, True), (1.0, False), (30.0, False)):
+        (tp, _), (hp, _), _ = formats.load_pairs(train, held, tok, 64, margin, top, 1337, False, lambda s: None, 100,
+                                                 heldout_rule=dpo.HELDOUT_RULE)
+        seen.add(tuple((p["chosen"], p["rejected"]) for p in hp))
+    # top answer (40) against those it beat by >= 10: Oslo (25) and Lima (5), in each of 4 threads
+    assert len(seen) == 1 and len(next(iter(seen))) == 8
+    assert dpo.HELDOUT_RULE == (dpo.DEFAULTS["min_margin"], dpo.DEFAULTS["pairs"] == "top")
+
+
 # ---- 2. a file without a "split" field is divided by record
 
 

@@ -190,7 +190,7 @@ def test_defaults_one_table_and_the_learning_rate_of_each_method():
     plain = finetune.parse_args([])
     assert {k: getattr(plain, k) for k in finetune.DEFAULTS if k != "lr"} == \
         {k: v for k, v in finetune.DEFAULTS.items() if k != "lr"}
-    assert plain.lr == finetune.LR["full"] == 1e-3
+    assert plain.lr == finetune.LR["full"] == 2e-3
     assert finetune.parse_args(["--init", "scratch"]).lr == finetune.LR["full"]
     assert finetune.parse_args(["--lora-rank", "8"]).lr == finetune.LR["lora"] == 3e-3
     assert finetune.parse_args(["--lora-rank", "8", "--lora-on", "attn,mlp"]).lr == finetune.LR["lora"]
