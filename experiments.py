@@ -659,7 +659,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo", "plane", "prompt", "verify"])
     ap.add_argument("--seeds", default="3", help="plane: how many seeds (1337, 2, 3, ...); verify: that, or "
-                    "a range A-B or a list A,B,C (the defaults were tuned on 1337, 2, 3; accept on others)")
+                    "a range A-B or a list A,B,C (one seed: A,); seeds 101-110 were kept out of tuning")
     ap.add_argument("--only", choices=["pretrain"], default=None,
                     help="verify: only pre-train each seed and judge the pre-training claims (a cheap sweep)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
