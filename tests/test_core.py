@@ -199,3 +199,13 @@ def test_votes_prefer_correct_answers():
     top_ok = sum(W.grade(world, t["person"], t["attribute"],
                          max(t["answers"], key=lambda a: a["up"] - a["down"])["text"]) for t in threads)
     assert top_ok / len(threads) > 0.95
+
+
+def test_a_cpu_limited_to_avx2_has_no_native_bf16_and_auto_picks_fp32(monkeypatch):
+    """Under ATEN_CPU_CAPABILITY=avx2 (docs/performance.md's emulation of an AVX2-only
+    laptop) bf16 runs hundreds of times slower than fp32: --dtype auto must pick fp32 even
+    where /proc/cpuinfo lists avx512_bf16."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert ns.cpu_has_native_bf16() is False
+    assert ns.pick_dtype(torch.device("cpu"), "auto") == "float32"
+    assert ns.pick_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for, given
