@@ -94,6 +94,7 @@ def test_probe_reach_is_the_first_step_at_the_threshold_as_a_fraction():
     assert experiments.probe_reach(pre) == 600 / 2000
     assert experiments.probe_reach(pre, threshold=0.92) == 1000 / 2000
     assert experiments.probe_reach(pre, threshold=0.99) == math.inf
+    assert experiments.probe_reach(pre, threshold=0.91) == 600 / 2000  # reaching it exactly counts
     assert experiments.probe_reach({"steps": 10, "history": {"step": [10], "probe": [None]}}) == math.inf
 
 
