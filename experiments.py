@@ -45,6 +45,11 @@ def run(script, *args, log=None, threads=None):
         subprocess.run(cmd, check=True, stdout=out, env=env)
 
 
+def threads_for(jobs):
+    """OpenMP threads for each of `jobs` runs side by side (None: one run, the script's own choice)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
 def sft(out_root, name, ckpt, *extra, threads=None):
     out = os.path.join(out_root, name)
     run("finetune.py", "--ckpt", ckpt, "--out-dir", out, *extra, threads=threads)
@@ -58,7 +63,7 @@ def sft_many(out_root, ckpt, runs, jobs=1, reuse=False):
     side by side finish sooner than the same runs one after the other (the runs' own
     train_seconds then count a shared machine: compare times only within one --jobs)."""
     from concurrent.futures import ThreadPoolExecutor
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    threads = threads_for(jobs)
 
     def one(item):
         name, (where, *flags) = item
@@ -595,7 +600,7 @@ def verify(out_dir, seeds, dtype, tiny=False, reuse=False, only=None, jobs=1):
     root = os.path.join(out_dir, "verify", dtype)
     common = ["--dtype", dtype] + (["--device", "cpu"] if tiny else [])
     extra = lambda script: TINY[script] if tiny else []
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    threads = threads_for(jobs)
     print(f"verify: seeds {', '.join(map(str, seeds))} | dtype {dtype}" + (f" | only {only}" if only else ""),
           flush=True)
 
