@@ -27,7 +27,7 @@ import math
 import os
 import time
 
-import dpo_eval
+from extras import dpo_eval
 import nanosft as ns
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     ap.add_argument("--data", default=we.THREADS, help="preference file (formats above)")
     ap.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")
-    ap.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid: DPO (Eq. 7); ipo: Azar et al.")
+    ap.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="sigmoid: DPO (Eq. 7); ipo: Azar et al.")
     ap.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
     ap.add_argument("--rpo-alpha", type=float, help="add alpha x the chosen answers' per-token NLL (0 = off)")
     ap.add_argument("--min-margin", type=float, help="votes/scores: least difference that makes a pair")
@@ -244,6 +244,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

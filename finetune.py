@@ -31,7 +31,7 @@ import sys
 import time
 
 import nanosft as ns
-import nanopeft as peft
+from extras import peft
 import torch
 from data import formats
 from data import world_eval as we

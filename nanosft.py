@@ -518,7 +518,7 @@ def load_checkpoint(path, expect_kind=None):
     that would run code is refused, never executed."""
     import pickle
     if os.path.isdir(path):  # a Hugging Face GPT-2 directory (hf.py, imported only when used)
-        import hf
+        from extras import hf
         return hf.load_dir(path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")

@@ -21,7 +21,7 @@ from conftest import tiny_gpt
 from test_dpo import PAIRS, answer_logprob
 
 import dpo
-import dpo_eval
+from extras import dpo_eval
 import finetune
 
 RT = ns.Runtime(torch.device("cpu"), "float32")

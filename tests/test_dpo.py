@@ -13,7 +13,7 @@ from data import formats
 from conftest import tiny_gpt, run_script
 
 import dpo
-import dpo_eval
+from extras import dpo_eval
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
@@ -135,6 +135,13 @@ def test_ipo_and_label_smoothing_match_their_formulas():
     assert abs(cdpo.item() - (-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h))) < 1e-6
     plain, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
     assert abs(plain.item() + logsig(beta * h)) < 1e-6
+    # hinge (SLiC): max(0, 1 - beta h); zero, with zero gradient, once the gap passes 1 / beta
+    hinge, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "hinge")
+    assert abs(hinge.item() - 0.25) < 1e-6  # 1 - 0.5 * 1.5
+    far = torch.tensor([-1.0], requires_grad=True)  # h = 4 + 0.5 > 1 / beta
+    done, _, _ = dpo.dpo_loss(far, pi_r, ref_c, ref_r, beta, "hinge")
+    done.sum().backward()
+    assert done.item() == 0.0 and far.grad.item() == 0.0
 
 
 def test_rpo_adds_alpha_times_chosen_per_token_nll(tok):

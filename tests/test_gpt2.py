@@ -19,9 +19,9 @@ import torch
 import nanosft as ns
 from conftest import SAMPLE_TEXT, tiny_gpt
 
-import export
+from extras import export
 import finetune
-import hf
+from extras import hf
 import pretrain
 import sample
 

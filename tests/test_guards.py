@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nanosft as ns
-import nanopeft as peft
+from extras import peft
 from data import formats
 from conftest import ROOT, tiny_gpt
 

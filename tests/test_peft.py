@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-import nanopeft as peft
+from extras import peft
 import nanosft as ns
 from conftest import tiny_gpt
 

@@ -2,7 +2,7 @@
 retention loss minus the pre-trained one; the probe drop is pre-trained minus after)."""
 import random
 
-import experiments
+from extras import experiments
 
 
 def dominated(p, points):

@@ -90,7 +90,7 @@ def test_a_larger_world_keeps_its_shape():
 
 
 def test_scale_table_and_figure_report_the_gain_over_scratch_per_domain(tmp_path):
-    import experiments
+    from extras import experiments
     sj = lambda i, c: {"heldout_accuracy_in_domain": i, "heldout_accuracy_cross_domain": c}
     res = {"small": {"pretrain": {"params": 1000, "seconds": 10.0, "knowledge_probe_accuracy": 0.5},
                      "pre": [sj(0.9, 0.3), sj(0.8, 0.1)], "scratch": [sj(0.1, 0.0), sj(0.2, 0.1)]},

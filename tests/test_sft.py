@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nanosft as ns
-import nanopeft as peft
+from extras import peft
 from data import formats
 import finetune
 import pretrain

@@ -7,8 +7,9 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "dpo_eval.py", "nanopeft.py", "sample.py",
-           "bench.py", "experiments.py", "export.py", "hf.py", "data/formats.py", "data/world_eval.py"]
+SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eval.py", "extras/peft.py", "sample.py",
+           "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "data/formats.py",
+           "data/world_eval.py"]
 LINES = {"nanosft.py": 900, "dpo.py": 400}  # the files' budgets
 MAIN_LINES = 80
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_script
 
-import experiments
+from extras import experiments
 
 
 def passing_seed():
@@ -38,7 +38,7 @@ def test_judge_passes_only_when_every_seed_passes():
 
 def test_verify_runs_end_to_end_on_a_tiny_configuration(tmp_path):
     out = str(tmp_path / "v")
-    r = run_script("experiments.py", "verify", "--seeds", "1", "--tiny", "--dtype", "float32",
+    r = run_script("-m", "extras.experiments", "verify", "--seeds", "1", "--tiny", "--dtype", "float32",
                    "--out-dir", out, timeout=300)
     assert r.returncode == 1, r.stderr  # a tiny model fails the README's claims: exit status 1
     assert "CPU:" in r.stdout and "dtype float32" in r.stdout
@@ -57,7 +57,7 @@ def test_verify_runs_end_to_end_on_a_tiny_configuration(tmp_path):
     # costs a process start), only the pre-training claims are judged, a failing seed exits 1
     log = os.path.join(out, "verify", "float32", "seed1337", "log.txt")
     before = open(log).read()
-    r = run_script("experiments.py", "verify", "--only", "pretrain", "--seeds", "1337,", "--jobs", "2", "--tiny",
+    r = run_script("-m", "extras.experiments", "verify", "--only", "pretrain", "--seeds", "1337,", "--jobs", "2", "--tiny",
                    "--reuse", "--dtype", "float32", "--out-dir", out, timeout=300)
     assert r.returncode == 1, r.stderr
     assert "seeds 1337" in r.stdout and "worst seed 1337" in r.stdout and "only pretrain" in r.stdout

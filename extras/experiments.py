@@ -2,18 +2,18 @@
 The comparisons the README reports, each a set of ordinary stage-script runs whose JSON
 outputs are collected into a markdown table (printed and written to out/<name>.md).
 
-    python experiments.py sft        # full SFT vs scratch vs LoRA vs prompt tuning vs replay (~12 min)
-    python experiments.py labels     # gold vs top-voted vs random-community labels (~8 min)
-    python experiments.py overshoot  # SFT at 1.5x the learning rate, rewound along the pre-trained -> final line
-    python experiments.py scale      # four sizes, 0.16M-11M: SFT's gain over scratch in-domain and
+    python -m extras.experiments sft        # full SFT vs scratch vs LoRA vs prompt tuning vs replay (~12 min)
+    python -m extras.experiments labels     # gold vs top-voted vs random-community labels (~8 min)
+    python -m extras.experiments overshoot  # SFT at 1.5x the learning rate, rewound along the pre-trained -> final line
+    python -m extras.experiments scale      # four sizes, 0.16M-11M: SFT's gain over scratch in-domain and
                                      # cross-domain, 2 seeds (~35 min in bf16)
-    python experiments.py dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
-    python experiments.py plane      # every SFT method on the stability-plasticity plane, 3 seeds
-    python experiments.py prompt     # prompt tuning's remedies, one at a time
-    python experiments.py verify --seeds 101-105 [--dtype float32]
+    python -m extras.experiments dpo        # DPO: loss, beta, pair construction, NLL weight, seed (~8 min)
+    python -m extras.experiments plane      # every SFT method on the stability-plasticity plane, 3 seeds
+    python -m extras.experiments prompt     # prompt tuning's remedies, one at a time
+    python -m extras.experiments verify --seeds 101-105 [--dtype float32]
                                      # the whole default pipeline + a scratch SFT per seed: one
                                      # PASS/FAIL line per README headline, with its worst seed
-    python experiments.py verify --only pretrain --seeds 101-110 --jobs 2
+    python -m extras.experiments verify --only pretrain --seeds 101-110 --jobs 2
                                      # pre-training's claims only, a cheap sweep over many seeds
 
 All start from out/pretrain.pt (run `python pretrain.py` first) except `scale`, which
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def run(script, *args, log=None, threads=None):

@@ -1,7 +1,7 @@
 """
 Export a checkpoint as a Hugging Face GPT-2 directory, for `transformers`:
 
-    python export.py --ckpt out/dpo.pt --out hf/
+    python -m extras.export --ckpt out/dpo.pt --out hf/
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("hf/")
@@ -9,10 +9,10 @@ Export a checkpoint as a Hugging Face GPT-2 directory, for `transformers`:
 
 Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat
 template) and a README.md model card with the checkpoint's training figures. Needs the
-`safetensors` package (requirements-dev.txt); the training scripts do not.
+`safetensors` package (extras/requirements-dev.txt); the training scripts do not.
 """
 import nanosft as ns
-import hf
+from extras import hf
 
 
 def main(argv=None):

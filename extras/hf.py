@@ -315,7 +315,7 @@ def save_dir(ck, out, source="checkpoint"):
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ns.UserError("export needs the safetensors package: pip install -r requirements-dev.txt")
+        raise ns.UserError("export needs the safetensors package: pip install -r extras/requirements-dev.txt")
     model, tok = ns.model_from_checkpoint(ck, source)
     cfg = model.config
     if cfg.n_prefix:

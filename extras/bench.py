@@ -1,10 +1,10 @@
 """
 Throughput and efficiency figures, each measured as a ratio inside one run.
 
-    python bench.py --quick --json bench.json   # 2-5 minutes
-    python bench.py                             # more rounds, plus the whole pipeline end to end
-    python bench.py --nanogpt /tmp/nanoGPT      # also time karpathy/nanoGPT's model.py (a checkout)
-    python bench.py --compile                   # also time the training step under torch.compile
+    python -m extras.bench --quick --json bench.json   # 2-5 minutes
+    python -m extras.bench                             # more rounds, plus the whole pipeline end to end
+    python -m extras.bench --nanogpt /tmp/nanoGPT      # also time karpathy/nanoGPT's model.py (a checkout)
+    python -m extras.bench --compile                   # also time the training step under torch.compile
 
 What it measures (targets in TARGETS below):
   mfu_fp32           a training step (forward, backward, clip, AdamW) of a GPT with 6 layers,
