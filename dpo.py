@@ -64,8 +64,6 @@ def parse_args(argv=None):
                     "world's held-out pairs stay the same: HELDOUT_RULE)")
     ap.add_argument("--no-ref-cache", action="store_true",
                     help="run the reference every step instead of caching its log-probs once")
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--log-interval", type=int)
     ap.add_argument("--strict", action="store_true", help="a pair that would be skipped or truncated "
                     "(a tie, a duplicate, too long) is an error instead")
     ns.add_common_args(ap)

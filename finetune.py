@@ -111,8 +111,6 @@ def parse_args(argv=None):
     ap.add_argument("--alphas", type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
                     default=ALPHAS, help="the points of the line pre-trained -> final that are evaluated "
                     "(comma-separated; 0 and 1 always); default: 0, 0.5, 0.6, 0.7, 0.75, ..., 0.95, 1")
-    ap.add_argument("--warmup", type=int, help="learning-rate warmup steps")
-    ap.add_argument("--log-interval", type=int, help="log the loss every N steps")
     ap.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
     ap.add_argument("--strict", action="store_true",
                     help="a record that would be skipped or truncated (too long, a duplicate, no "

@@ -26,6 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
+import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
 import tiktoken
 import torch
 import torch.nn as nn
@@ -220,21 +221,25 @@ class Runtime:
 
 
 def add_common_args(ap, out_dir="out"):
-    ap.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
-    ap.add_argument("--max-iters", type=int, help="optimizer steps")
-    ap.add_argument("--time-budget", type=float, default=None,
-                    help="stop after this many seconds of training (then evaluate and save)")
-    ap.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=float, help="peak learning rate")
-    ap.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)")
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from this stage's checkpoint in --out-dir")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    """The flags every stage shares, under two headings of --help: training, and running."""
+    train = ap.add_argument_group("training (every stage)")
+    train.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
+    train.add_argument("--max-iters", type=int, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
+    train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
+    train.add_argument("--log-interval", type=int, help="print the loss every N steps")
+    train.add_argument("--seed", type=int, default=1337)
+    run = ap.add_argument_group("running: hardware, processes, time, resume")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--time-budget", type=float, default=None,
+                     help="stop after this many seconds of training (then evaluate and save)")
+    run.add_argument("--resume", action="store_true", help="continue from this stage's checkpoint in --out-dir")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,6 +305,98 @@ class Tokenizer:
     def from_state(cls, s):
         ids = {k: v.tolist() for k, v in s["ids"].items()} if "ids" in s else None
         return cls(s["merges"].tolist(), s["pattern"], tuple(s["specials"]), ids)
+
+
+def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
+    """Byte-level BPE: start from the 256 bytes and repeatedly merge the most frequent
+    adjacent pair into a new token. Returns the merges as (left_id, right_id) pairs; merge
+    k creates token 256 + k.
+
+    Fast enough for megabytes in pure Python because (a) identical chunks are counted once
+    and (b) pair counts are updated incrementally, only for the chunks that contain the
+    merged pair, with a max-heap (lazy deletion) to find the next best pair."""
+    import heapq
+    from collections import Counter, defaultdict
+    if vocab_size < 256:
+        raise UserError(f"--vocab-size must be at least 256 (the byte alphabet), got {vocab_size}")
+    chunk_counts = Counter(regex.findall(pattern, text))
+    words = [list(c.encode("utf-8")) for c in chunk_counts]
+    counts = list(chunk_counts.values())
+    pairs, where = Counter(), defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += counts[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    token_bytes = [bytes([i]) for i in range(256)]
+    known = {b: i for i, b in enumerate(token_bytes)}
+    merges = []
+    while len(token_bytes) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg or neg == 0:
+            continue  # stale heap entry
+        a, b = pair
+        new_bytes = token_bytes[a] + token_bytes[b]
+        if new_bytes in known:   # same bytes reached by another merge path: reuse that id
+            new_id = known[new_bytes]
+        else:
+            new_id = len(token_bytes)
+            token_bytes.append(new_bytes)
+            known[new_bytes] = new_id
+            merges.append(pair)
+        changed = set()
+        for i in list(where[pair]):
+            w, c = words[i], counts[i]
+            merged, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            if len(merged) == len(w):
+                continue
+            for p in zip(w, w[1:]):
+                pairs[p] -= c
+                changed.add(p)
+            for p in zip(merged, merged[1:]):
+                pairs[p] += c
+                where[p].add(i)
+                changed.add(p)
+            words[i] = merged
+        del where[pair]
+        pairs.pop(pair, None)
+        for p in changed:
+            if pairs.get(p, 0) > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+    return merges
+
+
+def train_tokenizer(text, vocab_size):
+    """A BPE of vocab_size tokens in all: 256 bytes, merges, then the special tokens."""
+    if vocab_size < 256 + len(SPECIALS):  # checked here so the message quotes the flag's value
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS)} (256 bytes + "
+                           f"{len(SPECIALS)} special tokens), got {vocab_size}")
+    return Tokenizer(train_bpe(text, vocab_size - len(SPECIALS)))
+
+
+def encode_python(tok, text):
+    """tok.encode in readable Python (slow): split with the regex, then inside each chunk
+    repeatedly merge the adjacent pair whose merged bytes have the lowest rank, leftmost
+    first -- exactly the rule tiktoken applies."""
+    ids = []
+    for chunk in regex.findall(tok.pattern, text):
+        parts = [bytes([b]) for b in chunk.encode("utf-8")]
+        while len(parts) > 1:
+            ranks = [tok.ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
+            i = min(range(len(ranks)), key=ranks.__getitem__)
+            if ranks[i] == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [tok.ranks[p] for p in parts]
+    return ids
 
 
 # ----------------------------------------------------------------------------------------
@@ -773,6 +870,79 @@ class Loop:
     def of(cls, flags):
         """A stage's flags (a dict, e.g. vars(args)) -> the loop's settings."""
         return cls(*(flags[k] for k in ("max_iters", "lr", "warmup", "eval_interval", "log_interval", "time_budget")))
+
+
+class Steps:
+    """The bookkeeping around a stage's optimisation steps; the step itself (forward, loss,
+    backward, optimizer.step) is written out in each stage file.
+
+        steps = Steps(rt, model, optimizer, Loop.of(flags), start_iter)
+        for it in steps:              # sets step it's learning rate; stops early at the time budget
+            ...                       # forward and backward of every micro-batch
+            step_loss = steps.total(step_loss)    # summed over processes; stops on a non-finite loss
+            ...                       # clip, optimizer.step(), zero_grad
+            if steps.log(step_loss / count, tokens):  # True every eval_interval steps
+                on_eval(it + 1)
+        on_eval(steps.it)             # and at the end
+
+    `scaler` scales fp16 losses on CUDA (a no-op otherwise); `params` are the trained ones."""
+
+    def __init__(self, rt, model, optimizer, loop, start_iter=0):
+        self.rt, self.optimizer, self.loop, self.start = rt, optimizer, loop, start_iter
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(rt.dtype == "float16"))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.it, self.lr, self.tokens, self.t0, self.t_end = start_iter, 0.0, 0, time.time(), None
+
+    def __iter__(self):
+        while self.it < self.loop.max_iters and not self.out_of_time():
+            self.lr = lr_at(self.it, self.loop.lr, self.loop.warmup, self.loop.max_iters)
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr
+            yield self.it
+        self.t_end = time.time()  # the training clock stops before the final evaluation
+
+    def out_of_time(self):
+        out = bool(self.loop.time_budget) and time.time() - self.t0 > self.loop.time_budget
+        if self.rt.world > 1 and self.loop.time_budget:  # every rank stops at the same step
+            out = all_reduce(float(out), self.rt, op="max") > 0
+        if out:
+            self.rt.log(f"time budget of {self.loop.time_budget:.0f}s reached at step {self.it}")
+        return out
+
+    def total(self, step_loss):
+        """The step's summed loss over every process; a NaN stops the run before the step is
+        taken, so the last checkpoint on disk is a good one."""
+        if self.rt.world > 1:
+            step_loss = all_reduce(step_loss, self.rt)
+        if not math.isfinite(step_loss):
+            raise UserError(f"non-finite loss at step {self.it} (lr {self.lr:.2e}); stopped, the last "
+                            f"checkpoint on disk is the last good one. Try a lower --lr")
+        return step_loss
+
+    def log(self, loss, tokens):
+        """Count the step (tokens: this process's), print the log line on the log cadence;
+        True when an evaluation is due (not at the last step: the caller evaluates then)."""
+        self.it, self.tokens = self.it + 1, self.tokens + tokens
+        it, loop = self.it, self.loop
+        if it % max(1, loop.log_interval) == 0 or it == loop.max_iters:
+            dt = time.time() - self.t0
+            self.rt.log(f"step {it:5d}/{loop.max_iters} | loss {loss:.4f} | lr {self.lr:.2e} | "
+                        f"{self.tokens_per_sec():,.0f} tok/s | eta {dt / (it - self.start) * (loop.max_iters - it):.0f}s")
+        return it % loop.eval_interval == 0 and it < loop.max_iters
+
+    def seconds(self):
+        return (self.t_end or time.time()) - self.t0
+
+    def tokens_per_sec(self):
+        return self.tokens * self.rt.world / max(self.seconds(), 1e-9)
+
+
+def all_reduce(value, rt, op="sum"):
+    """A Python number summed (or maxed) over every process."""
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.item()
 
 
 def train_loop(rt, model, optimizer, loop, start_iter, get_batch, loss_fn, on_eval):

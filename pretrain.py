@@ -8,18 +8,15 @@ Stage 1: next-token pre-training on plain text.
 
 Trains a BPE tokenizer on the text (unless resuming), holds out the last 10% of the tokens
 for validation, and on the world corpus measures the knowledge probe: how many facts
-("<name> was born in ...") the model can complete. Writes out/pretrain.pt (model, config,
-tokenizer: what a later stage needs), out/pretrain_last.pt at every evaluation (also the
-optimizer, step, RNG and history: what --resume needs), out/pretrain.json and
-out/pretrain_loss.png.
+("<name> was born in ...") the model can complete. Writes out/pretrain.pt (what a later
+stage needs), out/pretrain_last.pt at every evaluation (what --resume needs),
+out/pretrain.json and out/pretrain_loss.png.
 """
 import dataclasses
-import math
 import os
 import time
 
 import nanosft as ns
-import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
 import torch
 from data import world_eval as we
 
@@ -29,122 +26,20 @@ DEFAULTS = dict(max_iters=3000, batch_size=8, lr=6e-3, eval_interval=200, warmup
 WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 
 
-# ----------------------------------------------------------------------------------------
-# the tokenizer: a byte-level BPE trained here, in readable Python (nanosft.Tokenizer hands
-# its merges to tiktoken, which encodes and decodes fast)
-
-
-def train_bpe(text, vocab_size, pattern=ns.SPLIT_PATTERN):
-    """Byte-level BPE: start from the 256 bytes and repeatedly merge the most frequent
-    adjacent pair into a new token. Returns the merges as (left_id, right_id) pairs; merge
-    k creates token 256 + k.
-
-    Fast enough for megabytes in pure Python because (a) identical chunks are counted once
-    and (b) pair counts are updated incrementally, only for the chunks that contain the
-    merged pair, with a max-heap (lazy deletion) to find the next best pair."""
-    import heapq
-    from collections import Counter, defaultdict
-    if vocab_size < 256:
-        raise ns.UserError(f"--vocab-size must be at least 256 (the byte alphabet), got {vocab_size}")
-    chunk_counts = Counter(regex.findall(pattern, text))
-    words = [list(c.encode("utf-8")) for c in chunk_counts]
-    counts = list(chunk_counts.values())
-    pairs, where = Counter(), defaultdict(set)
-    for i, w in enumerate(words):
-        for p in zip(w, w[1:]):
-            pairs[p] += counts[i]
-            where[p].add(i)
-    heap = [(-c, p) for p, c in pairs.items()]
-    heapq.heapify(heap)
-    token_bytes = [bytes([i]) for i in range(256)]
-    known = {b: i for i, b in enumerate(token_bytes)}
-    merges = []
-    while len(token_bytes) < vocab_size and heap:
-        neg, pair = heapq.heappop(heap)
-        if pairs.get(pair, 0) != -neg or neg == 0:
-            continue  # stale heap entry
-        a, b = pair
-        new_bytes = token_bytes[a] + token_bytes[b]
-        if new_bytes in known:   # same bytes reached by another merge path: reuse that id
-            new_id = known[new_bytes]
-        else:
-            new_id = len(token_bytes)
-            token_bytes.append(new_bytes)
-            known[new_bytes] = new_id
-            merges.append(pair)
-        changed = set()
-        for i in list(where[pair]):
-            w, c = words[i], counts[i]
-            merged, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    merged.append(new_id)
-                    j += 2
-                else:
-                    merged.append(w[j])
-                    j += 1
-            if len(merged) == len(w):
-                continue
-            for p in zip(w, w[1:]):
-                pairs[p] -= c
-                changed.add(p)
-            for p in zip(merged, merged[1:]):
-                pairs[p] += c
-                where[p].add(i)
-                changed.add(p)
-            words[i] = merged
-        del where[pair]
-        pairs.pop(pair, None)
-        for p in changed:
-            if pairs.get(p, 0) > 0:
-                heapq.heappush(heap, (-pairs[p], p))
-    return merges
-
-
-def train_tokenizer(text, vocab_size):
-    """A BPE of vocab_size tokens in all: 256 bytes, merges, then the special tokens."""
-    if vocab_size < 256 + len(ns.SPECIALS):  # checked here so the message quotes the flag's value
-        raise ns.UserError(f"--vocab-size must be at least {256 + len(ns.SPECIALS)} (256 bytes + "
-                           f"{len(ns.SPECIALS)} special tokens), got {vocab_size}")
-    return ns.Tokenizer(train_bpe(text, vocab_size - len(ns.SPECIALS)))
-
-
-def encode_python(tok, text):
-    """tok.encode in readable Python (slow): split with the regex, then inside each chunk
-    repeatedly merge the adjacent pair whose merged bytes have the lowest rank, leftmost
-    first -- exactly the rule tiktoken applies."""
-    ids = []
-    for chunk in regex.findall(tok.pattern, text):
-        parts = [bytes([b]) for b in chunk.encode("utf-8")]
-        while len(parts) > 1:
-            ranks = [tok.ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
-            i = min(range(len(ranks)), key=ranks.__getitem__)
-            if ranks[i] == math.inf:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        ids += [tok.ranks[p] for p in parts]
-    return ids
-
-
-# ----------------------------------------------------------------------------------------
-# the stage
-
-
 def parse_args(argv=None):
     ap = ns.ArgumentParser(__doc__)
-    ap.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
-    ap.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
-                    "train on its corpus and measure its knowledge probe (default: data/, unless --data)")
+    lesson = ap.add_argument_group("pre-training: the data and the model")
+    lesson.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
+    lesson.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
+                        "train on its corpus and measure its knowledge probe (default: data/, unless --data)")
     arch = ns.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
     for name in ("block_size", "n_layer", "n_head", "n_embd"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
-    ap.add_argument("--vocab-size", type=int, default=None,
-                    help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
-                    "picked from the text's size, see vocab_size_for)")
-    ap.add_argument("--weight-decay", type=float,
-                    help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--log-interval", type=int)
+        lesson.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
+    lesson.add_argument("--vocab-size", type=int, default=None,
+                        help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
+                        "picked from the text's size, see vocab_size_for)")
+    lesson.add_argument("--weight-decay", type=float,
+                        help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
     ns.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
@@ -173,7 +68,7 @@ def new_model(text, source, vocab_size, is_world, cfg, log):
         vocab_size = WORLD_VOCAB if is_world else vocab_size_for(text)
         log(f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; set --vocab-size to choose)")
     t0 = time.time()
-    tok = train_tokenizer(text, vocab_size)
+    tok = ns.train_tokenizer(text, vocab_size)
     log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
     return ns.GPT(dataclasses.replace(cfg, vocab_size=tok.vocab_size)), tok
 
@@ -195,13 +90,13 @@ def main(argv=None):
 
     # ---- data and model (everything is validated before anything is written)
     text = ns.read_text(args.data)
-    is_world = args.world is not None
     if args.resume:  # the tokenizer and config of the run being continued
         model, tok = ns.model_from_checkpoint(ns.load_checkpoint(ns.last_path(args.out_dir, "pretrain")))
     else:
         torch.manual_seed(args.seed)
         arch = ns.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-        model, tok = new_model(text, args.data, args.vocab_size, is_world, arch, rt.log)
+        model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size, is_world=args.world is not None,
+                               cfg=arch, log=rt.log)
     cfg = model.config
     data = ns.encode_corpus(tok, text)
     train_data, val_data = ns.split_corpus(data, cfg.block_size)
@@ -211,16 +106,10 @@ def main(argv=None):
            f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
     model.to(rt.device)
     optimizer = ns.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
-    start_iter, history = 0, {"step": [], "val_loss": [], "probe": []}
-    if args.resume:
-        start_iter, history = ns.resume(args.out_dir, "pretrain", model, tok, optimizer)
+    start_iter, history = ns.resume(args.out_dir, "pretrain", model, tok, optimizer) if args.resume else \
+        (0, {"step": [], "val_loss": [], "probe": []})
     ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    world = we.load_world(args.world) if is_world else None
-
-    # ---- batches and loss: every token of a window is a target
-    get_batch = lambda it: (window_batch(train_data, it, args.seed, args.batch_size, cfg.block_size, rt,
-                                         args.grad_accum), args.batch_size * cfg.block_size)
-    loss_fn = lambda m, mb: m(mb[0], mb[1], reduction="sum")[1]
+    world = we.load_world(args.world) if args.world else None
 
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
     val_batches = ns.fixed_windows(val_data, cfg.block_size)
@@ -236,24 +125,45 @@ def main(argv=None):
                 "pretrain", model, tok, optimizer, it, vars(args), {"val_loss": history["val_loss"][-1]}, history))
         ns.barrier(rt)
 
-    # ---- train
+    # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    it, seconds, tok_per_s = ns.train_loop(rt, ddp_model, optimizer, ns.Loop.of(vars(args)), start_iter,
-                                           get_batch, loss_fn, on_eval)
+    steps = ns.Steps(rt, model, optimizer, ns.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
+    n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
+    for it in steps:
+        micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,
+                                     block_size=cfg.block_size, rt=rt, grad_accum=args.grad_accum)
+        step_loss = 0.0
+        for i, (X, Y) in enumerate(micro_batches):
+            if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
+                ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
+            with ns.autocast(rt.device, rt.dtype):
+                _, loss_sum = ddp_model(X, Y, reduction="sum")  # summed next-token cross-entropy
+            steps.scaler.scale(loss_sum * (rt.world / n_targets)).backward()  # x world: DDP averages
+            step_loss += loss_sum.item()
+        step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
+        steps.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(steps.params, 1.0)
+        steps.scaler.step(optimizer)  # optimizer.step() (fp16 on CUDA: skipped if the gradient overflowed)
+        steps.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if steps.log(step_loss / n_targets, tokens=sum(X.numel() for X, _ in micro_batches)):
+            on_eval(it + 1)
+    on_eval(steps.it)
 
     # ---- save and report
     if rt.master:
-        ckpt_path = os.path.join(args.out_dir, "pretrain.pt")
-        ns.save_checkpoint(ckpt_path, ns.checkpoint_dict("pretrain", model, tok, None, it, vars(args),
-                                                         {"val_loss": history["val_loss"][-1]}))
-        report(args.out_dir, history, model, rt, tok_per_s, time.time() - t_start, seconds, it, world is not None)
+        ns.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), ns.checkpoint_dict(
+            "pretrain", model, tok, None, steps.it, vars(args), {"val_loss": history["val_loss"][-1]}))
+        report(args.out_dir, history, model=model, rt=rt, total_seconds=time.time() - t_start, steps=steps,
+               world=world is not None)
 
 
-def report(out_dir, history, model, rt, tok_per_s, total_seconds, train_seconds, steps, world):
+def report(out_dir, history, model, rt, total_seconds, steps, world):
     """out/pretrain.json, out/pretrain_loss.png and the closing line."""
+    tok_per_s = steps.tokens_per_sec()
     result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
-              "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": train_seconds,
-              "steps": steps, "params": model.num_params(), "device": str(rt.device), "dtype": rt.dtype,
+              "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": steps.seconds(),
+              "steps": steps.it, "params": model.num_params(), "device": str(rt.device), "dtype": rt.dtype,
               "history": history}
     ns.write_json(os.path.join(out_dir, "pretrain.json"), result)
     series = {"val loss": (history["step"], history["val_loss"])}

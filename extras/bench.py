@@ -20,7 +20,7 @@ What it measures (targets in TARGETS below):
   dpo_step_ratio     a DPO step over an SFT step on the same tokens (reference log-probs cached,
                      as dpo.py does).
   pad_efficiency     real tokens over computed tokens in the SFT and DPO batches of the world data.
-  bpe_train_seconds_1mb  pretrain.train_tokenizer to 4096 tokens (specials included) on 1 MB of
+  bpe_train_seconds_1mb  nanosft.train_tokenizer to 4096 tokens (specials included) on 1 MB of
                      English: the help topics of the Python reference manual that ship with
                      every Python (pydoc_data.topics), then docstrings of the standard
                      library's modules, classes and functions.
@@ -273,15 +273,15 @@ def bench_tokenizer(res, rounds):
     text = english_text()
     res["bpe_text"] = "pydoc_data.topics + stdlib docstrings, Python " + platform.python_version()
     res["bpe_text_bytes"] = len(text.encode())
-    best, pretrain = math.inf, load_script("pretrain")
+    best = math.inf
     for _ in range(max(1, rounds // 2)):
         t = time.perf_counter()
-        tok = pretrain.train_tokenizer(text, 4096)
+        tok = ns.train_tokenizer(text, 4096)
         best = min(best, time.perf_counter() - t)
     res["bpe_train_seconds_1mb"] = round(best, 2)
     sample = text[:100_000]  # the Python encoder is slow; 100 kB is plenty for a rate
     out = {}
-    t_py, t_tk = best_times([lambda: out.update(py=pretrain.encode_python(tok, sample)),
+    t_py, t_tk = best_times([lambda: out.update(py=ns.encode_python(tok, sample)),
                              lambda: out.update(tk=tok.encode(sample))], max(2, rounds // 2))
     if out["py"] != out["tk"]:
         raise AssertionError("tiktoken and the Python encoder disagree")
@@ -308,7 +308,7 @@ SEED = 1337  # the stage scripts' default --seed
 def world_tokenizer():
     """The default world's tokenizer, as pretrain.py trains it, and the default GPT config."""
     pretrain = load_script("pretrain")
-    tok = pretrain.train_tokenizer(ns.read_text(we.CORPUS), pretrain.WORLD_VOCAB)
+    tok = ns.train_tokenizer(ns.read_text(we.CORPUS), pretrain.WORLD_VOCAB)
     return tok, ns.GPTConfig(vocab_size=tok.vocab_size)
 
 

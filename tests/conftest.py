@@ -10,7 +10,6 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 import nanosft as ns
-import pretrain
 
 SAMPLE_TEXT = open(os.path.join(ROOT, "data", "world_corpus.txt"), encoding="utf-8").read()[:60_000]
 
@@ -26,7 +25,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tok():
-    return pretrain.train_tokenizer(SAMPLE_TEXT, 600)
+    return ns.train_tokenizer(SAMPLE_TEXT, 600)
 
 
 def tiny_gpt(tok, seed=0, **kw):

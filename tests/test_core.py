@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import nanosft as ns
-import pretrain
 import sample
 from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
 
@@ -50,7 +49,7 @@ def test_python_bpe_agrees_with_tiktoken(tok):
     texts += [random_unicode(rng, 60) for _ in range(30)]
     texts += ["Hello world's   spaces\n\n  and 12345 numbers!!", "don't we'll they've"]
     for t in texts:
-        assert pretrain.encode_python(tok, t) == tok.encode(t), t
+        assert ns.encode_python(tok, t) == tok.encode(t), t
 
 
 def test_typed_special_token_stays_text(tok):

@@ -22,7 +22,6 @@ from conftest import SAMPLE_TEXT, tiny_gpt
 from extras import export
 import finetune
 from extras import hf
-import pretrain
 import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
@@ -91,7 +90,7 @@ def our_export(tmp_path_factory):
     """A tiny SFT checkpoint of ours (our BPE, trained on text in several scripts) exported
     with export.py. Returns (checkpoint path, model, tokenizer, export dir)."""
     pytest.importorskip("transformers")
-    tok = pretrain.train_tokenizer(SAMPLE_TEXT[:20_000] + MULTI * 20, 700)
+    tok = ns.train_tokenizer(SAMPLE_TEXT[:20_000] + MULTI * 20, 700)
     model = scramble(tiny_gpt(tok)).eval()
     d = tmp_path_factory.mktemp("ours")
     ckpt, out = str(d / "sft.pt"), str(d / "hf")
