@@ -89,7 +89,7 @@ def parse_args(argv=None):
     lesson.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     lesson.add_argument("--data", default=world_eval.THREADS, help="preference file (formats above)")
     lesson.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")
-    lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="sigmoid: DPO's Eq. 7; ipo; hinge: dpo_loss")
+    lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC")
     lesson.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
     ns.add_common_args(ap)
     pairs = ap.add_argument_group("pair construction (votes and scores formats)")
@@ -117,8 +117,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- the batches and the frozen reference
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a stream per (seed, epoch); 1,000,003 is prime
-    return torch.randperm(n, generator=g).tolist()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a stream per (seed, epoch); 1,000,003 is prime
+    return torch.randperm(n, generator=generator).tolist()
 
 
 def step_pair_ids(seed, it, batch_size, n, rt=None):
@@ -146,18 +146,21 @@ def freeze(model):
 
 
 @torch.no_grad()
-def pair_logprobs(model, examples, ids, pad_id, rt, batch=64):
+def pair_logprobs(model, examples, ids, pad_id, rt, pairs_per_forward=64):
     """log pi(chosen), log pi(rejected) of the pairs `ids` -> two (N,) tensors over all N
     examples, NaN off `ids`. Batched in length order, to waste little on padding. The frozen
     reference's are computed once, before training: a step then costs one policy forward."""
     order = sorted(ids, key=lambda i: max(len(examples[i][0]), len(examples[i][2])))
-    chosen, rejected = torch.full((len(examples),), math.nan), torch.full((len(examples),), math.nan)
-    for first in range(0, len(order), batch):
-        rows = order[first:first + batch]
-        X, Y, segments = collate_pairs([examples[i] for i in rows], pad_id, not model.config.n_prefix)
+    chosen = torch.full((len(examples),), math.nan)
+    rejected = torch.full((len(examples),), math.nan)
+    for first in range(0, len(order), pairs_per_forward):
+        rows = order[first:first + pairs_per_forward]
+        [(X, Y, segments, _)] = micro_batches(examples, rows, pad_id, packed=not model.config.n_prefix, grad_accum=1,
+                                              device=rt.device)
         with ns.autocast(rt.device, rt.dtype):
-            logps = concatenated_logprobs(model, *(t if t is None else t.to(rt.device) for t in (X, Y, segments)))
-        chosen[rows], rejected[rows] = logps[0].float().cpu(), logps[1].float().cpu()
+            chosen_logps, rejected_logps = concatenated_logprobs(model, X, Y, segments)
+        chosen[rows] = chosen_logps.float().cpu()
+        rejected[rows] = rejected_logps.float().cpu()
     return chosen, rejected
 
 
@@ -195,7 +198,7 @@ def main(argv=None):
     optimizer = ns.configure_optimizer(model, args.lr, device_type=rt.device.type)
     start_iter, state = ns.resume(args.out_dir, "dpo", model, tok, optimizer=optimizer) if args.resume else (0, {})
     # ---- the reference's log-probs, once: for the pairs this process's steps visit, and the held-out pairs
-    t0 = time.time()
+    cache_start = time.time()
     visited = {i for it in range(start_iter, args.max_iters)
                for i in step_pair_ids(args.seed, it, args.batch_size, len(train_examples), rt=rt)}
     ref_cache = None if args.no_ref_cache else pair_logprobs(ref, train_examples, sorted(visited), tok.pad, rt=rt)
@@ -203,7 +206,7 @@ def main(argv=None):
                               rt=rt) if held_examples else None  # score(model): the held-out pairs' log-probs
     evaluator = dpo_eval.Evaluator(ref, tok, pairs=held_pairs or train_pairs[:64], examples=held_examples, score=score,
                                    world=world, beta=args.beta, seed=args.seed, rt=rt, out_dir=args.out_dir, flags=vars(args))
-    rt.log(f"reference log-probs cached in {time.time() - t0:.1f}s")
+    rt.log(f"reference log-probs cached in {time.time() - cache_start:.1f}s")
     state = evaluator.begin(state)  # before: the reference IS the starting model
 
     def on_eval(it):  # every --eval-interval steps and at the end
