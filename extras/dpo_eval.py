@@ -1,11 +1,12 @@
 """
 What dpo.py measures and reports: the held-out pairs' implicit rewards, the KL to the
 reference, the answers' behaviour (on the world: task accuracy and the voted style, per
-half of the held-out people) along the path, the training pairs' rewards, and the files
-and lines of the final report. The DPO data, loss, loop and rewinding are in dpo.py; this
-module only measures (it imports nothing of dpo.py: the held-out pairs come in scored).
+half of the held-out people) along the path, the rewinding along that path, the training
+pairs' rewards, and the files and lines of the final report. The DPO data, loss and loop
+are in dpo.py; this module imports nothing of dpo.py (the held-out pairs come in scored).
 """
 import os
+import time
 
 import nanosft as ns
 import torch
@@ -14,6 +15,9 @@ from data import world_eval as we
 
 KL_PROMPTS = 32        # held-out prompts sampled for the KL estimate
 KL_TOKENS = 32         # tokens sampled per KL prompt
+DEGENERATE_MAX = 0.01  # rewinding: the most degenerate dev answers a chosen checkpoint may give
+REWIND_RULE = (f"latest dev-half checkpoint within 0.01 of the best clean-style rate among "
+               f"those with degenerate rate <= {DEGENERATE_MAX} and task accuracy >= start - 0.01")  # for dpo.json
 
 
 @torch.no_grad()
@@ -49,10 +53,14 @@ class Evaluator:
     (`score(model)` -> their log pi(chosen), log pi(rejected), two (N,); None without
     held-out pairs) with the reference's scores, the prompts of `pairs` (for the KL, and a few answered
     before and after) and, on the world, the held-out people's questions, split by person:
-    the DEV half chooses where to rewind, the TEST half is reported."""
+    the DEV half chooses where to rewind (its checkpoints kept in out_dir/dpo_path/), the TEST
+    half is reported."""
 
-    def __init__(self, ref, tok, pairs, score, world, beta, seed, rt):
+    def __init__(self, ref, tok, pairs, score, world, beta, seed, rt, out_dir=None, flags=None, examples=None):
         self.ref, self.tok, self.score, self.beta, self.seed, self.rt = ref, tok, score, beta, seed, rt
+        self.out_dir, self.flags = out_dir, flags  # out_dir: on the world, where the path's checkpoints go
+        self.held_pairs, self.examples = pairs, examples  # examples: the scored pairs' tensors (for the plot)
+        self.rewards = Rewards()  # the training pairs' implicit rewards, logged at every evaluation
         self.prompts = list({str(p["prompt"]): p["prompt"] for p in pairs}.values())  # each prompt once
         self.held_ref = score and score(ref)  # two (N,)
         self.world, self.longest = (we.load_world(), we.world_longest()) if world else (None, None)
@@ -125,6 +133,17 @@ class Evaluator:
             self.rt.log(f"eval step {it} (dev): accuracy {d['accuracy']:.3f} | clean style "
                         f"{d['clean_style_rate']:.3f} | degenerate {d['degenerate_rate']:.3f}")
         model.train()  # (generating put it in eval mode)
+        if self.world and self.out_dir:  # the path's point, for rewinding to pick from
+            ns.save_checkpoint(path_checkpoint(self.out_dir, it), ns.checkpoint_dict(
+                "dpo", model, self.tok, it=it, flags=self.flags))
+
+    def rewind(self, model, path, final_step, start_ckpt):
+        """Load into `model` the weights of the step that `rewind` picks on `path` (step 0: the
+        starting checkpoint `start_ckpt`; `final_step`: the weights already in `model`) -> that step."""
+        step = rewind(path)["step"]
+        if step != final_step:
+            model.load_state_dict((ns.load_checkpoint(path_checkpoint(self.out_dir, step)) if step else start_ckpt)["model"])
+        return step
 
 
 class Rewards:
@@ -155,9 +174,35 @@ class Rewards:
                    f"{(c - r) / n:+.3f} | rewards/accuracies {a / n:.3f} (train, since the last eval)")
 
 
-def summary(ev, model, state, rewind_rule):
-    """dpo.json's measurements: the held-out pairs' scores, the behaviour before and after (the
-    test half), the KL, the samples and the history. -> (them, the held-out scores)."""
+def rewind(path, tolerance=0.01):
+    """DPO rewinding along its own path, on the DEV half of the held-out people (the test half
+    is only reported). A checkpoint qualifies when at most DEGENERATE_MAX of its answers
+    are degenerate and its task accuracy is within `tolerance` of the starting model's;
+    among those within `tolerance` of the best clean-style rate, take the LATEST: the most
+    optimised point that still answers cleanly. DPO can over-optimise (the chosen answers'
+    likelihood falls too and the freed probability lands on a repeated closing); this
+    stops it before it breaks, as SFT rewinding does. path[0] is the start, which always
+    qualifies: when no later point does, DPO changes nothing."""
+    start = path[0]
+    ok = [p for p in path if p["degenerate_rate"] <= DEGENERATE_MAX
+          and p["accuracy"] >= start["accuracy"] - tolerance] or [start]
+    best = max(p["clean_style_rate"] for p in ok)
+    return max((p for p in ok if p["clean_style_rate"] >= best - tolerance), key=lambda p: p["step"])
+
+
+def path_checkpoint(out_dir, it):
+    """Where the world's run keeps step `it` of its path, for rewinding to pick from."""
+    return os.path.join(out_dir, "dpo_path", f"step{it:05d}.pt")
+
+
+REPORTED_FLAGS = ("beta", "loss", "label_smoothing", "rpo_alpha", "lr", "batch_size", "pairs", "min_margin")
+
+
+def summary(ev, model, state, rewind_rule=REWIND_RULE, rewound_step=None, steps=None, t_start=None, counts=None,
+            flags=None):
+    """dpo.json: the held-out pairs' scores, the behaviour before and after (the test half), the
+    KL, the samples and the history; with `steps` (ns.Steps) also the run's steps and times, the
+    data's `counts` and the REPORTED_FLAGS of `flags`. The held-out margins go to ev.margins."""
     after, held, world = ev.behaviour(model), ev.pairs(model) or {}, ev.world is not None
     result = {"pref_accuracy_heldout": held.get("pref_accuracy"),
               # before training every implicit reward is 0: a tie, counted as a coin flip
@@ -175,11 +220,27 @@ def summary(ev, model, state, rewind_rule):
         name = "heldout_accuracy" if k == "accuracy" else k
         result[f"{name}_before"], result[f"{name}_after"] = state["before"][k], after[k]
     result["degenerate_examples_after"] = after.get("degenerate_examples")
-    return result, held
+    ev.margins = held.get("margins")
+    if steps is not None:
+        result.update(rewound_step=rewound_step, final_step=steps.it, seconds=time.time() - t_start,
+                      train_seconds=steps.seconds(), steps=steps.it, tokens_per_sec=steps.tokens_per_sec(), **counts,
+                      device=str(ev.rt.device), dtype=ev.rt.dtype, **{k: flags[k] for k in REPORTED_FLAGS})
+    return result
 
 
-def report(rt, out_dir, result):
-    """out/dpo.json, out/dpo_margin.png and the closing lines."""
+def numbers(result):
+    """The plain numbers and strings of dpo.json, stored in dpo.pt's metrics."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+
+
+def report(rt, out_dir, result, evaluator=None, model=None, token_logprobs=None):
+    """out/dpo_logratio.png (the held-out pair with the largest margin now: which tokens moved;
+    with an evaluator that scored held-out pairs), out/dpo.json, out/dpo_margin.png and the
+    closing lines."""
+    if evaluator is not None and evaluator.examples and evaluator.margins is not None:
+        k = int(evaluator.margins.argmax())
+        plot_logratio(os.path.join(out_dir, "dpo_logratio.png"), model, evaluator.ref, evaluator.tok,
+                      pair=evaluator.held_pairs[k], example=evaluator.examples[k], rt=rt, token_logprobs=token_logprobs)
     ns.write_json(os.path.join(out_dir, "dpo.json"), result)
     tr, ev = result["history"]["train"], result["history"]["eval"]
     series = {"train (per step)": (tr.get("step", []), tr.get("rewards/margins", []))}

@@ -176,7 +176,7 @@ def test_dpo_path_is_measured_on_the_dev_half_and_the_report_on_the_test_half(to
     assert [p["step"] for p in state["path"]] == [0, 50]
     assert [p["accuracy"] for p in state["path"]] == [1.0, 1.0]  # the dev half, which rewinding reads
     assert state["before"]["accuracy"] == 0.0  # the test half, reported
-    result, _ = dpo_eval.summary(ev, model, state, dpo.REWIND_RULE)
+    result = dpo_eval.summary(ev, model, state, dpo_eval.REWIND_RULE)
     assert result["heldout_accuracy_before"] == result["heldout_accuracy_after"] == 0.0
 
 
@@ -287,7 +287,7 @@ def test_plain_dpo_steps_raise_the_chosen_answer_over_the_rejected(tok, packed):
         before = gap()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):
-        loss = dpo.pair_loss(model, X, Y, ref_c, ref_r, beta=0.1, loss="sigmoid", rpo_alpha=0.0, S=S)[0]
+        loss = dpo.pair_loss(model, X, Y, ref_c, ref_r, beta=0.1, loss="sigmoid", rpo_alpha=0.0, segments=S)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -107,17 +107,17 @@ def test_loss_is_ln2_on_a_model_and_identical_pairs_give_zero_gradient(tok):
     ex = examples(tok)
     X, Y, S = dpo.collate_pairs(ex, tok.pad)
     ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y, S)
-    loss, _, _ = dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(), S=S)
+    loss, _, _ = dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(), segments=S)
     assert abs(loss.item() / len(ex) - math.log(2)) < 1e-6
     # the same response as chosen and rejected: the two halves' gradients cancel exactly
     same = [(xc, yc, xc, yc) for xc, yc, _, _ in ex]
     X, Y, S = dpo.collate_pairs(same, tok.pad, packed=False)  # same rows, same float rounding
     ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y, S)
-    dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(), S=S)[0].backward()
+    dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(), segments=S)[0].backward()
     grads = [p.grad.abs().max().item() for p in model.parameters() if p.grad is not None]
     assert grads and max(grads) < 1e-7
     model.zero_grad()
-    dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(rpo_alpha=1.0), S=S)[0].backward()  # not vacuous
+    dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(rpo_alpha=1.0), segments=S)[0].backward()  # not vacuous
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) > 1e-4
 
 
@@ -150,8 +150,8 @@ def test_rpo_adds_alpha_times_chosen_per_token_nll(tok):
     X, Y, S = dpo.collate_pairs(ex, tok.pad)
     with torch.no_grad():
         ref_c, ref_r = dpo.concatenated_logprobs(model, X, Y, S)
-        base = dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(), S=S)[0]
-        rpo = dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(rpo_alpha=2.0), S=S)[0]
+        base = dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(), segments=S)[0]
+        rpo = dpo.pair_loss(model, X, Y, ref_c, ref_r, **loss_kw(rpo_alpha=2.0), segments=S)[0]
         nll = sum(model(xc[None], yc[None])[1].item() for xc, yc, _, _ in ex)  # per-token means
     assert abs((rpo - base).item() - 2.0 * nll) < 1e-4
 
@@ -192,7 +192,7 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
         return [(*dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad), ids)], 2
 
     def loss_fn(m, mb):
-        return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[3]], cache_r[mb[3]], **loss_kw(rpo_alpha=1.0), S=mb[2])[0]
+        return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[3]], cache_r[mb[3]], **loss_kw(rpo_alpha=1.0), segments=mb[2])[0]
     ns.train_loop(rt, model, opt, loop, 0, get_batch, loss_fn, lambda it: None)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())

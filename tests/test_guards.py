@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nanosft as ns
-from extras import peft
+from extras import dpo_eval, peft
 from data import formats
 from conftest import ROOT, tiny_gpt
 
@@ -195,21 +195,21 @@ def test_dpo_rewind_rule():
     or that can return anything but the start when nothing qualifies."""
     start = _pt(0, 0.80, 0.10)
     # a later point with more style but 5% degenerate answers is not chosen
-    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.95, deg=0.05)])["step"] == 50
+    assert dpo_eval.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.95, deg=0.05)])["step"] == 50
     # at most DEGENERATE_MAX is allowed
-    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.95, deg=dpo.DEGENERATE_MAX)])["step"] == 100
+    assert dpo_eval.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.95, deg=dpo_eval.DEGENERATE_MAX)])["step"] == 100
     # a point that lost 2 points of accuracy is not chosen; one within tolerance is
-    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.78, 0.95)])["step"] == 50
-    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.795, 0.95)])["step"] == 100
+    assert dpo_eval.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.78, 0.95)])["step"] == 50
+    assert dpo_eval.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.795, 0.95)])["step"] == 100
     # among points within tolerance of the best style, the latest (the most optimised clean one)
-    assert dpo.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.60), _pt(150, 0.80, 0.605)])["step"] == 150
+    assert dpo_eval.rewind([start, _pt(50, 0.80, 0.60), _pt(100, 0.80, 0.60), _pt(150, 0.80, 0.605)])["step"] == 150
     # ... but not one whose style fell more than the tolerance below the best
-    assert dpo.rewind([start, _pt(50, 0.80, 0.90), _pt(100, 0.80, 0.85)])["step"] == 50
+    assert dpo_eval.rewind([start, _pt(50, 0.80, 0.90), _pt(100, 0.80, 0.85)])["step"] == 50
     # nothing later qualifies: the start
-    assert dpo.rewind([start, _pt(50, 0.70, 0.90), _pt(100, 0.80, 0.90, deg=0.2)])["step"] == 0
+    assert dpo_eval.rewind([start, _pt(50, 0.70, 0.90), _pt(100, 0.80, 0.90, deg=0.2)])["step"] == 0
     # not even the start qualifies: still the start
     bad_start = _pt(0, 0.80, 0.10, deg=0.5)
-    assert dpo.rewind([bad_start, _pt(50, 0.60, 0.90), _pt(100, 0.80, 0.90, deg=0.3)])["step"] == 0
+    assert dpo_eval.rewind([bad_start, _pt(50, 0.60, 0.90), _pt(100, 0.80, 0.90, deg=0.3)])["step"] == 0
 
 
 # ---- 6. the world's strict verifier
