@@ -24,7 +24,7 @@ from data import formats
 from data import world_eval
 
 DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=25, warmup=20, log_interval=25)
-LR = {"full": 2e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}  # --lr per method: why, docs/peft.md
+LR = {"full": 2e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}  # --lr per method: why, docs/forgetting.md, docs/peft.md
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas (extras/rewind.py)
 # the flags main hands on by name: to extras/peft.py sft_setup, to extras/rewind.py, to sft.json
 PEFT_FLAGS = ("lora_rank", "lora_alpha", "lora_on", "oft_block", "prompt_tokens", "prompt_init", "prompt_mlp",

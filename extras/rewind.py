@@ -27,7 +27,7 @@ def sft_rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None)
     LOWEST retention loss: the good-enough point where SFT has paid the least of the
     pre-trained model's knowledge. Only the dev half chooses; the test half is reported.
     The loss too, because accuracy is reached before the model writes the answers as SFT
-    teaches them (docs/forgetting.md, "rewinding on accuracy alone").
+    teaches them (the run that showed it: docs/verify.md).
 
     final, min_gain: when the chosen point saves less than min_gain nats of retention loss
     over `final`, return `final`: a run that has not overshot gains nothing from rewinding
