@@ -8,8 +8,10 @@ dpo.py and experiments.py are comparable: greedy answers, graded by `world.grade
 """
 import json
 import os
+import random
 
 import nanosft as ns
+from data import formats
 from data import world as W
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -164,3 +166,41 @@ def chance(world):
     """Accuracy of guessing uniformly among an attribute's values, averaged over attributes."""
     W, facts = world
     return sum(1 / len(W.VALUES[a]) for a in facts["attributes"]) / len(facts["attributes"])
+
+
+def top_voted(answers):
+    """A community thread's best answer by net votes (up - down), the first of a tie."""
+    return max(answers, key=lambda a: a["up"] - a["down"])["text"]
+
+
+def world_conversations(labels, seed, world_dir=HERE, attributes=None):
+    """The world's instruction set. Questions about training people come from the community
+    threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
+    random community answer; the list tasks (copy/reverse/count) always use their gold answer.
+    attributes (--sft-attributes; None: all): only the questions about these are kept, so
+    the other attributes' questions stay unseen question types (cross-domain evaluation)."""
+    gold = formats.read_records(path("world_sft.jsonl", world_dir))
+    threads = {r["prompt"]: r for _, r in formats.read_records(path("world_community.jsonl", world_dir))}
+    rng = random.Random(seed)
+    convs = []
+    for _, r in gold:
+        answer = r["response"]
+        # a fact question's attribute is its thread's (every one has a thread; a list task has none)
+        if attributes is not None and r["prompt"] in threads and threads[r["prompt"]]["attribute"] not in attributes:
+            continue
+        if labels != "gold" and r["prompt"] in threads:
+            answers = threads[r["prompt"]]["answers"]
+            answer = top_voted(answers) if labels == "top-voted" else rng.choice(answers)["text"]
+        convs.append([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}])
+    return convs
+
+
+def load_records(data, labels, seed, strict, world_dir=HERE, attributes=None):
+    """finetune.py's records: ([(record number, conversation)], its DataReport) of the file
+    `data` (any format data/formats.py reads) or, without one, the world's questions."""
+    report = formats.DataReport(data or path("world_sft.jsonl", world_dir), strict)
+    if data:
+        return formats.load_instructions(data, report), report
+    records = list(enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1))
+    report.total = len(records)
+    return records, report

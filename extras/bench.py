@@ -324,14 +324,14 @@ def world_pairs(tok, cfg):
 def bench_padding(res, tok, cfg):
     """Real (non-pad) tokens over all tokens the model computes, over one epoch of batches."""
     try:
-        ft = load_script("finetune")
-        B = ft.DEFAULTS["batch_size"]
-        ex = ft.render_all(tok, list(enumerate(ft.world_conversations("top-voted", SEED), 1)), cfg.block_size,
-                           formats.DataReport("world"))
+        finetune = load_script("finetune")
+        B = finetune.DEFAULTS["batch_size"]
+        ex = formats.render_all(tok, list(enumerate(we.world_conversations("top-voted", SEED), 1)), cfg.block_size,
+                                formats.DataReport("world"))
         lengths = [len(x) for x, _ in ex]
         r = t = 0
         for it in range(max(1, len(ex) // B)):
-            X, _ = ns.collate([ex[i] for i in ft.step_order(len(ex), B, SEED, it, lengths)], tok.pad)
+            X, _ = ns.collate([ex[i] for i in finetune.step_order(len(ex), B, SEED, it, lengths)], tok.pad)
             r, t = r + int((X != tok.pad).sum()), t + X.numel()
         res["pad_efficiency_sft"] = round(r / t, 3)
     except Exception as e:

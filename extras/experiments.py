@@ -530,14 +530,18 @@ def plot_plane(png, points, res):
                            (axes[1], "probe_drop", "forgetting: knowledge probe, pre-trained minus after")):
         fx = (lambda q: q["retention"] - b0["retention_val_loss_before"]) if key == "forget" else \
             (lambda q: b0["knowledge_probe_before"] - q["probe"])
+        # finetune.py measures the knowledge probe at the ends and the rewound points only: the
+        # probe panel draws the path and the line through those
+        measured = (lambda qs: qs) if key == "forget" else (lambda qs: [q for q in qs if q.get("probe") is not None])
         for name, grey in zip(REWOUND, ("0.65", "0.35")):
             full = res.get(name, [None])[0]
             if not full:
                 continue
-            ax.plot([fx(q) for q in full["path"]], [q["heldout"] for q in full["path"]], "-", color=grey, lw=1,
-                    label=f"{name}: path (seed 1337, every eval)")
-            if full["interpolation"]:
-                ax.plot([fx(q) for q in full["interpolation"]], [q["heldout"] for q in full["interpolation"]], ":",
+            path, line = measured(full["path"]), measured(full["interpolation"] or [])
+            ax.plot([fx(q) for q in path], [q["heldout"] for q in path], "-", color=grey, lw=1,
+                    label=f"{name}: path (seed 1337)")
+            if line:
+                ax.plot([fx(q) for q in line], [q["heldout"] for q in line], ":",
                         color=grey, lw=1.2, label=f"{name}: line pre-trained -> final (seed 1337)")
         for i, (name, p) in enumerate(points.items()):
             x, y = mean(p[key]), mean(p["acc"])

@@ -258,3 +258,75 @@ def plain_model(model):
     m = ns.GPT(model.config)
     m.load_state_dict(plain_state(model))
     return m.to(next(model.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------
+# finetune.py's set-up: --lora-rank, --oft-block, --prompt-tokens and their options
+
+
+def sft_setup(model, tok, examples, seed, lora_rank=0, lora_alpha=None, lora_on="attn", oft_block=0,
+              quantize="none", prompt_tokens=0, prompt_init="random", prompt_mlp=0, new_rows="train",
+              counts=None, chat_tokens=(), rare=10, train_rows=None):
+    """finetune.py's model under PEFT -> (model, the embedding rows that train or None): a
+    prompt-tuning prefix (prompt_tokens), or LoRA adapters (lora_rank) or OFT rotations
+    (oft_block) on the projections of lora_on (e.g. "attn,mlp"), which freeze everything
+    else; quantize "int8" (--quantize-base) stores the frozen projections under LoRA/OFT as int8 first.
+    new_rows "train": the embedding rows of the tokens new to the model (new_token_rows;
+    counts: the pre-training text's token counts, None for a model without pre-training)
+    train with them, through train_rows (finetune.train_rows). prompt_init, prompt_mlp:
+    prompt_setup."""
+    if prompt_tokens:
+        model = add_prompt(model, prompt_tokens, seed)
+    if quantize == "int8":
+        quantize_base(model)
+    if lora_rank:
+        torch.manual_seed(seed)
+        add_lora(model, lora_rank, lora_alpha, lora_on.split(","))
+    if oft_block:
+        if model.config.n_embd % oft_block:  # (the MLP's 4 * n_embd inputs then divide too)
+            raise ns.UserError(f"--oft-block {oft_block} must divide the model's width {model.config.n_embd}")
+        add_oft(model, oft_block, lora_on.split(","))
+    rows = None
+    if new_rows == "train":
+        rows = train_rows(model, new_token_rows(counts, examples, chat_tokens, rare))
+    prompt_setup(model, tok, examples, chat_tokens, init=prompt_init, mlp_hidden=prompt_mlp)
+    return model, rows
+
+
+
+def new_token_rows(counts, examples, chat_tokens, rare):
+    """The tokens that are new to the pre-trained model: the chat tokens, and the tokens of
+    the SFT data that pre-training saw fewer than `rare` times (in the world: the question
+    words, "?", the list tasks' digits -- the questions are phrased in words the biographies
+    never use). Frozen at their untrained start (--new-rows freeze), the model could read
+    "<|user|>" or write "<|end|>" only by bending every layer around them, and that bending
+    shows up as forgetting on ordinary text; PEFT libraries let added tokens train too."""
+    rows = set(chat_tokens)
+    if counts is not None:
+        used = torch.cat([x for x, _ in examples] + [y[y >= 0] for _, y in examples]).unique()
+        rows |= {t for t in used.tolist() if counts[t] < rare}
+    return sorted(rows)
+
+
+def prompt_setup(model, tok, examples, chat_tokens, init="random", mlp_hidden=0):
+    """Prompt tuning's remedies (none without a prefix): init "task" starts the prefix from
+    the embeddings of the most frequent answer tokens of `examples`; mlp_hidden > 0
+    reparametrises it through an MLP (PromptMLP)."""
+    if not model.config.n_prefix:
+        return
+    if init == "task":
+        targets = torch.cat([y[y >= 0] for _, y in examples])
+        counts = torch.bincount(targets, minlength=tok.vocab_size)
+        counts[list(chat_tokens) + [tok.endoftext, tok.pad]] = 0  # words, not the chat format's tokens
+        init_prompt(model, counts.argsort(descending=True)[:model.config.n_prefix].tolist())
+    if mlp_hidden:
+        reparametrise_prompt(model, mlp_hidden)
+
+
+def trainable_params(model, rows=None):
+    """Parameters the optimizer can change: with `rows`, of the embedding matrix only those
+    rows (the others get zero gradients and, without weight decay, stay put)."""
+    n = model.num_params(trainable_only=True)
+    if rows is not None:
+        n -= (model.wte.weight.size(0) - len(rows)) * model.config.n_embd
+    return n

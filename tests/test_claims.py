@@ -22,7 +22,7 @@ from test_dpo import PAIRS, answer_logprob
 
 import dpo
 from extras import dpo_eval
-import finetune
+from extras import sft_eval
 
 RT = ns.Runtime(torch.device("cpu"), "float32")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -147,13 +147,13 @@ def fake_answers(knows):
 
 
 def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
-    """Catches finetune.Evaluator feeding the test half's accuracy into "dev" (what
+    """Catches sft_eval.SFTEvaluator feeding the test half's accuracy into "dev" (what
     rewinding reads), or swapping the halves: the model knows the dev half's people only."""
     dev, test = we.heldout_halves()
     dev_people = {r["person"] for r in dev}
     monkeypatch.setattr(we, "answer_questions", fake_answers(dev_people))
     monkeypatch.setattr(we, "knowledge_probe", lambda *a, **k: 0.5)
-    ev = finetune.Evaluator(RT, tok, None, 256)
+    ev = sft_eval.SFTEvaluator(RT, tok, None, 256)
     r = ev(tiny_gpt(tok, block_size=256))
     assert r["dev"] == 1.0 and r["heldout"] == 0.0
     assert {r["person"] for r in ev.dev} <= dev_people and {r["person"] for r in ev.test} == {r["person"] for r in test}

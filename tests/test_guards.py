@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nanosft as ns
-from extras import dpo_eval, peft
+from extras import dpo_eval, peft, rewind
 from data import formats
 from conftest import ROOT, tiny_gpt
 
@@ -163,10 +163,10 @@ def test_sft_rewind_reads_the_dev_half_never_the_test_half():
     path = [{"step": 10, "dev": 0.50, "heldout": 0.70, "retention": 1.0},
             {"step": 20, "dev": 0.70, "heldout": 0.50, "retention": 1.2},
             {"step": 30, "dev": 0.60, "heldout": 0.60, "retention": 1.5}]
-    assert finetune.rewind(path, 0.01)["step"] == 20   # a "heldout" rule picks step 10
+    assert rewind.sft_rewind(path, 0.01)["step"] == 20   # a "heldout" rule picks step 10
     # the test half changing alone changes nothing
     shuffled = [dict(p, heldout=h) for p, h in zip(path, (0.1, 0.9, 0.3))]
-    assert finetune.rewind(shuffled, 0.01)["step"] == 20
+    assert rewind.sft_rewind(shuffled, 0.01)["step"] == 20
 
 
 def test_heldout_halves_split_the_heldout_people_disjointly_and_about_evenly():

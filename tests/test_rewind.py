@@ -4,11 +4,12 @@ import torch
 
 import nanosft as ns
 import finetune
+from extras import rewind
 from conftest import tiny_gpt
 
 
 class LineEvaluator:
-    """A stand-in for finetune.Evaluator on weights that lie on the line pre-trained ->
+    """A stand-in for extras.sft_eval.SFTEvaluator on weights that lie on the line pre-trained ->
     final: it reads alpha back from ln_f.bias (0 pre-trained, 1 final). Dev accuracy peaks at
     alpha 0.8, retention loss grows with alpha, and the TEST half's accuracy is `test(alpha)`."""
 
@@ -33,8 +34,8 @@ def line_choice(tok, test):
     ck = ns.checkpoint_dict("pretrain", pre, tok)
     ev = LineEvaluator(test)
     path = [{"step": 0, **ev(pre)}, {"step": 300, **ev(fin)}]
-    return finetune.choose_rewound(ev, ck, fin, path, path[-1], "interpolate", finetune.ALPHAS,
-                                   tolerance=0.01, loss_tolerance=0.02, min_gain=0.05)
+    return rewind.choose_rewound(ev, ck, fin, path, path[-1], where="interpolate", alphas=finetune.ALPHAS,
+                                 tolerance=0.01, loss_tolerance=0.02, min_gain=0.05)
 
 
 def test_alpha_is_chosen_on_dev_and_the_test_half_cannot_move_it(tok):
@@ -54,6 +55,6 @@ def test_alpha_is_chosen_on_dev_and_the_test_half_cannot_move_it(tok):
 
 def test_interpolated_weights_are_the_convex_combination(tok):
     pre, fin = tiny_gpt(tok).state_dict(), tiny_gpt(tok, seed=1).state_dict()
-    mid = finetune.interpolated(pre, fin, 0.25)
+    mid = rewind.interpolated(pre, fin, 0.25)
     for k in pre:
         torch.testing.assert_close(mid[k], 0.75 * pre[k] + 0.25 * fin[k])

@@ -35,8 +35,8 @@ def test_sft_attributes_keep_the_evaluation_only_attributes_out_of_sft(labels):
     detector below sees them), leaky (one labels path unfiltered) or too eager (an in-domain
     question or a list task dropped)."""
     attrs = we.sft_attributes(SFT_ATTRS)
-    every = questions(finetune.world_conversations(labels, 1337))
-    kept = questions(finetune.world_conversations(labels, 1337, we.HERE, attrs))
+    every = questions(we.world_conversations(labels, 1337))
+    kept = questions(we.world_conversations(labels, 1337, we.HERE, attrs))
     cross = set(W.ATTRS) - set(attrs)
     assert {asked_attribute(q) for q in every} == set(W.ATTRS) | {None}   # the detector has teeth
     assert not [q for q in kept if asked_attribute(q) in cross]

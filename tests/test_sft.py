@@ -9,6 +9,7 @@ import nanosft as ns
 from extras import peft
 from data import formats
 import finetune
+from extras import rewind
 import pretrain
 from conftest import tiny_gpt, run_script
 
@@ -135,13 +136,13 @@ def test_lora_init_exact_only_adapters_train_and_merge_equal(tok):
 
 def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
     ck = ns.checkpoint_dict("pretrain", tiny_gpt(tok, seed=2), tok)
-    model, _ = finetune.build_model(ck, lora_rank=4)
+    model, _ = peft.sft_setup(ns.model_from_checkpoint(ck)[0], tok, [], seed=1337, lora_rank=4, new_rows="freeze")
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
     ex = [ns.example_tensors(*ns.render_chat(tok, conv))]
     X, Y = ns.collate(ex, tok.pad)
     counts = torch.full((tok.vocab_size,), 100)
     counts[X[0, -3]] = 0  # one token of the example "unseen in pre-training"
-    rows = finetune.new_token_rows(tok, counts, ex)
+    rows = peft.new_token_rows(counts, ex, finetune.chat_tokens(tok), finetune.RARE)
     assert rows == sorted(finetune.chat_tokens(tok) + [int(X[0, -3])])
     finetune.train_rows(model, rows)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -156,13 +157,13 @@ def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
     assert int(X[0, -3]) in moved and set(moved) <= set(rows)  # no other pre-trained row moved
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trainable)
     lora = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".A", ".B")))
-    assert finetune.trainable_params(model, rows) == lora + len(rows) * model.config.n_embd
+    assert peft.trainable_params(model, rows) == lora + len(rows) * model.config.n_embd
 
 
 def test_prompt_tuning_changes_no_model_weight(tok, tmp_path):
     base = tiny_gpt(tok, seed=3)
     ck = ns.checkpoint_dict("pretrain", base, tok)
-    model, _ = finetune.build_model(ck, prompt_tokens=4)
+    model, _ = peft.sft_setup(ns.model_from_checkpoint(ck)[0], tok, [], seed=1337, prompt_tokens=4, new_rows="freeze")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix"]
     opt = ns.configure_optimizer(model, 1e-2)
@@ -206,22 +207,22 @@ def test_defaults_one_table_and_the_learning_rate_of_each_method():
 def test_rewind_rule():
     path = [{"step": 10, "dev": 0.60, "retention": 1.0}, {"step": 20, "dev": 0.745, "retention": 1.1},
             {"step": 30, "dev": 0.75, "retention": 1.3}, {"step": 40, "dev": 0.40, "retention": 1.8}]
-    assert finetune.rewind(path, 0.01)["step"] == 20    # near the best accuracy, least forgetting
-    assert finetune.rewind(path, 0.0)["step"] == 30
+    assert rewind.sft_rewind(path, 0.01)["step"] == 20    # near the best accuracy, least forgetting
+    assert rewind.sft_rewind(path, 0.0)["step"] == 30
     # rewinding only when it pays: step 20 saves 0.7 nats over the final step 40 ...
-    assert finetune.rewind(path, 0.01, path[-1], min_gain=0.5)["step"] == 20
+    assert rewind.sft_rewind(path, 0.01, path[-1], min_gain=0.5)["step"] == 20
     # ... but not 0.8: then the final checkpoint stays (no overshoot worth a noisier pick)
-    assert finetune.rewind(path, 0.01, path[-1], min_gain=0.8)["step"] == 40
+    assert rewind.sft_rewind(path, 0.01, path[-1], min_gain=0.8)["step"] == 40
     line = [{"alpha": a, "dev": d, "retention": r} for a, d, r in ((0.5, 0.2, 0.7), (0.8, 0.75, 0.9), (1.0, 0.75, 1.3))]
-    assert finetune.rewind(line, 0.01, line[-1], min_gain=0.05)["alpha"] == 0.8
+    assert rewind.sft_rewind(line, 0.01, line[-1], min_gain=0.05)["alpha"] == 0.8
     # accurate early is not enough: a point must also write the answers (dev answer loss)
     path = [{"step": s, "dev": d, "dev_loss": l, "retention": r} for s, d, l, r in
             ((100, 0.99, 0.37, 1.05), (150, 0.99, 0.33, 1.20), (200, 0.99, 0.32, 1.26), (300, 0.99, 0.31, 1.33))]
-    assert finetune.rewind(path, 0.01, path[-1], 0.05)["step"] == 100              # accuracy alone
-    assert finetune.rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.02)["step"] == 150
-    assert finetune.rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.01)["step"] == 200
+    assert rewind.sft_rewind(path, 0.01, path[-1], 0.05)["step"] == 100              # accuracy alone
+    assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.02)["step"] == 150
+    assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.01)["step"] == 200
     path[-1]["dev"] = 0.95  # the lowest loss is not among the accurate points: the final one stays
-    assert finetune.rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.0)["step"] == 300
+    assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.0)["step"] == 300
 
 
 def test_step_order_is_pure_and_buckets_lengths():

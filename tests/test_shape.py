@@ -9,8 +9,8 @@ from conftest import ROOT
 
 SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eval.py", "extras/peft.py", "sample.py",
            "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "data/formats.py",
-           "data/world_eval.py"]
-LINES = {"nanosft.py": 900, "dpo.py": 400}  # the files' budgets
+           "data/world_eval.py", "extras/rewind.py", "extras/sft_eval.py", "extras/replay.py"]
+LINES = {"nanosft.py": 900, "finetune.py": 350, "dpo.py": 400}  # the files' budgets
 MAIN_LINES = 80
 
 
