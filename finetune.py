@@ -31,10 +31,10 @@ import sys
 import time
 
 import nanosft as ns
-from extras import peft
+from extras import charts, peft
+from extras import hf  # noqa: F401  (--ckpt may name a Hugging Face GPT-2 directory)
 import torch
-from data import formats
-from data import world_eval as we
+from data import formats, world_eval
 
 
 # ----------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     ap.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"],
                     help="world data only: where the answers come from (gold facts, the best-voted "
                     "community answer, or any community answer)")
-    ap.add_argument("--world", default=we.HERE, help="world data only: the world directory to train and "
+    ap.add_argument("--world", default=world_eval.HERE, help="world data only: the world directory to train and "
                     "evaluate on (python data/world.py --out-dir DIR; the one the checkpoint was pre-trained "
                     "on, pretrain.py --world); default: data/")
     ap.add_argument("--sft-attributes", default=None, help="world data only: train on the questions about "
@@ -130,8 +130,8 @@ def parse_args(argv=None):
         raise ns.UserError("--quantize-base needs a frozen base: add --lora-rank or --oft-block")
     if args.data and args.sft_attributes:
         raise ns.UserError("--sft-attributes picks the world's questions: it does not apply to --data")
-    args.sft_attributes = None if args.data else we.sft_attributes(args.sft_attributes)
-    we.check_world_dir(args.world)
+    args.sft_attributes = None if args.data else world_eval.sft_attributes(args.sft_attributes)
+    world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
     if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
@@ -148,14 +148,14 @@ def top_voted(answers):
     return max(answers, key=lambda a: a["up"] - a["down"])["text"]
 
 
-def world_conversations(labels, seed, world_dir=we.HERE, attributes=None):
+def world_conversations(labels, seed, world_dir=world_eval.HERE, attributes=None):
     """The world's instruction set. Questions about training people come from the community
     threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
     random community answer; the list tasks (copy/reverse/count) always use their gold answer.
     attributes (--sft-attributes; None: all): only the questions about these are kept, so
     the other attributes' questions stay unseen question types (cross-domain evaluation)."""
-    gold = [(w, r) for w, r in formats.read_records(we.path("world_sft.jsonl", world_dir))]
-    threads = {r["prompt"]: r for _, r in formats.read_records(we.path("world_community.jsonl", world_dir))}
+    gold = [(w, r) for w, r in formats.read_records(world_eval.path("world_sft.jsonl", world_dir))]
+    threads = {r["prompt"]: r for _, r in formats.read_records(world_eval.path("world_community.jsonl", world_dir))}
     rng = random.Random(seed)
     convs = []
     for _, r in gold:
@@ -173,11 +173,11 @@ def world_conversations(labels, seed, world_dir=we.HERE, attributes=None):
     return convs
 
 
-def load_records(data, labels, seed, strict, world_dir=we.HERE, attributes=None):
+def load_records(data, labels, seed, strict, world_dir=world_eval.HERE, attributes=None):
     """([(record number, conversation)], its DataReport): the file `data` (any format
     data/formats.py reads) or, without one, the questions of the world in world_dir about
     `attributes` (see world_conversations)."""
-    report = formats.DataReport(data or we.path("world_sft.jsonl", world_dir), strict)
+    report = formats.DataReport(data or world_eval.path("world_sft.jsonl", world_dir), strict)
     if data:
         return formats.load_instructions(data, report), report
     records = list(enumerate(world_conversations(labels, seed, world_dir, attributes), 1))
@@ -316,7 +316,7 @@ def build_model(ck, ckpt="checkpoint", init="pretrained", seed=1337, train_embed
     model, tok = ns.model_from_checkpoint(ck, ckpt)
     if init == "scratch":
         torch.manual_seed(seed)
-        model = ns.GPT(model.config)
+        model = peft.new_gpt(model.config)
     elif not train_embeddings:
         freeze_vocabulary(model, tok, pretraining_counts(tok, ck))
     if prompt_tokens:
@@ -404,7 +404,7 @@ def trainable_params(model, rows=None):
 def corpus_stream(tok, file):
     """The pre-training text as one token stream. The vocabulary freeze, the retention loss
     and --replay all need it: read and encoded once per run."""
-    return ns.encode_corpus(tok, ns.read_text(file))
+    return formats.encode_corpus(tok, formats.read_text(file))
 
 
 def pretrain_text(ck):
@@ -419,7 +419,7 @@ def pretrain_split(tok, file, block_size):
     """The pre-training text's train split as one token stream (the one pre-training used)."""
     if not file or not os.path.isfile(file):
         raise ns.UserError(f"--replay needs the pre-training text ({file}), which is missing")
-    return ns.split_corpus(corpus_stream(tok, file), block_size)[0]
+    return formats.split_corpus(corpus_stream(tok, file), block_size)[0]
 
 
 def pretraining_counts(tok, ck):
@@ -453,12 +453,12 @@ def freeze_vocabulary(model, tok, counts, min_count=RARE):
 # evaluation
 
 
-def dev_answer_batches(tok, prompts, world_dir=we.HERE, batch=64):
+def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
     """The community's top-voted answers to the dev half's questions `prompts`
     (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
     their loss says how closely the model writes the answers SFT teaches -- the voted
     style included -- for people it was never trained on."""
-    threads = formats.read_records(we.path("world_community_eval.jsonl", world_dir))
+    threads = formats.read_records(world_eval.path("world_community_eval.jsonl", world_dir))
     convs = [[{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": top_voted(t["answers"])}]
              for _, t in threads if t["prompt"] in prompts]
     ex = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
@@ -475,34 +475,35 @@ class Evaluator:
     attributes: those SFT trains on (--sft-attributes). Rewinding sees the dev half's
     questions about these only, so nothing about a cross-domain attribute informs the choice."""
 
-    def __init__(self, rt, tok, pretrain_data, block_size, world_dir=we.HERE, attributes=None):
+    def __init__(self, rt, tok, pretrain_data, block_size, world_dir=world_eval.HERE, attributes=None):
         self.rt, self.tok = rt, tok
-        self.world = we.load_world(world_dir)
+        self.world = world_eval.load_world(world_dir)
         self.attributes = attributes or self.world[1]["attributes"]
-        self.longest = we.world_longest(world_dir)
-        dev, self.test = we.heldout_halves(world_dir)
-        self.dev = we.by_domain(dev, self.attributes)[0]
+        self.longest = world_eval.world_longest(world_dir)
+        dev, self.test = world_eval.heldout_halves(world_dir)
+        self.dev = world_eval.by_domain(dev, self.attributes)[0]
         self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
-        self.train = we.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half: the same sampling error
-        self.tasks = we.load_eval_rows("tasks", world_dir)
+        # as many as a held-out half: the same sampling error
+        self.train = world_eval.load_eval_rows("train", world_dir)[:250]
+        self.tasks = world_eval.load_eval_rows("tasks", world_dir)
         self.retention = None
         if pretrain_data and os.path.isfile(pretrain_data):
             # the same stream and split pre-training used: retention = its validation loss
-            val = ns.split_corpus(corpus_stream(tok, pretrain_data), block_size)[1]
-            self.retention = ns.fixed_windows(val, block_size)
+            val = formats.split_corpus(corpus_stream(tok, pretrain_data), block_size)[1]
+            self.retention = formats.fixed_windows(val, block_size)
 
     def __call__(self, model, full=False):
-        qa = lambda rows: we.qa_eval(model, self.tok, self.world, rows, self.longest)
+        qa = lambda rows: world_eval.qa_eval(model, self.tok, self.world, rows, self.longest)
         test = qa(self.test)
-        inside, cross = we.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
+        inside, cross = world_eval.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
         r = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"], "heldout_in": inside, "heldout_cross": cross,
              "dev_loss": ns.mean_loss(model, self.dev_answers, self.rt),
              "degenerate": test["degenerate_rate"],
              "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None,
-             "probe": we.knowledge_probe(model, self.tok, self.world)}
+             "probe": world_eval.knowledge_probe(model, self.tok, self.world)}
         if full:
             r["train"] = qa(self.train)["accuracy"]
-            r["tasks"] = we.task_accuracy(model, self.tok, self.tasks)
+            r["tasks"] = world_eval.task_accuracy(model, self.tok, self.tasks)
         return r
 
 
@@ -592,7 +593,7 @@ def interpolate(evaluator, ck, model, known, alphas=ALPHAS):
     training path, and here it lies above it (more accuracy for the same forgetting).
     known: {alpha: evaluation} already measured (the two ends)."""
     pre, fin = pretrained_state(ck), peft.plain_state(model)
-    m = ns.GPT(model.config).to(evaluator.rt.device)
+    m = peft.new_gpt(model.config).to(evaluator.rt.device)
     out, keys = [], ("dev", "dev_loss", "heldout", "heldout_in", "heldout_cross", "degenerate", "retention", "probe")
     for a in alphas:
         if a not in known:
@@ -620,8 +621,8 @@ def plot_path(png, path, final_step, choice):
                   (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound on the path (step {rewound_step})")]
     if by_line and by_line["alpha"] != 1.0:
         marks.append((by_line["retention"], by_line["heldout"], f"on the line: alpha {by_line['alpha']:.2f}"))
-    ns.plot(png, "SFT: task accuracy vs forgetting", "retention loss (pre-training val loss; lower = less forgetting)",
-            "held-out accuracy", series, marks)
+    charts.plot(png, "SFT: task accuracy vs forgetting", xlabel="retention loss (pre-training val loss; lower = "
+                "less forgetting)", ylabel="held-out accuracy", series=series, marks=marks)
 
 
 def choose_rewound(evaluator, ck, model, path, final, where, alphas, tolerance, loss_tolerance, min_gain):
@@ -652,7 +653,7 @@ def rewound_checkpoint(choice, ck, model, tok, it, flags, out_dir):
     chosen alpha of the line pre-trained -> final, made now."""
     if choice["rewound_alpha"] is None:
         return ns.load_checkpoint(step_file(out_dir, choice["rewound_step"]))
-    m = ns.GPT(model.config)
+    m = peft.new_gpt(model.config)
     m.load_state_dict(interpolated(pretrained_state(ck), peft.plain_state(model), choice["rewound_alpha"]))
     return ns.checkpoint_dict("sft", m, tok, None, it, flags)
 
@@ -763,7 +764,7 @@ def main(argv=None):
                                 args.rewind_tolerance, args.rewind_loss_tolerance, args.rewind_min_gain)
         rewound = rewound_checkpoint(choice, ck, model, tok, it, vars(args), args.out_dir)
         rew = evaluator(ns.model_from_checkpoint(rewound)[0].to(rt.device), full=True)
-        out.update(world_report(rt.log, path, final, rew, choice, we.chance(evaluator.world), evaluator.attributes))
+        out.update(world_report(rt.log, path, final, rew, choice, world_eval.chance(evaluator.world), evaluator.attributes))
         rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
         ns.save_checkpoint(sft_file, rewound)
         plot_path(os.path.join(args.out_dir, "sft_path.png"), path, it, choice)
@@ -775,5 +776,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
+    from extras.cpu import tune_cpu
+    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
     ns.cli(main)
