@@ -77,7 +77,7 @@ def pair_loss(model, X, Y, ref_chosen, ref_rejected, beta, loss="sigmoid", label
         # per-token NLL of each chosen answer: its own mean, so long and short answers
         # weigh the same and the term stays on the scale of an SFT loss
         supervised = (Y != -1).float()  # (R, T)
-        n_tokens = supervised.sum(-1) if segments is None else segment_sums(supervised, segments)  # (2B,)
+        n_tokens = per_sequence(supervised, segments)  # (2B,)
         n_chosen = n_tokens[:len(policy_chosen)].clamp(min=1)  # (B,) response tokens
         losses = losses + rpo_alpha * (-policy_chosen / n_chosen)
     return losses.sum(), reward_chosen, reward_rejected
@@ -177,11 +177,10 @@ def reference_logprobs(ref, cache, batch):
 # ---------------------------------------------------------------- the run
 def main(argv=None):
     args = parse_args(argv)
-    rt = ns.setup_runtime(args.device, args.dtype)
-    t_start = time.time()
+    rt, t_start = ns.setup_runtime(args.device, args.dtype), time.time()
     from extras import dpo_eval  # the world's behaviour measures and rewinding, the report
-
     # ---- the reference (the starting checkpoint, frozen), the policy (a copy of it), the pairs
+    from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
     start_ckpt = ns.load_checkpoint(args.ckpt, expect_kind=("sft", "dpo", "pretrain"))
     if start_ckpt["kind"] == "pretrain":
         rt.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model that chats")
@@ -267,63 +266,24 @@ def token_logprobs(logits, labels):
 
 def collate_pairs(examples, pad_id, packed=True):
     """B pair examples -> X, Y, S: the 2B sequences, the B chosen then the B rejected.
-    packed: several sequences per row (pack; S (R, T) numbers them 0..2B-1), which
+    packed: several sequences per row (packing.pack; S (R, T) numbers them 0..2B-1), which
     wastes little on padding although a pair's two answers differ in length (a curt "Oslo."
     against a sentence with a closing remark). Otherwise one row each (2B, T), S None
     (needed by a prompt-tuned model, whose prefix belongs at the start of every row)."""
     seqs = [e[:2] for e in examples] + [e[2:] for e in examples]
-    return pack(seqs, pad_id) if packed else (*ns.collate(seqs, pad_id), None)
+    if not packed:
+        return (*ns.collate(seqs, pad_id), None)
+    from extras import packing  # several sequences per row: less padding, the same log-probs
+    return packing.pack(seqs, pad_id)
 
 
-def pack(examples, pad_id):
-    """Several sequences per row instead of one each, so short ones stop paying for the
-    longest: sequences, longest first, go into the first row with room (first-fit
-    decreasing). The row width is the one, from the longest sequence to twice that, that
-    computes the fewest tokens in all. Returns X, Y (R, T) and S (R, T): the index in
-    `examples` of the sequence each token belongs to, -1 on padding. Run the model with
-    layout=packed_layout(S, block_size): each sequence sees only itself, at its own positions."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    lengths = [len(examples[i][0]) for i in order]
-
-    def first_fit(T):
-        rows = []  # [free width, [example indices]]
-        for i, n in zip(order, lengths):
-            row = next((r for r in rows if r[0] >= n), None)
-            if row is None:
-                row = [T, []]
-                rows.append(row)
-            row[0] -= n
-            row[1].append(i)
-        return rows
-
-    T = min(range(lengths[0], 2 * lengths[0] + 1), key=lambda w: len(first_fit(w)) * w)
-    rows = first_fit(T)
-    X = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    Y = torch.full((len(rows), T), -1, dtype=torch.long)
-    S = torch.full((len(rows), T), -1, dtype=torch.long)
-    for r, (_, idx) in enumerate(rows):
-        at = 0
-        for i in idx:
-            x, y = examples[i]
-            X[r, at:at + len(x)], Y[r, at:at + len(x)], S[r, at:at + len(x)] = x, y, i
-            at += len(x)
-    return X, Y, S
-
-
-def packed_layout(S, block_size):
-    """Positions and attention mask of packed rows: every sequence starts again at position
-    0 and attends only to its own earlier tokens, exactly as if it had a row to itself.
-    S (R, T) from `pack` -> pos (R, T), mask (R, 1, T, T)."""
-    R, T = S.shape
-    t = torch.arange(T, device=S.device)
-    first = torch.ones_like(S, dtype=torch.bool)
-    first[:, 1:] = S[:, 1:] != S[:, :-1]  # (R, T) a sequence starts here
-    pos = t - torch.where(first, t, 0).cummax(dim=1).values  # (R, T) index within its sequence
-    if int(pos.masked_fill(S < 0, 0).max()) >= block_size:
-        raise ValueError(f"a packed sequence exceeds block_size {block_size}")
-    pos = pos.clamp(max=block_size - 1)  # a long run of padding (S = -1) is one "sequence"
-    same = S[:, :, None] == S[:, None, :]  # (R, T, T)
-    return pos, (same & torch.ones(T, T, dtype=torch.bool, device=S.device).tril())[:, None]
+def per_sequence(values, segments=None):
+    """(R, T) per-token values -> (R,) sums per row, or with packed rows (segments) (N,) sums
+    per sequence."""
+    if segments is None:
+        return values.sum(-1)
+    from extras import packing  # packed rows (collate_pairs)
+    return packing.segment_sums(values, segments)
 
 
 def sequence_logprobs(logits, labels, mask, segments=None):
@@ -336,19 +296,11 @@ def sequence_logprobs(logits, labels, mask, segments=None):
     the padded length also counts padding: every log-ratio shrinks by the batch's longest
     row, an effective beta that changes from batch to batch.
     mask (B, T) is 1 on response tokens; prompt tokens and padding never enter the sum.
-    segments (B, T), for packed rows (pack): sum per sequence instead of per row, giving
+    segments (B, T), for packed rows (packing.pack): sum per sequence instead of per row, giving
     (N,) for the N = segments.max() + 1 sequences."""
     lp = token_logprobs(logits, labels)  # (B, T)
     lp = torch.where(mask.bool(), lp, torch.zeros_like(lp))  # (B, T)
-    return lp.sum(-1) if segments is None else segment_sums(lp, segments)  # (B,) or (N,)
-
-
-def segment_sums(values, segments):
-    """(R, T) per-token values of packed rows -> (N,) sums per sequence (N = segments.max()
-    + 1). Values must be 0 on padding (segment -1), which is sent to sequence 0, adding
-    nothing."""
-    n = int(segments.max()) + 1
-    return values.new_zeros(n).index_add(0, segments.clamp(min=0).flatten(), values.flatten())
+    return per_sequence(lp, segments)  # (B,) or (N,)
 
 
 def concatenated_logprobs(model, X, Y, S=None):
@@ -357,13 +309,18 @@ def concatenated_logprobs(model, X, Y, S=None):
     (R, T) hold the 2B sequences in R <= 2B rows, S numbering them the same way (chosen
     0..B-1, rejected B..2B-1). One forward instead of two halves the kernel launches and,
     under DDP, keeps a single forward per backward. Returns two (B,) tensors."""
-    block = getattr(model, "module", model).config.block_size  # (DDP holds the model in .module)
-    logits, _ = model(X, layout=None if S is None else packed_layout(S, block))  # (R, T, V)
+    if S is None:
+        logits, _ = model(X)  # (2B, T, V)
+    else:
+        from extras import packing  # packed rows (collate_pairs): each sequence sees only itself
+        block = getattr(model, "module", model).config.block_size  # (DDP holds the model in .module)
+        logits = packing.packed_logits(model, X, packing.packed_layout(S, block))  # (R, T, V)
     logps = sequence_logprobs(logits, Y, Y != -1, S)  # (2B,)
     B = logps.size(0) // 2
     return logps[:B], logps[B:]
 
 
 if __name__ == "__main__":
-    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
+    from extras.cpu import tune_cpu
+    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
     ns.cli(main)

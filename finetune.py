@@ -112,6 +112,7 @@ def build_model(ckpt, init="pretrained", seed=1337, train_embeddings=False):
     pre-trained weights with their well-trained vocabulary frozen (unless train_embeddings),
     or random ones (init "scratch": the no-pre-training baseline). PEFT wraps it next
     (extras/peft.py sft_setup)."""
+    from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
     start_checkpoint = ns.load_checkpoint(ckpt, expect_kind=("pretrain", "sft", "dpo"))
     model, tok = ns.model_from_checkpoint(start_checkpoint, ckpt)
     if init == "scratch":
@@ -162,7 +163,7 @@ def pretrain_text(start_checkpoint):
 def pretrain_stream(tok, file):
     """The pre-training text as one token stream, read and encoded once per run (None when
     the file is not at hand)."""
-    return ns.encode_corpus(tok, ns.read_text(file)) if file and os.path.isfile(file) else None
+    return formats.encode_corpus(tok, formats.read_text(file)) if file and os.path.isfile(file) else None
 
 
 def pretraining_counts(tok, start_checkpoint):
@@ -346,5 +347,6 @@ def summary(model, trainable, steps, rt, data, flags, frozen_bytes):
 
 
 if __name__ == "__main__":
-    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
+    from extras.cpu import tune_cpu
+    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
     ns.cli(main)

@@ -1,21 +1,20 @@
 """
 nanosft: the one shared library of the pre-train -> SFT -> DPO pipeline: what two or more
-stages use, and nothing else (each stage's own code is in its script; LoRA and prompt
-tuning in nanopeft.py; file formats in data/formats.py; the world's evaluation in
-data/world_eval.py).
+stages use, and nothing else (each stage's own code is in its script; file formats in
+data/formats.py; PEFT, packed rows, GPT-2 interop and CPU tuning in extras/).
 
 Read top to bottom:
   1. errors         one clear line for bad input (exit code 2), never a traceback
-  2. device, dtype  chosen by what the hardware can do, never assumed; CPU tuning
+  2. device, dtype  chosen by what the hardware can do, never assumed
   3. tokenizer      a byte-level BPE (trained by pretrain.py) served by tiktoken
   4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
   5. optimizer      AdamW (decay on 2-D weights only), warmup + cosine schedule
-  6. checkpoints    one .pt, written atomically, loaded with weights_only=True (or a Hugging
-                    Face GPT-2 directory: hf.py); one <stage>_last.pt to resume from
-  7. data           plain text, chat rendering with the loss mask, padding and packing
+  6. checkpoints    one .pt, written atomically, loaded with weights_only=True (a directory
+                    through a registered reader: extras/hf.py); <stage>_last.pt to resume
+  7. chat           rendering with the loss mask, padding
   8. generation     batched greedy / sampled decoding with a KV cache
   9. training loop  shared by all three stages; a stage only supplies its batches and loss
- 10. evaluation     mean loss over fixed batches, plots
+ 10. evaluation     mean loss over fixed batches
 """
 import argparse
 import json
@@ -29,8 +28,8 @@ from dataclasses import dataclass, asdict, fields
 import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
 import tiktoken
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
+from torch.nn import functional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,72 +95,19 @@ class ArgumentParser(argparse.ArgumentParser):
 def shutdown_distributed():
     """Under torchrun: wait for every rank, then close the process group. A rank that
     simply exits while another still works can abort inside the communication library."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from torch import distributed
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------
 # 2. device and dtype
 
 
-def cpu_has_native_bf16():
-    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
-    On an AVX2-only CPU bf16 is emulated and hundreds of times slower than fp32, so we
-    must check, not assume. Linux tells us in /proc/cpuinfo; elsewhere we time it. A CPU
-    limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, as docs/performance.md emulates one) has none."""
-    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2", "NO AVX"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        a32 = torch.randn(256, 256)
-        a16 = a32.bfloat16()
-        def t(a):
-            start = time.perf_counter()
-            for _ in range(10):
-                a @ a
-            return time.perf_counter() - start
-        t(a32), t(a16)
-        return t(a16) < t(a32)
-
-
-def tune_cpu():
-    """Two settings that make CPU runs faster. A script calls this first thing when run
-    from the command line (nothing is changed by importing this module):
-
-    1. OpenMP threads that finish an op early spin while they wait for the next one. When
-       other programs share the cores, a spinning thread steals the core from the thread
-       it waits for: on 2 shared cores that made pre-training ~3x and one-token decoding
-       ~40x slower. OMP_WAIT_POLICY=PASSIVE makes them sleep instead (one wake-up per
-       parallel op). OpenMP reads it only when torch loads, so when it is not set the
-       process restarts itself once with it set: same arguments, same process id.
-    2. glibc hands large freed blocks back to the operating system, so every training step
-       takes page faults to get its activation buffers again. Keeping freed memory in the
-       heap makes a CPU step ~4% faster (bench.py, paired runs); a process then keeps its
-       peak memory until it exits. glibc only; elsewhere nothing changes.
-    Set OMP_WAIT_POLICY yourself (to anything) to skip the restart."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
-    mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
-
-
 def pick_device(name="auto"):
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
@@ -172,6 +118,7 @@ def pick_dtype(device, name="auto"):
         return name
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    from extras.cpu import cpu_has_native_bf16
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bfloat16"
     return "float32"
@@ -189,12 +136,12 @@ def setup_runtime(device="auto", dtype="auto"):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(device)
     if world > 1:
-        import torch.distributed as dist
+        from torch import distributed
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if not distributed.is_initialized():
+            distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dtype = pick_dtype(device, dtype)
@@ -410,10 +357,10 @@ class GPTConfig:
     n_layer: int = 2  # 0.6M parameters: small enough that pre-training reaches its plateau in
     n_head: int = 4   # minutes on any CPU (docs/pretrain.md, "Why this size")
     n_embd: int = 128
-    n_prefix: int = 0  # prompt tuning (nanopeft.py): learned embeddings prepended to every sequence
+    n_prefix: int = 0  # prompt tuning (extras/peft.py): learned vectors in front of every sequence
     # what an imported GPT-2 needs (hf.py); ours trains without biases and with exact GELU
     bias: bool = False  # biases on the linear layers (LayerNorm always has them)
-    gelu: str = "none"  # F.gelu's `approximate`: "none" (erf, exact) or "tanh" (GPT-2's)
+    gelu: str = "none"  # gelu's `approximate`: "none" (erf, exact) or "tanh" (GPT-2's)
 
     @classmethod
     def from_dict(cls, d):
@@ -438,7 +385,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, cache=None, layer=0, mask=None):
-        """mask (B, 1, T, T) bool, for packed rows (see dpo.pack): True where a query may attend a key."""
+        """mask (B, 1, T, T) bool, for packed rows (extras/packing.py): True where a query may attend a key."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -449,14 +396,14 @@ class CausalSelfAttention(nn.Module):
             cache.layers[layer] = (k, v)
         past = k.size(2) - T
         if mask is not None:  # packed rows: causal within each sequence, blind across them
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # one new token may look at everything before it
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = functional.scaled_dot_product_attention(q, k, v)
         else:  # several new tokens after a cached prefix: causal mask shifted by `past`
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -469,7 +416,7 @@ class MLP(nn.Module):
         self.gelu = cfg.gelu
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu))
+        return self.c_proj(functional.gelu(self.c_fc(x), approximate=self.gelu))
 
 
 class Block(nn.Module):
@@ -495,7 +442,6 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
-        self.prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.n_embd)) if cfg.n_prefix else None
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # keep the residual stream's variance flat in depth
@@ -511,33 +457,38 @@ class GPT(nn.Module):
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean", last_only=False, layout=None):
+    def forward(self, idx, targets=None, cache=None, reduction="mean"):
         """idx (B, T) token ids; targets (B, T) next-token ids, -1 where not supervised.
         Returns logits (B, T, V) and the loss: the mean over supervised tokens (0 when there
         are none, never NaN), or with reduction="sum" the sum, for a caller that normalises
-        over a whole optimizer step. layout: (pos, mask) of rows packed with several
-        sequences (see dpo.pack); last_only: logits of the last position only (decoding)."""
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        pos, mask = layout or (torch.arange(start, start + T, device=idx.device), None)  # (T,) or (B, T)
-        if layout is None and start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        if self.prefix is not None and start == 0:  # prompt tuning: free vectors, no position
-            x = torch.cat([self.prefix.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, P+T, C)
-        for i, block in enumerate(self.h):
-            x = block(x, cache, i, mask)
-        if cache is not None:
-            cache.pos = start + T
-        x = self.ln_f(x[:, x.size(1) - T:])  # (B, T, C): the prefix's outputs are dropped
-        logits = self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
+        over a whole optimizer step."""
+        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                               reduction="none").sum()  # (B*T,) -> a sum
+        loss = functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                        reduction="none").sum()  # (B*T,) -> a sum
         if reduction == "mean":
             loss = loss / (targets != -1).sum().clamp(min=1)
         return logits, loss
+
+    def hidden(self, idx, cache=None):
+        """The final hidden states (B, T, C), which lm_head turns into logits (a decoder needs
+        only the last position's). With a cache, idx continues the tokens it holds."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.embed(idx, start)  # (B, T', C)
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos = start + T
+        return self.ln_f(x[:, x.size(1) - T:])  # (B, T, C): vectors embed put in front are dropped
+
+    def embed(self, idx, start):
+        """Token plus position embeddings (B, T, C), positions from `start` (a subclass may put
+        vectors in front: extras/peft.py's prompt tuning)."""
+        return self.wte(idx) + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -610,13 +561,16 @@ def write_json(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+PROMPT_TUNED = []  # the class of a prompt-tuned GPT (config n_prefix > 0): extras/peft.py, once imported, adds it
+DIRECTORY_READERS = []  # how load_checkpoint reads a directory: extras/hf.py, once imported, adds GPT-2's
+
+
 def load_checkpoint(path, expect_kind=None):
     """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
-    that would run code is refused, never executed."""
+    that would run code is refused, never executed. A directory goes to DIRECTORY_READERS."""
     import pickle
-    if os.path.isdir(path):  # a Hugging Face GPT-2 directory (hf.py, imported only when used)
-        from extras import hf
-        return hf.load_dir(path, expect_kind)
+    if os.path.isdir(path) and DIRECTORY_READERS:  # e.g. a Hugging Face GPT-2 directory
+        return DIRECTORY_READERS[0](path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     import zipfile
@@ -663,7 +617,9 @@ def model_from_checkpoint(ck, path="checkpoint"):
                         f"({type(e).__name__}: {str(e)[:80]})")
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model expects {cfg.vocab_size}")
-    model = GPT(cfg)
+    if cfg.n_prefix and not PROMPT_TUNED:
+        raise UserError(f"{path}: a prompt-tuned model; its class is in extras/peft.py (import it first)")
+    model = PROMPT_TUNED[0](cfg) if cfg.n_prefix else GPT(cfg)
     try:
         model.load_state_dict(ck["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -709,53 +665,7 @@ def resume(out_dir, stage, model, tok, optimizer):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. data
-
-
-def read_text(path):
-    """UTF-8 text (a BOM is dropped, \\r\\n becomes \\n). One clear error otherwise."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file")
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a file")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start}); expected UTF-8 text")
-    return text.replace("\r\n", "\n")
-
-
-def encode_corpus(tok, text):
-    """Plain text -> one token stream. Blank-line-separated documents (paragraphs of a book,
-    biographies of the world) each start with <|endoftext|>, so that token is a familiar
-    "a document begins here" marker when later prompts start with it (probes, chat)."""
-    docs = [d for d in text.split("\n\n") if d.strip()]
-    ids = []
-    for body in tok.enc.encode_ordinary_batch(docs):
-        ids.append(tok.endoftext)
-        ids.extend(body)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def split_corpus(data, block_size):
-    """(train, val): the last 10% of the stream is held out (at least one block)."""
-    n_val = max(block_size + 1, len(data) // 10)
-    return data[:-n_val], data[-n_val:]
-
-
-def fixed_windows(data, block_size, n=32, batch=8):
-    """Evenly spaced (input, target) windows of a stream, for a validation loss that is the
-    same set of tokens at every evaluation."""
-    T = block_size
-    starts = torch.linspace(0, len(data) - T - 1, min(n, max(1, len(data) // T))).long()
-    return [(torch.stack([data[s:s + T] for s in c.tolist()]),
-             torch.stack([data[s + 1:s + T + 1] for s in c.tolist()])) for c in starts.split(batch)]
+# 7. chat: rendering with the loss mask, padding
 
 
 def encode_content(tok, text):
@@ -831,13 +741,14 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
         for s in range(0, len(idx), DECODE_ROWS):
             rows = idx[s:s + DECODE_ROWS]
             cache = KVCache(model.config.n_layer)
-            logits, _ = model(torch.tensor([prompts[i] for i in rows], device=device), cache=cache, last_only=True)
+            hidden = model.hidden(torch.tensor([prompts[i] for i in rows], device=device), cache)
+            logits = model.lm_head(hidden[:, -1:])  # (b, 1, V): only the last position is needed
             outs, done = [[] for _ in rows], [False] * len(rows)
             for _ in range(min(max_new_tokens, model.config.block_size - n)):
                 if temperature == 0:
                     nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()  # (b, 1)
                 else:
-                    probs = F.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()  # (b, V)
+                    probs = functional.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()  # (b, V)
                     nxt = torch.multinomial(probs, 1, generator=generator)  # (b, 1)
                 for j, t in enumerate(nxt[:, 0].tolist()):
                     if not done[j]:
@@ -1041,27 +952,3 @@ def mean_loss(model, batches, rt):
         n += int((y != -1).sum())
     model.train()
     return total / max(n, 1)
-
-
-def plot(path, title, xlabel, ylabel, series, marks=()):
-    """One PNG: series is {label: (xs, ys)}; marks is [(x, y, label)] points."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
-    for i, (x, y, label) in enumerate(marks):  # labels alternate above / below their point
-        ax.scatter([x], [y], s=70, zorder=5)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -14))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)

@@ -18,7 +18,7 @@ import time
 
 import nanosft as ns
 import torch
-from data import world_eval as we
+from data import formats, world_eval
 
 # Every default of this stage in one place (the architecture's are GPTConfig's, in nanosft.py).
 DEFAULTS = dict(max_iters=3000, batch_size=8, lr=6e-3, eval_interval=200, warmup=50, log_interval=50,
@@ -46,9 +46,9 @@ def parse_args(argv=None):
     if args.world and args.data:
         raise ns.UserError("--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both")
     if args.world:
-        args.data = we.path("world_corpus.txt", we.check_world_dir(args.world))
-    elif args.data is None or we.is_default(args.data, we.CORPUS):  # the default world
-        args.data, args.world = we.CORPUS, we.HERE
+        args.data = world_eval.path("world_corpus.txt", world_eval.check_world_dir(args.world))
+    elif args.data is None or world_eval.is_default(args.data, world_eval.CORPUS):  # the default world
+        args.data, args.world = world_eval.CORPUS, world_eval.HERE
     return args
 
 
@@ -89,7 +89,7 @@ def main(argv=None):
     t_start = time.time()
 
     # ---- data and model (everything is validated before anything is written)
-    text = ns.read_text(args.data)
+    text = formats.read_text(args.data)
     if args.resume:  # the tokenizer and config of the run being continued
         model, tok = ns.model_from_checkpoint(ns.load_checkpoint(ns.last_path(args.out_dir, "pretrain")))
     else:
@@ -98,8 +98,8 @@ def main(argv=None):
         model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size, is_world=args.world is not None,
                                cfg=arch, log=rt.log)
     cfg = model.config
-    data = ns.encode_corpus(tok, text)
-    train_data, val_data = ns.split_corpus(data, cfg.block_size)
+    data = formats.encode_corpus(tok, text)
+    train_data, val_data = formats.split_corpus(data, cfg.block_size)
     if len(train_data) <= cfg.block_size + 1:
         raise ns.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
     rt.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
@@ -109,20 +109,19 @@ def main(argv=None):
     start_iter, history = ns.resume(args.out_dir, "pretrain", model, tok, optimizer) if args.resume else \
         (0, {"step": [], "val_loss": [], "probe": []})
     ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    world = we.load_world(args.world) if args.world else None
-
+    world = world_eval.load_world(args.world) if args.world else None
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
-    val_batches = ns.fixed_windows(val_data, cfg.block_size)
+    val_batches = formats.fixed_windows(val_data, cfg.block_size)
 
     def on_eval(it):
         if rt.master:
             history["step"].append(it)
             history["val_loss"].append(ns.mean_loss(model, val_batches, rt))
-            history["probe"].append(we.knowledge_probe(model, tok, world) if world else None)
+            history["probe"].append(world_eval.knowledge_probe(model, tok, world) if world else None)
             rt.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
                    + (f" | probe {history['probe'][-1]:.3f}" if world else ""))
             ns.save_checkpoint(ns.last_path(args.out_dir, "pretrain"), ns.checkpoint_dict(
-                "pretrain", model, tok, optimizer, it, vars(args), {"val_loss": history["val_loss"][-1]}, history))
+                "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history))
         ns.barrier(rt)
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
@@ -153,9 +152,8 @@ def main(argv=None):
     # ---- save and report
     if rt.master:
         ns.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), ns.checkpoint_dict(
-            "pretrain", model, tok, None, steps.it, vars(args), {"val_loss": history["val_loss"][-1]}))
-        report(args.out_dir, history, model=model, rt=rt, total_seconds=time.time() - t_start, steps=steps,
-               world=world is not None)
+            "pretrain", model, tok, it=steps.it, flags=vars(args), metrics={"val_loss": history["val_loss"][-1]}))
+        report(args.out_dir, history, model=model, rt=rt, total_seconds=time.time() - t_start, steps=steps, world=world)
 
 
 def report(out_dir, history, model, rt, total_seconds, steps, world):
@@ -169,12 +167,14 @@ def report(out_dir, history, model, rt, total_seconds, steps, world):
     series = {"val loss": (history["step"], history["val_loss"])}
     if world:
         series["knowledge probe accuracy"] = (history["step"], history["probe"])
-    ns.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", "step", "value", series)
+    from extras import charts  # the plot out/pretrain_loss.png
+    charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value", series=series)
     rt.log(f"done: val loss {result['val_loss']:.4f}"
            + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
            + f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s -> {os.path.join(out_dir, 'pretrain.pt')}")
 
 
 if __name__ == "__main__":
-    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
+    from extras.cpu import tune_cpu
+    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
     ns.cli(main)

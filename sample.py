@@ -21,8 +21,8 @@ import sys
 from contextlib import contextmanager
 
 import nanosft as ns
+from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
 import torch
-import torch.nn.functional as F
 
 
 def main(argv=None):
@@ -108,7 +108,7 @@ def stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), gen
     limit = model.config.block_size
     ids = list(ids)[-limit:]
     cache = ns.KVCache(model.config.n_layer)
-    logits, _ = model(torch.tensor([ids], device=device), cache=cache, last_only=True)
+    logits = model.lm_head(model.hidden(torch.tensor([ids], device=device), cache)[:, -1:])  # (1, 1, V)
     with one_thread_if_small(model, device):
         for n in range(1, max_new_tokens + 1):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
@@ -128,7 +128,7 @@ def sample_next(logits, temperature, top_k, generator=None):
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = F.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
@@ -323,5 +323,6 @@ def repl(chat, name):
 
 
 if __name__ == "__main__":
-    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
+    from extras.cpu import tune_cpu
+    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
     ns.cli(main)

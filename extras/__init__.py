@@ -1,3 +1,3 @@
 """Everything beyond the lesson: experiments and verify, bench, GPT-2 interop, PEFT,
-rewinding, DPO packing and diagnostics, CPU tuning. Run a module from the repository
-root, e.g. `python -m extras.experiments verify`."""
+rewinding, packed rows and DPO diagnostics, CPU tuning, charts. Run a module from the
+repository root, e.g. `python -m extras.experiments verify`."""

@@ -31,7 +31,7 @@ Timing on a shared machine: things compared are run in alternation, round after 
 each keeps its fastest round. Other work on the machine only ever adds time, so the fastest
 round is the closest to the code's own cost, and both sides of a ratio saw the same machine.
 """
-# CPU settings: ns.tune_cpu() runs first, as in the stage scripts (export
+# CPU settings: tune_cpu() (extras/cpu.py) runs first, as in the stage scripts (export
 # OMP_WAIT_POLICY=ACTIVE to measure OpenMP's default instead).
 import argparse
 import ast
@@ -53,7 +53,9 @@ import torch
 
 import nanosft as ns
 from data import formats
-from data import world_eval as we
+from data import world_eval
+from extras import packing
+from extras.cpu import cpu_has_native_bf16, tune_cpu
 
 TARGETS = {  # name: (comparison, value)
     "mfu_fp32": (">=", 0.85), "bf16_speedup": (">=", 1.6), "kv_cache_speedup": (">=", 5.0),
@@ -97,7 +99,7 @@ def bench_peak(res, rounds):
     t32, t16 = best_times([f32, b16], rounds)
     res["matmul_peak_gflops"] = round(flops / t32 / 1e9, 1)
     res["matmul_peak_bf16_gflops"] = round(flops16 / t16 / 1e9, 1)
-    res["native_bf16"] = ns.cpu_has_native_bf16()
+    res["native_bf16"] = cpu_has_native_bf16()
 
 
 def cpu_name():
@@ -154,7 +156,7 @@ def bench_training(res, rounds, nanogpt=None, compile_too=False):
     flops = (6 * n + 12 * L * C * T) * B * T  # per step
     peak_fn, peak_flops = matmul_peak()
     names, fns = ["fp32"], [train_step(model, ns.configure_optimizer(model, 1e-4), x, y)]
-    native_bf16 = ns.cpu_has_native_bf16()
+    native_bf16 = cpu_has_native_bf16()
     if native_bf16:
         m16 = copy.deepcopy(model)
         names.append("bf16")
@@ -223,7 +225,7 @@ def bench_kv_cache(res, rounds, new_tokens=256):
     def full():  # what decoding costs without a cache: the whole prefix again for every token
         ids = list(prompt)
         for _ in range(new_tokens):
-            logits, _ = model(torch.tensor([ids]), last_only=True)
+            logits = model.lm_head(model.hidden(torch.tensor([ids]))[:, -1:])  # (1, 1, V)
             ids.append(int(logits[0, -1].argmax()))
         outs["full"] = ids[len(prompt):]
     t_cached, t_full = best_times([cached, full], rounds)
@@ -308,7 +310,7 @@ SEED = 1337  # the stage scripts' default --seed
 def world_tokenizer():
     """The default world's tokenizer, as pretrain.py trains it, and the default GPT config."""
     pretrain = load_script("pretrain")
-    tok = ns.train_tokenizer(ns.read_text(we.CORPUS), pretrain.WORLD_VOCAB)
+    tok = ns.train_tokenizer(formats.read_text(world_eval.CORPUS), pretrain.WORLD_VOCAB)
     return tok, ns.GPTConfig(vocab_size=tok.vocab_size)
 
 
@@ -316,8 +318,9 @@ def world_pairs(tok, cfg):
     """The default DPO run's training pair examples and its defaults."""
     dpo = load_script("dpo")
     d = dpo.DEFAULTS
-    (_, ex), _, _ = formats.load_pairs(we.THREADS, we.EVAL_THREADS, tok, cfg.block_size, d["min_margin"],
-                                       d["pairs"] == "top", SEED, False, lambda line: None, dpo.EVAL_PAIRS)
+    (_, ex), _, _ = formats.load_pairs(world_eval.THREADS, world_eval.EVAL_THREADS, tok, cfg.block_size,
+                                       d["min_margin"], d["pairs"] == "top", SEED, False, lambda line: None,
+                                       dpo.EVAL_PAIRS)
     return dpo, d, ex
 
 
@@ -382,8 +385,13 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def sft_loss(X, Y, S):  # the SFT loss of packed rows: a mean over their supervised tokens
+        logits = packing.packed_logits(sft_m, X, packing.packed_layout(S, cfg.block_size))
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), ignore_index=-1,
+                                                 reduction="none").sum() / (Y != -1).sum()
+
     def sft(X, Y, S, rc, rr):
-        return lambda: step(sft_m, sft_opt, sft_m(X, Y, reduction="sum", layout=dpo.packed_layout(S, cfg.block_size))[1] / (Y != -1).sum())
+        return lambda: step(sft_m, sft_opt, sft_loss(X, Y, S))
 
     def dpo_step(X, Y, S, rc, rr):
         return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, d["beta"], d["loss"], d["label_smoothing"],
@@ -507,5 +515,5 @@ def main():
 
 
 if __name__ == "__main__":
-    ns.tune_cpu()  # OpenMP wait policy, heap settings: see nanosft.tune_cpu
+    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
     ns.cli(main)

@@ -10,8 +10,8 @@ import time
 
 import nanosft as ns
 import torch
-import torch.nn.functional as F
-from data import world_eval as we
+from data import world_eval
+from extras import charts
 
 KL_PROMPTS = 32        # held-out prompts sampled for the KL estimate
 KL_TOKENS = 32         # tokens sampled per KL prompt
@@ -35,8 +35,8 @@ def kl_estimate(model, ref, tok, prompts, rt, seed):
     X, Y = ns.collate([ns.example_tensors(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(ids, ys)], tok.pad)
     X, Y = X.to(rt.device), Y.to(rt.device)
     with ns.autocast(rt.device, rt.dtype):
-        lp = F.log_softmax(model(X)[0].float(), -1)  # (N, T, V)
-        lq = F.log_softmax(ref(X)[0].float(), -1)    # (N, T, V)
+        lp = torch.log_softmax(model(X)[0].float(), -1)  # (N, T, V)
+        lq = torch.log_softmax(ref(X)[0].float(), -1)    # (N, T, V)
     kl_t = (lp.exp() * (lp - lq)).sum(-1)  # (N, T)
     return (kl_t * (Y != -1)).sum(-1).mean().item()
 
@@ -63,8 +63,8 @@ class Evaluator:
         self.rewards = Rewards()  # the training pairs' implicit rewards, logged at every evaluation
         self.prompts = list({str(p["prompt"]): p["prompt"] for p in pairs}.values())  # each prompt once
         self.held_ref = score and score(ref)  # two (N,)
-        self.world, self.longest = (we.load_world(), we.world_longest()) if world else (None, None)
-        self.dev, self.test = we.heldout_halves() if world else (None, None)
+        self.world, self.longest = (world_eval.load_world(), world_eval.world_longest()) if world else (None, None)
+        self.dev, self.test = world_eval.heldout_halves() if world else (None, None)
         shown = {}  # on the world one question per attribute about test-half people
         for r in self.test or []:
             shown.setdefault(r["attribute"], [{"role": "user", "content": r["prompt"]}])
@@ -89,10 +89,10 @@ class Evaluator:
 
     def behaviour(self, model, half="test"):
         """Greedy answers: on the world (a `half` of the held-out people's questions) task
-        accuracy, the voted style strictly and loosely (see we.qa_eval), the degenerate rate
+        accuracy, the voted style strictly and loosely (see world_eval.qa_eval), the degenerate rate
         and the length; on other data only the length."""
         if self.world:
-            r = we.qa_eval(model, self.tok, self.world, self.dev if half == "dev" else self.test, self.longest)
+            r = world_eval.qa_eval(model, self.tok, self.world, self.dev if half == "dev" else self.test, self.longest)
             said = r.pop("answers")
             r["degenerate_examples"] = [a for a, d in zip(said, r.pop("degenerate")) if d][:5]
         else:
@@ -162,8 +162,8 @@ class Rewards:
         steps = sorted(self.sums)
         tot = torch.stack([self.sums.pop(s) for s in steps]) if steps else torch.zeros(0, 4)  # (S, 4)
         if rt.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(tot)
+            from torch import distributed
+            distributed.all_reduce(tot)
         for s, (c, r, a, n) in zip(steps, tot.tolist()):
             for k, v in (("step", s + 1), ("rewards/chosen", c / n), ("rewards/rejected", r / n),
                          ("rewards/margins", (c - r) / n), ("rewards/accuracies", a / n)):
@@ -246,8 +246,8 @@ def report(rt, out_dir, result, evaluator=None, model=None, token_logprobs=None)
     series = {"train (per step)": (tr.get("step", []), tr.get("rewards/margins", []))}
     if result["pref_accuracy_heldout"] is not None:
         series["held-out"] = (ev["step"], ev["margin"])
-    ns.plot(os.path.join(out_dir, "dpo_margin.png"), "DPO reward margin", "step",
-            "beta x (log-ratio chosen - log-ratio rejected)", series)
+    charts.plot(os.path.join(out_dir, "dpo_margin.png"), "DPO reward margin", xlabel="step",
+                ylabel="beta x (log-ratio chosen - log-ratio rejected)", series=series)
     f = lambda k: "n/a" if result[k] is None else f"{result[k]:.3f}"
     rt.log(f"rewound to step {result['rewound_step']} of {result['steps']}" if result["history"]["path"]
            else f"{result['steps']} steps")
@@ -265,7 +265,7 @@ def plot_logratio(path, model, ref, tok, pair, example, rt, token_logprobs, max_
     token_logprobs(logits, labels) -> (B, T): dpo.token_logprobs."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot
     strips = []
     for name, (x, y) in (("chosen", example[:2]), ("rejected", example[2:])):
         X, Y = x[None].to(rt.device), y[None].to(rt.device)
@@ -276,7 +276,7 @@ def plot_logratio(path, model, ref, tok, pair, example, rt, token_logprobs, max_
         toks = [tok.decode([t]).replace(" ", "\u00b7").replace("\n", "\\n") for t in Y[0, keep].tolist()]
         strips.append((f"{name}: {sum(vals):+.2f} nats in all", toks, vals))
     lim, width = max(1e-3, max(abs(v) for *_, vals in strips for v in vals)), max(len(t) for _, t, _ in strips)
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * width), 4.0), constrained_layout=True)
+    fig, axes = pyplot.subplots(2, 1, figsize=(max(6.0, 0.45 * width), 4.0), constrained_layout=True)
     for ax, (label, toks, vals) in zip(axes, strips):
         im = ax.imshow([vals], cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(toks)), toks, rotation=60, ha="right", fontsize=8)
@@ -287,7 +287,7 @@ def plot_logratio(path, model, ref, tok, pair, example, rt, token_logprobs, max_
     fig.suptitle(f"prompt: {pair['prompt'][-1]['content'][:100]}", fontsize=10)
     fig.colorbar(im, ax=list(axes), label="log pi - log pi_ref (nats)", shrink=0.9, pad=0.01)
     fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot.close(fig)
     os.replace(path + ".tmp.png", path)
 
 

@@ -2,8 +2,8 @@
 Hugging Face GPT-2 directories, both ways: the stage scripts fine-tune a real GPT-2, and
 `transformers` loads any of our checkpoints.
 
-    load_dir(path)          HF GPT-2 directory -> checkpoint dict (nanosft.load_checkpoint
-                            calls it when --ckpt is a directory)
+    load_dir(path)          HF GPT-2 directory -> checkpoint dict (importing this module
+                            lets nanosft.load_checkpoint, so every --ckpt, read one)
     save_dir(ck, out)       checkpoint dict -> HF GPT-2 directory (export.py)
 
 Our GPT is GPT-2's architecture (pre-LayerNorm, learned positions, tied output layer, the
@@ -215,6 +215,9 @@ def load_dir(path, expect_kind=None):
         raise ns.UserError(f"{path}: a '{kind}' model, expected one of {', '.join(expect_kind)}")
     return {"kind": kind, "model": model, "config": asdict(cfg), "tokenizer": tok.state(), "optimizer": None,
             "iter": 0, "rng": {"torch": torch.get_rng_state()}, "args": {}, "metrics": {}}
+
+
+ns.DIRECTORY_READERS.append(load_dir)  # nanosft.load_checkpoint reads a directory with it
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,16 +10,16 @@ parameters learn the task.
 
 Adapters are merged into plain weights when a checkpoint is saved (`plain_state`), so every
 later stage loads an ordinary GPT. A prompt-tuning prefix cannot be merged: it is saved as
-the model's `prefix` (GPTConfig.n_prefix), which nanosft.GPT reads.
+the model's `prefix` (GPTConfig.n_prefix), and nanosft.model_from_checkpoint rebuilds a
+PromptTuned model from it.
 """
 import copy
 import dataclasses
 import math
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torch.nn.utils.parametrize as parametrize
+from torch import nn
+from torch.nn.utils import parametrize
 
 import nanosft as ns
 
@@ -166,7 +166,8 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x):
-        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized().to(x.dtype), bias)
 
 
 def quantize_base(model):
@@ -191,12 +192,36 @@ def frozen_bytes(model):
 # prompt tuning
 
 
+class PromptTuned(ns.GPT):
+    """A GPT with config.n_prefix learned vectors (`prefix`) in front of every sequence.
+    They have no position, their outputs are dropped, and a decoder's KV cache keeps them
+    (its `pos` counts tokens only)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.n_embd))
+
+    def embed(self, idx, start):
+        x = super().embed(idx, start)  # (B, T, C)
+        if start:  # a continued sequence: the cache holds the prefix already
+            return x
+        return torch.cat([self.prefix.to(x.dtype).expand(x.size(0), -1, -1), x], dim=1)  # (B, P+T, C)
+
+
+ns.PROMPT_TUNED.append(PromptTuned)  # nanosft.model_from_checkpoint builds a prompt-tuned checkpoint with it
+
+
+def new_gpt(cfg):
+    """A GPT of this config: a PromptTuned one when config.n_prefix > 0."""
+    return PromptTuned(cfg) if cfg.n_prefix else ns.GPT(cfg)
+
+
 def add_prompt(model, n_tokens, seed):
     """A copy of `model` with n_tokens learned vectors in front of every sequence, the only
     trainable parameters. They start as the embeddings of n_tokens random vocabulary tokens
     (real token embeddings train better than random vectors: Lester et al. 2021)."""
     cfg = dataclasses.replace(model.config, n_prefix=n_tokens)
-    tuned = ns.GPT(cfg)
+    tuned = PromptTuned(cfg)
     tuned.load_state_dict(model.state_dict(), strict=False)
     tuned.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
@@ -255,7 +280,7 @@ def plain_state(model):
 
 def plain_model(model):
     """An ordinary GPT with the adapted model's weights (adapters merged)."""
-    m = ns.GPT(model.config)
+    m = new_gpt(model.config)
     m.load_state_dict(plain_state(model))
     return m.to(next(model.parameters()).device)
 

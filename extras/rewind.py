@@ -15,7 +15,7 @@ import torch
 
 import nanosft as ns
 from data import world_eval
-from extras import peft
+from extras import charts, peft
 from extras import sft_eval
 
 
@@ -102,7 +102,7 @@ def interpolate(evaluator, start_checkpoint, model, known, alphas):
     known: {alpha: evaluation} already measured (the two ends). The knowledge probe is
     measured at the ends only (and at the rewound point: probe_rewound_points)."""
     pre, fin = pretrained_state(start_checkpoint), peft.plain_state(model)
-    on_line = ns.GPT(model.config).to(evaluator.rt.device)
+    on_line = peft.new_gpt(model.config).to(evaluator.rt.device)
     out, keys = [], ("dev", "dev_loss", "heldout", "heldout_in", "heldout_cross", "degenerate", "retention", "probe")
     for alpha in alphas:
         if alpha not in known:
@@ -141,7 +141,7 @@ def point_model(point, start_checkpoint, model, out_dir):
     line pre-trained -> final, made now."""
     if "step" in point:
         return ns.model_from_checkpoint(ns.load_checkpoint(step_file(out_dir, point["step"])))[0]
-    on_line = ns.GPT(model.config)
+    on_line = peft.new_gpt(model.config)
     on_line.load_state_dict(interpolated(pretrained_state(start_checkpoint), peft.plain_state(model), point["alpha"]))
     return on_line
 
@@ -187,5 +187,5 @@ def plot_path(png, path, final_step, choice):
                   (at(rewound_step)["retention"], at(rewound_step)["heldout"], f"rewound on the path (step {rewound_step})")]
     if by_line and by_line["alpha"] != 1.0:
         marks.append((by_line["retention"], by_line["heldout"], f"on the line: alpha {by_line['alpha']:.2f}"))
-    ns.plot(png, "SFT: task accuracy vs forgetting", "retention loss (pre-training val loss; lower = less forgetting)",
+    charts.plot(png, "SFT: task accuracy vs forgetting", "retention loss (pre-training val loss; lower = less forgetting)",
             "held-out accuracy", series, marks)

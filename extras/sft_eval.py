@@ -48,7 +48,7 @@ class SFTEvaluator:
         self.tasks = world_eval.load_eval_rows("tasks", world_dir)
         self.retention = None
         if pretrain_stream is not None:  # the same split pre-training used: retention = its validation loss
-            self.retention = ns.fixed_windows(ns.split_corpus(pretrain_stream, block_size)[1], block_size)
+            self.retention = formats.fixed_windows(formats.split_corpus(pretrain_stream, block_size)[1], block_size)
 
     def __call__(self, model, full=False):
         qa = lambda rows: world_eval.qa_eval(model, self.tok, self.world, rows, self.longest)

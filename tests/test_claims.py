@@ -223,8 +223,14 @@ class ConstantLM(torch.nn.Module):
         self.logits = torch.nn.Parameter(logits, requires_grad=False)
         self.config = types.SimpleNamespace(block_size=block_size, n_layer=1, n_prefix=0)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, layout=None):
-        return self.logits.expand(idx.size(0), 1 if last_only else idx.size(1), -1), None
+    def hidden(self, idx, cache=None):  # lm_head is the identity: the "hidden states" are the logits
+        return self.logits.expand(idx.size(0), idx.size(1), -1)
+
+    def lm_head(self, hidden):
+        return hidden
+
+    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+        return self.lm_head(self.hidden(idx, cache)), None
 
 
 def test_kl_estimate_is_kl_of_the_policy_from_the_reference(tok):

@@ -12,6 +12,7 @@ import torch
 import nanosft as ns
 import sample
 from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
+from extras.cpu import cpu_has_native_bf16
 
 sys.path.insert(0, ROOT)
 from data import world as W  # noqa: E402
@@ -205,6 +206,6 @@ def test_a_cpu_limited_to_avx2_has_no_native_bf16_and_auto_picks_fp32(monkeypatc
     laptop) bf16 runs hundreds of times slower than fp32: --dtype auto must pick fp32 even
     where /proc/cpuinfo lists avx512_bf16."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert ns.cpu_has_native_bf16() is False
+    assert cpu_has_native_bf16() is False
     assert ns.pick_dtype(torch.device("cpu"), "auto") == "float32"
     assert ns.pick_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for, given

@@ -203,31 +203,6 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
         torch.testing.assert_close(torch.cat([c, r]), torch.stack([cache_c[i], cache_r[i]]), rtol=1e-6, atol=1e-5)
 
 
-def test_packed_sequences_do_not_see_each_other(tok):
-    """A sequence packed after others gets the logits it gets alone, and changing its
-    neighbours' tokens changes nothing in it (positions restart, attention stays inside)."""
-    model = tiny_gpt(tok, seed=5)
-    seqs = [e[k:k + 2] for e in examples(tok) for k in (0, 2)]
-    X, Y, S = dpo.pack(seqs, tok.pad)
-    assert X.size(0) < len(seqs) and sorted(set(S.flatten().tolist()) - {-1}) == list(range(len(seqs)))
-    logits, _ = model(X, layout=dpo.packed_layout(S, 64))
-    for i, (x, y) in enumerate(seqs):
-        r, cols = (S == i).nonzero(as_tuple=True)
-        assert torch.equal(X[r, cols], x) and torch.equal(Y[r, cols], y)
-        alone, _ = model(x[None])
-        torch.testing.assert_close(logits[r, cols], alone[0], rtol=1e-5, atol=1e-5)
-    # a row may be wider than block_size (each sequence fits), padding runs longer than it
-    Sl = torch.tensor([[0] * 60 + [1] * 40, [2] * 10 + [-1] * 90])
-    Xl = torch.where(Sl >= 0, 7, tok.pad)
-    assert torch.isfinite(model(Xl, layout=dpo.packed_layout(Sl, 64))[0]).all()
-    with pytest.raises(ValueError, match="block_size"):  # but no sequence longer than the block
-        dpo.packed_layout(torch.zeros(1, 70, dtype=torch.long), 64)
-    # scramble every token but sequence 0's: its logits stay exactly the same
-    X2 = torch.where(S == 0, X, torch.randint(0, tok.vocab_size, X.shape))
-    r, cols = (S == 0).nonzero(as_tuple=True)
-    torch.testing.assert_close(model(X2, layout=dpo.packed_layout(S, 64))[0][r, cols], logits[r, cols], rtol=0, atol=1e-6)
-
-
 def test_batches_are_a_pure_function_of_seed_and_step():
     a = [dpo.step_pair_ids(7, it, 4, 10) for it in range(6)]
     dpo.epoch_order.cache_clear()

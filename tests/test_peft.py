@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from extras import peft
-import nanosft as ns
 from conftest import tiny_gpt
 
 
@@ -118,7 +117,8 @@ def test_adapters_on_an_int8_base_merge_into_plain_float_weights(tok, base, adap
 def test_reparametrised_prompt_starts_as_its_vectors_trains_and_saves_plain(tok):
     """prefix = P + MLP(P), the MLP's last layer at zero: the same model at the start; after
     training both P and the MLP have moved, and plain_state bakes the MLP's output into an
-    ordinary `prefix` that a plain GPT loads and computes the same logits with."""
+    ordinary `prefix` that a PromptTuned model without the MLP loads and computes the same
+    logits with."""
     base = tiny_gpt(tok, seed=5)
     model = peft.add_prompt(base, 4, seed=0)
     P0 = model.prefix.detach().clone()
@@ -136,7 +136,7 @@ def test_reparametrised_prompt_starts_as_its_vectors_trains_and_saves_plain(tok)
         opt.step()
         opt.zero_grad()
     assert not torch.equal(model.prefix.detach(), P0)
-    plain = ns.GPT(model.config)
+    plain = peft.PromptTuned(model.config)
     plain.load_state_dict(peft.plain_state(model))
     torch.testing.assert_close(plain(x)[0], model(x)[0], rtol=0, atol=1e-6)
 
