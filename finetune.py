@@ -23,7 +23,7 @@ import nanosft as ns
 from data import formats
 from data import world_eval
 
-DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=25, warmup=20, log_interval=25)
+DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=50, warmup=20, log_interval=25)
 LR = {"full": 2e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}  # --lr per method: why, docs/forgetting.md, docs/peft.md
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas (extras/rewind.py)
 # the flags main hands on by name: to extras/peft.py sft_setup, to extras/rewind.py, to sft.json
@@ -221,7 +221,8 @@ def parse_args(argv=None):
     forget.add_argument("--rewind-tolerance", type=float, default=0.01, help="dev accuracy below the best")
     forget.add_argument("--rewind-loss-tolerance", type=float, default=0.02, help="dev answer loss above the lowest")
     forget.add_argument("--alphas", type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
-                        default=ALPHAS, help="the alphas of the line evaluated (comma-separated; 0 and 1 always)")
+                        help="the alphas of the line evaluated (comma-separated; 0 and 1 always; default: "
+                        "with --rewind interpolate, ALPHAS, else none)")
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
@@ -238,6 +239,8 @@ def parse_args(argv=None):
     world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
+    if args.alphas is None:
+        args.alphas = ALPHAS if args.rewind == "interpolate" else ()
     if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
         args.alphas = ()
     return args

@@ -13,8 +13,9 @@ writes, next to this script:
     world.json              the facts: people, attributes, which people are held out
     world_corpus.txt        pre-training prose: biographies (several paraphrases per fact,
                             shuffled sentence order) mixed with general filler sentences
-    world_sft.jsonl         gold instruction pairs {"prompt","response"} about TRAINING people,
-                            plus list tasks (copy / reverse / count) that need no world knowledge
+    world_sft.jsonl         gold instruction pairs {"prompt","response"} about TRAINING people
+                            (--list-tasks: plus copy / reverse / count tasks, which no default
+                            run learns: docs/known_gaps.md)
     world_community.jsonl   community threads about TRAINING people: one question, several
                             answers of varied quality, each with simulated up/down votes; the
                             SFT labels and DPO pairs come from these votes
@@ -22,7 +23,7 @@ writes, next to this script:
                             evaluation only: preference accuracy on people that neither SFT nor
                             DPO ever trained on, and the "longest community answer" that the
                             degeneration check compares an answer's length with
-    world_eval.jsonl        evaluation questions: held-out people, training people, list tasks
+    world_eval.jsonl        evaluation questions: held-out people, training people (list tasks)
 
 Held-out people never appear in world_sft.jsonl or world_community.jsonl: their facts are
 stated only in the corpus (and asked about only in the evaluation files).
@@ -204,7 +205,7 @@ def community_thread(rng, name, attr, value):
     return answers
 
 
-def build_files(seed=1337, n_people=200, n_heldout=50):
+def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
     """Everything the default pipeline reads, as {filename: text}; --people and --heldout make
     a larger world (more facts to store) of the same shape."""
     world = build_world(seed, n_people, n_heldout)
@@ -224,8 +225,11 @@ def build_files(seed=1337, n_people=200, n_heldout=50):
                 rng.random()
                 community.append({"prompt": prompt, "person": p["name"], "attribute": a,
                                   "split": "train", "answers": community_thread(rng, p["name"], a, p[a])})
-    sft += [list_task(rng) for _ in range(300)]
+    tasks = [list_task(rng) for _ in range(300)]  # drawn either way: every other record stays the same
+    sft += tasks
     rng.shuffle(sft)
+    if not list_tasks:
+        sft = [r for r in sft if not any(r is t for t in tasks)]
     for p in world["people"]:  # both phrasings of every question: 10 per person
         split = "heldout" if p["name"] in heldout else "train"
         for a in ATTRS:
@@ -234,7 +238,8 @@ def build_files(seed=1337, n_people=200, n_heldout=50):
                               "prompt": q.format(n=p["name"])})
     for _ in range(100):
         t = list_task(rng)
-        evals.append({"split": "tasks", "prompt": t["prompt"], "answer": t["response"]})
+        if list_tasks:
+            evals.append({"split": "tasks", "prompt": t["prompt"], "answer": t["response"]})
     # threads about the held-out people, from a stream of their own (the files above stay as
     # they were): evaluation only, never read by a training stage
     rng_eval = random.Random(seed + 2)
@@ -324,12 +329,14 @@ def main():
                     help=f"people in the world, at most {len(FIRST) * len(LAST)} (more than {len(FIRST)}: "
                     "every name a distinct first and family name pair)")
     ap.add_argument("--heldout", type=int, default=50, help="of those, held out of SFT and DPO (at least 2)")
+    ap.add_argument("--list-tasks", action="store_true", help="add 300 copy / reverse / count tasks to the SFT "
+                    "data and 100 to the evaluation")
     args = ap.parse_args()
     if not 2 <= args.heldout < args.people <= len(FIRST) * len(LAST):
         ap.error(f"need 2 <= --heldout < --people <= {len(FIRST) * len(LAST)}, "
                  f"got --heldout {args.heldout} --people {args.people}")
     os.makedirs(args.out_dir, exist_ok=True)
-    for name, text in build_files(args.seed, args.people, args.heldout).items():
+    for name, text in build_files(args.seed, args.people, args.heldout, args.list_tasks).items():
         path = os.path.join(args.out_dir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)

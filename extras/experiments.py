@@ -410,10 +410,11 @@ def plot_scale(png, res):
 # model). --eval-interval 100 and --alphas 1 only thin what is evaluated along the way (the
 # training is the same); the full-SFT run keeps every eval point and the whole line.
 FAST = ["--eval-interval", "100", "--alphas", "1"]
+LINE = ["--alphas", "0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95"]  # also evaluate the line pre-trained -> final
 REWOUND = ("full SFT", "full SFT, lr 4e-3")  # the runs whose rewound points (by path, by line) are drawn
 PLANE = {  # name: flags
-    "full SFT": [],
-    "full SFT, lr 4e-3": ["--lr", "4e-3"],  # the overshoot run of verify: where rewinding pays
+    "full SFT": LINE,
+    "full SFT, lr 4e-3": ["--lr", "4e-3"] + LINE,  # the overshoot run of verify: where rewinding pays
     "full SFT + replay 1.0": ["--replay", "1.0"] + FAST,
     "LoRA r=2 (attn)": ["--lora-rank", "2"] + FAST,
     "LoRA r=8 (attn)": ["--lora-rank", "8"] + FAST,

@@ -69,13 +69,15 @@ def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags,
     point (choose_rewound; `rewind` says where, the rest is sft_rewind's rule), evaluate it,
     add sft.json's world fields to `out`, plot the path (sft_path.png). Returns the rewound
     checkpoint (out/sft.pt), its metrics those of `out`."""
-    final = evaluator(model, full=True)
-    path[-1]["probe"] = final["probe"]  # the same weights
+    final = evaluator.complete(path[-1], model)  # the path's last point holds the final weights' numbers
+    path[-1]["probe"] = final["probe"]
     choice = choose_rewound(evaluator, start_checkpoint, model, path, final, where=rewind, alphas=alphas,
                             tolerance=rewind_tolerance, loss_tolerance=rewind_loss_tolerance, min_gain=rewind_min_gain)
     rewound = rewound_checkpoint(choice, start_checkpoint, model, tok, it=path[-1]["step"], flags=flags,
                                  out_dir=out_dir)
-    rewound_eval = evaluator(ns.model_from_checkpoint(rewound)[0].to(evaluator.rt.device), full=True)
+    rewound_model = ns.model_from_checkpoint(rewound)[0].to(evaluator.rt.device)
+    on_path = [p for p in path if p["step"] == choice["rewound_step"]]  # a step of the path: measured already
+    rewound_eval = evaluator.complete(on_path[0], rewound_model) if on_path else evaluator(rewound_model, full=True)
     probe_rewound_points(choice, rewound_eval, evaluator, start_checkpoint=start_checkpoint, model=model,
                          out_dir=out_dir)
     out.update(sft_eval.world_report(log, path, final, rewound_eval, choice, chance=world_eval.chance(evaluator.world),

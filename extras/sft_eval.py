@@ -61,8 +61,15 @@ class SFTEvaluator:
                   "probe": self.probe(model) if full else None}
         if full:
             result["train"] = qa(self.train)["accuracy"]
-            result["tasks"] = world_eval.task_accuracy(model, self.tok, self.tasks)
+            result["tasks"] = world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None
         return result
+
+    def complete(self, point, model):
+        """A point measured already (evaluator(model) at the same weights), completed with what
+        the report adds: the training people, the list tasks and the knowledge probe."""
+        full = {**point, "train": world_eval.qa_eval(model, self.tok, self.world, self.train, self.longest)["accuracy"],
+                "tasks": world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None}
+        return {**full, "probe": self.probe(model) if point["probe"] is None else point["probe"]}
 
     def probe(self, model):
         return world_eval.knowledge_probe(model, self.tok, self.world)
@@ -96,8 +103,8 @@ def world_report(log, path, final, rewound, choice, chance, attributes):
         f"rewound {rewound['retention']:.4f}")
     log(f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
         f"rewound {rewound['probe']:.3f}")
-    log(f"training people {rewound['train']:.3f} | list tasks {rewound['tasks']:.3f} | "
-        f"degenerate answers {rewound['degenerate']:.3f}")
+    tasks = f" | list tasks {rewound['tasks']:.3f}" if rewound["tasks"] is not None else ""  # (world.py --list-tasks)
+    log(f"training people {rewound['train']:.3f}{tasks} | degenerate answers {rewound['degenerate']:.3f}")
     return {
         "heldout_accuracy": rewound["heldout"], "train_accuracy": rewound["train"], "task_accuracy": rewound["tasks"],
         "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final["heldout"],

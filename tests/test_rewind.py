@@ -58,3 +58,13 @@ def test_interpolated_weights_are_the_convex_combination(tok):
     mid = rewind.interpolated(pre, fin, 0.25)
     for k in pre:
         torch.testing.assert_close(mid[k], 0.75 * pre[k] + 0.25 * fin[k])
+
+
+def test_the_line_is_evaluated_only_when_rewinding_along_it_or_asked():
+    """The default run rewinds along its path: evaluating the line pre-trained -> final as
+    well would double its evaluation time for numbers nobody reads."""
+    import finetune
+    assert finetune.parse_args([]).alphas == ()
+    assert finetune.parse_args(["--rewind", "interpolate"]).alphas == finetune.ALPHAS
+    assert finetune.parse_args(["--alphas", "0.5"]).alphas == (0.0, 0.5, 1.0)
+    assert finetune.parse_args(["--rewind", "interpolate", "--init", "scratch"]).alphas == ()
