@@ -19,9 +19,9 @@ import math
 import os
 import time
 
-import nanosft as ns
+import nanosft
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from data import formats, world_eval
 
 # Every default of this stage in one place (calibrated on the default world; change here).
@@ -54,7 +54,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
     rejected_ratio = policy_rejected - ref_rejected  # log pi(y_l|x) / pi_ref(y_l|x), (B,)
     h = chosen_ratio - rejected_ratio                # (B,)
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = -(1 - label_smoothing) * functional.logsigmoid(beta * h) - label_smoothing * functional.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -84,14 +84,14 @@ def pair_loss(model, X, Y, ref_chosen, ref_rejected, beta, loss="sigmoid", label
 
 
 def parse_args(argv=None):
-    ap = ns.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("DPO: the starting model, the pairs, the loss")
     lesson.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     lesson.add_argument("--data", default=world_eval.THREADS, help="preference file (formats above)")
     lesson.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")
     lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC")
     lesson.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
-    ns.add_common_args(ap)
+    nanosft.add_common_args(ap)
     pairs = ap.add_argument_group("pair construction (votes and scores formats)")
     pairs.add_argument("--min-margin", type=float, help="least difference of net votes or scores that makes a pair")
     pairs.add_argument("--pairs", choices=["top", "all"], help="the top answer against each other one, or every "
@@ -104,13 +104,13 @@ def parse_args(argv=None):
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if not 0 <= args.label_smoothing < 0.5:
-        raise ns.UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+        raise nanosft.UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.loss == "ipo" and args.label_smoothing:
-        raise ns.UserError("--label-smoothing applies to the sigmoid loss (add --loss sigmoid), not to --loss ipo")
+        raise nanosft.UserError("--label-smoothing applies to the sigmoid loss (add --loss sigmoid), not to --loss ipo")
     for name in ("rpo_alpha", "min_margin"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
-            raise ns.UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+            raise nanosft.UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
     return args
 
 
@@ -124,7 +124,7 @@ def epoch_order(seed, epoch, n):
 def step_pair_ids(seed, it, batch_size, n, rt=None):
     """The pair indices of step `it`: consecutive slices of seeded per-epoch permutations.
     Every pair is seen once per epoch and the batch is a pure function of (seed, it), so a
-    resumed run continues exactly. With rt (ns.Runtime): this process's share only."""
+    resumed run continues exactly. With rt (nanosft.Runtime): this process's share only."""
     ids = [epoch_order(seed, k // n, n)[k % n] for k in range(it * batch_size, (it + 1) * batch_size)]
     return ids if rt is None else ids[rt.rank::rt.world]
 
@@ -157,7 +157,7 @@ def pair_logprobs(model, examples, ids, pad_id, rt, pairs_per_forward=64):
         rows = order[first:first + pairs_per_forward]
         [(X, Y, segments, _)] = micro_batches(examples, rows, pad_id, packed=not model.config.n_prefix, grad_accum=1,
                                               device=rt.device)
-        with ns.autocast(rt.device, rt.dtype):
+        with nanosft.autocast(rt.device, rt.dtype):
             chosen_logps, rejected_logps = concatenated_logprobs(model, X, Y, segments)
         chosen[rows] = chosen_logps.float().cpu()
         rejected[rows] = rejected_logps.float().cpu()
@@ -177,15 +177,15 @@ def reference_logprobs(ref, cache, batch):
 # ---------------------------------------------------------------- the run
 def main(argv=None):
     args = parse_args(argv)
-    rt, t_start = ns.setup_runtime(args.device, args.dtype), time.time()
+    rt, t_start = nanosft.setup_runtime(args.device, args.dtype), time.time()
     from extras import dpo_eval  # the world's behaviour measures and rewinding, the report
     # ---- the reference (the starting checkpoint, frozen), the policy (a copy of it), the pairs
     from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
-    start_ckpt = ns.load_checkpoint(args.ckpt, expect_kind=("sft", "dpo", "pretrain"))
+    start_ckpt = nanosft.load_checkpoint(args.ckpt, expect_kind=("sft", "dpo", "pretrain"))
     if start_ckpt["kind"] == "pretrain":
         rt.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model that chats")
-    ref = freeze(ns.model_from_checkpoint(start_ckpt, args.ckpt)[0]).to(rt.device)
-    model, tok = ns.model_from_checkpoint(start_ckpt, args.ckpt)  # an independent copy: the policy
+    ref = freeze(nanosft.model_from_checkpoint(start_ckpt, args.ckpt)[0]).to(rt.device)
+    model, tok = nanosft.model_from_checkpoint(start_ckpt, args.ckpt)  # an independent copy: the policy
     world = world_eval.is_default(args.data, world_eval.THREADS)  # the world's votes: measured, rewound
     (train_pairs, train_examples), (held_pairs, held_examples), counts = formats.load_pairs(
         args.data, heldout_path=world_eval.EVAL_THREADS if world else None, tok=tok, block_size=model.config.block_size,
@@ -194,8 +194,8 @@ def main(argv=None):
     rt.log(f"{args.data}: {counts['format']} format, {len(train_examples):,} train / {counts['pairs_heldout']:,} "
            f"held-out pairs ({len(held_examples)} scored) | {model.num_params():,} parameters | {rt.device} {rt.dtype}")
     model.to(rt.device).train()
-    optimizer = ns.configure_optimizer(model, args.lr, device_type=rt.device.type)
-    start_iter, state = ns.resume(args.out_dir, "dpo", model, tok, optimizer=optimizer) if args.resume else (0, {})
+    optimizer = nanosft.configure_optimizer(model, args.lr, device_type=rt.device.type)
+    start_iter, state = nanosft.resume(args.out_dir, "dpo", model, tok, optimizer=optimizer) if args.resume else (0, {})
     # ---- the reference's log-probs, once: for the pairs this process's steps visit, and the held-out pairs
     cache_start = time.time()
     visited = {i for it in range(start_iter, args.max_iters)
@@ -212,13 +212,13 @@ def main(argv=None):
         evaluator.rewards.log(state["train"], it, rt)
         if rt.master:
             evaluator.evaluate(model, state, it)  # (on the world also keeps the step's checkpoint)
-            ns.save_checkpoint(ns.last_path(args.out_dir, "dpo"), ns.checkpoint_dict(
+            nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "dpo"), nanosft.checkpoint_dict(
                 "dpo", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=state))
-        ns.barrier(rt)
+        nanosft.barrier(rt)
 
     # ---- train: the loss of a step is the mean over its pairs (every process and micro-batch)
-    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = ns.Steps(rt, model, optimizer, ns.Loop.of(vars(args)), start_iter=start_iter)  # lr schedule, log, clock
+    ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    steps = nanosft.Steps(rt, model, optimizer, nanosft.Loop.of(vars(args)), start_iter=start_iter)  # lr schedule, log, clock
     n_pairs = args.batch_size  # in the step, over every process and micro-batch
     for it in steps:
         batches = micro_batches(train_examples, step_pair_ids(args.seed, it, args.batch_size, len(train_examples), rt=rt),
@@ -228,7 +228,7 @@ def main(argv=None):
             if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(batches) - 1
             X, Y, segments, _ = batch
-            with ns.autocast(rt.device, rt.dtype):
+            with nanosft.autocast(rt.device, rt.dtype):
                 ref_chosen, ref_rejected = reference_logprobs(ref, ref_cache, batch)
                 loss_sum, reward_chosen, reward_rejected = pair_loss(
                     ddp_model, X, Y, ref_chosen, ref_rejected, beta=args.beta, loss=args.loss,
@@ -251,7 +251,7 @@ def main(argv=None):
     rewound_step = evaluator.rewind(model, state["path"], steps.it, start_ckpt) if world else steps.it
     result = dpo_eval.summary(evaluator, model, state, rewound_step=rewound_step, steps=steps, t_start=t_start,
                               counts=counts, flags=vars(args))
-    ns.save_checkpoint(os.path.join(args.out_dir, "dpo.pt"), ns.checkpoint_dict(
+    nanosft.save_checkpoint(os.path.join(args.out_dir, "dpo.pt"), nanosft.checkpoint_dict(
         "dpo", model, tok, it=steps.it, flags=vars(args), metrics=dpo_eval.numbers(result)))
     dpo_eval.report(rt, args.out_dir, result, evaluator=evaluator, model=model, token_logprobs=token_logprobs)
 
@@ -260,7 +260,7 @@ def main(argv=None):
 def token_logprobs(logits, labels):
     """log p(label_t | tokens < t) at every position: (B, T, V), (B, T) -> (B, T).
     Labels of -1 (not supervised) read token 0; callers mask those positions out."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V), fp32 even under autocast
+    logp = functional.log_softmax(logits.float(), dim=-1)  # (B, T, V), fp32 even under autocast
     return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
@@ -272,7 +272,7 @@ def collate_pairs(examples, pad_id, packed=True):
     (needed by a prompt-tuned model, whose prefix belongs at the start of every row)."""
     seqs = [e[:2] for e in examples] + [e[2:] for e in examples]
     if not packed:
-        return (*ns.collate(seqs, pad_id), None)
+        return (*nanosft.collate(seqs, pad_id), None)
     from extras import packing  # several sequences per row: less padding, the same log-probs
     return packing.pack(seqs, pad_id)
 
@@ -323,4 +323,4 @@ def concatenated_logprobs(model, X, Y, S=None):
 if __name__ == "__main__":
     from extras.cpu import tune_cpu
     tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    ns.cli(main)
+    nanosft.cli(main)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 from data import world_eval
 
@@ -37,10 +37,10 @@ REPORTED_FLAGS = ("init", "lora_rank", "oft_block", "prompt_tokens", "prompt_ini
 # ----------------------------------------------------------------------------------------
 # 1. the idea: a loss on the answer only
 #
-# ns.render_chat renders a conversation and its loss mask: 1 on every assistant token and
-# its closing <|end|>, 0 on the roles, the question and the system message. ns.example_tensors
+# nanosft.render_chat renders a conversation and its loss mask: 1 on every assistant token and
+# its closing <|end|>, 0 on the roles, the question and the system message. nanosft.example_tensors
 # shifts by one (position t predicts token t + 1) and sets the target of every unmasked
-# position to -1; ns.collate pads with -1 too. cross_entropy(ignore_index=-1) skips those,
+# position to -1; nanosft.collate pads with -1 too. cross_entropy(ignore_index=-1) skips those,
 # so only the answer's tokens are trained on.
 
 
@@ -60,7 +60,7 @@ def sft_loss(model, X, Y):
 def show_mask(tok, conv):
     """Print one rendered example, supervised tokens marked: green on a terminal, [brackets]
     otherwise. What is marked is exactly what the loss trains on."""
-    ids, mask = ns.render_chat(tok, conv)
+    ids, mask = nanosft.render_chat(tok, conv)
     tty = sys.stdout.isatty()
     parts = []
     for t, m in zip(ids, mask):
@@ -95,7 +95,7 @@ def step_batches(examples, it, batch_size, seed, grad_accum, pad, rt, replay=Non
     chosen = step_order(len(examples), batch_size, seed=seed, it=it, lengths=[len(x) for x, _ in examples])
     supervised = sum(int((examples[i][1] != -1).sum()) for i in chosen)  # the targets other than -1
     mine = chosen[rt.rank::rt.world]
-    micro_batches = [ns.collate([examples[i] for i in part], pad)
+    micro_batches = [nanosft.collate([examples[i] for i in part], pad)
                      for part in [mine[j::grad_accum] for j in range(grad_accum)] if part]
     if replay is not None:
         windows, n = replay(it, supervised)
@@ -113,11 +113,11 @@ def build_model(ckpt, init="pretrained", seed=1337, train_embeddings=False):
     or random ones (init "scratch": the no-pre-training baseline). PEFT wraps it next
     (extras/peft.py sft_setup)."""
     from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
-    start_checkpoint = ns.load_checkpoint(ckpt, expect_kind=("pretrain", "sft", "dpo"))
-    model, tok = ns.model_from_checkpoint(start_checkpoint, ckpt)
+    start_checkpoint = nanosft.load_checkpoint(ckpt, expect_kind=("pretrain", "sft", "dpo"))
+    model, tok = nanosft.model_from_checkpoint(start_checkpoint, ckpt)
     if init == "scratch":
         torch.manual_seed(seed)
-        model = ns.GPT(model.config)
+        model = nanosft.GPT(model.config)
     elif not train_embeddings:
         freeze_vocabulary(model, tok, pretraining_counts(tok, start_checkpoint))
     return model, tok, start_checkpoint
@@ -189,7 +189,7 @@ def method(lora_rank, oft_block, prompt_tokens):
 
 
 def parse_args(argv=None):
-    ap = ns.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("fine-tuning: the model, the data, what trains")
     lesson.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
     lesson.add_argument("--data", help="instruction file (formats: data/formats.py); default: the world's questions")
@@ -197,7 +197,7 @@ def parse_args(argv=None):
                         help="scratch: random weights (the no-pre-training baseline)")
     lesson.add_argument("--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)")
     lesson.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
-    ns.add_common_args(ap)
+    nanosft.add_common_args(ap)
     data = ap.add_argument_group("data options (the world's questions)")
     data.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"])
     data.add_argument("--world", default=world_eval.HERE, help="the world directory (pretrain.py --world)")
@@ -226,15 +226,15 @@ def parse_args(argv=None):
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
-        raise ns.UserError("--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one")
+        raise nanosft.UserError("--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one")
     if min(args.lora_rank, args.oft_block, args.prompt_tokens, args.prompt_mlp, args.replay) < 0:
-        raise ns.UserError("--lora-rank, --oft-block, --prompt-tokens, --prompt-mlp and --replay must be >= 0")
+        raise nanosft.UserError("--lora-rank, --oft-block, --prompt-tokens, --prompt-mlp and --replay must be >= 0")
     if (args.prompt_mlp or args.prompt_init != "random") and not args.prompt_tokens:
-        raise ns.UserError("--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens")
+        raise nanosft.UserError("--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens")
     if args.quantize_base != "none" and not (args.lora_rank or args.oft_block):
-        raise ns.UserError("--quantize-base needs a frozen base: add --lora-rank or --oft-block")
+        raise nanosft.UserError("--quantize-base needs a frozen base: add --lora-rank or --oft-block")
     if args.data and args.sft_attributes:
-        raise ns.UserError("--sft-attributes picks the world's questions: it does not apply to --data")
+        raise nanosft.UserError("--sft-attributes picks the world's questions: it does not apply to --data")
     args.sft_attributes = None if args.data else world_eval.sft_attributes(args.sft_attributes)
     world_eval.check_world_dir(args.world)
     if args.lr is None:
@@ -248,11 +248,11 @@ def parse_args(argv=None):
 
 def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
     """out/sft_last.pt, written at every evaluation: an ordinary final checkpoint, plus what
-    --resume needs (ns.resume): the optimizer, the stage's state (its path) and the weights
+    --resume needs (nanosft.resume): the optimizer, the stage's state (its path) and the weights
     in their training form (adapters unmerged)."""
-    checkpoint = ns.checkpoint_dict("sft", plain_model, tok, optimizer, it=it, flags=flags, state=state)
+    checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, optimizer, it=it, flags=flags, state=state)
     checkpoint["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ns.save_checkpoint(file, checkpoint)
+    nanosft.save_checkpoint(file, checkpoint)
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
 
 def main(argv=None):
     args = parse_args(argv)
-    rt, t_start = ns.setup_runtime(args.device, args.dtype), time.time()
+    rt, t_start = nanosft.setup_runtime(args.device, args.dtype), time.time()
     # ---- load: checkpoint, model, data (all input validated before anything is written)
     model, tok, start_checkpoint = build_model(args.ckpt, init=args.init, seed=args.seed,
                                                train_embeddings=args.train_embeddings)
@@ -286,8 +286,8 @@ def main(argv=None):
         from extras import rewind, sft_eval  # the world's evaluation (sft_eval) and rewinding
         evaluator = sft_eval.SFTEvaluator(rt, tok, pretrain_stream(tok, args.pretrain_data), block_size,
                                           world_dir=args.world, attributes=args.sft_attributes)
-    optimizer = ns.configure_optimizer(model.to(rt.device), args.lr, weight_decay=0.0, device_type=rt.device.type)
-    start_iter, state = ns.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer) if args.resume else (0, {})
+    optimizer = nanosft.configure_optimizer(model.to(rt.device), args.lr, weight_decay=0.0, device_type=rt.device.type)
+    start_iter, state = nanosft.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer) if args.resume else (0, {})
     path = state.get("path") or (evaluator.start(model) if evaluator else [])  # the world's evaluations
     trainable = peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
     rt.log("\n".join(report.lines() + [
@@ -298,13 +298,13 @@ def main(argv=None):
             plain_model = peft.plain_model(model) if peft else model  # adapters merged
             if evaluator:
                 rewind.add_step(path, evaluator, model, plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir)
-            save_last(ns.last_path(args.out_dir, "sft"), plain_model, model, tok, optimizer, it=it, flags=vars(args),
+            save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok, optimizer, it=it, flags=vars(args),
                       state={"path": path})
-        ns.barrier(rt)
+        nanosft.barrier(rt)
     # ---- train: every answer token is a target; the loss is their mean over the whole step (sft_loss)
     model.train()
-    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = ns.Steps(rt, model, optimizer, ns.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
+    ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    steps = nanosft.Steps(rt, model, optimizer, nanosft.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
     for it in steps:
         micro_batches, supervised = step_batches(examples, it, batch_size=args.batch_size, seed=args.seed,
                                                  grad_accum=args.grad_accum, pad=tok.pad, rt=rt, replay=replay_windows)
@@ -312,7 +312,7 @@ def main(argv=None):
         for i, (X, Y) in enumerate(micro_batches):
             if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
-            with ns.autocast(rt.device, rt.dtype):
+            with nanosft.autocast(rt.device, rt.dtype):
                 loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
             steps.scaler.scale(loss_sum * (rt.world / supervised)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
@@ -330,14 +330,14 @@ def main(argv=None):
         out = summary(model, trainable, steps, rt, data=report.state(), flags=vars(args),
                       frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model))
         sft_file, plain_model = os.path.join(args.out_dir, "sft.pt"), peft.plain_model(model) if peft else model
-        checkpoint = ns.checkpoint_dict("sft", plain_model, tok, it=steps.it, flags=vars(args))  # the final weights
+        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=steps.it, flags=vars(args))  # the final weights
         if evaluator:
             checkpoint = rewind.rewind_and_report(evaluator, start_checkpoint, model, tok, out=out, path=path,
                                                   flags=vars(args), **{k: getattr(args, k) for k in REWIND_FLAGS},
                                                   log=rt.log, out_dir=args.out_dir)
-        ns.save_checkpoint(sft_file, checkpoint)
+        nanosft.save_checkpoint(sft_file, checkpoint)
         out["seconds"] = time.time() - t_start
-        ns.write_json(os.path.join(args.out_dir, "sft.json"), out)
+        nanosft.write_json(os.path.join(args.out_dir, "sft.json"), out)
         rt.log(f"done in {out['seconds']:.0f}s -> {sft_file}")
 
 
@@ -352,4 +352,4 @@ def summary(model, trainable, steps, rt, data, flags, frozen_bytes):
 if __name__ == "__main__":
     from extras.cpu import tune_cpu
     tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    ns.cli(main)
+    nanosft.cli(main)

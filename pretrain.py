@@ -16,7 +16,7 @@ import dataclasses
 import os
 import time
 
-import nanosft as ns
+import nanosft
 import torch
 from data import formats, world_eval
 
@@ -27,12 +27,12 @@ WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 
 
 def parse_args(argv=None):
-    ap = ns.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("pre-training: the data and the model")
     lesson.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
     lesson.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
                         "train on its corpus and measure its knowledge probe (default: data/, unless --data)")
-    arch = ns.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
+    arch = nanosft.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
     for name in ("block_size", "n_layer", "n_head", "n_embd"):
         lesson.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
     lesson.add_argument("--vocab-size", type=int, default=None,
@@ -40,11 +40,11 @@ def parse_args(argv=None):
                         "picked from the text's size, see vocab_size_for)")
     lesson.add_argument("--weight-decay", type=float,
                         help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
-    ns.add_common_args(ap)
+    nanosft.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if args.world and args.data:
-        raise ns.UserError("--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both")
+        raise nanosft.UserError("--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both")
     if args.world:
         args.data = world_eval.path("world_corpus.txt", world_eval.check_world_dir(args.world))
     elif args.data is None or world_eval.is_default(args.data, world_eval.CORPUS):  # the default world
@@ -63,14 +63,14 @@ def vocab_size_for(text):
 def new_model(text, source, vocab_size, is_world, cfg, log):
     """A BPE trained on the text, and a GPT of config `cfg` with that vocabulary."""
     if len(text) < 1000:
-        raise ns.UserError(f"{source}: only {len(text)} characters; need at least 1,000 to train on")
+        raise nanosft.UserError(f"{source}: only {len(text)} characters; need at least 1,000 to train on")
     if vocab_size is None:
         vocab_size = WORLD_VOCAB if is_world else vocab_size_for(text)
         log(f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; set --vocab-size to choose)")
     t0 = time.time()
-    tok = ns.train_tokenizer(text, vocab_size)
+    tok = nanosft.train_tokenizer(text, vocab_size)
     log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
-    return ns.GPT(dataclasses.replace(cfg, vocab_size=tok.vocab_size)), tok
+    return nanosft.GPT(dataclasses.replace(cfg, vocab_size=tok.vocab_size)), tok
 
 
 def window_batch(data, it, seed, batch_size, block_size, rt, grad_accum):
@@ -85,30 +85,30 @@ def window_batch(data, it, seed, batch_size, block_size, rt, grad_accum):
 
 def main(argv=None):
     args = parse_args(argv)
-    rt = ns.setup_runtime(args.device, args.dtype)
+    rt = nanosft.setup_runtime(args.device, args.dtype)
     t_start = time.time()
 
     # ---- data and model (everything is validated before anything is written)
     text = formats.read_text(args.data)
     if args.resume:  # the tokenizer and config of the run being continued
-        model, tok = ns.model_from_checkpoint(ns.load_checkpoint(ns.last_path(args.out_dir, "pretrain")))
+        model, tok = nanosft.model_from_checkpoint(nanosft.load_checkpoint(nanosft.last_path(args.out_dir, "pretrain")))
     else:
         torch.manual_seed(args.seed)
-        arch = ns.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        arch = nanosft.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size, is_world=args.world is not None,
                                cfg=arch, log=rt.log)
     cfg = model.config
     data = formats.encode_corpus(tok, text)
     train_data, val_data = formats.split_corpus(data, cfg.block_size)
     if len(train_data) <= cfg.block_size + 1:
-        raise ns.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
+        raise nanosft.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
     rt.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
            f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
     model.to(rt.device)
-    optimizer = ns.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
-    start_iter, history = ns.resume(args.out_dir, "pretrain", model, tok, optimizer) if args.resume else \
+    optimizer = nanosft.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
+    start_iter, history = nanosft.resume(args.out_dir, "pretrain", model, tok, optimizer) if args.resume else \
         (0, {"step": [], "val_loss": [], "probe": []})
-    ddp_model = ns.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
     world = world_eval.load_world(args.world) if args.world else None
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
     val_batches = formats.fixed_windows(val_data, cfg.block_size)
@@ -116,17 +116,17 @@ def main(argv=None):
     def on_eval(it):
         if rt.master:
             history["step"].append(it)
-            history["val_loss"].append(ns.mean_loss(model, val_batches, rt))
+            history["val_loss"].append(nanosft.mean_loss(model, val_batches, rt))
             history["probe"].append(world_eval.knowledge_probe(model, tok, world) if world else None)
             rt.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
                    + (f" | probe {history['probe'][-1]:.3f}" if world else ""))
-            ns.save_checkpoint(ns.last_path(args.out_dir, "pretrain"), ns.checkpoint_dict(
+            nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "pretrain"), nanosft.checkpoint_dict(
                 "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history))
-        ns.barrier(rt)
+        nanosft.barrier(rt)
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    steps = ns.Steps(rt, model, optimizer, ns.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
+    steps = nanosft.Steps(rt, model, optimizer, nanosft.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
     for it in steps:
         micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,
@@ -135,7 +135,7 @@ def main(argv=None):
         for i, (X, Y) in enumerate(micro_batches):
             if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
-            with ns.autocast(rt.device, rt.dtype):
+            with nanosft.autocast(rt.device, rt.dtype):
                 _, loss_sum = ddp_model(X, Y, reduction="sum")  # summed next-token cross-entropy
             steps.scaler.scale(loss_sum * (rt.world / n_targets)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
@@ -151,7 +151,7 @@ def main(argv=None):
 
     # ---- save and report
     if rt.master:
-        ns.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), ns.checkpoint_dict(
+        nanosft.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), nanosft.checkpoint_dict(
             "pretrain", model, tok, it=steps.it, flags=vars(args), metrics={"val_loss": history["val_loss"][-1]}))
         report(args.out_dir, history, model=model, rt=rt, total_seconds=time.time() - t_start, steps=steps, world=world)
 
@@ -163,7 +163,7 @@ def report(out_dir, history, model, rt, total_seconds, steps, world):
               "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": steps.seconds(),
               "steps": steps.it, "params": model.num_params(), "device": str(rt.device), "dtype": rt.dtype,
               "history": history}
-    ns.write_json(os.path.join(out_dir, "pretrain.json"), result)
+    nanosft.write_json(os.path.join(out_dir, "pretrain.json"), result)
     series = {"val loss": (history["step"], history["val_loss"])}
     if world:
         series["knowledge probe accuracy"] = (history["step"], history["probe"])
@@ -177,4 +177,4 @@ def report(out_dir, history, model, rt, total_seconds, steps, world):
 if __name__ == "__main__":
     from extras.cpu import tune_cpu
     tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    ns.cli(main)
+    nanosft.cli(main)

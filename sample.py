@@ -20,13 +20,13 @@ import math
 import sys
 from contextlib import contextmanager
 
-import nanosft as ns
+import nanosft
 from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
 import torch
 
 
 def main(argv=None):
-    ap = ns.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/sft.pt")
     ap.add_argument("--prompt", default="")
     ap.add_argument("--chat", action="store_true", help="multi-turn conversation, one user turn per line")
@@ -38,24 +38,24 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ns.UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+        raise nanosft.UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
-        raise ns.UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+        raise nanosft.UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
     if args.chat and args.prompt:
-        raise ns.UserError("--chat reads the user's turns from the input; leave out --prompt")
-    ck = ns.load_checkpoint(args.ckpt)
+        raise nanosft.UserError("--chat reads the user's turns from the input; leave out --prompt")
+    ck = nanosft.load_checkpoint(args.ckpt)
     if args.chat and ck["kind"] not in ("sft", "dpo"):
-        raise ns.UserError(f"{args.ckpt}: --chat needs a fine-tuned checkpoint (sft or dpo); "
+        raise nanosft.UserError(f"{args.ckpt}: --chat needs a fine-tuned checkpoint (sft or dpo); "
                            f"this one is '{ck['kind']}', which only continues text (use --prompt)")
-    model, tok = ns.model_from_checkpoint(ck, args.ckpt)
-    model.to(ns.pick_device(args.device))
+    model, tok = nanosft.model_from_checkpoint(ck, args.ckpt)
+    model.to(nanosft.pick_device(args.device))
     g = torch.Generator().manual_seed(args.seed)
     if args.chat:
         chat = Chat(model, tok, g, args.max_new_tokens, args.temperature, args.top_k)
         return repl(chat, f"{args.ckpt} ({ck['kind']})")
     chat = ck["kind"] in ("sft", "dpo")
     if chat:
-        ids = ns.chat_prompt(tok, [{"role": "user", "content": args.prompt}])
+        ids = nanosft.chat_prompt(tok, [{"role": "user", "content": args.prompt}])
         stop = {tok.end, tok.endoftext}
     else:
         ids = [tok.endoftext] + tok.encode(args.prompt)
@@ -69,7 +69,7 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# decoding one sequence with a KV cache (the stages' evaluations use ns.generate_batch)
+# decoding one sequence with a KV cache (the stages' evaluations use nanosft.generate_batch)
 
 
 SMALL_WIDTH = 512  # up to this n_embd, one-token decoding is faster on one CPU thread (bench.py)
@@ -107,7 +107,7 @@ def stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), gen
     device = next(model.parameters()).device
     limit = model.config.block_size
     ids = list(ids)[-limit:]
-    cache = ns.KVCache(model.config.n_layer)
+    cache = nanosft.KVCache(model.config.n_layer)
     logits = model.lm_head(model.hidden(torch.tensor([ids], device=device), cache)[:, -1:])  # (1, 1, V)
     with one_thread_if_small(model, device):
         for n in range(1, max_new_tokens + 1):
@@ -181,31 +181,31 @@ def fit_context(tok, history, block_size, reserve):
     budget = block_size - reserve
     history = list(history)
     dropped = 0
-    while len(history) > 1 and len(ns.chat_prompt(tok, history)) > budget:
+    while len(history) > 1 and len(nanosft.chat_prompt(tok, history)) > budget:
         history = history[2:]
         dropped += 1
     cut = 0
-    if len(ns.chat_prompt(tok, history)) > budget:
+    if len(nanosft.chat_prompt(tok, history)) > budget:
         history[-1], cut = cut_turn(tok, history[-1]["content"], budget)
-    return ns.chat_prompt(tok, history), history, dropped, cut
+    return nanosft.chat_prompt(tok, history), history, dropped, cut
 
 
 def cut_turn(tok, text, budget):
     """A lone user turn, cut from the left until its prompt fits in `budget` tokens.
     Returns the shortened turn and how many of its tokens were cut."""
-    full = len(ns.encode_content(tok, text))
+    full = len(nanosft.encode_content(tok, text))
     keep, turn = full, {"role": "user", "content": text}
     # Decoding the last `keep` tokens and encoding the result again may not give exactly
     # `keep` tokens (the cut may fall inside a word), so shrink until the prompt fits.
-    while keep > 0 and len(ns.chat_prompt(tok, [turn])) > budget:
-        keep -= max(1, len(ns.chat_prompt(tok, [turn])) - budget)
+    while keep > 0 and len(nanosft.chat_prompt(tok, [turn])) > budget:
+        keep -= max(1, len(nanosft.chat_prompt(tok, [turn])) - budget)
         turn = {"role": "user", "content": last_tokens(tok, text, keep)}
-    return turn, full - len(ns.encode_content(tok, turn["content"]))
+    return turn, full - len(nanosft.encode_content(tok, turn["content"]))
 
 
 def last_tokens(tok, text, n):
     """The end of text that its last n tokens spell (a character split by the cut is dropped)."""
-    ids = ns.encode_content(tok, text)
+    ids = nanosft.encode_content(tok, text)
     tail = ids[len(ids) - n:] if n > 0 else []
     return tok.decode(tail).lstrip("\ufffd").strip()
 
@@ -268,7 +268,7 @@ class Chat:
 
         def show(text):
             nonlocal started
-            if not started:  # an answer starts with a space (see ns.encode_content): skip it
+            if not started:  # an answer starts with a space (see nanosft.encode_content): skip it
                 text = text.lstrip()
                 started = bool(text)
             say(text)
@@ -325,4 +325,4 @@ def repl(chat, name):
 if __name__ == "__main__":
     from extras.cpu import tune_cpu
     tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    ns.cli(main)
+    nanosft.cli(main)

@@ -23,7 +23,7 @@ import re
 
 import torch
 
-import nanosft as ns
+import nanosft
 
 HELDOUT_FRAC = 0.1  # share of preference records held out when the file has no "split" field
 
@@ -38,16 +38,16 @@ def read_text(path):
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise ns.UserError(f"{path}: no such file")
+        raise nanosft.UserError(f"{path}: no such file")
     except IsADirectoryError:
-        raise ns.UserError(f"{path}: is a directory, expected a file")
+        raise nanosft.UserError(f"{path}: is a directory, expected a file")
     except OSError as e:
-        raise ns.UserError(f"{path}: cannot read ({e.strerror})")
+        raise nanosft.UserError(f"{path}: cannot read ({e.strerror})")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ns.UserError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start}); expected UTF-8 text")
+        raise nanosft.UserError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start}); expected UTF-8 text")
     return text.replace("\r\n", "\n")
 
 
@@ -88,16 +88,16 @@ def read_records(path):
     text = read_text(path)
     stripped = text.lstrip()
     if not stripped:
-        raise ns.UserError(f"{path}: empty file, expected JSON records")
+        raise nanosft.UserError(f"{path}: empty file, expected JSON records")
     if stripped[0] == "[":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ns.UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects")
+            raise nanosft.UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects")
         except RecursionError:  # json's parser recurses once per nesting level
-            raise ns.UserError(f"{path}: JSON nested too deeply; expected a JSON array of objects")
+            raise nanosft.UserError(f"{path}: JSON nested too deeply; expected a JSON array of objects")
         if not rows:
-            raise ns.UserError(f"{path}: empty JSON array, expected records")
+            raise nanosft.UserError(f"{path}: empty JSON array, expected records")
         return [(f"{path}: record {i + 1}", r) for i, r in enumerate(rows)]
     out = []
     for n, line in enumerate(text.split("\n"), 1):
@@ -106,24 +106,24 @@ def read_records(path):
         try:
             out.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ns.UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
+            raise nanosft.UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
         except RecursionError:
-            raise ns.UserError(f"{path}:{n}: JSON nested too deeply; expected one JSON object per line")
+            raise nanosft.UserError(f"{path}:{n}: JSON nested too deeply; expected one JSON object per line")
     if not out:
-        raise ns.UserError(f"{path}: no records found")
+        raise nanosft.UserError(f"{path}: no records found")
     return out
 
 
 def field(rec, key, where, optional=False):
     """A string field of a record, or a clear error naming the record."""
     if not isinstance(rec, dict):
-        raise ns.UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise nanosft.UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if key not in rec:
         if optional:
             return ""
-        raise ns.UserError(f"{where}: missing field '{key}'")
+        raise nanosft.UserError(f"{where}: missing field '{key}'")
     if not isinstance(rec[key], str):
-        raise ns.UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+        raise nanosft.UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
     return rec[key]
 
 
@@ -160,7 +160,7 @@ class DataReport:
 
     def _note(self, book, n, reason, message):
         if self.strict:
-            raise ns.UserError(f"{self.path}: record {n}: {message} (without --strict it would be "
+            raise nanosft.UserError(f"{self.path}: record {n}: {message} (without --strict it would be "
                                f"{'skipped' if book is self.skipped else 'truncated'} and counted)")
         book.setdefault(reason, []).append(n)
 
@@ -194,7 +194,7 @@ class DataReport:
                        "and a vocabulary learned from text like it")
             else:
                 why = "is it the right file for this stage?"
-            raise ns.UserError(f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
+            raise nanosft.UserError(f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
                                f"skipped (most: {worst}); {why}")
 
 
@@ -224,20 +224,20 @@ def instruction_record(r, where):
       chat          {"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]}
       ShareGPT      {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}"""
     if not isinstance(r, dict):
-        raise ns.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        raise nanosft.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
     if "messages" in r or "conversations" in r:
         key, role_key, text_key = ("messages", "role", "content") if "messages" in r else ("conversations", "from", "value")
         msgs = r[key]
         if not isinstance(msgs, list):
-            raise ns.UserError(f"{where}: '{key}' must be a list of messages")
+            raise nanosft.UserError(f"{where}: '{key}' must be a list of messages")
         conv = []
         for j, m in enumerate(msgs):
             w = f"{where}: message {j + 1}"
             role = field(m, role_key, w)
             if key == "messages" and role not in ("system", "user", "assistant"):
-                raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
+                raise nanosft.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
             if key == "conversations" and role not in SHAREGPT_ROLES:
-                raise ns.UserError(f"{w}: 'from' must be human, gpt, system (or a tool turn), got '{role}'")
+                raise nanosft.UserError(f"{w}: 'from' must be human, gpt, system (or a tool turn), got '{role}'")
             conv.append({"role": SHAREGPT_ROLES.get(role, role), "content": field(m, text_key, w)})
         return conv
     if "instruction" in r:
@@ -246,7 +246,7 @@ def instruction_record(r, where):
         return [{"role": "user", "content": field(r, "prompt", where)},
                 {"role": "assistant", "content": field(r, "response", where)}]
     keys = ", ".join(sorted(r)) or "none"
-    raise ns.UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
+    raise nanosft.UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
                     "{instruction,input,output}, {prompt,response}, {messages:[...]} or ShareGPT "
                     "{conversations:[...]}")
 
@@ -294,17 +294,17 @@ def split_hh(text, where):
     """An HH dialogue -> (chat messages before the last Assistant turn, that turn's text)."""
     parts = HH_TURN.split(text)  # [before the first turn, role, body, role, body, ...]
     if parts[0].strip() or len(parts) < 3:
-        raise ns.UserError(f"{where}: expected a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+        raise nanosft.UserError(f"{where}: expected a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
     turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
     if turns[-1][0] != "Assistant":
-        raise ns.UserError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
+        raise nanosft.UserError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
     msgs = [{"role": "user" if r == "Human" else "assistant", "content": b} for r, b in turns[:-1]]
     return msgs, turns[-1][1]
 
 
 def record_format(r, where):
     if not isinstance(r, dict):
-        raise ns.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        raise nanosft.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
     if "answers" in r:
         return "votes"
     if "responses" in r:
@@ -316,7 +316,7 @@ def record_format(r, where):
             return "sharegpt"
         return "pairs" if "prompt" in r else "alpaca" if "instruction" in r else "hh"
     keys = ", ".join(sorted(r)) or "none"
-    raise ns.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
+    raise nanosft.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
                        "{prompt,chosen,rejected} (strings, or TRL's lists of {role,content} messages), "
                        "HH {chosen,rejected}, Alpaca {instruction,chosen,rejected}, ShareGPT "
                        "{conversations,chosen,rejected}, {prompt,answers:[{text,up,down}]} or "
@@ -331,19 +331,19 @@ def conversational_pair(r, where):
     def messages(key):
         msgs = r[key]
         if not isinstance(msgs, list) or not msgs:
-            raise ns.UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
+            raise nanosft.UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
         out = []
         for j, m in enumerate(msgs):
             w = f"{where}: {key}[{j}]"
             role = field(m, "role", w)
             if role not in ("system", "user", "assistant"):
-                raise ns.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
+                raise nanosft.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
             out.append({"role": role, "content": field(m, "content", w)})
         return out
     chosen, rejected = messages("chosen"), messages("rejected")
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
-            raise ns.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
+            raise nanosft.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
     if "prompt" in r:
         prompt = [{"role": "user", "content": field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
             else messages("prompt")
@@ -352,7 +352,7 @@ def conversational_pair(r, where):
     else:
         prompt = chosen[:-1]
         if rejected[:-1] != prompt:
-            raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
+            raise nanosft.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
@@ -385,14 +385,14 @@ def number(x, key, where, integer=False):
     # abs(x) < 1e300: finite, and no integer too large for float arithmetic later
     if isinstance(x, bool) or not ok or not abs(x) < 1e300:
         shown = repr(x) if len(repr(x)) < 40 else repr(x)[:37] + "..."
-        raise ns.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {shown}")
+        raise nanosft.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {shown}")
     return x
 
 
 def scored_items(r, key, where, score):
     lst = r.get(key)
     if not isinstance(lst, list) or len(lst) < 2:
-        raise ns.UserError(f"{where}: '{key}' must be a list of at least two answers")
+        raise nanosft.UserError(f"{where}: '{key}' must be a list of at least two answers")
     return [(field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
             for i, a in enumerate(lst)]
 
@@ -426,7 +426,7 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
     msgs_c, chosen = split_hh(field(r, "chosen", where), where + " (chosen)")
     msgs_r, rejected = split_hh(field(r, "rejected", where), where + " (rejected)")
     if msgs_c != msgs_r:
-        raise ns.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
+        raise nanosft.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
                            "their last Assistant turn")
     return msgs_c, [(chosen, rejected)]
 
@@ -444,10 +444,10 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None):
         n = group + 1
         got = record_format(r, where)
         if got != fmt:
-            raise ns.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
+            raise nanosft.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
         split = r.get("split")
         if split not in (None, "train", "heldout"):
-            raise ns.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
+            raise nanosft.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
         prompt, pr = record_pairs(fmt, r, where, min_margin, top_only)
         if any(m["role"] == "tool" for m in prompt):
             report.total += len(pr)
@@ -470,7 +470,7 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None):
                           "split": split, "group": group, "record": n})
     report.check()
     if not pairs:
-        raise ns.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
+        raise nanosft.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
     return fmt, pairs
 
 
@@ -488,7 +488,7 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None
     train = [p for p in pairs if p["split"] == "train"]
     heldout = [p for p in pairs if p["split"] == "heldout"]
     if not train:
-        raise ns.UserError(f"{path}: every pair is held out; no training pairs")
+        raise nanosft.UserError(f"{path}: every pair is held out; no training pairs")
     return fmt, train, heldout
 
 
@@ -531,8 +531,8 @@ def pair_example(tok, pair, block_size, report=None):
     then each answer is cut to what is left (as TRL does: the log-probabilities of two
     answers' beginnings still compare them). Both are counted in `report`. Returns None when
     the two cut answers are the same tokens: nothing is left to prefer."""
-    prompt = ns.chat_prompt(tok, pair["prompt"])
-    answers = [ns.encode_content(tok, pair[k]) + [tok.end] for k in ("chosen", "rejected")]
+    prompt = nanosft.chat_prompt(tok, pair["prompt"])
+    answers = [nanosft.encode_content(tok, pair[k]) + [tok.end] for k in ("chosen", "rejected")]
     limit = block_size + 1
     keep = min(len(prompt), max(limit - max(map(len, answers)), limit // 2))
     n, report = pair.get("record", 0), report or DataReport("pairs", unit="pairs")
@@ -546,7 +546,7 @@ def pair_example(tok, pair, block_size, report=None):
         report.truncate(n, "prompts cut from the left to fit", f"the prompt is longer than the model's block size {block_size}")
     if cut_answer:
         report.truncate(n, "answers cut to fit the block", f"an answer is longer than the model's block size {block_size}")
-    return tuple(t for a in answers for t in ns.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a)))
+    return tuple(t for a in answers for t in nanosft.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a)))
 
 
 def pair_examples(tok, pairs, block_size, report):
@@ -569,7 +569,7 @@ def fit_conversation(tok, conv, block_size):
     cut from the left) or "answer" (the answer alone does not fit: skip the record). An
     answer is never cut: without its <|end|> it would teach the model to stop nowhere, with
     it to stop mid-sentence."""
-    ids, mask = ns.render_chat(tok, conv)
+    ids, mask = nanosft.render_chat(tok, conv)
     if len(ids) - 1 <= block_size:
         return ids, mask, None
     system = conv[:1] if conv[0]["role"] == "system" else []
@@ -577,12 +577,12 @@ def fit_conversation(tok, conv, block_size):
     cuts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
     for head in (system, []):  # drop turns first, the system message last
         for i in cuts:
-            ids, mask = ns.render_chat(tok, head + rest[i:])
+            ids, mask = nanosft.render_chat(tok, head + rest[i:])
             if len(ids) - 1 <= block_size:
                 return ids, mask, "turns"
     # the last question and its answer alone are too long: cut the question from the left
     question = next((m for m in reversed(conv[:-1]) if m["role"] == "user"), {"content": ""})
-    body, answer = ns.encode_content(tok, question["content"]), ns.encode_content(tok, conv[-1]["content"])
+    body, answer = nanosft.encode_content(tok, question["content"]), nanosft.encode_content(tok, conv[-1]["content"])
     frame = [tok.endoftext, tok.user, tok.end, tok.assistant, tok.end]
     room = block_size + 1 - len(frame) - len(answer)
     if room < min(MIN_PROMPT, len(body)):
@@ -598,18 +598,18 @@ def render_all(tok, records, block_size, report):
     too_long = f"longer than the model's block size {block_size}; shorten it"
     for n, conv in records:
         ids, mask, change = fit_conversation(tok, conv, block_size)
-        answer = len(ns.encode_content(tok, conv[-1]["content"]))
+        answer = len(nanosft.encode_content(tok, conv[-1]["content"]))
         report.needs.append(answer + MIN_PROMPT + 5)  # the answer, a short question, the chat frame
         if change == "answer":
-            tokens = len(ns.render_chat(tok, conv)[0]) - 1
+            tokens = len(nanosft.render_chat(tok, conv)[0]) - 1
             report.skip(n, f"whose answer alone is longer than block_size {block_size}", f"{tokens} tokens, {too_long}")
             continue
         if change == "turns":
             report.truncate(n, "conversations cut to their last turns that fit", too_long)
         elif change == "prompt":
             report.truncate(n, "prompts cut from the left to fit", too_long)
-        out.append(ns.example_tensors(ids, mask))
+        out.append(nanosft.example_tensors(ids, mask))
     report.check(block_size)
     if not out:
-        raise ns.UserError(f"{report.path}: no assistant tokens to train on")
+        raise nanosft.UserError(f"{report.path}: no assistant tokens to train on")
     return out

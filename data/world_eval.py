@@ -10,7 +10,7 @@ import json
 import os
 import random
 
-import nanosft as ns
+import nanosft
 from data import formats
 from data import world as W
 
@@ -40,7 +40,7 @@ def is_default(file, name):
 def check_world_dir(world_dir):
     """One clear error for a directory that holds no world, before anything is written."""
     if not os.path.isfile(path("world.json", world_dir)):
-        raise ns.UserError(f"--world {world_dir}: no world.json there; write a world with "
+        raise nanosft.UserError(f"--world {world_dir}: no world.json there; write a world with "
                            f"python data/world.py --out-dir {world_dir}")
     return world_dir
 
@@ -71,7 +71,7 @@ def knowledge_probe(model, tok, world, people=None):
     people = probe_people(facts) if people is None else people
     rows = [(p["name"], a) for p in facts["people"] if p["name"] in people for a in facts["attributes"]]
     prompts = [[tok.endoftext] + tok.encode(W.PROBE[a].format(n=n)) for n, a in rows]
-    outs = ns.generate_batch(model, prompts, 4, stop={tok.endoftext})
+    outs = nanosft.generate_batch(model, prompts, 4, stop={tok.endoftext})
     hits = [W.grade(facts, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]
     return sum(hits) / len(hits)
 
@@ -79,9 +79,9 @@ def knowledge_probe(model, tok, world, people=None):
 def answer_questions(model, tok, prompts, max_new_tokens=24):
     """Greedy chat answers to a list of user questions -> (answers, ended): ended[i] is False
     when answer i reached max_new_tokens without writing <|end|> (the model did not stop)."""
-    ids = [ns.chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    ids = [nanosft.chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
     stop = {tok.end, tok.endoftext}
-    outs = ns.generate_batch(model, ids, max_new_tokens, stop=stop, keep_stop=True)
+    outs = nanosft.generate_batch(model, ids, max_new_tokens, stop=stop, keep_stop=True)
     ended = [bool(o) and o[-1] in stop for o in outs]
     return [tok.decode(o[:-1] if e else o).strip() for o, e in zip(outs, ended)], ended
 
@@ -136,7 +136,7 @@ def sft_attributes(spec):
     names = W.ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in names if a not in W.ATTRS]
     if unknown or not names:
-        raise ns.UserError(f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
+        raise nanosft.UserError(f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
                            f"the world's attributes are {','.join(W.ATTRS)}")
     return [a for a in W.ATTRS if a in names]
 

@@ -51,7 +51,7 @@ import time
 
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 from data import world_eval
 from extras import packing
@@ -124,7 +124,7 @@ def train_step(model, optimizer, x, y, dtype="float32"):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        with ns.autocast(torch.device("cpu"), dtype):
+        with nanosft.autocast(torch.device("cpu"), dtype):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,20 +147,20 @@ def load_nanogpt(path):
 
 def bench_training(res, rounds, nanogpt=None, compile_too=False):
     torch.manual_seed(0)
-    cfg = ns.GPTConfig(**BENCH_MODEL)
+    cfg = nanosft.GPTConfig(**BENCH_MODEL)
     B, T, L, C = BENCH_BATCH, cfg.block_size, cfg.n_layer, cfg.n_embd
     x = torch.randint(0, cfg.vocab_size, (B, T))
     y = torch.randint(0, cfg.vocab_size, (B, T))
-    model = ns.GPT(cfg)
+    model = nanosft.GPT(cfg)
     n = model.num_params() - model.wpe.weight.numel()
     flops = (6 * n + 12 * L * C * T) * B * T  # per step
     peak_fn, peak_flops = matmul_peak()
-    names, fns = ["fp32"], [train_step(model, ns.configure_optimizer(model, 1e-4), x, y)]
+    names, fns = ["fp32"], [train_step(model, nanosft.configure_optimizer(model, 1e-4), x, y)]
     native_bf16 = cpu_has_native_bf16()
     if native_bf16:
         m16 = copy.deepcopy(model)
         names.append("bf16")
-        fns.append(train_step(m16, ns.configure_optimizer(m16, 1e-4), x, y, "bfloat16"))
+        fns.append(train_step(m16, nanosft.configure_optimizer(m16, 1e-4), x, y, "bfloat16"))
     else:
         res["bf16_speedup"] = None
         res["bf16_speedup_reason"] = "this CPU has no native bf16 matmul (AVX512-BF16/AMX): bf16 is emulated"
@@ -178,7 +178,7 @@ def bench_training(res, rounds, nanogpt=None, compile_too=False):
     if compile_too:
         mc = copy.deepcopy(model)
         t = time.perf_counter()
-        step = train_step(torch.compile(mc), ns.configure_optimizer(mc, 1e-4), x, y)
+        step = train_step(torch.compile(mc), nanosft.configure_optimizer(mc, 1e-4), x, y)
         step()  # compiles forward and backward on the first calls
         res["compile_warmup_seconds"] = round(time.perf_counter() - t, 1)
         names.append("compiled")
@@ -213,8 +213,8 @@ def bench_kv_cache(res, rounds, new_tokens=256):
     """Greedy decoding with the bench's GPT, its block long enough for a 64-token prompt and
     256 new tokens."""
     torch.manual_seed(0)
-    cfg = ns.GPTConfig(**dict(BENCH_MODEL, block_size=64 + new_tokens))
-    model = ns.GPT(cfg).eval()
+    cfg = nanosft.GPTConfig(**dict(BENCH_MODEL, block_size=64 + new_tokens))
+    model = nanosft.GPT(cfg).eval()
     prompt = torch.randint(0, cfg.vocab_size, (64,)).tolist()
     outs, generate = {}, load_script("sample").generate
 
@@ -278,12 +278,12 @@ def bench_tokenizer(res, rounds):
     best = math.inf
     for _ in range(max(1, rounds // 2)):
         t = time.perf_counter()
-        tok = ns.train_tokenizer(text, 4096)
+        tok = nanosft.train_tokenizer(text, 4096)
         best = min(best, time.perf_counter() - t)
     res["bpe_train_seconds_1mb"] = round(best, 2)
     sample = text[:100_000]  # the Python encoder is slow; 100 kB is plenty for a rate
     out = {}
-    t_py, t_tk = best_times([lambda: out.update(py=ns.encode_python(tok, sample)),
+    t_py, t_tk = best_times([lambda: out.update(py=nanosft.encode_python(tok, sample)),
                              lambda: out.update(tk=tok.encode(sample))], max(2, rounds // 2))
     if out["py"] != out["tk"]:
         raise AssertionError("tiktoken and the Python encoder disagree")
@@ -298,9 +298,9 @@ def bench_tokenizer(res, rounds):
 
 def load_script(name):
     """A stage script as a module (imported only when its figure is measured)."""
-    if not os.path.isfile(os.path.join(ns.HERE, f"{name}.py")):
+    if not os.path.isfile(os.path.join(nanosft.HERE, f"{name}.py")):
         raise FileNotFoundError(f"{name}.py does not exist yet")
-    sys.path.insert(0, ns.HERE)
+    sys.path.insert(0, nanosft.HERE)
     return __import__(name)
 
 
@@ -310,8 +310,8 @@ SEED = 1337  # the stage scripts' default --seed
 def world_tokenizer():
     """The default world's tokenizer, as pretrain.py trains it, and the default GPT config."""
     pretrain = load_script("pretrain")
-    tok = ns.train_tokenizer(formats.read_text(world_eval.CORPUS), pretrain.WORLD_VOCAB)
-    return tok, ns.GPTConfig(vocab_size=tok.vocab_size)
+    tok = nanosft.train_tokenizer(formats.read_text(world_eval.CORPUS), pretrain.WORLD_VOCAB)
+    return tok, nanosft.GPTConfig(vocab_size=tok.vocab_size)
 
 
 def world_pairs(tok, cfg):
@@ -329,12 +329,12 @@ def bench_padding(res, tok, cfg):
     try:
         finetune = load_script("finetune")
         B = finetune.DEFAULTS["batch_size"]
-        ex = formats.render_all(tok, list(enumerate(we.world_conversations("top-voted", SEED), 1)), cfg.block_size,
+        ex = formats.render_all(tok, list(enumerate(world_eval.world_conversations("top-voted", SEED), 1)), cfg.block_size,
                                 formats.DataReport("world"))
         lengths = [len(x) for x, _ in ex]
         r = t = 0
         for it in range(max(1, len(ex) // B)):
-            X, _ = ns.collate([ex[i] for i in finetune.step_order(len(ex), B, SEED, it, lengths)], tok.pad)
+            X, _ = nanosft.collate([ex[i] for i in finetune.step_order(len(ex), B, SEED, it, lengths)], tok.pad)
             r, t = r + int((X != tok.pad).sum()), t + X.numel()
         res["pad_efficiency_sft"] = round(r / t, 3)
     except Exception as e:
@@ -368,7 +368,7 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
         res["dpo_step_ratio_reason"] = f"dpo.py not usable yet ({type(e).__name__}: {e})"
         return
     torch.manual_seed(0)
-    model = ns.GPT(cfg)
+    model = nanosft.GPT(cfg)
     ref = dpo.freeze(copy.deepcopy(model))
     batches = []
     for it in range(n_batches):
@@ -377,7 +377,7 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
             rc, rr = dpo.concatenated_logprobs(ref, X, Y, S)
         batches.append((X, Y, S, rc, rr))
     sft_m, dpo_m = copy.deepcopy(model), copy.deepcopy(model)
-    sft_opt, dpo_opt = ns.configure_optimizer(sft_m, 1e-5), ns.configure_optimizer(dpo_m, 1e-5)
+    sft_opt, dpo_opt = nanosft.configure_optimizer(sft_m, 1e-5), nanosft.configure_optimizer(dpo_m, 1e-5)
 
     def step(m, opt, loss):
         loss.backward()
@@ -416,7 +416,7 @@ def bench_pipeline(res, dtype):
     stages = [("pretrain", ["pretrain.py"]), ("finetune", ["finetune.py", "--ckpt", "{d}/pretrain.pt"]),
               ("dpo", ["dpo.py", "--ckpt", "{d}/sft.pt"])]
     res["pipeline_dtype"] = dtype
-    missing = [s for s, a in stages if not os.path.isfile(os.path.join(ns.HERE, a[0]))]
+    missing = [s for s, a in stages if not os.path.isfile(os.path.join(nanosft.HERE, a[0]))]
     if missing:
         res["pipeline_seconds"] = None
         res["pipeline_reason"] = f"missing {', '.join(missing)}"
@@ -427,7 +427,7 @@ def bench_pipeline(res, dtype):
         for name, argv in stages:
             t = time.perf_counter()
             p = subprocess.run([sys.executable] + [a.format(d=d) for a in argv] + ["--out-dir", d, "--dtype", dtype],
-                               cwd=ns.HERE, capture_output=True, text=True)
+                               cwd=nanosft.HERE, capture_output=True, text=True)
             res[f"pipeline_{name}_seconds"] = round(time.perf_counter() - t, 1)
             total += time.perf_counter() - t
             if p.returncode != 0:
@@ -496,7 +496,7 @@ def main():
         sections["pipeline"] = lambda: bench_pipeline(res, args.pipeline_dtype)
     for name in args.only or []:
         if name not in sections:
-            raise ns.UserError(f"--only {name}: expected some of {', '.join(sections)}")
+            raise nanosft.UserError(f"--only {name}: expected some of {', '.join(sections)}")
     for name, fn in sections.items():
         if args.only and name not in args.only:
             continue
@@ -510,10 +510,10 @@ def main():
                           (res[k] >= v if op == ">=" else res[k] <= v)} for k, (op, v) in TARGETS.items()}
     print_table(res)
     if args.json:
-        ns.write_json(args.json, res)
+        nanosft.write_json(args.json, res)
         print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
     tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    ns.cli(main)
+    nanosft.cli(main)

@@ -8,7 +8,7 @@ are in dpo.py; this module imports nothing of dpo.py (the held-out pairs come in
 import os
 import time
 
-import nanosft as ns
+import nanosft
 import torch
 from data import world_eval
 from extras import charts
@@ -28,13 +28,13 @@ def kl_estimate(model, ref, tok, prompts, rt, seed):
     sequence-level KL, and the exact per-position KL has less noise than
     log pi(y|x) - log pi_ref(y|x) of the sample alone (and is never negative)."""
     n_new = min(KL_TOKENS, model.config.block_size // 2)
-    ids = [ns.chat_prompt(tok, p)[-(model.config.block_size - n_new):] for p in prompts]
-    with ns.autocast(rt.device, rt.dtype):  # y keeps a stop token it drew: pi chose it too
-        ys = ns.generate_batch(model, ids, n_new, {tok.end}, temperature=1.0,
+    ids = [nanosft.chat_prompt(tok, p)[-(model.config.block_size - n_new):] for p in prompts]
+    with nanosft.autocast(rt.device, rt.dtype):  # y keeps a stop token it drew: pi chose it too
+        ys = nanosft.generate_batch(model, ids, n_new, {tok.end}, temperature=1.0,
                                generator=torch.Generator().manual_seed(seed), keep_stop=True)
-    X, Y = ns.collate([ns.example_tensors(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(ids, ys)], tok.pad)
+    X, Y = nanosft.collate([nanosft.example_tensors(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(ids, ys)], tok.pad)
     X, Y = X.to(rt.device), Y.to(rt.device)
-    with ns.autocast(rt.device, rt.dtype):
+    with nanosft.autocast(rt.device, rt.dtype):
         lp = torch.log_softmax(model(X)[0].float(), -1)  # (N, T, V)
         lq = torch.log_softmax(ref(X)[0].float(), -1)    # (N, T, V)
     kl_t = (lp.exp() * (lp - lq)).sum(-1)  # (N, T)
@@ -44,8 +44,8 @@ def kl_estimate(model, ref, tok, prompts, rt, seed):
 def greedy(model, tok, prompts, max_new_tokens, room=8):
     """Greedy answers to chat prompts (lists of messages); a prompt too long keeps its end
     and leaves `room` positions to answer in."""
-    ids = [ns.chat_prompt(tok, p)[-(model.config.block_size - room):] for p in prompts]
-    return [tok.decode(o) for o in ns.generate_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})]
+    ids = [nanosft.chat_prompt(tok, p)[-(model.config.block_size - room):] for p in prompts]
+    return [tok.decode(o) for o in nanosft.generate_batch(model, ids, max_new_tokens, stop={tok.end, tok.endoftext})]
 
 
 class Evaluator:
@@ -134,7 +134,7 @@ class Evaluator:
                         f"{d['clean_style_rate']:.3f} | degenerate {d['degenerate_rate']:.3f}")
         model.train()  # (generating put it in eval mode)
         if self.world and self.out_dir:  # the path's point, for rewinding to pick from
-            ns.save_checkpoint(path_checkpoint(self.out_dir, it), ns.checkpoint_dict(
+            nanosft.save_checkpoint(path_checkpoint(self.out_dir, it), nanosft.checkpoint_dict(
                 "dpo", model, self.tok, it=it, flags=self.flags))
 
     def rewind(self, model, path, final_step, start_ckpt):
@@ -142,7 +142,7 @@ class Evaluator:
         starting checkpoint `start_ckpt`; `final_step`: the weights already in `model`) -> that step."""
         step = rewind(path)["step"]
         if step != final_step:
-            model.load_state_dict((ns.load_checkpoint(path_checkpoint(self.out_dir, step)) if step else start_ckpt)["model"])
+            model.load_state_dict((nanosft.load_checkpoint(path_checkpoint(self.out_dir, step)) if step else start_ckpt)["model"])
         return step
 
 
@@ -201,7 +201,7 @@ REPORTED_FLAGS = ("beta", "loss", "label_smoothing", "rpo_alpha", "lr", "batch_s
 def summary(ev, model, state, rewind_rule=REWIND_RULE, rewound_step=None, steps=None, t_start=None, counts=None,
             flags=None):
     """dpo.json: the held-out pairs' scores, the behaviour before and after (the test half), the
-    KL, the samples and the history; with `steps` (ns.Steps) also the run's steps and times, the
+    KL, the samples and the history; with `steps` (nanosft.Steps) also the run's steps and times, the
     data's `counts` and the REPORTED_FLAGS of `flags`. The held-out margins go to ev.margins."""
     after, held, world = ev.behaviour(model), ev.pairs(model) or {}, ev.world is not None
     result = {"pref_accuracy_heldout": held.get("pref_accuracy"),
@@ -241,7 +241,7 @@ def report(rt, out_dir, result, evaluator=None, model=None, token_logprobs=None)
         k = int(evaluator.margins.argmax())
         plot_logratio(os.path.join(out_dir, "dpo_logratio.png"), model, evaluator.ref, evaluator.tok,
                       pair=evaluator.held_pairs[k], example=evaluator.examples[k], rt=rt, token_logprobs=token_logprobs)
-    ns.write_json(os.path.join(out_dir, "dpo.json"), result)
+    nanosft.write_json(os.path.join(out_dir, "dpo.json"), result)
     tr, ev = result["history"]["train"], result["history"]["eval"]
     series = {"train (per step)": (tr.get("step", []), tr.get("rewards/margins", []))}
     if result["pref_accuracy_heldout"] is not None:
@@ -269,7 +269,7 @@ def plot_logratio(path, model, ref, tok, pair, example, rt, token_logprobs, max_
     strips = []
     for name, (x, y) in (("chosen", example[:2]), ("rejected", example[2:])):
         X, Y = x[None].to(rt.device), y[None].to(rt.device)
-        with ns.autocast(rt.device, rt.dtype):
+        with nanosft.autocast(rt.device, rt.dtype):
             d = token_logprobs(model(X)[0], Y) - token_logprobs(ref(X)[0], Y)  # (1, T)
         keep = (Y[0] != -1).nonzero().squeeze(-1)[:max_tokens]
         vals = d[0, keep].tolist()

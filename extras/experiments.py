@@ -384,8 +384,8 @@ def plot_scale(png, res):
     each the mean over seeds with min–max bars."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    from matplotlib import pyplot
+    fig, ax = pyplot.subplots(figsize=(6.4, 4.2))
     params = [r["pretrain"]["params"] for r in res.values()]
     for key, label in (("heldout_accuracy_in_domain", f"in-domain ({SCALE_ATTRIBUTES})"),
                        ("heldout_accuracy_cross_domain", "cross-domain (the other attributes)")):
@@ -399,7 +399,7 @@ def plot_scale(png, res):
     ax.legend()
     fig.tight_layout()
     fig.savefig(png + ".tmp.png", dpi=110)
-    plt.close(fig)
+    pyplot.close(fig)
     os.replace(png + ".tmp.png", png)
 
 
@@ -522,11 +522,11 @@ def plot_plane(png, points, res):
     import math
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot
     mean = lambda v: sum(v) / len(v)
     b0 = baseline(res)
-    fig, axes = plt.subplots(1, 2, figsize=(17, 7.5), constrained_layout=True)
-    colors = plt.get_cmap("tab20").colors
+    fig, axes = pyplot.subplots(1, 2, figsize=(17, 7.5), constrained_layout=True)
+    colors = pyplot.get_cmap("tab20").colors
     for ax, key, label in ((axes[0], "forget", "forgetting: retention loss, after minus pre-trained (nats)"),
                            (axes[1], "probe_drop", "forgetting: knowledge probe, pre-trained minus after")):
         fx = (lambda q: q["retention"] - b0["retention_val_loss_before"]) if key == "forget" else \
@@ -561,7 +561,7 @@ def plot_plane(png, points, res):
     fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle("stability (x: less forgetting to the left) vs plasticity (y): mean over seeds, min–max bars")
     fig.savefig(png + ".tmp.png", dpi=110)
-    plt.close(fig)
+    pyplot.close(fig)
     os.replace(png + ".tmp.png", png)
 
 
@@ -600,8 +600,8 @@ def verify(out_dir, seeds, dtype, tiny=False, reuse=False, only=None, jobs=1):
     only="pretrain": pre-train each seed and judge only the pre-training claims (a cheap
     sweep over many seeds), `jobs` seeds side by side on cores/jobs threads each."""
     sys.path.insert(0, HERE)
-    import nanosft as ns
-    dtype = ns.pick_dtype(ns.pick_device("auto"), dtype)
+    import nanosft
+    dtype = nanosft.pick_dtype(nanosft.pick_device("auto"), dtype)
     root = os.path.join(out_dir, "verify", dtype)
     common = ["--dtype", dtype] + (["--device", "cpu"] if tiny else [])
     extra = lambda script: TINY[script] if tiny else []

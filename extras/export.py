@@ -11,16 +11,16 @@ Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (wi
 template) and a README.md model card with the checkpoint's training figures. Needs the
 `safetensors` package (extras/requirements-dev.txt); the training scripts do not.
 """
-import nanosft as ns
+import nanosft
 from extras import hf
 
 
 def main(argv=None):
-    ap = ns.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/dpo.pt", help="checkpoint (or HF GPT-2 directory) to export")
     ap.add_argument("--out", default="hf", help="directory to write")
     args = ap.parse_args(argv)
-    ck = ns.load_checkpoint(args.ckpt)
+    ck = nanosft.load_checkpoint(args.ckpt)
     model, tok = hf.save_dir(ck, args.out, args.ckpt)
     print(f"{args.ckpt} ({ck['kind']}, {model.num_params():,} parameters, {tok.vocab_size:,} tokens) -> {args.out}")
 
@@ -28,4 +28,4 @@ def main(argv=None):
 if __name__ == "__main__":
     from extras.cpu import tune_cpu
     tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    ns.cli(main)
+    nanosft.cli(main)

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import asdict
 
-import nanosft as ns
+import nanosft
 import torch
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -49,9 +49,9 @@ def read_json(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ns.UserError(f"{path}: no such file")
+        raise nanosft.UserError(f"{path}: no such file")
     except (ValueError, OSError) as e:
-        raise ns.UserError(f"{path}: not readable JSON ({type(e).__name__}: {str(e)[:80]})")
+        raise nanosft.UserError(f"{path}: not readable JSON ({type(e).__name__}: {str(e)[:80]})")
 
 
 def read_safetensors(path):
@@ -77,7 +77,7 @@ def read_safetensors(path):
             out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start).view(shape)
         return out
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
-        raise ns.UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:80]})")
+        raise nanosft.UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:80]})")
 
 
 def read_weights(path):
@@ -85,13 +85,13 @@ def read_weights(path):
     if os.path.isfile(st):
         return read_safetensors(st)
     if not os.path.isfile(pt):
-        raise ns.UserError(f"{st}: no such file (nor {os.path.basename(pt)}); expected the model weights")
+        raise nanosft.UserError(f"{st}: no such file (nor {os.path.basename(pt)}); expected the model weights")
     try:  # weights_only: tensors and plain containers, a pickle that would run code is refused
         sd = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ns.UserError(f"{pt}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:80]})")
+        raise nanosft.UserError(f"{pt}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:80]})")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ns.UserError(f"{pt}: expected a dict of tensors")
+        raise nanosft.UserError(f"{pt}: expected a dict of tensors")
     return sd
 
 
@@ -106,23 +106,23 @@ def read_bpe(path):
         with open(merges_file, encoding="utf-8") as f:
             lines = f.read().splitlines()
         merges = [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
-        return vocab, merges, ns.SPLIT_PATTERN, merges_file
+        return vocab, merges, nanosft.SPLIT_PATTERN, merges_file
     if not os.path.isfile(tok_file):
         missing = merges_file if os.path.isfile(vocab_file) else vocab_file
-        raise ns.UserError(f"{missing}: no such file (nor tokenizer.json); expected the tokenizer")
+        raise nanosft.UserError(f"{missing}: no such file (nor tokenizer.json); expected the tokenizer")
     t = read_json(tok_file)
     try:
         pre = t["pre_tokenizer"] or {}
         steps = pre.get("pretokenizers", [pre])
         if t["model"]["type"] != "BPE" or not any(p["type"] == "ByteLevel" for p in steps):
-            raise ns.UserError(f"{tok_file}: not a byte-level BPE tokenizer (GPT-2's kind)")
+            raise nanosft.UserError(f"{tok_file}: not a byte-level BPE tokenizer (GPT-2's kind)")
         vocab = dict(t["model"]["vocab"], **{a["content"]: a["id"] for a in t.get("added_tokens") or []})
         merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in t["model"]["merges"]]
         # a Split step carries the pattern (our exports); GPT-2's ByteLevel has it built in
         split = [p["pattern"]["Regex"] for p in steps if p["type"] == "Split"]
     except (KeyError, TypeError, AttributeError) as e:
-        raise ns.UserError(f"{tok_file}: not a tokenizer.json of `tokenizers` ({type(e).__name__}: {str(e)[:60]})")
-    return vocab, merges, split[0] if split else ns.SPLIT_PATTERN, tok_file
+        raise nanosft.UserError(f"{tok_file}: not a tokenizer.json of `tokenizers` ({type(e).__name__}: {str(e)[:60]})")
+    return vocab, merges, split[0] if split else nanosft.SPLIT_PATTERN, tok_file
 
 
 def bpe_tokenizer(vocab, merges, pattern, n_rows, where):
@@ -138,9 +138,9 @@ def bpe_tokenizer(vocab, merges, pattern, n_rows, where):
         byte_ids = [vocab[c] for c in BYTE_CHARS]
         made = [(vocab[a + b], vocab[a], vocab[b]) for a, b in merges]
     except (KeyError, ValueError, TypeError) as e:
-        raise ns.UserError(f"{where}: not GPT-2's byte-level BPE (no token {str(e)[:40]})")
+        raise nanosft.UserError(f"{where}: not GPT-2's byte-level BPE (no token {str(e)[:40]})")
     if any(y[0] < x[0] for x, y in zip(made, made[1:])):
-        raise ns.UserError(f"{where}: token ids do not follow the merge order, so tiktoken cannot rank them")
+        raise nanosft.UserError(f"{where}: token ids do not follow the merge order, so tiktoken cannot rank them")
     # one merge per token tells its bytes: the first whose two parts are known by then (our
     # exports list every split of a token into two, some with a part made later)
     first, known = {}, set(byte_ids)
@@ -149,22 +149,22 @@ def bpe_tokenizer(vocab, merges, pattern, n_rows, where):
             first[k] = (a, b)
             known.add(k)
     if len(first) != len({k for k, _, _ in made}):
-        raise ns.UserError(f"{where}: a merge uses a token that no earlier merge makes (corrupt tokenizer)")
+        raise nanosft.UserError(f"{where}: a merge uses a token that no earlier merge makes (corrupt tokenizer)")
     specials = {s: i for s, i in vocab.items() if i not in known}
     if max(vocab.values()) >= n_rows:
-        raise ns.UserError(f"{where}: token id {max(vocab.values())} beyond the model's {n_rows} embedding rows")
-    for s in ns.SPECIALS:
+        raise nanosft.UserError(f"{where}: token id {max(vocab.values())} beyond the model's {n_rows} embedding rows")
+    for s in nanosft.SPECIALS:
         if s not in specials:
             specials[s] = max([n_rows - 1, *specials.values()]) + 1
     ids = {"bytes": byte_ids, "merges": list(first), "specials": list(specials.values())}
-    return ns.Tokenizer(list(first.values()), pattern, tuple(specials), ids)
+    return nanosft.Tokenizer(list(first.values()), pattern, tuple(specials), ids)
 
 
 def gpt_config(c, path):
     """Our GPTConfig for an HF GPT-2 config.json; anything our GPT cannot compute is an error."""
     if not isinstance(c, dict) or c.get("model_type") != "gpt2":
         got = c.get("model_type") if isinstance(c, dict) else None
-        raise ns.UserError(f"{path}: model_type {got!r}, only 'gpt2' can be imported")
+        raise nanosft.UserError(f"{path}: model_type {got!r}, only 'gpt2' can be imported")
     act = c.get("activation_function", "gelu_new")
     odd = [k for k, bad in (("activation_function", act not in GELU),
                             ("n_inner", c.get("n_inner") not in (None, 4 * c.get("n_embd", 0))),
@@ -173,12 +173,12 @@ def gpt_config(c, path):
                             ("scale_attn_by_inverse_layer_idx", c.get("scale_attn_by_inverse_layer_idx")),
                             ("layer_norm_epsilon", abs(c.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12)) if bad]
     if odd:
-        raise ns.UserError(f"{path}: {odd[0]}={c.get(odd[0])!r} is not something this GPT computes")
+        raise nanosft.UserError(f"{path}: {odd[0]}={c.get(odd[0])!r} is not something this GPT computes")
     try:
-        return ns.GPTConfig(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"],
+        return nanosft.GPTConfig(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"],
                             n_head=c["n_head"], n_embd=c["n_embd"], bias=True, gelu=GELU[act])
     except KeyError as e:
-        raise ns.UserError(f"{path}: missing {e}")
+        raise nanosft.UserError(f"{path}: missing {e}")
 
 
 def load_dir(path, expect_kind=None):
@@ -186,14 +186,14 @@ def load_dir(path, expect_kind=None):
     local files: nothing is ever downloaded."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise ns.UserError(f"{path}: is a directory, expected a checkpoint file or a Hugging Face GPT-2 "
+        raise nanosft.UserError(f"{path}: is a directory, expected a checkpoint file or a Hugging Face GPT-2 "
                            f"directory ({cfg_file}: no such file)")
     c = read_json(cfg_file)
     cfg = gpt_config(c, cfg_file)
     sd = {k.removeprefix("transformer."): v for k, v in read_weights(path).items()}
     wte = sd.get("wte.weight")
     if wte is None or wte.dim() != 2:
-        raise ns.UserError(f"{path}: the weights lack wte.weight, the token embedding")
+        raise nanosft.UserError(f"{path}: the weights lack wte.weight, the token embedding")
     vocab, merges, pattern, where = read_bpe(path)
     tok = bpe_tokenizer(vocab, merges, pattern, wte.size(0), where)
     model = {}
@@ -201,7 +201,7 @@ def load_dir(path, expect_kind=None):
         if k.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
             continue
         if k == "lm_head.weight" and not torch.equal(v, wte):
-            raise ns.UserError(f"{path}: lm_head.weight differs from wte.weight; our GPT ties them")
+            raise nanosft.UserError(f"{path}: lm_head.weight differs from wte.weight; our GPT ties them")
         model[k] = (v.t() if k.endswith(CONV1D) else v).float()  # Conv1D (in, out) -> Linear (out, in)
     # The chat tokens GPT-2 lacks start as the MEAN of the existing embedding rows: a typical
     # input vector, and (tied) an output row whose logit is the average one, so adding them
@@ -212,19 +212,19 @@ def load_dir(path, expect_kind=None):
     cfg.vocab_size = tok.vocab_size
     kind = c.get("nanosft_kind", "pretrain")  # written by our export; any other GPT-2 is a base model
     if expect_kind and kind not in expect_kind:
-        raise ns.UserError(f"{path}: a '{kind}' model, expected one of {', '.join(expect_kind)}")
+        raise nanosft.UserError(f"{path}: a '{kind}' model, expected one of {', '.join(expect_kind)}")
     return {"kind": kind, "model": model, "config": asdict(cfg), "tokenizer": tok.state(), "optimizer": None,
             "iter": 0, "rng": {"torch": torch.get_rng_state()}, "args": {}, "metrics": {}}
 
 
-ns.DIRECTORY_READERS.append(load_dir)  # nanosft.load_checkpoint reads a directory with it
+nanosft.DIRECTORY_READERS.append(load_dir)  # nanosft.load_checkpoint reads a directory with it
 
 
 # ----------------------------------------------------------------------------------------
 # export
 
 
-# Our chat format (ns.render_chat, ns.chat_prompt) in Jinja: <|endoftext|>, then per message
+# Our chat format (nanosft.render_chat, nanosft.chat_prompt) in Jinja: <|endoftext|>, then per message
 # its role token, a space, the content and <|end|>; the generation prompt is <|assistant|>.
 # Role tokens are whole literals (never '<|' + role + '|>'), so that
 # apply_chat_template(..., sanitize_control_tokens=True) can tell them from typed text.
@@ -318,14 +318,14 @@ def save_dir(ck, out, source="checkpoint"):
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ns.UserError("export needs the safetensors package: pip install -r extras/requirements-dev.txt")
-    model, tok = ns.model_from_checkpoint(ck, source)
+        raise nanosft.UserError("export needs the safetensors package: pip install -r extras/requirements-dev.txt")
+    model, tok = nanosft.model_from_checkpoint(ck, source)
     cfg = model.config
     if cfg.n_prefix:
-        raise ns.UserError(f"{source}: a prompt-tuned model ({cfg.n_prefix} prefix vectors); "
+        raise nanosft.UserError(f"{source}: a prompt-tuned model ({cfg.n_prefix} prefix vectors); "
                            "GPT-2 has no place for them")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ns.UserError(f"--out {out}: exists and is not a directory")
+        raise nanosft.UserError(f"--out {out}: exists and is not a directory")
     tensors = {}
     for k, v in model.state_dict().items():
         if k != "lm_head.weight":  # tied: transformers restores it from wte
@@ -350,8 +350,8 @@ def save_dir(ck, out, source="checkpoint"):
     tmp = os.path.join(out, f".model.safetensors.tmp{os.getpid()}")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out, "model.safetensors"))
-    ns.write_json(os.path.join(out, "config.json"), config)
-    ns.write_json(os.path.join(out, "tokenizer.json"), tokenizer_json(tok))
-    ns.write_json(os.path.join(out, "tokenizer_config.json"), tok_config)
-    ns.write_text_atomic(os.path.join(out, "README.md"), model_card(ck, model, tok, source))
+    nanosft.write_json(os.path.join(out, "config.json"), config)
+    nanosft.write_json(os.path.join(out, "tokenizer.json"), tokenizer_json(tok))
+    nanosft.write_json(os.path.join(out, "tokenizer_config.json"), tok_config)
+    nanosft.write_text_atomic(os.path.join(out, "README.md"), model_card(ck, model, tok, source))
     return model, tok

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import nanosft as ns
+import nanosft
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def frozen_bytes(model):
 # prompt tuning
 
 
-class PromptTuned(ns.GPT):
+class PromptTuned(nanosft.GPT):
     """A GPT with config.n_prefix learned vectors (`prefix`) in front of every sequence.
     They have no position, their outputs are dropped, and a decoder's KV cache keeps them
     (its `pos` counts tokens only)."""
@@ -208,12 +208,12 @@ class PromptTuned(ns.GPT):
         return torch.cat([self.prefix.to(x.dtype).expand(x.size(0), -1, -1), x], dim=1)  # (B, P+T, C)
 
 
-ns.PROMPT_TUNED.append(PromptTuned)  # nanosft.model_from_checkpoint builds a prompt-tuned checkpoint with it
+nanosft.PROMPT_TUNED.append(PromptTuned)  # nanosft.model_from_checkpoint builds a prompt-tuned checkpoint with it
 
 
 def new_gpt(cfg):
     """A GPT of this config: a PromptTuned one when config.n_prefix > 0."""
-    return PromptTuned(cfg) if cfg.n_prefix else ns.GPT(cfg)
+    return PromptTuned(cfg) if cfg.n_prefix else nanosft.GPT(cfg)
 
 
 def add_prompt(model, n_tokens, seed):
@@ -309,7 +309,7 @@ def sft_setup(model, tok, examples, seed, lora_rank=0, lora_alpha=None, lora_on=
         add_lora(model, lora_rank, lora_alpha, lora_on.split(","))
     if oft_block:
         if model.config.n_embd % oft_block:  # (the MLP's 4 * n_embd inputs then divide too)
-            raise ns.UserError(f"--oft-block {oft_block} must divide the model's width {model.config.n_embd}")
+            raise nanosft.UserError(f"--oft-block {oft_block} must divide the model's width {model.config.n_embd}")
         add_oft(model, oft_block, lora_on.split(","))
     rows = None
     if new_rows == "train":

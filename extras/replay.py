@@ -5,7 +5,7 @@ step's micro-batches; their tokens join the step's count, so the loss stays one 
 """
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 
 
@@ -13,7 +13,7 @@ def train_split(pretrain_stream, file, block_size):
     """The pre-training text's train split as one token stream (the one pre-training used).
     pretrain_stream: the text's tokens, None when the file is missing."""
     if pretrain_stream is None:
-        raise ns.UserError(f"--replay needs the pre-training text ({file}), which is missing")
+        raise nanosft.UserError(f"--replay needs the pre-training text ({file}), which is missing")
     return formats.split_corpus(pretrain_stream, block_size)[0]
 
 

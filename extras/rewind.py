@@ -13,7 +13,7 @@ import os
 
 import torch
 
-import nanosft as ns
+import nanosft
 from data import world_eval
 from extras import charts, peft
 from extras import sft_eval
@@ -60,7 +60,7 @@ def add_step(path, evaluator, model, plain_model, tok, it, flags, out_dir):
         return
     path.append({"step": it, **evaluator(model)})
     sft_eval.log_eval(evaluator.rt.log, path[-1])
-    ns.save_checkpoint(step_file(out_dir, it), ns.checkpoint_dict("sft", plain_model, tok, it=it, flags=flags))
+    nanosft.save_checkpoint(step_file(out_dir, it), nanosft.checkpoint_dict("sft", plain_model, tok, it=it, flags=flags))
 
 
 def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags, rewind, alphas, rewind_tolerance,
@@ -75,7 +75,7 @@ def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags,
                             tolerance=rewind_tolerance, loss_tolerance=rewind_loss_tolerance, min_gain=rewind_min_gain)
     rewound = rewound_checkpoint(choice, start_checkpoint, model, tok, it=path[-1]["step"], flags=flags,
                                  out_dir=out_dir)
-    rewound_model = ns.model_from_checkpoint(rewound)[0].to(evaluator.rt.device)
+    rewound_model = nanosft.model_from_checkpoint(rewound)[0].to(evaluator.rt.device)
     on_path = [p for p in path if p["step"] == choice["rewound_step"]]  # a step of the path: measured already
     rewound_eval = evaluator.complete(on_path[0], rewound_model) if on_path else evaluator(rewound_model, full=True)
     probe_rewound_points(choice, rewound_eval, evaluator, start_checkpoint=start_checkpoint, model=model,
@@ -88,7 +88,7 @@ def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags,
 
 
 def pretrained_state(start_checkpoint):
-    return ns.model_from_checkpoint(start_checkpoint)[0].state_dict()
+    return nanosft.model_from_checkpoint(start_checkpoint)[0].state_dict()
 
 
 def interpolated(pre, fin, alpha):
@@ -142,7 +142,7 @@ def point_model(point, start_checkpoint, model, out_dir):
     """The weights of a point: a step of the path as saved then, or those at an alpha of the
     line pre-trained -> final, made now."""
     if "step" in point:
-        return ns.model_from_checkpoint(ns.load_checkpoint(step_file(out_dir, point["step"])))[0]
+        return nanosft.model_from_checkpoint(nanosft.load_checkpoint(step_file(out_dir, point["step"])))[0]
     on_line = peft.new_gpt(model.config)
     on_line.load_state_dict(interpolated(pretrained_state(start_checkpoint), peft.plain_state(model), point["alpha"]))
     return on_line
@@ -152,9 +152,9 @@ def rewound_checkpoint(choice, start_checkpoint, model, tok, it, flags, out_dir)
     """The chosen point's checkpoint: a step of the path as saved then, or the weights at the
     chosen alpha of the line pre-trained -> final, made now."""
     if choice["rewound_alpha"] is None:
-        return ns.load_checkpoint(step_file(out_dir, choice["rewound_step"]))
+        return nanosft.load_checkpoint(step_file(out_dir, choice["rewound_step"]))
     on_line = point_model({"alpha": choice["rewound_alpha"]}, start_checkpoint, model, out_dir)
-    return ns.checkpoint_dict("sft", on_line, tok, None, it, flags)
+    return nanosft.checkpoint_dict("sft", on_line, tok, None, it, flags)
 
 
 def probe_rewound_points(choice, rewound, evaluator, start_checkpoint, model, out_dir):

@@ -3,7 +3,7 @@ finetune.py's evaluation on the world's data: what SFT makes usable (held-out ac
 what it costs (retention), and the report of sft.json. The rewinding rule that reads these
 numbers is in extras/rewind.py.
 """
-import nanosft as ns
+import nanosft
 from data import formats
 from data import world_eval
 
@@ -17,8 +17,8 @@ def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
     convs = [[{"role": "user", "content": t["prompt"]},
               {"role": "assistant", "content": world_eval.top_voted(t["answers"])}]
              for _, t in threads if t["prompt"] in prompts]
-    examples = [ns.example_tensors(*ns.render_chat(tok, c)) for c in convs]
-    return [ns.collate(examples[i:i + batch], tok.pad) for i in range(0, len(examples), batch)]
+    examples = [nanosft.example_tensors(*nanosft.render_chat(tok, c)) for c in convs]
+    return [nanosft.collate(examples[i:i + batch], tok.pad) for i in range(0, len(examples), batch)]
 
 
 class SFTEvaluator:
@@ -55,9 +55,9 @@ class SFTEvaluator:
         test = qa(self.test)
         inside, cross = world_eval.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
         result = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"], "heldout_in": inside,
-                  "heldout_cross": cross, "dev_loss": ns.mean_loss(model, self.dev_answers, self.rt),
+                  "heldout_cross": cross, "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.rt),
                   "degenerate": test["degenerate_rate"],
-                  "retention": ns.mean_loss(model, self.retention, self.rt) if self.retention else None,
+                  "retention": nanosft.mean_loss(model, self.retention, self.rt) if self.retention else None,
                   "probe": self.probe(model) if full else None}
         if full:
             result["train"] = qa(self.train)["accuracy"]

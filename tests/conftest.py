@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-import nanosft as ns
+import nanosft
 
 SAMPLE_TEXT = open(os.path.join(ROOT, "data", "world_corpus.txt"), encoding="utf-8").read()[:60_000]
 
@@ -25,14 +25,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tok():
-    return ns.train_tokenizer(SAMPLE_TEXT, 600)
+    return nanosft.train_tokenizer(SAMPLE_TEXT, 600)
 
 
 def tiny_gpt(tok, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
     cfg.update(kw)
-    return ns.GPT(ns.GPTConfig(**cfg))
+    return nanosft.GPT(nanosft.GPTConfig(**cfg))
 
 
 def run_script(*args, cwd=ROOT, timeout=120, env=None):

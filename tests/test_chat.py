@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 import sample
 from conftest import ROOT, tiny_gpt
 
@@ -36,7 +36,7 @@ def answer(n):
 @pytest.fixture
 def sft_ckpt(tok, tmp_path):
     path = str(tmp_path / "sft.pt")
-    ns.save_checkpoint(path, ns.checkpoint_dict("sft", parrot(tok), tok))
+    nanosft.save_checkpoint(path, nanosft.checkpoint_dict("sft", parrot(tok), tok))
     return path
 
 
@@ -115,14 +115,14 @@ def test_piped_two_turns_second_prompt_holds_the_first_exchange(tok, sft_ckpt, m
                          "--max-new-tokens", "3")
     assert out == f"{answer(3)}\n{answer(3)}\n"  # two answers, no prompt marks; the blank line is no turn
     assert err == ""
-    assert prompts == [ns.chat_prompt(tok, [user("Where was Ada born?")]),
-                       ns.chat_prompt(tok, [user("Where was Ada born?"), bot(answer(3)), user("And her hobby?")])]
+    assert prompts == [nanosft.chat_prompt(tok, [user("Where was Ada born?")]),
+                       nanosft.chat_prompt(tok, [user("Where was Ada born?"), bot(answer(3)), user("And her hobby?")])]
 
 
 def test_reset_clears_the_history_and_quit_ends(tok, sft_ckpt, monkeypatch, capsys, prompts):
     out, err = chat_main(monkeypatch, capsys, sft_ckpt, ["Hi", "/reset", "Who is Ada?", "/quit", "never read"],
                          "--max-new-tokens", "2")
-    assert prompts == [ns.chat_prompt(tok, [user("Hi")]), ns.chat_prompt(tok, [user("Who is Ada?")])]
+    assert prompts == [nanosft.chat_prompt(tok, [user("Hi")]), nanosft.chat_prompt(tok, [user("Who is Ada?")])]
     assert out == f"{answer(2)}\n{answer(2)}\n"
     assert err == "[history cleared]\n"
 
@@ -136,20 +136,20 @@ def test_a_long_conversation_drops_the_oldest_exchanges(tok, sft_ckpt, monkeypat
         turns += [user(line)]
         assert len(ids) <= block - reserve
         # the prompt is the newest exchanges, as many as fit: one more would not
-        kept = next(k for k in range(1, len(turns) + 1, 2) if ns.chat_prompt(tok, turns[-k:]) == ids)
-        assert kept == len(turns) or len(ns.chat_prompt(tok, turns[-kept - 2:])) > block - reserve
+        kept = next(k for k in range(1, len(turns) + 1, 2) if nanosft.chat_prompt(tok, turns[-k:]) == ids)
+        assert kept == len(turns) or len(nanosft.chat_prompt(tok, turns[-kept - 2:])) > block - reserve
         turns += [bot(answer(8))]
     assert out == f"{answer(8)}\n" * len(lines)
     assert "[dropped the oldest exchange to fit the 64-token context]" in err
-    assert len(prompts[-1]) < len(ns.chat_prompt(tok, turns[:-1]))  # something was dropped
+    assert len(prompts[-1]) < len(nanosft.chat_prompt(tok, turns[:-1]))  # something was dropped
 
 
 def test_fit_context_drops_whole_exchanges_oldest_first(tok):
     turns = [user("one two three"), bot("four five"), user("six seven"), bot("eight"), user("nine ten")]
     def size(t):
-        return len(ns.chat_prompt(tok, t))
+        return len(nanosft.chat_prompt(tok, t))
     ids, kept, dropped, cut = sample.fit_context(tok, turns, size(turns[2:]) + 10, 10)
-    assert (kept, dropped, cut) == (turns[2:], 1, 0) and ids == ns.chat_prompt(tok, turns[2:])
+    assert (kept, dropped, cut) == (turns[2:], 1, 0) and ids == nanosft.chat_prompt(tok, turns[2:])
     ids, kept, dropped, cut = sample.fit_context(tok, turns, size(turns[2:]) + 9, 10)
     assert (kept, dropped, cut) == (turns[4:], 2, 0)
     _, kept, dropped, cut = sample.fit_context(tok, turns, size(turns) + 10, 10)
@@ -182,7 +182,7 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer(tok, sft_ckpt, monkeypat
     assert out == f"{answer(2)}\n{answer(5)}\n"  # the program went on to the next turn
     assert err == "[answer stopped]\n"
     # the partial answer stayed in the history as the assistant's turn
-    assert seen[1] == ns.chat_prompt(tok, [user("Hi"), bot(answer(2)), user("Again?")])
+    assert seen[1] == nanosft.chat_prompt(tok, [user("Hi"), bot(answer(2)), user("Again?")])
 
 
 # ---- the end, and wrong checkpoints
@@ -196,16 +196,16 @@ class CtrlCAtThePrompt(io.StringIO):
 def test_end_of_input_and_ctrl_c_at_the_prompt_exit_cleanly(sft_ckpt, monkeypatch, capsys):
     for stdin in (io.StringIO(""), CtrlCAtThePrompt()):
         monkeypatch.setattr(sys, "stdin", stdin)
-        ns.cli(lambda: sample.main(["--ckpt", sft_ckpt, "--chat"]))  # returns: no SystemExit, status 0
+        nanosft.cli(lambda: sample.main(["--ckpt", sft_ckpt, "--chat"]))  # returns: no SystemExit, status 0
     assert capsys.readouterr() == ("", "")
 
 
 def test_chat_with_a_pretrain_checkpoint_is_one_line_error(tok, tmp_path, capsys):
     path = str(tmp_path / "pre.pt")
-    ns.save_checkpoint(path, ns.checkpoint_dict("pretrain", tiny_gpt(tok), tok))
+    nanosft.save_checkpoint(path, nanosft.checkpoint_dict("pretrain", tiny_gpt(tok), tok))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        ns.cli(lambda: sample.main(["--ckpt", path, "--chat"]))
+        nanosft.cli(lambda: sample.main(["--ckpt", path, "--chat"]))
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "--chat needs a fine-tuned" in err, err

@@ -13,10 +13,10 @@ import types
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 from data import world as W
-from data import world_eval as we
+from data import world_eval
 from conftest import tiny_gpt
 from test_dpo import PAIRS, answer_logprob
 
@@ -24,7 +24,7 @@ import dpo
 from extras import dpo_eval
 from extras import sft_eval
 
-RT = ns.Runtime(torch.device("cpu"), "float32")
+RT = nanosft.Runtime(torch.device("cpu"), "float32")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
@@ -34,7 +34,7 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def facts():
-    return we.load_world()[1]
+    return world_eval.load_world()[1]
 
 
 def names_re(names):
@@ -49,7 +49,7 @@ def write_jsonl(path, rows):
 @pytest.fixture
 def start_ckpt(tok, tmp_path):
     path = str(tmp_path / "sft.pt")
-    ns.save_checkpoint(path, ns.checkpoint_dict("sft", tiny_gpt(tok, seed=5), tok))
+    nanosft.save_checkpoint(path, nanosft.checkpoint_dict("sft", tiny_gpt(tok, seed=5), tok))
     return path
 
 
@@ -130,11 +130,11 @@ def test_a_file_without_a_split_field_is_divided_by_record(tmp_path):
 
 
 def fake_answers(knows):
-    """we.answer_questions for a model that knows the facts of the people in `knows` and
+    """world_eval.answer_questions for a model that knows the facts of the people in `knows` and
     gives a wrong fact about everyone else: its accuracy on a half says which half it saw."""
-    facts = we.load_world()[1]
+    facts = world_eval.load_world()[1]
     people = {p["name"]: p for p in facts["people"]}
-    rows = {r["prompt"]: r for r in we.load_eval_rows() if "person" in r}
+    rows = {r["prompt"]: r for r in world_eval.load_eval_rows() if "person" in r}
 
     def answer(r):
         p, a = people[r["person"]], r["attribute"]
@@ -149,10 +149,10 @@ def fake_answers(knows):
 def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
     """Catches sft_eval.SFTEvaluator feeding the test half's accuracy into "dev" (what
     rewinding reads), or swapping the halves: the model knows the dev half's people only."""
-    dev, test = we.heldout_halves()
+    dev, test = world_eval.heldout_halves()
     dev_people = {r["person"] for r in dev}
-    monkeypatch.setattr(we, "answer_questions", fake_answers(dev_people))
-    monkeypatch.setattr(we, "knowledge_probe", lambda *a, **k: 0.5)
+    monkeypatch.setattr(world_eval, "answer_questions", fake_answers(dev_people))
+    monkeypatch.setattr(world_eval, "knowledge_probe", lambda *a, **k: 0.5)
     ev = sft_eval.SFTEvaluator(RT, tok, None, 256)
     r = ev(tiny_gpt(tok, block_size=256))
     assert r["dev"] == 1.0 and r["heldout"] == 0.0
@@ -165,8 +165,8 @@ def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
 def test_dpo_path_is_measured_on_the_dev_half_and_the_report_on_the_test_half(tok, monkeypatch):
     """Catches dpo_eval.Evaluator measuring its rewinding path on the test half, or
     reporting the dev half as the result: the model knows the dev half's people only."""
-    dev, _ = we.heldout_halves()
-    monkeypatch.setattr(we, "answer_questions", fake_answers({r["person"] for r in dev}))
+    dev, _ = world_eval.heldout_halves()
+    monkeypatch.setattr(world_eval, "answer_questions", fake_answers({r["person"] for r in dev}))
     monkeypatch.setattr(dpo_eval, "kl_estimate", lambda *a, **k: 0.0)
     monkeypatch.setattr(dpo_eval, "greedy", lambda model, tok, prompts, n: ["."] * len(prompts))
     ref, model = tiny_gpt(tok), tiny_gpt(tok, seed=1)
@@ -189,12 +189,12 @@ def test_dpo_main_hands_the_frozen_starting_model_to_the_evaluator(tok, start_ck
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Where was Ada Stone born? ({k})", "chosen": "Lisbon.",
                                               "rejected": "Oslo, I think."} for k in range(8)])
     seen = {}
-    real = ns.configure_optimizer
+    real = nanosft.configure_optimizer
 
     def configure_optimizer(model, *a, **k):  # what dpo.main trains: the policy
         seen["policy"] = model
         return real(model, *a, **k)
-    monkeypatch.setattr(ns, "configure_optimizer", configure_optimizer)
+    monkeypatch.setattr(nanosft, "configure_optimizer", configure_optimizer)
 
     class Evaluator:
         def __init__(self, ref, *a, **k):
@@ -208,7 +208,7 @@ def test_dpo_main_hands_the_frozen_starting_model_to_the_evaluator(tok, start_ck
     assert ref is not policy
     assert not {p.data_ptr() for p in ref.parameters()} & {p.data_ptr() for p in policy.parameters()}
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
-    start = ns.load_checkpoint(start_ckpt)["model"]
+    start = nanosft.load_checkpoint(start_ckpt)["model"]
     assert all(torch.equal(v, start[k]) for k, v in ref.state_dict().items())
 
 
@@ -263,7 +263,7 @@ def test_a_pair_too_long_keeps_the_end_of_its_prompt(tok):
     question = "Tell me everything about the old towns, " * 10 + "and then: where was Ada Stone born?"
     pair = {"prompt": [{"role": "user", "content": question}], "chosen": "Lisbon.", "rejected": "Oslo.", "record": 1}
     report = formats.DataReport("pairs", unit="pairs")
-    full = ns.chat_prompt(tok, pair["prompt"])
+    full = nanosft.chat_prompt(tok, pair["prompt"])
     assert len(full) > 64
     e = formats.pair_example(tok, pair, 64, report)
     for x, y in (e[:2], e[2:]):
@@ -339,12 +339,12 @@ def test_resume_restores_the_torch_rng(tok, tmp_path):
     saved = torch.get_rng_state()
     try:
         model = tiny_gpt(tok)
-        opt = ns.configure_optimizer(model, 1e-3)
+        opt = nanosft.configure_optimizer(model, 1e-3)
         torch.manual_seed(123)
-        ns.save_checkpoint(ns.last_path(str(tmp_path), "dpo"), ns.checkpoint_dict("dpo", model, tok, opt, 5, {}))
+        nanosft.save_checkpoint(nanosft.last_path(str(tmp_path), "dpo"), nanosft.checkpoint_dict("dpo", model, tok, opt, 5, {}))
         expected = torch.rand(8)
         torch.rand(100)  # the RNG moves on
-        it, _ = ns.resume(str(tmp_path), "dpo", model, tok, opt)
+        it, _ = nanosft.resume(str(tmp_path), "dpo", model, tok, opt)
         assert it == 5 and torch.equal(torch.rand(8), expected)
     finally:
         torch.set_rng_state(saved)

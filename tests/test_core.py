@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 import sample
 from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
 from extras.cpu import cpu_has_native_bf16
@@ -50,7 +50,7 @@ def test_python_bpe_agrees_with_tiktoken(tok):
     texts += [random_unicode(rng, 60) for _ in range(30)]
     texts += ["Hello world's   spaces\n\n  and 12345 numbers!!", "don't we'll they've"]
     for t in texts:
-        assert ns.encode_python(tok, t) == tok.encode(t), t
+        assert nanosft.encode_python(tok, t) == tok.encode(t), t
 
 
 def test_typed_special_token_stays_text(tok):
@@ -58,12 +58,12 @@ def test_typed_special_token_stays_text(tok):
     ids = tok.encode(s)
     assert not set(ids) & set(tok.special.values())
     assert tok.decode(ids) == s
-    ids, mask = ns.render_chat(tok, [{"role": "user", "content": s}, {"role": "assistant", "content": "ok"}])
+    ids, mask = nanosft.render_chat(tok, [{"role": "user", "content": s}, {"role": "assistant", "content": "ok"}])
     assert ids.count(tok.assistant) == 1 and ids.count(tok.end) == 2
 
 
 def test_tokenizer_state_round_trip(tok):
-    t2 = ns.Tokenizer.from_state(tok.state())
+    t2 = nanosft.Tokenizer.from_state(tok.state())
     assert t2.encode(SAMPLE_TEXT[:2000]) == tok.encode(SAMPLE_TEXT[:2000])
     assert t2.special == tok.special
 
@@ -101,7 +101,7 @@ def test_kv_cache_matches_full_forward(tok):
     # cached logits themselves equal full-forward logits, also when several tokens are fed
     ids = torch.tensor([tok.encode("The birthplace of Ada Stone is Lisbon and more")])
     full, _ = model(ids)
-    cache = ns.KVCache(model.config.n_layer)
+    cache = nanosft.KVCache(model.config.n_layer)
     a, _ = model(ids[:, :3], cache=cache)
     b, _ = model(ids[:, 3:7], cache=cache)
     c, _ = model(ids[:, 7:], cache=cache)
@@ -111,7 +111,7 @@ def test_kv_cache_matches_full_forward(tok):
 def test_batched_greedy_equals_single(tok):
     model = tiny_gpt(tok, seed=4).eval()
     prompts = [tok.encode(s) for s in ["Ada", "Ada Stone was", "Where is", "Leon Berg likes"]]
-    batch = ns.generate_batch(model, prompts, 12, stop=set())
+    batch = nanosft.generate_batch(model, prompts, 12, stop=set())
     for p, b in zip(prompts, batch):
         assert b == sample.generate(model, p, 12, temperature=0)
 
@@ -131,15 +131,15 @@ def test_sampling_respects_top_k_and_seed(tok):
 def test_checkpoint_round_trip_in_fresh_process(tok, tmp_path):
     model = tiny_gpt(tok, seed=6)
     path = tmp_path / "m.pt"
-    ns.save_checkpoint(str(path), ns.checkpoint_dict("pretrain", model, tok))
+    nanosft.save_checkpoint(str(path), nanosft.checkpoint_dict("pretrain", model, tok))
     x = torch.tensor([tok.encode("Ada Stone was born in Lisbon.")])
     expect = model(x)[0]
-    m2, t2 = ns.model_from_checkpoint(ns.load_checkpoint(str(path)))
+    m2, t2 = nanosft.model_from_checkpoint(nanosft.load_checkpoint(str(path)))
     assert torch.equal(m2(x)[0], expect)
     # a fresh process with nothing but the .pt (run from an empty folder)
     # same thread count as this process, so the float sums happen in the same order
-    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); sys.path.insert(0, %r); import nanosft as ns;"
-            "m, t = ns.model_from_checkpoint(ns.load_checkpoint('m.pt'));"
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); sys.path.insert(0, %r); import nanosft;"
+            "m, t = nanosft.model_from_checkpoint(nanosft.load_checkpoint('m.pt'));"
             "x = torch.tensor([t.encode('Ada Stone was born in Lisbon.')]);"
             "torch.save(m(x)[0], 'out.pt')" % ROOT)
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
@@ -154,8 +154,8 @@ def test_malicious_pickle_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(ns.UserError, match="refused"):
-        ns.load_checkpoint(str(path))
+    with pytest.raises(nanosft.UserError, match="refused"):
+        nanosft.load_checkpoint(str(path))
     assert not marker.exists()
 
 
@@ -207,5 +207,5 @@ def test_a_cpu_limited_to_avx2_has_no_native_bf16_and_auto_picks_fp32(monkeypatc
     where /proc/cpuinfo lists avx512_bf16."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert cpu_has_native_bf16() is False
-    assert ns.pick_dtype(torch.device("cpu"), "auto") == "float32"
-    assert ns.pick_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for, given
+    assert nanosft.pick_dtype(torch.device("cpu"), "auto") == "float32"
+    assert nanosft.pick_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for, given

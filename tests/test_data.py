@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 from conftest import ROOT
 
@@ -133,7 +133,7 @@ def test_formats_carry_their_prompt(tok):
 
 @pytest.mark.parametrize("name", [n for n in SFT] + [n for n in PREF if PREF[n][1] or PREF[n][2]])
 def test_strict_makes_each_unusable_record_the_one_clear_error(tok, name):
-    with pytest.raises(ns.UserError) as e:
+    with pytest.raises(nanosft.UserError) as e:
         load_sft(tok, name, strict=True) if name in SFT else load_pref(tok, name, strict=True)
     msg = str(e.value)
     unusable = {r for book in (SFT.get(name) or PREF[name][1:])[:2] for recs in book.values() for r in recs}
@@ -147,11 +147,11 @@ def test_more_than_half_unusable_stops_with_the_reason(tok, tmp_path):
     p = tmp_path / "long.json"
     p.write_text(json.dumps(rows))
     report = formats.DataReport(str(p))
-    with pytest.raises(ns.UserError, match=r"3 of 4 records would be skipped .*answer alone is longer than "
+    with pytest.raises(nanosft.UserError, match=r"3 of 4 records would be skipped .*answer alone is longer than "
                                            r"block_size 64.*pre-train with --block-size (\d+)") as e:
         formats.render_all(tok, formats.load_instructions(str(p), report), BLOCK, report)
     # the advice: the power of two that the long records' answer, a short question and the frame fit in
-    need = len(ns.encode_content(tok, long["output"])) + formats.MIN_PROMPT + 5
+    need = len(nanosft.encode_content(tok, long["output"])) + formats.MIN_PROMPT + 5
     assert f"--block-size {1 << (need - 1).bit_length()} (90% of the records fit in it)" in str(e.value)
     # half is still fine: two good records, two too long
     rows = rows[1:] + [{"instruction": "Say bye.", "input": "", "output": "Bye."}]
@@ -162,3 +162,18 @@ def test_more_than_half_unusable_stops_with_the_reason(tok, tmp_path):
 
 # The counts reach sft.json and dpo.json: test_sft.test_cli_accumulation_and_resume_match and
 # test_dpo.test_resume_5_plus_5_equals_10_straight (their data files hold a copy and a tie).
+
+
+def test_list_tasks_are_an_option_that_changes_no_other_record():
+    """world.py --list-tasks adds the copy / reverse / count tasks; without it (the default
+    data) every other record is the same, in the same order."""
+    from data import world
+    plain, tasks = world.build_files(1337), world.build_files(1337, list_tasks=True)
+    is_task = lambda line: line.startswith(('{"prompt": "Repeat', '{"prompt": "Reverse', '{"prompt": "How many'))
+    with_tasks = tasks["world_sft.jsonl"].splitlines()
+    assert sum(map(is_task, with_tasks)) == 300 and not any(map(is_task, plain["world_sft.jsonl"].splitlines()))
+    assert [line for line in with_tasks if not is_task(line)] == plain["world_sft.jsonl"].splitlines()
+    assert [r for r in tasks["world_eval.jsonl"].splitlines() if '"split": "tasks"' not in r] == \
+        plain["world_eval.jsonl"].splitlines()
+    assert {k: v for k, v in tasks.items() if k not in ("world_sft.jsonl", "world_eval.jsonl")} == \
+        {k: v for k, v in plain.items() if k not in ("world_sft.jsonl", "world_eval.jsonl")}

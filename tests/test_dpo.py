@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 from conftest import tiny_gpt, run_script
 
@@ -36,8 +36,8 @@ def examples(tok, block_size=64):
 
 def answer_logprob(model, tok, question, answer):
     """log pi(answer | question), computed from the text alone (no pair code)."""
-    prompt = ns.chat_prompt(tok, [{"role": "user", "content": question}])
-    ids = prompt + ns.encode_content(tok, answer) + [tok.end]
+    prompt = nanosft.chat_prompt(tok, [{"role": "user", "content": question}])
+    ids = prompt + nanosft.encode_content(tok, answer) + [tok.end]
     logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), -1)
     return sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
 
@@ -79,9 +79,9 @@ def test_sequence_logprobs_is_the_sum_of_picked_log_softmax():
 
 def test_pair_example_masks_exactly_the_response(tok):
     (xc, yc, xr, yr), = [formats.pair_example(tok, pair_dict(*PAIRS[0]), 64)]
-    prompt = ns.chat_prompt(tok, [{"role": "user", "content": PAIRS[0][0]}])
+    prompt = nanosft.chat_prompt(tok, [{"role": "user", "content": PAIRS[0][0]}])
     for x, y, text in ((xc, yc, PAIRS[0][1]), (xr, yr, PAIRS[0][2])):
-        resp = ns.encode_content(tok, text) + [tok.end]
+        resp = nanosft.encode_content(tok, text) + [tok.end]
         assert x.tolist() == (prompt + resp)[:-1]
         assert y.tolist() == [-1] * (len(prompt) - 1) + resp  # first answer token kept, <|end|> trained
 
@@ -169,7 +169,7 @@ def test_concatenated_forward_equals_separate_forwards(tok):
     unpacked = dpo.concatenated_logprobs(model, *dpo.collate_pairs(ex, tok.pad, packed=False))
     for k, got, pad in ((0, pi_c, unpacked[0]), (2, pi_r, unpacked[1])):
         torch.testing.assert_close(got, pad, rtol=1e-6, atol=1e-5)
-        X, Y = ns.collate([e[k:k + 2] for e in ex], tok.pad)  # padded to this half's longest
+        X, Y = nanosft.collate([e[k:k + 2] for e in ex], tok.pad)  # padded to this half's longest
         sep = dpo.sequence_logprobs(model(X)[0], Y, Y != -1)
         one = torch.stack([dpo.sequence_logprobs(model(e[k][None])[0], e[k + 1][None], e[k + 1][None] != -1)[0]
                            for e in ex])  # no padding at all
@@ -182,10 +182,10 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     ref = dpo.freeze(copy.deepcopy(model))
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     ex = examples(tok) * 2
-    rt = ns.Runtime(torch.device("cpu"), "float32")
+    rt = nanosft.Runtime(torch.device("cpu"), "float32")
     cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, rt)
-    loop = ns.Loop(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100)
-    opt = ns.configure_optimizer(model, loop.lr)
+    loop = nanosft.Loop(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100)
+    opt = nanosft.configure_optimizer(model, loop.lr)
 
     def get_batch(it):
         ids = torch.tensor([(2 * it) % len(ex), (2 * it + 1) % len(ex)])
@@ -193,7 +193,7 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
 
     def loss_fn(m, mb):
         return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[3]], cache_r[mb[3]], **loss_kw(rpo_alpha=1.0), segments=mb[2])[0]
-    ns.train_loop(rt, model, opt, loop, 0, get_batch, loss_fn, lambda it: None)
+    nanosft.train_loop(rt, model, opt, loop, 0, get_batch, loss_fn, lambda it: None)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # policy moved
@@ -276,7 +276,7 @@ def test_hh_split_on_a_multi_turn_dialogue(tok):
     assert (chosen, rejected) == ("It is 4.", "5, obviously.")
     # the earlier assistant turn is context: only the last reply is scored
     _, yc, _, _ = formats.pair_example(tok, {"prompt": msgs, "chosen": chosen, "rejected": rejected}, 64)
-    assert [t for t in yc.tolist() if t != -1] == ns.encode_content(tok, "It is 4.") + [tok.end]
+    assert [t for t in yc.tolist() if t != -1] == nanosft.encode_content(tok, "It is 4.") + [tok.end]
 
 
 @pytest.mark.parametrize("rows, match", [
@@ -295,7 +295,7 @@ def test_hh_split_on_a_multi_turn_dialogue(tok):
 def test_bad_preference_data_is_one_clear_error(tmp_path, rows, match):
     """Malformed records are errors always; a tie is one under --strict (see test_data.py)."""
     path = write(tmp_path, "p.jsonl", rows)
-    with pytest.raises(ns.UserError, match=match):
+    with pytest.raises(nanosft.UserError, match=match):
         formats.load_preferences(path, report=formats.DataReport(path, strict=True, unit="pairs"))
 
 
@@ -305,7 +305,7 @@ def test_bad_preference_data_is_one_clear_error(tmp_path, rows, match):
 @pytest.fixture(scope="module")
 def sft_ckpt(tok, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("dpo") / "sft.pt")
-    ns.save_checkpoint(path, ns.checkpoint_dict("sft", tiny_gpt(tok, seed=5), tok))
+    nanosft.save_checkpoint(path, nanosft.checkpoint_dict("sft", tiny_gpt(tok, seed=5), tok))
     return path
 
 
@@ -326,7 +326,7 @@ def test_dpo_script_end_to_end(sft_ckpt, tmp_path):
     assert len(res["history"]["train"]["rewards/margins"]) == 6
     for png in ("dpo_logratio.png", "dpo_margin.png"):
         assert os.path.getsize(os.path.join(out, png)) > 0
-    assert ns.load_checkpoint(os.path.join(out, "dpo.pt"), expect_kind=("dpo",))["iter"] == 6
+    assert nanosft.load_checkpoint(os.path.join(out, "dpo.pt"), expect_kind=("dpo",))["iter"] == 6
 
 
 def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
@@ -340,15 +340,15 @@ def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     dpo.main(common + ["--out-dir", a, "--max-iters", "10"])
     dpo.main(common + ["--out-dir", b, "--max-iters", "5"])
-    assert ns.load_checkpoint(os.path.join(b, "dpo.pt"))["iter"] == 5
-    assert ns.load_checkpoint(os.path.join(b, "dpo_last.pt"))["iter"] == 5  # what --resume reads
+    assert nanosft.load_checkpoint(os.path.join(b, "dpo.pt"))["iter"] == 5
+    assert nanosft.load_checkpoint(os.path.join(b, "dpo_last.pt"))["iter"] == 5  # what --resume reads
     dpo.main(common + ["--out-dir", b, "--max-iters", "10", "--resume"])
-    ck_a, ck_b = ns.load_checkpoint(os.path.join(a, "dpo.pt")), ns.load_checkpoint(os.path.join(b, "dpo.pt"))
+    ck_a, ck_b = nanosft.load_checkpoint(os.path.join(a, "dpo.pt")), nanosft.load_checkpoint(os.path.join(b, "dpo.pt"))
     assert ck_a["iter"] == ck_b["iter"] == 10
     moved = False
     for k, v in ck_a["model"].items():
         torch.testing.assert_close(ck_b["model"][k], v, rtol=0, atol=1e-5)
-        moved |= not torch.equal(v, ns.load_checkpoint(sft_ckpt)["model"][k])
+        moved |= not torch.equal(v, nanosft.load_checkpoint(sft_ckpt)["model"][k])
     assert moved
     report = json.load(open(os.path.join(a, "dpo.json")))["data_report"]
     n = len(rows)
@@ -372,7 +372,7 @@ def test_dpo_script_bad_data_exits_2_with_one_line(sft_ckpt, tmp_path):
 def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
     model = tiny_gpt(tok, seed=6)
     ref = dpo.freeze(copy.deepcopy(model))
-    rt = ns.Runtime(torch.device("cpu"), "float32")
+    rt = nanosft.Runtime(torch.device("cpu"), "float32")
     prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
     assert dpo_eval.kl_estimate(model, ref, tok, prompts, rt, seed=0) == 0.0
     with torch.no_grad():
@@ -402,7 +402,7 @@ def test_script_uses_the_starting_checkpoint_as_reference(tok, sft_ckpt, tmp_pat
     assert res["history"]["eval"]["kl"][-1] > 0 and res["kl"] > 0
     # "the right way" from the text alone, no pair code: log pi(chosen) - log pi(rejected) grew
     # relative to the starting model's (a swap anywhere in the script's pairs would shrink it)
-    start, final = (ns.model_from_checkpoint(ns.load_checkpoint(p))[0] for p in (sft_ckpt, os.path.join(out, "dpo.pt")))
+    start, final = (nanosft.model_from_checkpoint(nanosft.load_checkpoint(p))[0] for p in (sft_ckpt, os.path.join(out, "dpo.pt")))
 
     def gap(m):
         with torch.no_grad():

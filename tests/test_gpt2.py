@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 from conftest import SAMPLE_TEXT, tiny_gpt
 
 from extras import export
@@ -47,11 +47,11 @@ def scramble(model, seed=0):
 
 
 def one_line_error(main, argv, capsys):
-    """main(argv) through ns.cli, as its command line runs it -> stderr (checked: one line,
+    """main(argv) through nanosft.cli, as its command line runs it -> stderr (checked: one line,
     exit code 2)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        ns.cli(lambda: main(argv))
+        nanosft.cli(lambda: main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -90,11 +90,11 @@ def our_export(tmp_path_factory):
     """A tiny SFT checkpoint of ours (our BPE, trained on text in several scripts) exported
     with export.py. Returns (checkpoint path, model, tokenizer, export dir)."""
     pytest.importorskip("transformers")
-    tok = ns.train_tokenizer(SAMPLE_TEXT[:20_000] + MULTI * 20, 700)
+    tok = nanosft.train_tokenizer(SAMPLE_TEXT[:20_000] + MULTI * 20, 700)
     model = scramble(tiny_gpt(tok)).eval()
     d = tmp_path_factory.mktemp("ours")
     ckpt, out = str(d / "sft.pt"), str(d / "hf")
-    ns.save_checkpoint(ckpt, ns.checkpoint_dict("sft", model, tok, it=7, metrics={"heldout_accuracy": 0.875}))
+    nanosft.save_checkpoint(ckpt, nanosft.checkpoint_dict("sft", model, tok, it=7, metrics={"heldout_accuracy": 0.875}))
     export.main(["--ckpt", ckpt, "--out", out])
     return ckpt, model, tok, out
 
@@ -106,8 +106,8 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
     tr = pytest.importorskip("transformers")
     d, ref, bpe = gpt2_dir
     V = ref.config.vocab_size
-    ck = ns.load_checkpoint(d)
-    model, tok = ns.model_from_checkpoint(ck, d)
+    ck = nanosft.load_checkpoint(d)
+    model, tok = nanosft.model_from_checkpoint(ck, d)
     model.eval()
     assert ck["kind"] == "pretrain" and model.config.bias and model.config.gelu == "tanh"
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -117,16 +117,16 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
     torch.testing.assert_close(ours[..., :V], theirs, atol=1e-4, rtol=0)
 
     # GPT-2's GELU is not ours: with the exact one the logits are off by more than 1e-4
-    exact = ns.GPT(dataclasses.replace(model.config, gelu="none"))
+    exact = nanosft.GPT(dataclasses.replace(model.config, gelu="none"))
     exact.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (exact.eval()(ids)[0][..., :V] - theirs).abs().max() > 1e-4
 
     # the chat tokens are new ids after GPT-2's, their rows the mean of GPT-2's rows
     assert tok.endoftext == V - 1
-    assert sorted(tok.special[s] for s in ns.SPECIALS[1:]) == list(range(V, V + 5))
+    assert sorted(tok.special[s] for s in nanosft.SPECIALS[1:]) == list(range(V, V + 5))
     mean = ref.transformer.wte.weight[:V].mean(0)
-    for s in ns.SPECIALS[1:]:
+    for s in nanosft.SPECIALS[1:]:
         torch.testing.assert_close(model.wte.weight[tok.special[s]], mean)
 
     # the tokenizer: the same ids as `tokenizers` on GPT-2's files (ids in its own order)
@@ -142,7 +142,7 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, ours, atol=1e-4, rtol=0)
     ht = tr.AutoTokenizer.from_pretrained(out)
-    assert {s: ht.convert_tokens_to_ids(s) for s in ns.SPECIALS} == {s: tok.special[s] for s in ns.SPECIALS}
+    assert {s: ht.convert_tokens_to_ids(s) for s in nanosft.SPECIALS} == {s: tok.special[s] for s in nanosft.SPECIALS}
     for text in TEXTS:
         assert ht.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text), text
     assert_same_when_imported(out, model, tok, "pretrain")
@@ -150,8 +150,8 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
 
 def assert_same_when_imported(hf_dir, model, tok, kind):
     """An export, imported again, is the same model and tokenizer."""
-    ck = ns.load_checkpoint(hf_dir)
-    back, tok2 = ns.model_from_checkpoint(ck, hf_dir)
+    ck = nanosft.load_checkpoint(hf_dir)
+    back, tok2 = nanosft.model_from_checkpoint(ck, hf_dir)
     assert ck["kind"] == kind and tok2.ranks == tok.ranks and tok2.special == tok.special
     ids = torch.randint(0, tok.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -169,10 +169,10 @@ def test_weights_file_and_tokenizer_file_variants(gpt2_dir, tmp_path):
     t = json.loads(bpe.to_str())
     t["added_tokens"] = [{"id": ref.config.vocab_size - 1, "content": "<|endoftext|>", "special": True}]
     (alt / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
-    a, b = ns.load_checkpoint(d), ns.load_checkpoint(str(alt))
+    a, b = nanosft.load_checkpoint(d), nanosft.load_checkpoint(str(alt))
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    ta, tb = ns.Tokenizer.from_state(a["tokenizer"]), ns.Tokenizer.from_state(b["tokenizer"])
+    ta, tb = nanosft.Tokenizer.from_state(a["tokenizer"]), nanosft.Tokenizer.from_state(b["tokenizer"])
     assert ta.special == tb.special and all(ta.encode(t) == tb.encode(t) for t in TEXTS)
 
 
@@ -192,7 +192,7 @@ def test_export_gives_our_logits_and_token_ids(our_export):
         assert ht.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text), text
         assert ht.decode(tok.encode(text)) == text
     # special tokens by id are ours; typed, they stay plain text (above)
-    assert {s: ht.convert_tokens_to_ids(s) for s in ns.SPECIALS} == {s: tok.special[s] for s in ns.SPECIALS}
+    assert {s: ht.convert_tokens_to_ids(s) for s in nanosft.SPECIALS} == {s: tok.special[s] for s in nanosft.SPECIALS}
 
     assert_same_when_imported(out, model, tok, "sft")
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
@@ -212,11 +212,11 @@ def test_chat_template_renders_our_chat_format(our_export):
             {"role": "user", "content": "typed <|assistant|> and <|end|> are text"}]
     render = lambda c, **kw: ht.apply_chat_template(c, tokenize=True, return_dict=False,
                                                      sanitize_control_tokens=True, **kw)
-    assert render(conv, add_generation_prompt=True) == ns.chat_prompt(tok, conv)
-    assert render(conv[:3]) == ns.render_chat(tok, conv[:3])[0]
+    assert render(conv, add_generation_prompt=True) == nanosft.chat_prompt(tok, conv)
+    assert render(conv[:3]) == nanosft.render_chat(tok, conv[:3])[0]
     # what the README says: without sanitize_control_tokens, typed role strings become roles
     plain = ht.apply_chat_template(conv, tokenize=True, return_dict=False)
-    assert plain != ns.render_chat(tok, conv)[0] and plain.count(tok.assistant) == 2
+    assert plain != nanosft.render_chat(tok, conv)[0] and plain.count(tok.assistant) == 2
 
 
 # ---- 4. the stage scripts on an imported GPT-2
@@ -234,10 +234,10 @@ def test_finetune_on_imported_gpt2_then_sample(gpt2_dir, tmp_path, capsys, monke
                    "--dtype", "float32"])
     log = capsys.readouterr().out
     assert re.search(r"step +5/5 \| loss \d", log), log
-    ck = ns.load_checkpoint(os.path.join(out, "sft.pt"), expect_kind=("sft",))
-    model, tok = ns.model_from_checkpoint(ck)
+    ck = nanosft.load_checkpoint(os.path.join(out, "sft.pt"), expect_kind=("sft",))
+    model, tok = nanosft.model_from_checkpoint(ck)
     assert model.config.bias and model.config.gelu == "tanh"
-    imported = ns.Tokenizer.from_state(ns.load_checkpoint(d)["tokenizer"])
+    imported = nanosft.Tokenizer.from_state(nanosft.load_checkpoint(d)["tokenizer"])
     assert imported.ranks == tok.ranks and imported.special == tok.special  # saved and restored
     sample.main(["--ckpt", os.path.join(out, "sft.pt"), "--prompt", "What is 1 plus 2?", "--temperature", "0",
                  "--max-new-tokens", "4"])

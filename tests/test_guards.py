@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import nanosft as ns
+import nanosft
 from extras import dpo_eval, peft, rewind
 from data import formats
 from conftest import ROOT, tiny_gpt
@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_gpt
 import dpo
 import finetune
 from data import world as W
-from data import world_eval as we
+from data import world_eval
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
@@ -139,7 +139,7 @@ def test_freeze_vocabulary_keeps_frequent_rows_and_trains_rare_and_chat_rows(tok
 
     finetune.freeze_vocabulary(model, tok, counts)
     before = model.wte.weight.detach().clone()
-    opt = ns.configure_optimizer(model, 1e-2, weight_decay=0.0)
+    opt = nanosft.configure_optimizer(model, 1e-2, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         # every row gets a gradient: the tied output layer scores every token at every position
@@ -172,12 +172,12 @@ def test_sft_rewind_reads_the_dev_half_never_the_test_half():
 def test_heldout_halves_split_the_heldout_people_disjointly_and_about_evenly():
     """Catches dev and test halves that share a person (or rows), that miss or add people,
     or that are badly lopsided."""
-    rows = we.load_eval_rows("heldout")
-    dev, test = we.heldout_halves()
+    rows = world_eval.load_eval_rows("heldout")
+    dev, test = world_eval.heldout_halves()
     dev_p, test_p = {r["person"] for r in dev}, {r["person"] for r in test}
     all_p = {r["person"] for r in rows}
     assert dev_p and test_p and not dev_p & test_p
-    assert dev_p | test_p == all_p == set(we.load_world()[1]["heldout"])
+    assert dev_p | test_p == all_p == set(world_eval.load_world()[1]["heldout"])
     assert len(dev) + len(test) == len(rows)
     assert abs(len(dev_p) - len(test_p)) <= max(2, len(all_p) // 10)
 
@@ -217,7 +217,7 @@ def test_dpo_rewind_rule():
 
 @pytest.fixture(scope="module")
 def facts():
-    return we.load_world()[1]
+    return world_eval.load_world()[1]
 
 
 def _gold(facts, attr="city"):
@@ -295,7 +295,7 @@ def test_heldout_people_never_reach_a_training_file(facts):
         hit = names.search(_text(name))
         assert hit is None, f"held-out person {hit.group(0)!r} appears in {name}"
 
-    fmt, pairs = formats.read_pairs(we.THREADS, 10.0, True)
+    fmt, pairs = formats.read_pairs(world_eval.THREADS, 10.0, True)
     assert pairs and all(p["split"] == "train" for p in pairs)
     for p in pairs:
         hit = names.search(json.dumps(p["prompt"], ensure_ascii=False))

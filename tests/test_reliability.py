@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-import nanosft as ns
+import nanosft
 from data import formats
 import finetune
 import pretrain
@@ -90,9 +90,9 @@ def F(tmp_path_factory):
     save("sft", {**ck, "kind": "sft"})
     save("dpo", {**ck, "kind": "dpo"})
     # a finished SFT run of ANOTHER model (wider), to resume against the wrong --ckpt
-    tok = ns.Tokenizer.from_state(ck["tokenizer"])
-    other = ns.GPT(ns.GPTConfig(**{**ck["config"], "n_embd": 48}))
-    save("other", {**ns.checkpoint_dict("sft", other, tok), "train_state": other.state_dict()})
+    tok = nanosft.Tokenizer.from_state(ck["tokenizer"])
+    other = nanosft.GPT(nanosft.GPTConfig(**{**ck["config"], "n_embd": 48}))
+    save("other", {**nanosft.checkpoint_dict("sft", other, tok), "train_state": other.state_dict()})
     raw = open(f["pre"], "rb").read()
     f["trunc"] = str(d / "trunc.pt")
     open(f["trunc"], "wb").write(raw[:len(raw) // 2])
@@ -148,11 +148,11 @@ def fill_out_dir(out, F, contents):
 
 
 def run_main(main, argv, capsys):
-    """A script's main() exactly as its command line runs it (through ns.cli), in this process:
+    """A script's main() exactly as its command line runs it (through nanosft.cli), in this process:
     returns (exit code, stderr). A stray exception propagates and fails the test."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        ns.cli(lambda: main(argv))
+        nanosft.cli(lambda: main(argv))
     return e.value.code, capsys.readouterr().err
 
 
@@ -282,18 +282,18 @@ def test_bad_input_in_a_real_process_exits_2_without_traceback(script, argv, exp
 SAVER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-import nanosft as ns
+import nanosft
 path, version = sys.argv[1], int(sys.argv[3])  # go on from the version on disk
 print("saving", flush=True)
 while True:  # until killed: each version's tensor is filled with its version number
     version += 1
-    ns.save_checkpoint(path, {"version": version, "w": torch.full((4_000_000,), float(version))})
+    nanosft.save_checkpoint(path, {"version": version, "w": torch.full((4_000_000,), float(version))})
 """
 
 
 def test_sigkill_during_save_leaves_old_or_new_complete_file(tmp_path):
     path = str(tmp_path / "ck.pt")
-    ns.save_checkpoint(path, {"version": 0, "w": torch.zeros(4_000_000)})
+    nanosft.save_checkpoint(path, {"version": 0, "w": torch.zeros(4_000_000)})
     rng, versions = random.Random(7), [0]
     mid_write = lambda: any(".ck.pt.tmp" in n for n in os.listdir(tmp_path))
     for kill in range(8):  # at least 3 kills, and on until one has landed in the middle of a write
@@ -327,17 +327,17 @@ def test_pretrain_resume_equals_straight_run(F, tmp_path, monkeypatch):
     args = lambda out: ["--data", F["corpus"], "--out-dir", out, "--max-iters", "20", "--eval-interval", "10",
                         "--warmup", "4", "--lr", "3e-3", *TINY]
     a, b = str(tmp_path / "interrupted"), str(tmp_path / "straight")
-    real_save = ns.save_checkpoint
+    real_save = nanosft.save_checkpoint
 
     def save_then_die(path, obj):
         real_save(path, obj)
         if obj["iter"] == 10:
             raise Killed
 
-    monkeypatch.setattr(ns, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(nanosft, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         pretrain.main(args(a))
-    monkeypatch.setattr(ns, "save_checkpoint", real_save)
+    monkeypatch.setattr(nanosft, "save_checkpoint", real_save)
     assert torch.load(os.path.join(a, "pretrain_last.pt"), weights_only=True)["iter"] == 10
     pretrain.main(args(a) + ["--resume"])
     pretrain.main(args(b))
@@ -350,7 +350,7 @@ def test_pretrain_resume_equals_straight_run(F, tmp_path, monkeypatch):
 # ---- a non-finite loss stops training and keeps the last good checkpoint
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(F, tmp_path, monkeypatch, capsys):
-    real_forward, real_save = ns.GPT.forward, ns.save_checkpoint
+    real_forward, real_save = nanosft.GPT.forward, nanosft.save_checkpoint
     steps, saved = [0], {}
 
     def forward(self, idx, targets=None, **kw):  # the 4th training step's loss is NaN
@@ -365,8 +365,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(F, tmp_path
         real_save(path, obj)
         saved[obj["iter"]] = hashlib.sha256(open(path, "rb").read()).hexdigest()
 
-    monkeypatch.setattr(ns.GPT, "forward", forward)
-    monkeypatch.setattr(ns, "save_checkpoint", save)
+    monkeypatch.setattr(nanosft.GPT, "forward", forward)
+    monkeypatch.setattr(nanosft, "save_checkpoint", save)
     out = str(tmp_path / "out")
     code, err = run_main(pretrain.main, ["--data", F["corpus"], "--out-dir", out, "--max-iters", "8",
                                          "--eval-interval", "2", *TINY], capsys)
@@ -375,7 +375,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(F, tmp_path
     assert list(saved) == [2]  # the step-2 save happened, nothing after it
     path = os.path.join(out, "pretrain_last.pt")
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == saved[2]
-    ck = ns.load_checkpoint(path)
+    ck = nanosft.load_checkpoint(path)
     assert ck["iter"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -413,7 +413,7 @@ def test_special_token_strings_in_data_stay_plain_text(tmp_path, tok):
               {"instruction": trick, "input": "<|pad|>", "output": "<|assistant|>"},
               {"prompt": trick, "response": "fine"}])
     for _, conv in formats.load_instructions(str(p)):
-        ids, mask = ns.render_chat(tok, conv)
+        ids, mask = nanosft.render_chat(tok, conv)
         # role and control tokens come only from the conversation's structure, never from its text
         assert ids.count(tok.endoftext) == 1 and ids.count(tok.pad) == 0
         assert ids.count(tok.assistant) == 1 and ids.count(tok.end) == len(conv)
@@ -511,7 +511,7 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
             tok.encode(formats.read_text(path))
         elif kind == "sft":
             for _, conv in formats.load_instructions(path):
-                ns.example_tensors(*ns.render_chat(tok, conv))
+                nanosft.example_tensors(*nanosft.render_chat(tok, conv))
         else:
             _, train, held = formats.load_preferences(path)
             for p in train + held:
@@ -542,7 +542,7 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
                 try:
                     load(kind, str(path))
                     outcomes["loaded"] += 1
-                except ns.UserError as e:
+                except nanosft.UserError as e:
                     assert str(e) and name in str(e), str(e)  # the error names the file
                     outcomes["clean error"] += 1
                 except Exception as e:

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-import nanosft as ns
+import nanosft
 import finetune
 import pretrain
 from data import world as W
-from data import world_eval as we
+from data import world_eval
 
 SFT_ATTRS = "city,job,food"
 
@@ -33,32 +33,31 @@ def questions(convs):
 def test_sft_attributes_keep_the_evaluation_only_attributes_out_of_sft(labels):
     """Catches a filter that is missing (unfiltered data asks about pet and hobby: the
     detector below sees them), leaky (one labels path unfiltered) or too eager (an in-domain
-    question or a list task dropped)."""
-    attrs = we.sft_attributes(SFT_ATTRS)
-    every = questions(we.world_conversations(labels, 1337))
-    kept = questions(we.world_conversations(labels, 1337, we.HERE, attrs))
+    question dropped)."""
+    attrs = world_eval.sft_attributes(SFT_ATTRS)
+    every = questions(world_eval.world_conversations(labels, 1337))
+    kept = questions(world_eval.world_conversations(labels, 1337, world_eval.HERE, attrs))
     cross = set(W.ATTRS) - set(attrs)
-    assert {asked_attribute(q) for q in every} == set(W.ATTRS) | {None}   # the detector has teeth
+    assert {asked_attribute(q) for q in every} == set(W.ATTRS)   # the detector has teeth (no list tasks by default)
     assert not [q for q in kept if asked_attribute(q) in cross]
     assert kept == [q for q in every if asked_attribute(q) not in cross]  # nothing else dropped, same order
-    assert sum(asked_attribute(q) is None for q in kept) == 300          # every list task kept
 
 
 def test_in_and_cross_domain_rows_partition_the_test_half_by_attribute():
-    attrs = we.sft_attributes(SFT_ATTRS)
-    dev, test = we.heldout_halves()
-    inside, cross = we.by_domain(test, attrs)
+    attrs = world_eval.sft_attributes(SFT_ATTRS)
+    dev, test = world_eval.heldout_halves()
+    inside, cross = world_eval.by_domain(test, attrs)
     assert sorted(map(json.dumps, inside + cross)) == sorted(map(json.dumps, test))
     assert {r["attribute"] for r in inside} == set(attrs)
     assert {r["attribute"] for r in cross} == set(W.ATTRS) - set(attrs)
     assert all(asked_attribute(r["prompt"]) == r["attribute"] for r in test)  # the rows' labels are right
     # graded per side: right answers in-domain, a wrong value cross-domain
-    facts = we.load_world()[1]
+    facts = world_eval.load_world()[1]
     value = {p["name"]: p for p in facts["people"]}
     answers = [W.gold_sentence(r["person"], r["attribute"], value[r["person"]][r["attribute"]])
                if r["attribute"] in attrs else "I do not know." for r in test]
-    assert we.domain_accuracy(we.load_world(), test, answers, attrs) == (1.0, 0.0)
-    assert we.domain_accuracy(we.load_world(), test, answers, W.ATTRS) == (len(inside) / len(test), None)
+    assert world_eval.domain_accuracy(world_eval.load_world(), test, answers, attrs) == (1.0, 0.0)
+    assert world_eval.domain_accuracy(world_eval.load_world(), test, answers, W.ATTRS) == (len(inside) / len(test), None)
 
 
 def test_bad_world_flags_are_one_clear_error(tmp_path):
@@ -68,11 +67,11 @@ def test_bad_world_flags_are_one_clear_error(tmp_path):
                          (["--sft-attributes", ","], "unknown attribute"),
                          (["--data", "x.jsonl", "--sft-attributes", "city"], "does not apply to --data"),
                          (["--world", str(tmp_path)], "no world.json")):
-        with pytest.raises(ns.UserError, match=needle):
+        with pytest.raises(nanosft.UserError, match=needle):
             finetune.parse_args(argv)
-    with pytest.raises(ns.UserError, match="not both"):
+    with pytest.raises(nanosft.UserError, match="not both"):
         pretrain.parse_args(["--world", str(tmp_path), "--data", "x.txt"])
-    assert pretrain.parse_args([]).world == we.HERE
+    assert pretrain.parse_args([]).world == world_eval.HERE
 
 
 def test_a_larger_world_keeps_its_shape():
@@ -86,7 +85,7 @@ def test_a_larger_world_keeps_its_shape():
     assert not [n for n in facts["heldout"] if re.search(rf"\b{n}\b", sft)]
     evals = [json.loads(line) for line in files["world_eval.jsonl"].splitlines()]
     assert sum(r["split"] == "heldout" for r in evals) == 40 * 10
-    assert len(we.probe_people(facts)) == we.PROBE_PEOPLE and set(facts["heldout"]) <= we.probe_people(facts)
+    assert len(world_eval.probe_people(facts)) == world_eval.PROBE_PEOPLE and set(facts["heldout"]) <= world_eval.probe_people(facts)
 
 
 def test_scale_table_and_figure_report_the_gain_over_scratch_per_domain(tmp_path):
