@@ -8,11 +8,10 @@ Stage 3: Direct Preference Optimization (DPO), from scratch, against a frozen re
     torchrun --nproc_per_node 2 dpo.py --ckpt out/sft.pt  # several processes (DDP)
 
 SFT taught the model WHAT to answer; DPO refines HOW, from pairs "this answer is better than
-that one" (here read off a community's votes). The policy starts as a copy of the starting
-checkpoint, the reference is that checkpoint frozen, and the loss raises the policy's
-log-probability of each chosen answer relative to the reference and lowers the rejected
-one's: no reward model, no sampling. Formats (votes, pairs, conversational, hh, alpaca, sharegpt,
-scores): docs/own_data.md. Writes out/dpo.pt, out/dpo_last.pt (--resume), out/dpo.json, two plots.
+that one" (here read off a community's votes): the policy starts as a copy of the starting
+checkpoint, the reference is that checkpoint frozen, and the loss raises each chosen answer's
+log-probability relative to the reference and lowers the rejected one's. No reward model, no
+sampling. Formats: docs/own_data.md. Writes out/dpo.pt, dpo_last.pt (--resume), dpo.json, plots.
 """
 import functools
 import math
@@ -24,9 +23,8 @@ import torch
 from torch.nn import functional
 from data import formats, world_eval
 
-# Every default of this stage in one place (calibrated on the default world; change here).
-# The loss is IPO, not the DPO paper's Eq. 7 (--loss sigmoid): on the acceptance seeds Eq. 7 fell to 0.890
-# held-out preference accuracy. Measured: docs/dpo.md.
+# Every default of this stage in one place. The loss is IPO, not the DPO paper's Eq. 7 (--loss sigmoid):
+# on the acceptance seeds Eq. 7 fell to 0.890 held-out preference accuracy (docs/dpo.md).
 DEFAULTS = dict(max_iters=300, batch_size=16, lr=6e-5, eval_interval=50, warmup=20,
                 log_interval=25, beta=0.1, loss="ipo", label_smoothing=0.0, rpo_alpha=0.1,
                 min_margin=10.0, pairs="top")
@@ -103,10 +101,9 @@ def parse_args(argv=None):
                        "(a tie, a duplicate, too long) is an error instead")
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
-    if not 0 <= args.label_smoothing < 0.5:
-        raise nanosft.UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if args.loss == "ipo" and args.label_smoothing:
-        raise nanosft.UserError("--label-smoothing applies to the sigmoid loss (add --loss sigmoid), not to --loss ipo")
+    if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss != "sigmoid"):
+        raise nanosft.UserError(f"--label-smoothing (the sigmoid loss only) must be in [0, 0.5), got "
+                                f"{args.label_smoothing} with --loss {args.loss}")
     for name in ("rpo_alpha", "min_margin"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -122,16 +119,14 @@ def epoch_order(seed, epoch, n):
 
 
 def step_pair_ids(seed, it, batch_size, n, rt=None):
-    """The pair indices of step `it`: consecutive slices of seeded per-epoch permutations.
-    Every pair is seen once per epoch and the batch is a pure function of (seed, it), so a
-    resumed run continues exactly. With rt (nanosft.Runtime): this process's share only."""
+    """The pair indices of step `it`: slices of seeded per-epoch permutations, a pure function
+    of (seed, it), so a resumed run continues exactly. With rt: this process's share."""
     ids = [epoch_order(seed, k // n, n)[k % n] for k in range(it * batch_size, (it + 1) * batch_size)]
     return ids if rt is None else ids[rt.rank::rt.world]
 
 
 def micro_batches(examples, ids, pad_id, packed, grad_accum, device):
-    """The pairs `ids` in grad_accum micro-batches -> [(X, Y, segments, ids)] (collate_pairs),
-    on `device`; ids a tensor, to index the reference's cached log-probs."""
+    """The pairs `ids` in grad_accum micro-batches -> [(X, Y, segments, ids)] on `device`."""
     batches = []
     for chunk in torch.tensor(ids).chunk(grad_accum):
         X, Y, segments = collate_pairs([examples[i] for i in chunk.tolist()], pad_id, packed)
@@ -147,9 +142,8 @@ def freeze(model):
 
 @torch.no_grad()
 def pair_logprobs(model, examples, ids, pad_id, rt, pairs_per_forward=64):
-    """log pi(chosen), log pi(rejected) of the pairs `ids` -> two (N,) tensors over all N
-    examples, NaN off `ids`. Batched in length order, to waste little on padding. The frozen
-    reference's are computed once, before training: a step then costs one policy forward."""
+    """log pi(chosen), log pi(rejected) of the pairs `ids` -> two (N,) tensors, NaN off `ids`,
+    in length order. The reference's, once before training: a step costs one policy forward."""
     order = sorted(ids, key=lambda i: max(len(examples[i][0]), len(examples[i][2])))
     chosen = torch.full((len(examples),), math.nan)
     rejected = torch.full((len(examples),), math.nan)
@@ -165,8 +159,8 @@ def pair_logprobs(model, examples, ids, pad_id, rt, pairs_per_forward=64):
 
 
 def reference_logprobs(ref, cache, batch):
-    """log pi_ref(chosen), log pi_ref(rejected) of a micro-batch (X, Y, segments, ids): read
-    from `cache` (pair_logprobs before training), or a reference forward when it is None."""
+    """log pi_ref(chosen), log pi_ref(rejected) of a micro-batch: from `cache` (pair_logprobs),
+    or a reference forward (--no-ref-cache)."""
     X, Y, segments, ids = batch
     if cache is None:
         with torch.no_grad():
@@ -265,11 +259,8 @@ def token_logprobs(logits, labels):
 
 
 def collate_pairs(examples, pad_id, packed=True):
-    """B pair examples -> X, Y, S: the 2B sequences, the B chosen then the B rejected.
-    packed: several sequences per row (packing.pack; S (R, T) numbers them 0..2B-1), which
-    wastes little on padding although a pair's two answers differ in length (a curt "Oslo."
-    against a sentence with a closing remark). Otherwise one row each (2B, T), S None
-    (needed by a prompt-tuned model, whose prefix belongs at the start of every row)."""
+    """B pair examples -> X, Y, S: the 2B sequences, the B chosen then the B rejected; packed,
+    several per row (S (R, T) numbers them), else one row each (S None: a prompt-tuned model)."""
     seqs = [e[:2] for e in examples] + [e[2:] for e in examples]
     if not packed:
         return (*nanosft.collate(seqs, pad_id), None)
@@ -278,8 +269,7 @@ def collate_pairs(examples, pad_id, packed=True):
 
 
 def per_sequence(values, segments=None):
-    """(R, T) per-token values -> (R,) sums per row, or with packed rows (segments) (N,) sums
-    per sequence."""
+    """(R, T) per-token values -> (R,) sums per row, or (N,) per sequence of packed rows."""
     if segments is None:
         return values.sum(-1)
     from extras import packing  # packed rows (collate_pairs)
@@ -296,19 +286,15 @@ def sequence_logprobs(logits, labels, mask, segments=None):
     the padded length also counts padding: every log-ratio shrinks by the batch's longest
     row, an effective beta that changes from batch to batch.
     mask (B, T) is 1 on response tokens; prompt tokens and padding never enter the sum.
-    segments (B, T), for packed rows (packing.pack): sum per sequence instead of per row, giving
-    (N,) for the N = segments.max() + 1 sequences."""
+    segments (B, T), for packed rows: (N,) sums, one per sequence."""
     lp = token_logprobs(logits, labels)  # (B, T)
     lp = torch.where(mask.bool(), lp, torch.zeros_like(lp))  # (B, T)
     return per_sequence(lp, segments)  # (B,) or (N,)
 
 
 def concatenated_logprobs(model, X, Y, S=None):
-    """Chosen and rejected responses in ONE forward. Unpacked (S None): X, Y (2B, T) hold
-    the B chosen rows first, then the B rejected rows. Packed (collate_pairs): X, Y, S
-    (R, T) hold the 2B sequences in R <= 2B rows, S numbering them the same way (chosen
-    0..B-1, rejected B..2B-1). One forward instead of two halves the kernel launches and,
-    under DDP, keeps a single forward per backward. Returns two (B,) tensors."""
+    """Chosen and rejected answers (collate_pairs: the B chosen, then the B rejected) in ONE
+    forward: half the kernel launches, and one forward per backward under DDP. -> two (B,)."""
     if S is None:
         logits, _ = model(X)  # (2B, T, V)
     else:
