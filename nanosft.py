@@ -127,16 +127,12 @@ def pick_dtype(device, name="auto"):
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     from extras.cpu import cpu_has_native_bf16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bfloat16"
-    return "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
 
 
 def autocast(device, dtype):
     """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 @dataclass
@@ -276,13 +272,10 @@ def train_tokenizer(text, vocab_size):
         for i in list(where[pair]):
             w, c = words[i], counts[i]
             merged, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    merged.append(new_id)
-                    j += 2
-                else:
-                    merged.append(w[j])
-                    j += 1
+            while j < len(w):  # w with every (a, b), left to right, replaced by new_id
+                hit = w[j:j + 2] == [a, b]
+                merged.append(new_id if hit else w[j])
+                j += 2 if hit else 1
             if len(merged) == len(w):
                 continue
             for p in zip(w, w[1:]):
@@ -317,9 +310,8 @@ class GPTConfig:
     gelu: str = "none"  # gelu's `approximate`: "none" (exact erf, ours) or "tanh" (GPT-2's)
 
     @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d):  # keys of another version's config are dropped
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 class KVCache:
@@ -644,9 +636,7 @@ def chat_prompt(tok, messages):
 
 def example_tensors(ids, mask):
     """Inputs and shifted targets: position t predicts token t+1, supervised iff mask[t+1]."""
-    x = torch.tensor(ids[:-1])
-    y = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    return x, y
+    return torch.tensor(ids[:-1]), torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
 
 
 def collate(examples, pad_id):
@@ -710,21 +700,20 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
 
 
 class Steps:
-    """The bookkeeping around a stage's optimisation steps; the step itself (forward, loss,
-    backward, optimizer.step) is written out in each stage file:
+    """The bookkeeping around a stage's steps; the step itself (forward, backward, clip,
+    optimizer.step) is written out in each stage file:
 
         steps = Steps(rt, model, optimizer, vars(args), start_iter)
-        for it in steps:              # sets step it's learning rate; stops early at the time budget
-            ...                       # forward and backward of every micro-batch
-            step_loss = steps.total(step_loss)    # summed over processes; stops on a non-finite loss
-            ...                       # clip, optimizer.step(), zero_grad
+        for it in steps:                          # sets the lr; stops early at --time-budget
+            ...                                   # forward and backward of every micro-batch
+            step_loss = steps.total(step_loss)    # over every process; stops on a non-finite loss
+            ...                                   # clip, optimizer.step(), zero_grad
             if steps.log(step_loss / count, tokens):  # True every eval_interval steps
                 on_eval(it + 1)
-        on_eval(steps.it)             # and at the end
+        on_eval(steps.it)                         # and at the end
 
-    flags: max_iters, lr (the peak: warmup, then cosine, lr_at), warmup, eval_interval,
-    log_interval, time_budget (seconds, or None). `scaler` scales fp16 losses on CUDA (a
-    no-op otherwise); `params` are the trained ones."""
+    flags: max_iters, lr (the peak), warmup, eval_interval, log_interval, time_budget (s or
+    None). `scaler` scales fp16 losses on CUDA (else a no-op); `params`: the trained ones."""
 
     def __init__(self, rt, model, optimizer, flags, start_iter=0):
         self.rt, self.optimizer, self.start = rt, optimizer, start_iter
