@@ -189,9 +189,7 @@ class Tokenizer:
     ranks a merge by the id it creates, so the ids must grow with the merge order."""
 
     def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS), ids=None):
-        self.merges = [tuple(int(x) for x in m) for m in merges]
-        self.pattern = pattern
-        self.ids = ids
+        self.merges, self.pattern, self.ids = [tuple(int(x) for x in m) for m in merges], pattern, ids
         if ids is None:
             n = 256 + len(self.merges)
             ids = {"bytes": range(256), "merges": range(256, n), "specials": range(n, n + len(specials))}
@@ -511,9 +509,9 @@ def load_checkpoint(path, expect_kind=None):
         return DIRECTORY_READERS[0](path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    unreadable = f"{path}: not a readable checkpoint, expected a complete file written by torch.save"
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off zip loses its directory
-        raise UserError(f"{path}: not a readable checkpoint, expected a complete file written by "
-                        "torch.save (this one is truncated or in another format)")
+        raise UserError(f"{unreadable} (this one is truncated or in another format)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -525,8 +523,7 @@ def load_checkpoint(path, expect_kind=None):
                         f"({lines[0][:120] if lines else 'unsafe content'})")
     except Exception as e:  # truncated, not a zip, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: not a readable checkpoint, expected a complete file written by "
-                        f"torch.save (truncated or another format? {type(e).__name__}: {first[:80]})")
+        raise UserError(f"{unreadable} (truncated or another format? {type(e).__name__}: {first[:80]})")
     if not isinstance(ck, dict) or not {"model", "config", "tokenizer", "kind"} <= set(ck):
         raise UserError(f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)")
     if expect_kind and ck["kind"] not in expect_kind:
