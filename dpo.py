@@ -212,7 +212,7 @@ def main(argv=None):
 
     # ---- train: the loss of a step is the mean over its pairs (every process and micro-batch)
     ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = nanosft.Steps(rt, model, optimizer, nanosft.Loop.of(vars(args)), start_iter=start_iter)  # lr schedule, log, clock
+    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
     n_pairs = args.batch_size  # in the step, over every process and micro-batch
     for it in steps:
         batches = micro_batches(train_examples, step_pair_ids(args.seed, it, args.batch_size, len(train_examples), rt=rt),

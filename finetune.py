@@ -304,7 +304,7 @@ def main(argv=None):
     # ---- train: every answer token is a target; the loss is their mean over the whole step (sft_loss)
     model.train()
     ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = nanosft.Steps(rt, model, optimizer, nanosft.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
+    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter)  # lr schedule, log, clock
     for it in steps:
         micro_batches, supervised = step_batches(examples, it, batch_size=args.batch_size, seed=args.seed,
                                                  grad_accum=args.grad_accum, pad=tok.pad, rt=rt, replay=replay_windows)

@@ -1,20 +1,16 @@
 """
-nanosft: the one shared library of the pre-train -> SFT -> DPO pipeline: what two or more
-stages use, and nothing else (each stage's own code is in its script; file formats in
-data/formats.py; PEFT, packed rows, GPT-2 interop and CPU tuning in extras/).
-
-Read top to bottom:
-  1. errors         one clear line for bad input (exit code 2), never a traceback
+nanosft: what two or more stages of the pre-train -> SFT -> DPO pipeline share, nothing else
+(a stage's own code is in its script, file formats in data/formats.py, PEFT, packed rows,
+GPT-2 interop and CPU tuning in extras/). Top to bottom:
+  1. errors, flags  bad input is one line and exit code 2, never a traceback
   2. device, dtype  chosen by what the hardware can do, never assumed
-  3. tokenizer      a byte-level BPE (trained by pretrain.py) served by tiktoken
+  3. tokenizer      a byte-level BPE (trained here) served by tiktoken
   4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
-  5. optimizer      AdamW (decay on 2-D weights only), warmup + cosine schedule
-  6. checkpoints    one .pt, written atomically, loaded with weights_only=True (a directory
-                    through a registered reader: extras/hf.py); <stage>_last.pt to resume
+  5. optimizer      AdamW (decay on matrices only), warmup + cosine schedule
+  6. checkpoints    one .pt, written atomically, loaded with weights_only=True; <stage>_last.pt resumes
   7. chat           rendering with the loss mask, padding
-  8. generation     batched greedy / sampled decoding with a KV cache
-  9. training loop  shared by all three stages; a stage only supplies its batches and loss
- 10. evaluation     mean loss over fixed batches
+  8. generation     batched greedy / sampled decoding with the KV cache
+  9. training       the bookkeeping of every stage's steps (Steps), processes, mean loss
 """
 import argparse
 import json
@@ -28,13 +24,13 @@ from dataclasses import dataclass, asdict, fields
 import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
 import tiktoken
 import torch
-from torch import nn
+from torch import distributed, nn
 from torch.nn import functional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------
-# 1. errors
+# 1. errors and flags
 
 
 class UserError(Exception):
@@ -42,14 +38,15 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run a script's main(); bad input becomes one line and exit code 2, no traceback.
-    Internal bugs still raise normally, so they stay debuggable."""
+    """Run a script's main(): a UserError becomes one line and exit code 2, no traceback
+    (internal bugs still raise, so they stay debuggable)."""
     try:
         main()
-        shutdown_distributed()
+        if distributed.is_available() and distributed.is_initialized():
+            distributed.barrier()  # under torchrun a rank that exits while another works can abort it
+            distributed.destroy_process_group()
     except UserError as e:
-        # one line even when the message quotes data or a path that holds a newline
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even if it quotes a newline
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; checkpoints on disk are complete (written atomically)", file=sys.stderr)
@@ -57,9 +54,8 @@ def cli(main):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line ("error: ...") and exit code 2, like every other
-    bad input (plain argparse prints the whole usage first), and the values argparse's
-    types cannot rule out are checked as the flags are parsed."""
+    """argparse, but a bad flag is one line and exit code 2 like every other bad input (not
+    the whole usage), and values argparse's types cannot rule out are checked at parse time."""
 
     def __init__(self, description):
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,85 +82,9 @@ class ArgumentParser(argparse.ArgumentParser):
         if flags.get("n_embd") and flags.get("n_head") and flags["n_embd"] % flags["n_head"]:
             raise UserError(f"--n-embd ({flags['n_embd']}) must be divisible by --n-head ({flags['n_head']})")
         out_dir = flags.get("out_dir")
-        if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            # found now, not after an hour of training when the first save fails
+        if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):  # now, not at the first save
             raise UserError(f"--out-dir {out_dir}: exists and is not a directory")
         return args
-
-
-def shutdown_distributed():
-    """Under torchrun: wait for every rank, then close the process group. A rank that
-    simply exits while another still works can abort inside the communication library."""
-    from torch import distributed
-    if distributed.is_available() and distributed.is_initialized():
-        distributed.barrier()
-        distributed.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------
-# 2. device and dtype
-
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def pick_dtype(device, name="auto"):
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    from extras.cpu import cpu_has_native_bf16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bfloat16"
-    return "float32"
-
-
-def autocast(device, dtype):
-    """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
-def setup_runtime(device="auto", dtype="auto"):
-    """Device, dtype and (under torchrun) the process group. Returns a small namespace."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device)
-    if world > 1:
-        from torch import distributed
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        if not distributed.is_initialized():
-            distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dtype = pick_dtype(device, dtype)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, dtype, rank, world)
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: str
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def log(self, *a, **k):
-        if self.master:
-            print(*a, **k, flush=True)
 
 
 def add_common_args(ap, out_dir="out"):
@@ -190,6 +110,67 @@ def add_common_args(ap, out_dir="out"):
 
 
 # ----------------------------------------------------------------------------------------
+# 2. device and dtype
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(device, name="auto"):
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    from extras.cpu import cpu_has_native_bf16
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def autocast(device, dtype):
+    """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: str
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k, flush=True)
+
+
+def setup_runtime(device="auto", dtype="auto"):
+    """Device, dtype and (under torchrun) the process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if not distributed.is_initialized():
+            distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dtype = pick_dtype(device, dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, dtype, rank, world)
+
+
+# ----------------------------------------------------------------------------------------
 # 3. tokenizer
 
 # GPT-2's pre-split: contractions, words, numbers, punctuation runs, whitespace. BPE merges
@@ -199,22 +180,16 @@ SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>
 
 
 class Tokenizer:
-    """Our BPE merges handed to tiktoken for fast encode/decode.
+    """Our BPE merges handed to tiktoken for fast encode/decode. Text is always encoded with
+    encode_ordinary: a special-token string typed in data (say "<|assistant|>") stays plain
+    text and can never switch roles; role tokens enter only through render_chat, as ids.
 
-    Text from data is always encoded with encode_ordinary: special-token strings typed in
-    data (say a literal "<|assistant|>") stay plain text and can never switch roles. Role
-    tokens enter a sequence only through render_chat, as ids.
-
-    ids: only for a BPE trained elsewhere (GPT-2, read by hf.py), whose token ids are in its
-    own order: {"bytes": the id of byte 0..255, "merges": the id merge k creates, "specials":
-    the id of each special}. Without it, ours: bytes 0-255, merge k creates 256 + k, then the
-    specials. tiktoken ranks a merge by the id of the token it creates, so either way the
-    ids must grow with the merge order (hf.py checks that a foreign vocabulary's do)."""
+    ids: bytes 0-255, merge k creates 256 + k, then the specials; or, for a BPE trained
+    elsewhere (GPT-2, extras/hf.py), {"bytes", "merges", "specials"}: its own ids. tiktoken
+    ranks a merge by the id it creates, so the ids must grow with the merge order."""
 
     def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS), ids=None):
-        self.merges = [tuple(int(x) for x in m) for m in merges]
-        self.pattern = pattern
-        self.ids = ids
+        self.merges, self.pattern, self.ids = [tuple(int(x) for x in m) for m in merges], pattern, ids
         if ids is None:
             n = 256 + len(self.merges)
             ids = {"bytes": range(256), "merges": range(256, n), "specials": range(n, n + len(specials))}
@@ -229,8 +204,7 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name="nanosft", pat_str=pattern, mergeable_ranks=self.ranks,
                                      special_tokens=self.special)
         self.vocab_size = max([*token_bytes, *self.special.values()]) + 1
-        # the special tokens' ids, by name (tok.end, tok.user, ...)
-        sp = self.special.get
+        sp = self.special.get  # the special tokens' ids by name: tok.end, tok.user, ...
         self.endoftext, self.pad, self.system = sp("<|endoftext|>"), sp("<|pad|>"), sp("<|system|>")
         self.user, self.assistant, self.end = sp("<|user|>"), sp("<|assistant|>"), sp("<|end|>")
 
@@ -254,19 +228,19 @@ class Tokenizer:
         return cls(s["merges"].tolist(), s["pattern"], tuple(s["specials"]), ids)
 
 
-def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
-    """Byte-level BPE: start from the 256 bytes and repeatedly merge the most frequent
-    adjacent pair into a new token. Returns the merges as (left_id, right_id) pairs; merge
-    k creates token 256 + k.
+def train_tokenizer(text, vocab_size):
+    """A byte-level BPE of vocab_size tokens in all: the 256 bytes, then repeatedly the most
+    frequent adjacent pair merged into a new token (merge k creates 256 + k), then the specials.
 
-    Fast enough for megabytes in pure Python because (a) identical chunks are counted once
-    and (b) pair counts are updated incrementally, only for the chunks that contain the
-    merged pair, with a max-heap (lazy deletion) to find the next best pair."""
+    Fast enough for megabytes in pure Python because identical chunks are counted once, and
+    pair counts are updated only for the chunks that hold the merged pair, with a max-heap
+    (lazy deletion) to find the next best pair."""
     import heapq
     from collections import Counter, defaultdict
-    if vocab_size < 256:
-        raise UserError(f"--vocab-size must be at least 256 (the byte alphabet), got {vocab_size}")
-    chunk_counts = Counter(regex.findall(pattern, text))
+    if vocab_size < 256 + len(SPECIALS):
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS)} (256 bytes + "
+                        f"{len(SPECIALS)} special tokens), got {vocab_size}")
+    chunk_counts = Counter(regex.findall(SPLIT_PATTERN, text))
     words = [list(c.encode("utf-8")) for c in chunk_counts]
     counts = list(chunk_counts.values())
     pairs, where = Counter(), defaultdict(set)
@@ -279,7 +253,7 @@ def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
     token_bytes = [bytes([i]) for i in range(256)]
     known = {b: i for i, b in enumerate(token_bytes)}
     merges = []
-    while len(token_bytes) < vocab_size and heap:
+    while len(token_bytes) < vocab_size - len(SPECIALS) and heap:
         neg, pair = heapq.heappop(heap)
         if pairs.get(pair, 0) != -neg or neg == 0:
             continue  # stale heap entry
@@ -296,13 +270,10 @@ def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
         for i in list(where[pair]):
             w, c = words[i], counts[i]
             merged, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    merged.append(new_id)
-                    j += 2
-                else:
-                    merged.append(w[j])
-                    j += 1
+            while j < len(w):  # w with every (a, b), left to right, replaced by new_id
+                hit = w[j:j + 2] == [a, b]
+                merged.append(new_id if hit else w[j])
+                j += 2 if hit else 1
             if len(merged) == len(w):
                 continue
             for p in zip(w, w[1:]):
@@ -318,32 +289,7 @@ def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
         for p in changed:
             if pairs.get(p, 0) > 0:
                 heapq.heappush(heap, (-pairs[p], p))
-    return merges
-
-
-def train_tokenizer(text, vocab_size):
-    """A BPE of vocab_size tokens in all: 256 bytes, merges, then the special tokens."""
-    if vocab_size < 256 + len(SPECIALS):  # checked here so the message quotes the flag's value
-        raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS)} (256 bytes + "
-                           f"{len(SPECIALS)} special tokens), got {vocab_size}")
-    return Tokenizer(train_bpe(text, vocab_size - len(SPECIALS)))
-
-
-def encode_python(tok, text):
-    """tok.encode in readable Python (slow): split with the regex, then inside each chunk
-    repeatedly merge the adjacent pair whose merged bytes have the lowest rank, leftmost
-    first -- exactly the rule tiktoken applies."""
-    ids = []
-    for chunk in regex.findall(tok.pattern, text):
-        parts = [bytes([b]) for b in chunk.encode("utf-8")]
-        while len(parts) > 1:
-            ranks = [tok.ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
-            i = min(range(len(ranks)), key=ranks.__getitem__)
-            if ranks[i] == math.inf:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        ids += [tok.ranks[p] for p in parts]
-    return ids
+    return Tokenizer(merges)
 
 
 # ----------------------------------------------------------------------------------------
@@ -354,18 +300,16 @@ def encode_python(tok, text):
 class GPTConfig:
     block_size: int = 128
     vocab_size: int = 2048
-    n_layer: int = 2  # 0.6M parameters: small enough that pre-training reaches its plateau in
-    n_head: int = 4   # minutes on any CPU (docs/pretrain.md, "Why this size")
+    n_layer: int = 2  # 0.6M parameters: pre-training plateaus in minutes on any CPU (docs/pretrain.md)
+    n_head: int = 4
     n_embd: int = 128
     n_prefix: int = 0  # prompt tuning (extras/peft.py): learned vectors in front of every sequence
-    # what an imported GPT-2 needs (hf.py); ours trains without biases and with exact GELU
-    bias: bool = False  # biases on the linear layers (LayerNorm always has them)
-    gelu: str = "none"  # gelu's `approximate`: "none" (erf, exact) or "tanh" (GPT-2's)
+    bias: bool = False  # biases on the linear layers: GPT-2 has them (extras/hf.py), ours not
+    gelu: str = "none"  # gelu's `approximate`: "none" (exact erf, ours) or "tanh" (GPT-2's)
 
     @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d):  # keys of another version's config are dropped
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 class KVCache:
@@ -497,15 +441,15 @@ class GPT(nn.Module):
 
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
     """AdamW; weight decay only on matrices (2-D), never on biases, LayerNorm gains or the
-    prompt-tuning prefix. Fused kernels where this torch has them for the device."""
+    prompt-tuning prefix."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2 and p is not getattr(model, "prefix", None)]
     no_decay = [p for p in params if not any(p is q for q in decay)]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if device_type in ("cuda", "cpu"):
-        # fused: one kernel updates every tensor, instead of a Python loop of small ops per
-        # parameter; the same update up to rounding (~1e-7). CPU has it since torch 2.4.
+        # fused: one kernel updates every tensor (not a Python loop of small ops per parameter);
+        # the same update up to rounding (~1e-7). CPU has it since torch 2.4.
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
         except RuntimeError:  # an older torch without the fused kernel for this device
@@ -526,14 +470,14 @@ def lr_at(it, max_lr, warmup, max_iters, min_frac=0.1):
 
 
 def save_checkpoint(path, obj):
-    """Atomic write: a temp file in the same folder, fsync, then os.replace. A process
-    killed at any moment leaves either the old complete file or the new one."""
+    """Atomic write of obj (torch.save; a str is written as text): a temp file in the same
+    folder, fsync, then os.replace. Killed at any moment, it leaves the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "w", encoding="utf-8") if isinstance(obj, str) else open(tmp, "wb") as f:
+            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -548,17 +492,8 @@ def save_checkpoint(path, obj):
         pass
 
 
-def write_text_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    save_checkpoint(path, json.dumps(obj, indent=2) + "\n")
 
 
 PROMPT_TUNED = []  # the class of a prompt-tuned GPT (config n_prefix > 0): extras/peft.py, once imported, adds it
@@ -569,14 +504,14 @@ def load_checkpoint(path, expect_kind=None):
     """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
     that would run code is refused, never executed. A directory goes to DIRECTORY_READERS."""
     import pickle
+    import zipfile
     if os.path.isdir(path) and DIRECTORY_READERS:  # e.g. a Hugging Face GPT-2 directory
         return DIRECTORY_READERS[0](path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
-    import zipfile
+    unreadable = f"{path}: not a readable checkpoint, expected a complete file written by torch.save"
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off zip loses its directory
-        raise UserError(f"{path}: not a readable checkpoint, expected a complete file written by "
-                        "torch.save (this one is truncated or in another format)")
+        raise UserError(f"{unreadable} (this one is truncated or in another format)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -588,8 +523,7 @@ def load_checkpoint(path, expect_kind=None):
                         f"({lines[0][:120] if lines else 'unsafe content'})")
     except Exception as e:  # truncated, not a zip, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: not a readable checkpoint, expected a complete file written by "
-                        f"torch.save (truncated or another format? {type(e).__name__}: {first[:80]})")
+        raise UserError(f"{unreadable} (truncated or another format? {type(e).__name__}: {first[:80]})")
     if not isinstance(ck, dict) or not {"model", "config", "tokenizer", "kind"} <= set(ck):
         raise UserError(f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)")
     if expect_kind and ck["kind"] not in expect_kind:
@@ -598,9 +532,8 @@ def load_checkpoint(path, expect_kind=None):
 
 
 def model_from_checkpoint(ck, path="checkpoint"):
-    """Rebuild the GPT and its tokenizer from a checkpoint dict, checking that the tensors
-    match the config they claim."""
-    # a checkpoint is input like any data file: check its shape before building from it
+    """The GPT and its tokenizer from a checkpoint dict, which is input like any data file:
+    its config and tensors are checked before the model is built from them."""
     sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
     cfg = GPTConfig.from_dict(ck["config"]) if isinstance(ck["config"], dict) else None
     if cfg is None or not all(isinstance(getattr(cfg, k), int) and getattr(cfg, k) > 0 for k in sizes):
@@ -669,10 +602,9 @@ def resume(out_dir, stage, model, tok, optimizer):
 
 
 def encode_content(tok, text):
-    """A message's text as tokens, with one leading space. Words inside running text are
-    " word" tokens in BPE; without the space, a name that opens an answer would be a
-    different token from the same name inside the question and in the pre-training prose,
-    and a small model cannot tell they are the same person."""
+    """A message's text as tokens, with one leading space: inside running text a word is a
+    " word" token, and a name that opens an answer must be the same token as in the question
+    and the pre-training prose, or a small model cannot tell they are the same person."""
     return tok.encode(" " + text)
 
 
@@ -696,15 +628,12 @@ def render_chat(tok, messages):
 
 def chat_prompt(tok, messages):
     """Ids that ask the model for the next assistant turn."""
-    ids, _ = render_chat(tok, messages)
-    return ids + [tok.assistant]
+    return render_chat(tok, messages)[0] + [tok.assistant]
 
 
 def example_tensors(ids, mask):
     """Inputs and shifted targets: position t predicts token t+1, supervised iff mask[t+1]."""
-    x = torch.tensor(ids[:-1])
-    y = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    return x, y
+    return torch.tensor(ids[:-1]), torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
 
 
 def collate(examples, pad_id):
@@ -764,60 +693,48 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
 
 
 # ----------------------------------------------------------------------------------------
-# 9. the training loop, shared by every stage
-
-
-@dataclass(frozen=True)
-class Loop:
-    """What the training loop needs to know about a run, and nothing else."""
-    max_iters: int
-    lr: float                 # peak learning rate (warmup, then cosine; see lr_at)
-    warmup: int
-    eval_interval: int        # on_eval every this many steps, and at the end
-    log_interval: int = 50
-    time_budget: float | None = None  # seconds; stop early (at the same step on every rank)
-
-    @classmethod
-    def of(cls, flags):
-        """A stage's flags (a dict, e.g. vars(args)) -> the loop's settings."""
-        return cls(*(flags[k] for k in ("max_iters", "lr", "warmup", "eval_interval", "log_interval", "time_budget")))
+# 9. training: the bookkeeping of every stage's steps, processes, mean loss
 
 
 class Steps:
-    """The bookkeeping around a stage's optimisation steps; the step itself (forward, loss,
-    backward, optimizer.step) is written out in each stage file.
+    """The bookkeeping around a stage's steps; the step itself (forward, backward, clip,
+    optimizer.step) is written out in each stage file:
 
-        steps = Steps(rt, model, optimizer, Loop.of(flags), start_iter)
-        for it in steps:              # sets step it's learning rate; stops early at the time budget
-            ...                       # forward and backward of every micro-batch
-            step_loss = steps.total(step_loss)    # summed over processes; stops on a non-finite loss
-            ...                       # clip, optimizer.step(), zero_grad
+        steps = Steps(rt, model, optimizer, vars(args), start_iter)
+        for it in steps:                          # sets the lr; stops early at --time-budget
+            ...                                   # forward and backward of every micro-batch
+            step_loss = steps.total(step_loss)    # over every process; stops on a non-finite loss
+            ...                                   # clip, optimizer.step(), zero_grad
             if steps.log(step_loss / count, tokens):  # True every eval_interval steps
                 on_eval(it + 1)
-        on_eval(steps.it)             # and at the end
+        on_eval(steps.it)                         # and at the end
 
-    `scaler` scales fp16 losses on CUDA (a no-op otherwise); `params` are the trained ones."""
+    flags: max_iters, lr (the peak), warmup, eval_interval, log_interval, time_budget (s or
+    None). `scaler` scales fp16 losses on CUDA (else a no-op); `params`: the trained ones."""
 
-    def __init__(self, rt, model, optimizer, loop, start_iter=0):
-        self.rt, self.optimizer, self.loop, self.start = rt, optimizer, loop, start_iter
+    def __init__(self, rt, model, optimizer, flags, start_iter=0):
+        self.rt, self.optimizer, self.start = rt, optimizer, start_iter
+        self.max_iters, self.peak_lr, self.warmup = flags["max_iters"], flags["lr"], flags["warmup"]
+        self.eval_interval, self.log_interval = flags["eval_interval"], flags["log_interval"]
+        self.time_budget = flags["time_budget"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=(rt.dtype == "float16"))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.it, self.lr, self.tokens, self.t0, self.t_end = start_iter, 0.0, 0, time.time(), None
 
     def __iter__(self):
-        while self.it < self.loop.max_iters and not self.out_of_time():
-            self.lr = lr_at(self.it, self.loop.lr, self.loop.warmup, self.loop.max_iters)
+        while self.it < self.max_iters and not self.out_of_time():
+            self.lr = lr_at(self.it, self.peak_lr, self.warmup, self.max_iters)
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr
             yield self.it
         self.t_end = time.time()  # the training clock stops before the final evaluation
 
     def out_of_time(self):
-        out = bool(self.loop.time_budget) and time.time() - self.t0 > self.loop.time_budget
-        if self.rt.world > 1 and self.loop.time_budget:  # every rank stops at the same step
+        out = bool(self.time_budget) and time.time() - self.t0 > self.time_budget
+        if self.rt.world > 1 and self.time_budget:  # every rank stops at the same step
             out = all_reduce(float(out), self.rt, op="max") > 0
         if out:
-            self.rt.log(f"time budget of {self.loop.time_budget:.0f}s reached at step {self.it}")
+            self.rt.log(f"time budget of {self.time_budget:.0f}s reached at step {self.it}")
         return out
 
     def total(self, step_loss):
@@ -834,12 +751,12 @@ class Steps:
         """Count the step (tokens: this process's), print the log line on the log cadence;
         True when an evaluation is due (not at the last step: the caller evaluates then)."""
         self.it, self.tokens = self.it + 1, self.tokens + tokens
-        it, loop = self.it, self.loop
-        if it % max(1, loop.log_interval) == 0 or it == loop.max_iters:
+        it, end = self.it, self.max_iters
+        if it % max(1, self.log_interval) == 0 or it == end:
             dt = time.time() - self.t0
-            self.rt.log(f"step {it:5d}/{loop.max_iters} | loss {loss:.4f} | lr {self.lr:.2e} | "
-                        f"{self.tokens_per_sec():,.0f} tok/s | eta {dt / (it - self.start) * (loop.max_iters - it):.0f}s")
-        return it % loop.eval_interval == 0 and it < loop.max_iters
+            self.rt.log(f"step {it:5d}/{end} | loss {loss:.4f} | lr {self.lr:.2e} | "
+                        f"{self.tokens_per_sec():,.0f} tok/s | eta {dt / (it - self.start) * (end - it):.0f}s")
+        return it % self.eval_interval == 0 and it < end
 
     def seconds(self):
         return (self.t_end or time.time()) - self.t0
@@ -850,77 +767,9 @@ class Steps:
 
 def all_reduce(value, rt, op="sum"):
     """A Python number summed (or maxed) over every process."""
-    import torch.distributed as dist
     t = torch.tensor([value], dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    distributed.all_reduce(t, op=distributed.ReduceOp.MAX if op == "max" else distributed.ReduceOp.SUM)
     return t.item()
-
-
-def train_loop(rt, model, optimizer, loop, start_iter, get_batch, loss_fn, on_eval):
-    """The one optimizer loop of pretrain.py, finetune.py and dpo.py, run as `loop` (a Loop).
-
-    get_batch(it) -> (micro_batches, count): this rank's micro-batches of step `it`, and
-        the number of loss terms (supervised tokens, or pairs) in the GLOBAL step.
-    loss_fn(model, micro_batch) -> the SUM of the loss terms of that micro-batch.
-    So the step's loss is sum / count over the whole step: gradient accumulation and
-    several processes give the gradient of one big batch, and a micro-batch without
-    supervised tokens adds exactly zero (never 0/0 = NaN).
-    on_eval(it) is called every loop.eval_interval steps and at the end (checkpoints, logs).
-    Returns the number of steps done and the training seconds."""
-    ddp = rt.world > 1
-    scaler = torch.amp.GradScaler("cuda", enabled=(rt.dtype == "float16"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    t0 = time.time()
-    it = start_iter
-    tokens_seen = 0
-    while it < loop.max_iters:
-        out_of_time = bool(loop.time_budget) and time.time() - t0 > loop.time_budget
-        if ddp and loop.time_budget:  # all ranks stop at the same step, or the others wait forever
-            import torch.distributed as dist
-            flag = torch.tensor([float(out_of_time)], device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = flag.item() > 0
-        if out_of_time:
-            rt.log(f"time budget of {loop.time_budget:.0f}s reached at step {it}")
-            break
-        lr = lr_at(it, loop.lr, loop.warmup, loop.max_iters)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        micro, count = get_batch(it)
-        step_loss = 0.0
-        for i, mb in enumerate(micro):
-            sync = nullcontext() if not ddp or i == len(micro) - 1 else model.no_sync()
-            with sync, autocast(rt.device, rt.dtype):
-                loss_sum = loss_fn(model, mb)
-            # DDP averages gradients over ranks; scaling by world size turns that into a sum
-            scaler.scale(loss_sum * (rt.world / max(count, 1))).backward()
-            step_loss += loss_sum.item()
-            tokens_seen += mb[0].numel() if isinstance(mb, (tuple, list)) else 0
-        if ddp:  # sum over ranks: the log shows the whole step, and a NaN stops every rank together
-            import torch.distributed as dist
-            t = torch.tensor([step_loss], dtype=torch.float64, device=rt.device)
-            dist.all_reduce(t)
-            step_loss = t.item()
-        if not math.isfinite(step_loss):
-            raise UserError(f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last "
-                            f"checkpoint on disk is the last good one. Try a lower --lr")
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        if it % max(1, loop.log_interval) == 0 or it == loop.max_iters:
-            dt = time.time() - t0
-            eta = dt / (it - start_iter) * (loop.max_iters - it)
-            rt.log(f"step {it:5d}/{loop.max_iters} | loss {step_loss / max(count, 1):.4f} | "
-                   f"lr {lr:.2e} | {tokens_seen * rt.world / max(dt, 1e-9):,.0f} tok/s | "
-                   f"eta {eta:.0f}s")
-        if it % loop.eval_interval == 0 and it < loop.max_iters:
-            on_eval(it)
-    seconds = time.time() - t0
-    on_eval(it)
-    return it, seconds, tokens_seen * rt.world / max(seconds, 1e-9)
 
 
 def wrap_ddp(model, rt):
@@ -932,12 +781,7 @@ def wrap_ddp(model, rt):
 
 def barrier(rt):
     if rt.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------
-# 10. evaluation
+        distributed.barrier()
 
 
 @torch.no_grad()

@@ -126,7 +126,7 @@ def main(argv=None):
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    steps = nanosft.Steps(rt, model, optimizer, nanosft.Loop.of(vars(args)), start_iter)  # lr schedule, log, clock
+    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter)  # lr schedule, log, clock
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
     for it in steps:
         micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,

@@ -353,5 +353,5 @@ def save_dir(ck, out, source="checkpoint"):
     nanosft.write_json(os.path.join(out, "config.json"), config)
     nanosft.write_json(os.path.join(out, "tokenizer.json"), tokenizer_json(tok))
     nanosft.write_json(os.path.join(out, "tokenizer_config.json"), tok_config)
-    nanosft.write_text_atomic(os.path.join(out, "README.md"), model_card(ck, model, tok, source))
+    nanosft.save_checkpoint(os.path.join(out, "README.md"), model_card(ck, model, tok, source))
     return model, tok

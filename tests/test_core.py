@@ -12,6 +12,7 @@ import torch
 import nanosft
 import sample
 from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
+from extras.bench import encode_python
 from extras.cpu import cpu_has_native_bf16
 
 sys.path.insert(0, ROOT)
@@ -50,7 +51,7 @@ def test_python_bpe_agrees_with_tiktoken(tok):
     texts += [random_unicode(rng, 60) for _ in range(30)]
     texts += ["Hello world's   spaces\n\n  and 12345 numbers!!", "don't we'll they've"]
     for t in texts:
-        assert nanosft.encode_python(tok, t) == tok.encode(t), t
+        assert encode_python(tok, t) == tok.encode(t), t
 
 
 def test_typed_special_token_stays_text(tok):

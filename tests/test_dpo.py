@@ -184,16 +184,20 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     ex = examples(tok) * 2
     rt = nanosft.Runtime(torch.device("cpu"), "float32")
     cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, rt)
-    loop = nanosft.Loop(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100)
-    opt = nanosft.configure_optimizer(model, loop.lr)
-
-    def get_batch(it):
+    flags = dict(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100, time_budget=None)
+    opt = nanosft.configure_optimizer(model, flags["lr"])
+    steps = nanosft.Steps(rt, model, opt, flags)
+    for it in steps:  # dpo.py's step, two pairs at a time
         ids = torch.tensor([(2 * it) % len(ex), (2 * it + 1) % len(ex)])
-        return [(*dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad), ids)], 2
-
-    def loss_fn(m, mb):
-        return dpo.pair_loss(m, mb[0], mb[1], cache_c[mb[3]], cache_r[mb[3]], **loss_kw(rpo_alpha=1.0), segments=mb[2])[0]
-    nanosft.train_loop(rt, model, opt, loop, 0, get_batch, loss_fn, lambda it: None)
+        X, Y, segments = dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad)
+        loss_sum = dpo.pair_loss(model, X, Y, cache_c[ids], cache_r[ids], **loss_kw(rpo_alpha=1.0),
+                                 segments=segments)[0]
+        (loss_sum / 2).backward()
+        torch.nn.utils.clip_grad_norm_(steps.params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.log(steps.total(loss_sum.item()) / 2, tokens=X.numel())
+    assert steps.it == 4
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # policy moved
