@@ -307,6 +307,4 @@ def concatenated_logprobs(model, X, Y, S=None):
 
 
 if __name__ == "__main__":
-    from extras.cpu import tune_cpu
-    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    nanosft.cli(main)
+    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2

@@ -17,11 +17,9 @@ import os
 import sys
 import time
 
-import torch
-
 import nanosft
-from data import formats
-from data import world_eval
+import torch
+from data import formats, world_eval
 
 DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=50, warmup=20, log_interval=25)
 LR = {"full": 2e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}  # --lr per method: why, docs/forgetting.md, docs/peft.md
@@ -34,21 +32,17 @@ REPORTED_FLAGS = ("init", "lora_rank", "oft_block", "prompt_tokens", "prompt_ini
                   "quantize_base", "replay", "lr")
 
 
-# ----------------------------------------------------------------------------------------
-# 1. the idea: a loss on the answer only
-#
-# nanosft.render_chat renders a conversation and its loss mask: 1 on every assistant token and
-# its closing <|end|>, 0 on the roles, the question and the system message. nanosft.example_tensors
-# shifts by one (position t predicts token t + 1) and sets the target of every unmasked
-# position to -1; nanosft.collate pads with -1 too. cross_entropy(ignore_index=-1) skips those,
-# so only the answer's tokens are trained on.
+# ---------------------------------------------------------------------------------------- 1. the idea:
+# a loss on the answer only. nanosft.render_chat renders a conversation and its loss mask: 1 on every
+# assistant token and its closing <|end|>, 0 on the roles, the question and the system message.
+# nanosft.example_tensors shifts by one (position t predicts token t + 1) and sets the target of every
+# unmasked position to -1; nanosft.collate pads with -1 too. cross_entropy(ignore_index=-1) skips those.
 
 
 def sft_loss(model, X, Y):
     """The SUM of the next-token cross-entropy over the supervised targets (Y >= 0) of one
     micro-batch. The step divides it by its supervised tokens over every micro-batch and
-    process (step_batches), so each answer token weighs the same, whatever the
-    batch, the --grad-accum or the number of processes: the gradient of one big batch."""
+    process (step_batches): each answer token weighs the same, whatever the batching."""
     _, loss_sum = model(X, Y, reduction="sum")
     return loss_sum
 
@@ -350,6 +344,4 @@ def summary(model, trainable, steps, rt, data, flags, frozen_bytes):
 
 
 if __name__ == "__main__":
-    from extras.cpu import tune_cpu
-    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    nanosft.cli(main)
+    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2

@@ -53,6 +53,13 @@ def cli(main):
         sys.exit(130)
 
 
+def run(main):
+    """A script run from the command line: the CPU settings first (extras/cpu.py), then cli(main)."""
+    from extras.cpu import tune_cpu  # OpenMP threads that sleep while they wait, a heap that keeps its memory
+    tune_cpu()
+    cli(main)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line and exit code 2 like every other bad input (not
     the whole usage), and values argparse's types cannot rule out are checked at parse time."""

@@ -175,6 +175,4 @@ def report(out_dir, history, model, rt, total_seconds, steps, world):
 
 
 if __name__ == "__main__":
-    from extras.cpu import tune_cpu
-    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
-    nanosft.cli(main)
+    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2

@@ -1,0 +1,177 @@
+"""The reading path: the top level the design card names, each core file within its budget,
+the core importing nothing from extras/ at module level, no import cycles, and what a student
+reads to follow one stage's default run (the stage file plus the nanosft.py and data/
+definitions it reaches)."""
+import ast
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+TOP_LEVEL = {"README.md", "requirements.txt", "nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "sample.py",
+             "data", "tests", "docs", "extras", ".ci", ".gitignore"}
+BUDGETS = {"nanosft.py": 550, "pretrain.py": 180, "finetune.py": 350, "dpo.py": 280}  # the targets
+READING = 950  # "about 900" lines to read for one stage's default run: the target
+# Where the code is not there yet: today's count, a ceiling that may only come down
+# (docs/known_gaps.md says what is left). The targets are pinned below as expected failures,
+# which turn into failures when met, so the ceiling is then removed.
+CEILING = {"nanosft.py": 805, "dpo.py": 310, "reading finetune.py": 1179, "reading dpo.py": 1244}
+CORE = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py"]
+SHARED = {"ns": "nanosft.py", "nanosft": "nanosft.py", "formats": "data/formats.py", "world_eval": "data/world_eval.py",
+          "world": "data/world.py"}
+
+
+def tree(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return ast.parse(f.read())
+
+
+def tracked_top_level():
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return {line.split("/")[0] for line in out.splitlines() if line}
+
+
+def test_top_level_is_the_design_cards():
+    assert tracked_top_level() <= TOP_LEVEL
+
+
+def lines(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.parametrize("path", CORE)
+def test_core_file_budgets(path):
+    assert lines(path) <= CEILING.get(path, BUDGETS[path])
+
+
+@pytest.mark.parametrize("path", [p for p in CORE if p in CEILING])
+@pytest.mark.xfail(strict=True, reason="not within the budget yet: docs/known_gaps.md")
+def test_core_file_budget_targets(path):
+    assert lines(path) <= BUDGETS[path]
+
+
+def module_level_imports(node):
+    """Import statements outside any function or class body (an `if` at module level counts)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        yield from module_level_imports(child)
+
+
+def imported(node):
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    return [f"{base}.{a.name}" if base else a.name for a in node.names]
+
+
+@pytest.mark.parametrize("path", CORE)
+def test_core_imports_no_extra_at_module_level(path):
+    bad = [name for node in module_level_imports(tree(path)) for name in imported(node)
+           if name.split(".")[0] == "extras"]
+    assert not bad, f"{path} imports {bad} at module level"
+
+
+def project_modules():
+    files = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    files += [f"{d}/{f}" for d in ("data", "extras") for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".py")]
+    return {f[:-3].replace("/", ".").removesuffix(".__init__"): f for f in files}
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(tree(path)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in imported(node):
+                    while target and target not in modules:  # "extras.peft.add_lora" -> "extras.peft"
+                        target = target.rpartition(".")[0]
+                    if target and target != name and modules[target] != modules[name]:
+                        deps.add(target)
+        graph[name] = deps
+
+    def visit(node, stack):
+        assert node not in stack, "import cycle: " + " -> ".join([*stack, node])
+        for dep in graph.get(node, ()):
+            visit(dep, [*stack, node])
+    for name in graph:
+        visit(name, [])
+
+
+def reading_lines(stage):
+    """Lines of the stage file, plus every top-level definition of nanosft.py and data/ that
+    the stage reaches (as nanosft.NAME, formats.NAME, ...), followed through those definitions."""
+    defs = {}
+    for path in set(SHARED.values()):
+        for node in tree(path).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defs[(path, node.name)] = node
+    with open(os.path.join(ROOT, stage)) as f:
+        total = sum(1 for _ in f)
+    seen, todo = set(), [(None, tree(stage))]
+    while todo:
+        home, node = todo.pop()
+        for sub in ast.walk(node):
+            key = None
+            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in SHARED:
+                key = (SHARED[sub.value.id], sub.attr)
+            elif isinstance(sub, ast.Name) and home is not None:
+                key = (home, sub.id)
+            if key in defs and key not in seen:
+                seen.add(key)
+                todo.append((key[0], defs[key]))
+    return total + sum(defs[k].end_lineno - defs[k].lineno + 1 for k in seen)
+
+
+@pytest.mark.parametrize("stage", ["pretrain.py", "finetune.py", "dpo.py"])
+def test_a_stage_reads_in_one_sitting(stage):
+    limit = CEILING.get(f"reading {stage}", READING)
+    assert reading_lines(stage) <= limit, f"{stage}: {reading_lines(stage)} lines to read"
+
+
+@pytest.mark.parametrize("stage", ["finetune.py", "dpo.py"])
+@pytest.mark.xfail(strict=True, reason="more than about 900 lines to read yet: docs/known_gaps.md")
+def test_a_stage_reads_in_about_900_lines(stage):
+    assert reading_lines(stage) <= READING
+
+
+def test_readme_opens_with_how_to_read_this_and_its_line_ranges_are_true():
+    """README's reading order names each stage's core idea by its lines: a definition
+    (`NAME`, lines A-B: exactly its def or class) or the stage's loop (`main`, lines A-B:
+    from the '# ---- train' comment to the final on_eval). Stale numbers fail here."""
+    import re
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert len(readme.encode()) <= 15_000
+    headings = re.findall(r"^## (.+)$", readme, flags=re.M)
+    assert headings[0] == "How to read this"
+    section = readme.split("## How to read this", 1)[1].split("\n## ", 1)[0]
+    rows, current = [], None
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and "lines" in cells[3]:
+            current = cells[1].strip("`") or current
+            name, first, last = re.match(r"`(\w+)`, lines (\d+)–(\d+)", cells[3]).groups()
+            rows.append((current, name, int(first), int(last)))
+    assert {r[0] for r in rows} == {"nanosft.py", "pretrain.py", "finetune.py", "dpo.py"}
+    for path, name, first, last in rows:
+        with open(os.path.join(ROOT, path)) as f:
+            text = f.read().splitlines()
+        if name == "main":
+            assert text[first - 1].strip().startswith("# ---- train"), (path, first)
+            assert text[last - 1].strip() == "on_eval(steps.it)", (path, last)
+        else:
+            node = next(n for n in ast.walk(tree(path)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                        and n.name == name)
+            assert (node.lineno, node.end_lineno) == (first, last), (path, name)
+        assert last - first < 60, "a core idea that fits one screen"
