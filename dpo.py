@@ -52,7 +52,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
     rejected_ratio = policy_rejected - ref_rejected  # log pi(y_l|x) / pi_ref(y_l|x), (B,)
     h = chosen_ratio - rejected_ratio                # (B,)
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * functional.logsigmoid(beta * h) - label_smoothing * functional.logsigmoid(-beta * h)
+        losses = (-(1 - label_smoothing) * functional.logsigmoid(beta * h)
+                  - label_smoothing * functional.logsigmoid(-beta * h))
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -87,7 +88,8 @@ def parse_args(argv=None):
     lesson.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     lesson.add_argument("--data", default=world_eval.THREADS, help="preference file (formats above)")
     lesson.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")
-    lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC")
+    lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"],
+                        help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC")
     lesson.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
     nanosft.add_common_args(ap)
     pairs = ap.add_argument_group("pair construction (votes and scores formats)")
@@ -114,7 +116,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- the batches and the frozen reference
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n):
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a stream per (seed, epoch); 1,000,003 is prime
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # per (seed, epoch); 1,000,003 is prime
     return torch.randperm(n, generator=generator).tolist()
 
 
@@ -197,8 +199,9 @@ def main(argv=None):
     ref_cache = None if args.no_ref_cache else pair_logprobs(ref, train_examples, sorted(visited), tok.pad, rt=rt)
     score = functools.partial(pair_logprobs, examples=held_examples, ids=range(len(held_examples)), pad_id=tok.pad,
                               rt=rt) if held_examples else None  # score(model): the held-out pairs' log-probs
-    evaluator = dpo_eval.Evaluator(ref, tok, pairs=held_pairs or train_pairs[:64], examples=held_examples, score=score,
-                                   world=world, beta=args.beta, seed=args.seed, rt=rt, out_dir=args.out_dir, flags=vars(args))
+    evaluator = dpo_eval.Evaluator(ref, tok, pairs=held_pairs or train_pairs[:64], examples=held_examples,
+                                   score=score, world=world, beta=args.beta, seed=args.seed, rt=rt,
+                                   out_dir=args.out_dir, flags=vars(args))
     rt.log(f"reference log-probs cached in {time.time() - cache_start:.1f}s")
     state = evaluator.begin(state)  # before: the reference IS the starting model
 
@@ -225,7 +228,7 @@ def main(argv=None):
             with nanosft.autocast(rt.device, rt.dtype):
                 ref_chosen, ref_rejected = reference_logprobs(ref, ref_cache, batch)
                 loss_sum, reward_chosen, reward_rejected = pair_loss(
-                    ddp_model, X, Y, ref_chosen, ref_rejected, beta=args.beta, loss=args.loss,
+                    ddp_model, X, Y, ref_chosen=ref_chosen, ref_rejected=ref_rejected, beta=args.beta, loss=args.loss,
                     label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, segments=segments)
                 evaluator.rewards.add(it, reward_chosen, reward_rejected)  # logged at the next evaluation
             steps.scaler.scale(loss_sum * (rt.world / n_pairs)).backward()  # x world: DDP averages

@@ -291,14 +291,14 @@ def main(argv=None):
         if rt.master:
             plain_model = peft.plain_model(model) if peft else model  # adapters merged
             if evaluator:
-                rewind.add_step(path, evaluator, model, plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir)
-            save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok, optimizer, it=it, flags=vars(args),
-                      state={"path": path})
+                rewind.add_step(path, evaluator, model, plain_model, tok=tok, it=it, flags=vars(args), out_dir=args.out_dir)
+            save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok=tok, optimizer=optimizer, it=it,
+                      flags=vars(args), state={"path": path})
         nanosft.barrier(rt)
     # ---- train: every answer token is a target; the loss is their mean over the whole step (sft_loss)
     model.train()
     ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter)  # lr schedule, log, clock
+    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
     for it in steps:
         micro_batches, supervised = step_batches(examples, it, batch_size=args.batch_size, seed=args.seed,
                                                  grad_accum=args.grad_accum, pad=tok.pad, rt=rt, replay=replay_windows)
@@ -324,7 +324,7 @@ def main(argv=None):
         out = summary(model, trainable, steps, rt, data=report.state(), flags=vars(args),
                       frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model))
         sft_file, plain_model = os.path.join(args.out_dir, "sft.pt"), peft.plain_model(model) if peft else model
-        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=steps.it, flags=vars(args))  # the final weights
+        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=steps.it, flags=vars(args))  # final weights
         if evaluator:
             checkpoint = rewind.rewind_and_report(evaluator, start_checkpoint, model, tok, out=out, path=path,
                                                   flags=vars(args), **{k: getattr(args, k) for k in REWIND_FLAGS},

@@ -94,9 +94,10 @@ def main(argv=None):
         model, tok = nanosft.model_from_checkpoint(nanosft.load_checkpoint(nanosft.last_path(args.out_dir, "pretrain")))
     else:
         torch.manual_seed(args.seed)
-        arch = nanosft.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-        model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size, is_world=args.world is not None,
-                               cfg=arch, log=rt.log)
+        arch = nanosft.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                                 n_embd=args.n_embd)
+        model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size,
+                               is_world=args.world is not None, cfg=arch, log=rt.log)
     cfg = model.config
     data = formats.encode_corpus(tok, text)
     train_data, val_data = formats.split_corpus(data, cfg.block_size)
@@ -106,8 +107,8 @@ def main(argv=None):
            f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
     model.to(rt.device)
     optimizer = nanosft.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
-    start_iter, history = nanosft.resume(args.out_dir, "pretrain", model, tok, optimizer) if args.resume else \
-        (0, {"step": [], "val_loss": [], "probe": []})
+    start_iter, history = (nanosft.resume(args.out_dir, "pretrain", model, tok=tok, optimizer=optimizer)
+                           if args.resume else (0, {"step": [], "val_loss": [], "probe": []}))
     ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
     world = world_eval.load_world(args.world) if args.world else None
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
@@ -126,7 +127,7 @@ def main(argv=None):
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter)  # lr schedule, log, clock
+    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
     for it in steps:
         micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,
@@ -168,7 +169,8 @@ def report(out_dir, history, model, rt, total_seconds, steps, world):
     if world:
         series["knowledge probe accuracy"] = (history["step"], history["probe"])
     from extras import charts  # the plot out/pretrain_loss.png
-    charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value", series=series)
+    charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value",
+                series=series)
     rt.log(f"done: val loss {result['val_loss']:.4f}"
            + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
            + f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s -> {os.path.join(out_dir, 'pretrain.pt')}")

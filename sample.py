@@ -51,7 +51,8 @@ def main(argv=None):
     model.to(nanosft.pick_device(args.device))
     g = torch.Generator().manual_seed(args.seed)
     if args.chat:
-        chat = Chat(model, tok, g, args.max_new_tokens, args.temperature, args.top_k)
+        chat = Chat(model, tok, generator=g, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k)
         return repl(chat, f"{args.ckpt} ({ck['kind']})")
     chat = ck["kind"] in ("sft", "dpo")
     if chat:
@@ -61,7 +62,8 @@ def main(argv=None):
         ids = [tok.endoftext] + tok.encode(args.prompt)
         stop = {tok.endoftext}
     for i in range(args.num_samples):
-        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stop, g)
+        out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, stop=stop, generator=g)
         text = tok.decode(out)
         print(text.strip() if chat else args.prompt + text)
         if i + 1 < args.num_samples:
@@ -95,7 +97,8 @@ def one_thread_if_small(model, device):
 def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, stop=(), generator=None):
     """Decode one sequence with a KV cache (see `stream`). temperature 0 = greedy. Returns
     the new token ids (the stop token not included)."""
-    return list(stream(model, ids, max_new_tokens, temperature, top_k, stop, generator))
+    return list(stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, stop=stop,
+                       generator=generator))
 
 
 @torch.no_grad()

@@ -296,7 +296,7 @@ def test_sigkill_during_save_leaves_old_or_new_complete_file(tmp_path):
     nanosft.save_checkpoint(path, {"version": 0, "w": torch.zeros(4_000_000)})
     rng, versions = random.Random(7), [0]
     mid_write = lambda: any(".ck.pt.tmp" in n for n in os.listdir(tmp_path))
-    for kill in range(8):  # at least 3 kills, and on until one has landed in the middle of a write
+    for kill in range(20):  # at least 3 kills, and on until one has landed in the middle of a write
         if kill >= 3 and mid_write():
             break
         child = subprocess.Popen([sys.executable, "-c", SAVER, path, ROOT, str(versions[-1])],
