@@ -36,9 +36,9 @@ def sft_rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None)
     ok = [p for p in points if p["dev"] >= best - tolerance]
     if loss_tolerance is not None and all(p.get("dev_loss") is not None for p in points):
         least = min(p["dev_loss"] for p in points)
-        ok = [p for p in ok if p["dev_loss"] <= least + loss_tolerance]
-        if not ok:  # no point is best at both: keep the final one
-            return final if final is not None else min(points, key=lambda p: p["dev_loss"])
+        # when no point is near the best at both, the task decides: an overshot final step
+        # can have the lowest answer loss and have lost accuracy (docs/forgetting.md)
+        ok = [p for p in ok if p["dev_loss"] <= least + loss_tolerance] or ok
     pick = min(ok, key=lambda p: (p["retention"] if p["retention"] is not None else 0,
                                   p.get("step", p.get("alpha"))))
     if final is not None and None not in (pick["retention"], final["retention"]) \

@@ -68,3 +68,17 @@ def test_the_line_is_evaluated_only_when_rewinding_along_it_or_asked():
     assert finetune.parse_args(["--rewind", "interpolate"]).alphas == finetune.ALPHAS
     assert finetune.parse_args(["--alphas", "0.5"]).alphas == (0.0, 0.5, 1.0)
     assert finetune.parse_args(["--rewind", "interpolate", "--init", "scratch"]).alphas == ()
+
+
+def test_when_accuracy_and_answer_loss_disagree_the_task_decides():
+    """An overshot run whose final point has the lowest answer loss but lost dev accuracy:
+    no point is near the best at both, so the rule falls back on accuracy and rewinds (the
+    line of a bf16 overshoot run, rounded). Keeping the final one there would rewind nothing."""
+    line = [{"alpha": a, "dev": d, "dev_loss": l, "retention": r} for a, d, l, r in (
+        (0.6, 0.900, 0.73, 1.16), (0.7, 0.996, 0.48, 1.35), (0.8, 0.992, 0.35, 1.62),
+        (0.9, 0.972, 0.28, 2.02), (1.0, 0.960, 0.27, 2.50))]
+    pick = rewind.sft_rewind(line, tolerance=0.01, final=line[-1], min_gain=0.05, loss_tolerance=0.02)
+    assert pick["alpha"] == 0.7
+    # where a point is near the best at both, the answer loss still narrows the choice
+    line[2]["dev_loss"] = 0.28
+    assert rewind.sft_rewind(line, tolerance=0.01, final=line[-1], min_gain=0.05, loss_tolerance=0.02)["alpha"] == 0.8
