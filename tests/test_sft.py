@@ -221,8 +221,8 @@ def test_rewind_rule():
     assert rewind.sft_rewind(path, 0.01, path[-1], 0.05)["step"] == 100              # accuracy alone
     assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.02)["step"] == 150
     assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.01)["step"] == 200
-    path[-1]["dev"] = 0.95  # the lowest loss is not among the accurate points: the final one stays
-    assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.0)["step"] == 300
+    path[-1]["dev"] = 0.95  # the lowest loss is not among the accurate points: accuracy decides
+    assert rewind.sft_rewind(path, 0.01, path[-1], 0.05, loss_tolerance=0.0)["step"] == 100
 
 
 def test_step_order_is_pure_and_buckets_lengths():
