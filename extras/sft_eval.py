@@ -58,11 +58,8 @@ class SFTEvaluator:
                   "heldout_cross": cross, "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.rt),
                   "degenerate": test["degenerate_rate"],
                   "retention": nanosft.mean_loss(model, self.retention, self.rt) if self.retention else None,
-                  "probe": self.probe(model) if full else None}
-        if full:
-            result["train"] = qa(self.train)["accuracy"]
-            result["tasks"] = world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None
-        return result
+                  "probe": None}
+        return self.complete(result, model) if full else result
 
     def complete(self, point, model):
         """A point measured already (evaluator(model) at the same weights), completed with what
