@@ -63,13 +63,13 @@ def probe_people(facts, n=PROBE_PEOPLE):
     return heldout | set(train[:max(0, n - len(heldout))])
 
 
-def knowledge_probe(model, tok, world, people=None):
+def knowledge_probe(model, tok, world, people=None, attributes=None):
     """Complete '<name> was born in' (one prompt per person and attribute) greedily and
     grade the next few words with the world's verifier. Measures what pre-training stored.
-    people: whom to ask about (default: probe_people)."""
+    people, attributes: whom and what to ask about (default: probe_people, every attribute)."""
     W, facts = world
     people = probe_people(facts) if people is None else people
-    rows = [(p["name"], a) for p in facts["people"] if p["name"] in people for a in facts["attributes"]]
+    rows = [(p["name"], a) for p in facts["people"] if p["name"] in people for a in attributes or facts["attributes"]]
     prompts = [[tok.endoftext] + tok.encode(W.PROBE[a].format(n=n)) for n, a in rows]
     outs = nanosft.generate_batch(model, prompts, 4, stop={tok.endoftext})
     hits = [W.grade(facts, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]

@@ -75,30 +75,66 @@ def test_bad_world_flags_are_one_clear_error(tmp_path):
 
 
 def test_a_larger_world_keeps_its_shape():
-    """--people beyond the distinct first names: distinct full names, the held-out people in
-    no SFT record, and the evaluation files of the same shape."""
-    files = W.build_files(1337, n_people=260, n_heldout=40)
+    """The scale experiment's world (--people beyond the distinct first names, a quarter held
+    out): distinct full names, no held-out person in any SFT or DPO record, and the evaluation
+    files of the same shape."""
+    from extras import experiments
+    people = experiments.SCALE_PEOPLE
+    files = W.build_files(1337, n_people=people, n_heldout=people // 4)
     facts = json.loads(files["world.json"])
     names = [p["name"] for p in facts["people"]]
-    assert len(set(names)) == len(names) == 260 and len(facts["heldout"]) == 40
-    sft = files["world_sft.jsonl"]
-    assert not [n for n in facts["heldout"] if re.search(rf"\b{n}\b", sft)]
+    assert len(set(names)) == len(names) == people and len(facts["heldout"]) == people // 4
+    heldout = set(facts["heldout"])
+    mentions = lambda text: {n for n in names if n in text}  # every full name a record's text contains
+    sft = [json.loads(line) for line in files["world_sft.jsonl"].splitlines()]
+    community = [json.loads(line) for line in files["world_community.jsonl"].splitlines()]
+    assert not [r for r in sft if mentions(r["prompt"] + r["response"]) & heldout]
+    assert not [t for t in community if (mentions(json.dumps(t)) | {t["person"]}) & heldout]
+    assert {t["person"] for t in community} == set(names) - heldout   # every training person, only them
     evals = [json.loads(line) for line in files["world_eval.jsonl"].splitlines()]
-    assert sum(r["split"] == "heldout" for r in evals) == 40 * 10
-    assert len(world_eval.probe_people(facts)) == world_eval.PROBE_PEOPLE and set(facts["heldout"]) <= world_eval.probe_people(facts)
+    assert {r["person"] for r in evals if r["split"] == "heldout"} == heldout
+    assert sum(r["split"] == "heldout" for r in evals) == len(heldout) * 10
+    assert len(world_eval.probe_people(facts)) == len(heldout) and set(facts["heldout"]) <= world_eval.probe_people(facts)
 
 
-def test_scale_table_and_figure_report_the_gain_over_scratch_per_domain(tmp_path):
+def test_stored_bits_on_a_hand_made_case():
+    """Two attributes: 4 values (2 bits each), 2 values (1 bit each), 10 people. Accuracy 1 on
+    the first is 10 x 2 bits; accuracy 0.75 on the second is half known (0.75 = k + (1 - k)/2),
+    5 x 1 bit; at or below chance nothing is stored."""
     from extras import experiments
+    values = {"a": ["w", "x", "y", "z"], "b": ["p", "q"]}
+    assert experiments.stored_bits({"a": 1.0, "b": 0.75}, values, 10) == pytest.approx(25.0)
+    assert experiments.stored_bits({"a": 0.25, "b": 0.4}, values, 10) == 0.0
+    assert experiments.stored_bits({"a": 0.625}, values, 8) == pytest.approx(8 * 0.5 * 2)
+
+
+def result(params, probes, pre, scratch, cross=0.0):
+    """A size's results as exp_scale gathers them: one pretrain.json and two sft.json per seed."""
     sj = lambda i, c: {"heldout_accuracy_in_domain": i, "heldout_accuracy_cross_domain": c}
-    res = {"small": {"pretrain": {"params": 1000, "seconds": 10.0, "knowledge_probe_accuracy": 0.5},
-                     "pre": [sj(0.9, 0.3), sj(0.8, 0.1)], "scratch": [sj(0.1, 0.0), sj(0.2, 0.1)]},
-           "big": {"pretrain": {"params": 9000, "seconds": 90.0, "knowledge_probe_accuracy": 0.9},
-                   "pre": [sj(1.0, 0.6), sj(1.0, 0.8)], "scratch": [sj(0.0, 0.0), sj(0.0, 0.0)]}}
-    assert [g[2] for g in experiments.scale_gains(res["small"], "heldout_accuracy_cross_domain")] == [0.3, 0.0]
-    md = experiments.scale_table(res, {"small": ["--n-layer", "1"], "big": ["--n-layer", "6"]}, [1337, 2], "data")
+    return {"pretrain": [{"params": params, "seconds": 10.0, "knowledge_probe_accuracy": p, "bits": 1000 * p}
+                         for p in probes],
+            "pre": [sj(a, cross) for a in pre], "scratch": [sj(a, 0.0) for a in scratch]}
+
+
+def test_scale_table_claims_and_figure_arithmetic(tmp_path):
+    from extras import experiments
+    res = {"small": result(1000, [0.1, 0.3], pre=[0.2, 0.3], scratch=[0.1, 0.0]),
+           "mid": result(4000, [0.5, 0.5], pre=[0.5, 0.4], scratch=[0.0, 0.1], cross=0.1),
+           "big": result(9000, [0.9, 0.7], pre=[1.0, 0.8], scratch=[0.0, 0.1], cross=0.2)}
+    assert [round(g[2], 3) for g in experiments.scale_gains(res["mid"], "heldout_accuracy_in_domain")] == [0.5, 0.3]
+    md = experiments.scale_table(res, {n: ["--n-layer", "1"] for n in res}, [1, 2], 1000, ["--max-iters", "9"])
     big = next(line for line in md.splitlines() if line.startswith("| big"))
-    assert "1.000 [1.000–1.000]" in big and "0.700 [0.600–0.800]" in big   # in-domain gain, cross-domain gain
+    assert "| 0.800 [0.700–0.900] | 800 | 0.0889 |" in big        # probe; bits = mean 800; 800 / 9000 params
+    assert "0.850 [0.700–1.000] | 0.200 [0.200–0.200]" in big      # in-domain gain; cross-domain gain
+    claims = {c["claim"].split(":")[0].split(" (")[0]: c for c in experiments.scale_claims(res, chance=0.05)}
+    rise = claims["gain rises size to size"]     # gains per seed: small 0.1, 0.3; mid 0.5, 0.3; big 1.0, 0.7
+    assert rise["values"] == pytest.approx([0.4, 0.0]) and not rise["pass"]
+    top = claims["largest gain minus second-largest's"]
+    assert top["values"] == pytest.approx([0.5, 0.4]) and top["pass"]
+    scratch = claims["scratch minus chance, worst size"]
+    assert scratch["values"] == pytest.approx([0.05, 0.05]) and scratch["pass"]
+    res["small"]["scratch"][1]["heldout_accuracy_in_domain"] = 0.11   # 6 points over chance
+    assert not {c["claim"]: c for c in experiments.scale_claims(res, 0.05)}[scratch["claim"]]["pass"]
     png = str(tmp_path / "scale.png")
     experiments.plot_scale(png, res)
     assert open(png, "rb").read(4) == b"\x89PNG"
