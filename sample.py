@@ -234,7 +234,7 @@ class Chat:
 
     def __init__(self, model, tok, generator, max_new_tokens, temperature, top_k):
         self.model, self.tok, self.generator = model, tok, generator
-        self.sampling = (max_new_tokens, temperature, top_k)
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
         self.block_size = model.config.block_size
         # room kept free for the answer: all of --max-new-tokens, but never more than half
         # the context (a long answer must not push out the whole conversation)
@@ -265,7 +265,7 @@ class Chat:
     def stream(self, ids):
         """Print the answer to the prompt `ids` token by token; return its text."""
         tok = self.tok
-        tokens = stream(self.model, ids, *self.sampling, {tok.end, tok.endoftext}, self.generator)
+        tokens = stream(self.model, ids, **self.sampling, stop={tok.end, tok.endoftext}, generator=self.generator)
         decoder, drawn, stopped = StreamDecoder(tok), [], False
         started = False  # has any of the answer's text been printed yet?
 

@@ -448,7 +448,7 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None):
         split = r.get("split")
         if split not in (None, "train", "heldout"):
             raise nanosft.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
-        prompt, pr = record_pairs(fmt, r, where, min_margin, top_only)
+        prompt, pr = record_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
         if any(m["role"] == "tool" for m in prompt):
             report.total += len(pr)
             for _ in pr:
@@ -510,7 +510,8 @@ def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, 
         fmt, train = read_pairs(path, min_margin, top_only, report)
         held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)))[1]
     else:
-        fmt, train, held = load_preferences(path, min_margin, seed, top_only, report)
+        fmt, train, held = load_preferences(path, min_margin=min_margin, seed=seed, top_only=top_only,
+                                               report=report)
     train = pair_examples(tok, train, block_size, report)
     held = pair_examples(tok, held, block_size, DataReport(heldout_path, strict, unit="pairs")
                          if heldout_path else report)

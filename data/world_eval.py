@@ -122,7 +122,8 @@ def qa_eval(model, tok, world, rows, longest=None):
     n = max(1, len(rows))
     degen = [W.degenerate(a, e, longest.get(r["prompt"])) for r, a, e in zip(rows, answers, ended)]
     return {"accuracy": sum(W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)) / n,
-            "clean_style_rate": sum(W.clean_style(facts, r["person"], r["attribute"], a, e, longest.get(r["prompt"]))
+            "clean_style_rate": sum(W.clean_style(facts, r["person"], r["attribute"], a, ended=e,
+                                                  longest=longest.get(r["prompt"]))
                                     for r, a, e in zip(rows, answers, ended)) / n,
             "style_rate": sum(W.is_polite(facts, a) for a in answers) / n,
             "degenerate_rate": sum(bool(d) for d in degen) / n,

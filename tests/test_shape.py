@@ -94,3 +94,18 @@ def test_every_module_imports_and_none_imports_one_that_imports_it_back():
                 changed = True
     cycles = sorted(m for m in modules if m in reach[m])
     assert not cycles, f"import cycles through {cycles}"
+
+
+READ = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "sample.py", "data/formats.py", "data/world_eval.py",
+        "data/world.py"]
+
+
+@pytest.mark.parametrize("path", READ)
+def test_calls_of_more_than_four_arguments_name_them(path):
+    """A call with more than four arguments passes them by keyword beyond the fourth, so a
+    reader never counts positions (min and max, whose arguments are all alike, aside)."""
+    with open(os.path.join(ROOT, path)) as f:
+        tree = ast.parse(f.read())
+    long = [f"line {n.lineno}: {ast.unparse(n)[:60]}" for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and len(n.args) > 4 and not (isinstance(n.func, ast.Name) and n.func.id in ("min", "max"))]
+    assert not long, long
