@@ -510,8 +510,7 @@ def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, 
         fmt, train = read_pairs(path, min_margin, top_only, report)
         held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)))[1]
     else:
-        fmt, train, held = load_preferences(path, min_margin=min_margin, seed=seed, top_only=top_only,
-                                               report=report)
+        fmt, train, held = load_preferences(path, min_margin=min_margin, seed=seed, top_only=top_only, report=report)
     train = pair_examples(tok, train, block_size, report)
     held = pair_examples(tok, held, block_size, DataReport(heldout_path, strict, unit="pairs")
                          if heldout_path else report)
