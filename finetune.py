@@ -21,7 +21,7 @@ import nanosft
 import torch
 from data import formats, world_eval
 
-DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=50, warmup=20, log_interval=25)
+DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=75, warmup=20, log_interval=25)
 LR = {"full": 2e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}  # --lr per method: why, docs/forgetting.md, docs/peft.md
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas (extras/rewind.py)
 # the flags main hands on by name: to extras/peft.py sft_setup, to extras/rewind.py, to sft.json

@@ -54,9 +54,9 @@ def prompts(monkeypatch):
     seen = []
     real = sample.stream
 
-    def spy(model, ids, *a):
+    def spy(model, ids, *a, **k):
         seen.append(list(ids))
-        return real(model, ids, *a)
+        return real(model, ids, *a, **k)
     monkeypatch.setattr(sample, "stream", spy)
     return seen
 
@@ -97,8 +97,8 @@ def test_answer_is_printed_while_it_is_generated(tok, monkeypatch):
     on_screen = []
     real = sample.stream
 
-    def spy(*a):
-        for t in real(*a):
+    def spy(*a, **k):
+        for t in real(*a, **k):
             on_screen.append(out.getvalue())
             yield t
     monkeypatch.setattr(sample, "stream", spy)
@@ -171,12 +171,12 @@ def test_a_user_turn_longer_than_the_context_is_cut_from_the_left(tok, sft_ckpt,
 def test_ctrl_c_during_an_answer_stops_only_that_answer(tok, sft_ckpt, monkeypatch, capsys):
     real, seen = sample.stream, []
 
-    def interrupted(model, ids, *a):
+    def interrupted(model, ids, *a, **k):
         seen.append(list(ids))
         if len(seen) == 1:  # the first answer: Ctrl-C after two tokens
-            yield from list(real(model, ids, *a))[:2]
+            yield from list(real(model, ids, *a, **k))[:2]
             raise KeyboardInterrupt
-        yield from real(model, ids, *a)
+        yield from real(model, ids, *a, **k)
     monkeypatch.setattr(sample, "stream", interrupted)
     out, err = chat_main(monkeypatch, capsys, sft_ckpt, ["Hi", "Again?"], "--max-new-tokens", "5")
     assert out == f"{answer(2)}\n{answer(5)}\n"  # the program went on to the next turn
