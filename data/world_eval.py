@@ -163,10 +163,11 @@ def task_accuracy(model, tok, rows):
     return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
 
 
-def chance(world):
-    """Accuracy of guessing uniformly among an attribute's values, averaged over attributes."""
+def chance(world, attributes=None):
+    """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes` (all)."""
     W, facts = world
-    return sum(1 / len(W.VALUES[a]) for a in facts["attributes"]) / len(facts["attributes"])
+    attributes = attributes or facts["attributes"]
+    return sum(1 / len(facts["values"][a]) for a in attributes) / len(attributes)
 
 
 def top_voted(answers):

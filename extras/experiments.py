@@ -374,6 +374,7 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
     with open(os.path.join(world, "world.json")) as f:
         facts = json.load(f)
     from concurrent.futures import ThreadPoolExecutor
+    from data import world_eval
     t0, res, sizes = time.time(), {}, sizes or SCALE
 
     def pretrain(name, seed):  # one size and seed -> its pretrain.json, with the probe per attribute and the bits
@@ -398,7 +399,7 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
             for init in ("pre", "scratch"):
                 res[name][init].append(done[init])
     plot_scale(os.path.join(os.path.dirname(root), "scale.png"), res)
-    chance = sum(1 / len(facts["values"][a]) for a in SCALE_ATTRIBUTES) / len(SCALE_ATTRIBUTES)
+    chance = world_eval.chance(world_eval.load_world(world), SCALE_ATTRIBUTES)
     claims = scale_claims(res, chance)
     with open(os.path.join(root, "scale.json"), "w") as f:
         json.dump({"results": res, "claims": claims, "seeds": list(seeds), "people": people, "machine": machine(),
@@ -436,12 +437,11 @@ def scale_table(res, sizes, seeds, people, budget):
     gain, pre-training time: mean [min–max] over seeds."""
     rows = []
     for name, r in res.items():
-        params = r["pretrain"][0]["params"]
+        params, bits = r["pretrain"][0]["params"], sum(p["bits"] for p in r["pretrain"]) / len(seeds)
         cells = [name, fmt(params), f"`{' '.join(sizes[name])}`",
                  f"{scale_lr(6e-3, sizes[name])}, {scale_lr(2e-3, sizes[name])}",
                  spread([p["knowledge_probe_accuracy"] for p in r["pretrain"]]),
-                 f"{sum(p['bits'] for p in r['pretrain']) / len(seeds):,.0f}",
-                 f"{sum(p['bits'] for p in r['pretrain']) / len(seeds) / params:.4f}"]
+                 f"{bits:,.0f}", f"{bits / params:.4f}"]
         g = scale_gains(r, IN_DOMAIN)
         cells += [spread([x[1] for x in g]), spread([x[0] for x in g]), spread([x[2] for x in g]),
                   spread([x[2] for x in scale_gains(r, CROSS_DOMAIN)]),
