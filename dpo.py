@@ -13,7 +13,6 @@ checkpoint, the reference is that checkpoint frozen, and the loss raises each ch
 log-probability relative to the reference and lowers the rejected one's. No reward model, no
 sampling. Formats: docs/own_data.md. Writes out/dpo.pt, dpo_last.pt (--resume), dpo.json, plots.
 """
-import functools
 import math
 import os
 import time
@@ -25,12 +24,8 @@ from data import formats, world_eval
 
 # Every default of this stage in one place. The loss is IPO, not the DPO paper's Eq. 7 (--loss sigmoid):
 # on the acceptance seeds Eq. 7 fell to 0.890 held-out preference accuracy (docs/dpo.md).
-DEFAULTS = dict(max_iters=300, batch_size=16, lr=6e-5, eval_interval=50, warmup=20,
-                log_interval=25, beta=0.1, loss="ipo", label_smoothing=0.0, rpo_alpha=0.1,
-                min_margin=10.0, pairs="top")
-EVAL_PAIRS = 2048            # held-out pairs scored at each evaluation (more: an evenly spaced subset)
-HELDOUT_RULE = (10.0, True)  # the world's held-out pairs, whatever --min-margin and --pairs train on:
-                             # each thread's top answer against those it beat by >= 10 net votes
+DEFAULTS = dict(max_iters=300, batch_size=16, lr=6e-5, eval_interval=50, warmup=20, log_interval=25, beta=0.1,
+                loss="ipo", label_smoothing=0.0, rpo_alpha=0.1, min_margin=10.0, pairs="top")
 
 
 # ---------------------------------------------------------------- the loss: pure functions of summed log-probs
@@ -72,18 +67,15 @@ def pair_loss(model, X, Y, ref_chosen, ref_rejected, beta, loss="sigmoid", label
     losses, reward_chosen, reward_rejected = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss,
         label_smoothing=label_smoothing)
-    if rpo_alpha:
-        # per-token NLL of each chosen answer: its own mean, so long and short answers
-        # weigh the same and the term stays on the scale of an SFT loss
-        supervised = (Y != -1).float()  # (R, T)
-        n_tokens = per_sequence(supervised, segments)  # (2B,)
-        n_chosen = n_tokens[:len(policy_chosen)].clamp(min=1)  # (B,) response tokens
+    if rpo_alpha:  # each chosen answer's NLL per token: long and short answers weigh the same, as in SFT
+        n_chosen = per_sequence((Y != -1).float(), segments)[:len(policy_chosen)].clamp(min=1)  # (B,) its tokens
         losses = losses + rpo_alpha * (-policy_chosen / n_chosen)
     return losses.sum(), reward_chosen, reward_rejected
 
 
 def parse_args(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
+    ap = runtime.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("DPO: the starting model, the pairs, the loss")
     lesson.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     lesson.add_argument("--data", default=world_eval.THREADS, help="preference file (formats above)")
@@ -91,40 +83,28 @@ def parse_args(argv=None):
     lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"],
                         help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC")
     lesson.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
-    nanosft.add_common_args(ap)
-    pairs = ap.add_argument_group("pair construction (votes and scores formats)")
-    pairs.add_argument("--min-margin", type=float, help="least difference of net votes or scores that makes a pair")
-    pairs.add_argument("--pairs", choices=["top", "all"], help="the top answer against each other one, or every "
-                       "two answers (the world's held-out pairs stay the same: HELDOUT_RULE)")
-    extra = ap.add_argument_group("NLL term, reference cache, strictness")
+    runtime.add_common_args(ap)
+    extra = ap.add_argument_group("pair construction (votes and scores formats), NLL term, reference cache")
+    extra.add_argument("--min-margin", type=float, help="least difference of net votes or scores that makes a pair")
+    extra.add_argument("--pairs", choices=["top", "all"], help="the top answer against each other one, or every "
+                       "two answers (the world's held-out pairs stay the same: dpo_eval.HELDOUT_RULE)")
     extra.add_argument("--rpo-alpha", type=float, help="add alpha x the chosen answers' per-token NLL (0 = off)")
     extra.add_argument("--no-ref-cache", action="store_true", help="a reference forward every step, no cache")
     extra.add_argument("--strict", action="store_true", help="a pair that would be skipped or truncated "
                        "(a tie, a duplicate, too long) is an error instead")
     ap.set_defaults(**DEFAULTS)
-    args = ap.parse_args(argv)
-    if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss != "sigmoid"):
-        raise nanosft.UserError(f"--label-smoothing (the sigmoid loss only) must be in [0, 0.5), got "
-                                f"{args.label_smoothing} with --loss {args.loss}")
-    for name in ("rpo_alpha", "min_margin"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise nanosft.UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-    return args
+    return ap.parse_args(argv)  # (runtime.ArgumentParser checks each value's range: --label-smoothing in [0, 0.5))
 
 
 # ---------------------------------------------------------------- the batches and the frozen reference
-@functools.lru_cache(maxsize=4)
-def epoch_order(seed, epoch, n):
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # per (seed, epoch); 1,000,003 is prime
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def step_pair_ids(seed, it, batch_size, n, rt=None):
+def step_pair_ids(seed, it, batch_size, n, process=None):
     """The pair indices of step `it`: slices of seeded per-epoch permutations, a pure function
-    of (seed, it), so a resumed run continues exactly. With rt: this process's share."""
-    ids = [epoch_order(seed, k // n, n)[k % n] for k in range(it * batch_size, (it + 1) * batch_size)]
-    return ids if rt is None else ids[rt.rank::rt.world]
+    of (seed, it), so a resumed run continues exactly. With process: this process's share."""
+    first, last = it * batch_size, (it + 1) * batch_size
+    orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+              for epoch in range(first // n, (last - 1) // n + 1)}  # a stream per (seed, epoch); 1,000,003 is prime
+    ids = [orders[k // n][k % n] for k in range(first, last)]
+    return ids if process is None else ids[process.rank::process.world]
 
 
 def micro_batches(examples, ids, pad_id, packed, grad_accum, device):
@@ -136,33 +116,23 @@ def micro_batches(examples, ids, pad_id, packed, grad_accum, device):
     return batches
 
 
-def freeze(model):
-    """The reference: no gradients (it is never trained, never in the optimizer), eval mode."""
-    model.requires_grad_(False)
-    return model.eval()
-
-
 @torch.no_grad()
-def pair_logprobs(model, examples, ids, pad_id, rt, pairs_per_forward=64):
+def pair_logprobs(model, examples, ids, pad_id, process, pairs_per_forward=64):
     """log pi(chosen), log pi(rejected) of the pairs `ids` -> two (N,) tensors, NaN off `ids`,
     in length order. The reference's, once before training: a step costs one policy forward."""
     order = sorted(ids, key=lambda i: max(len(examples[i][0]), len(examples[i][2])))
-    chosen = torch.full((len(examples),), math.nan)
-    rejected = torch.full((len(examples),), math.nan)
+    logps = torch.full((2, len(examples)), math.nan)  # chosen, rejected
     for first in range(0, len(order), pairs_per_forward):
         rows = order[first:first + pairs_per_forward]
         [(X, Y, segments, _)] = micro_batches(examples, rows, pad_id, packed=not model.config.n_prefix, grad_accum=1,
-                                              device=rt.device)
-        with nanosft.autocast(rt.device, rt.dtype):
-            chosen_logps, rejected_logps = concatenated_logprobs(model, X, Y, segments)
-        chosen[rows] = chosen_logps.float().cpu()
-        rejected[rows] = rejected_logps.float().cpu()
-    return chosen, rejected
+                                              device=process.device)
+        with nanosft.autocast(process.device, process.dtype):
+            logps[:, rows] = torch.stack(concatenated_logprobs(model, X, Y, segments)).float().cpu()
+    return logps[0], logps[1]
 
 
 def reference_logprobs(ref, cache, batch):
-    """log pi_ref(chosen), log pi_ref(rejected) of a micro-batch: from `cache` (pair_logprobs),
-    or a reference forward (--no-ref-cache)."""
+    """log pi_ref(chosen), log pi_ref(rejected) of a micro-batch: `cache`'s, or a forward (--no-ref-cache)."""
     X, Y, segments, ids = batch
     if cache is None:
         with torch.no_grad():
@@ -172,66 +142,65 @@ def reference_logprobs(ref, cache, batch):
 
 # ---------------------------------------------------------------- the run
 def main(argv=None):
+    from extras import dpo_eval, own_data, runtime  # the world's measures and report; --data's formats; flags, device
     args = parse_args(argv)
-    rt, t_start = nanosft.setup_runtime(args.device, args.dtype), time.time()
-    from extras import dpo_eval  # the world's behaviour measures and rewinding, the report
+    process, t_start = runtime.setup_runtime(args.device, args.dtype), time.time()
     # ---- the reference (the starting checkpoint, frozen), the policy (a copy of it), the pairs
     from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
     start_ckpt = nanosft.load_checkpoint(args.ckpt, expect_kind=("sft", "dpo", "pretrain"))
     if start_ckpt["kind"] == "pretrain":
-        rt.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model that chats")
-    ref = freeze(nanosft.model_from_checkpoint(start_ckpt, args.ckpt)[0]).to(rt.device)
+        process.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model that chats")
+    ref = nanosft.model_from_checkpoint(start_ckpt, args.ckpt)[0].requires_grad_(False).eval().to(process.device)
     model, tok = nanosft.model_from_checkpoint(start_ckpt, args.ckpt)  # an independent copy: the policy
     world = world_eval.is_default(args.data, world_eval.THREADS)  # the world's votes: measured, rewound
     (train_pairs, train_examples), (held_pairs, held_examples), counts = formats.load_pairs(
         args.data, heldout_path=world_eval.EVAL_THREADS if world else None, tok=tok, block_size=model.config.block_size,
-        min_margin=args.min_margin, top_only=args.pairs == "top", seed=args.seed, strict=args.strict, log=rt.log,
-        max_scored=EVAL_PAIRS, heldout_rule=HELDOUT_RULE if world else None)
-    rt.log(f"{args.data}: {counts['format']} format, {len(train_examples):,} train / {counts['pairs_heldout']:,} "
-           f"held-out pairs ({len(held_examples)} scored) | {model.num_params():,} parameters | {rt.device} {rt.dtype}")
-    model.to(rt.device).train()
-    optimizer = nanosft.configure_optimizer(model, args.lr, device_type=rt.device.type)
-    start_iter, state = nanosft.resume(args.out_dir, "dpo", model, tok, optimizer=optimizer) if args.resume else (0, {})
+        min_margin=args.min_margin, top_only=args.pairs == "top", seed=args.seed, strict=args.strict, log=process.log,
+        max_scored=dpo_eval.EVAL_PAIRS, heldout_rule=dpo_eval.HELDOUT_RULE if world else None,
+        reader=None if world else own_data.READER)  # the world's votes, or your file in any format
+    process.log(f"{args.data}: {counts['format']} format, {len(train_examples):,} train / {counts['pairs_heldout']:,} "
+           f"held-out pairs ({len(held_examples)} scored) | {model.num_params():,} parameters | {process.device} {process.dtype}")
+    model.to(process.device).train()
+    optimizer = nanosft.configure_optimizer(model, args.lr, device_type=process.device.type)
+    start_iter, state = runtime.resume(args.out_dir, "dpo", model, tok, optimizer=optimizer) if args.resume else (0, {})
     # ---- the reference's log-probs, once: for the pairs this process's steps visit, and the held-out pairs
-    cache_start = time.time()
     visited = {i for it in range(start_iter, args.max_iters)
-               for i in step_pair_ids(args.seed, it, args.batch_size, len(train_examples), rt=rt)}
-    ref_cache = None if args.no_ref_cache else pair_logprobs(ref, train_examples, sorted(visited), tok.pad, rt=rt)
-    score = functools.partial(pair_logprobs, examples=held_examples, ids=range(len(held_examples)), pad_id=tok.pad,
-                              rt=rt) if held_examples else None  # score(model): the held-out pairs' log-probs
+               for i in step_pair_ids(args.seed, it, args.batch_size, len(train_examples), process=process)}
+    ref_cache = None if args.no_ref_cache else pair_logprobs(ref, train_examples, sorted(visited), tok.pad, process=process)
+    score = (lambda policy: pair_logprobs(policy, examples=held_examples, ids=range(len(held_examples)),
+                                          pad_id=tok.pad, process=process)) if held_examples else None  # held-out log-probs
     evaluator = dpo_eval.Evaluator(ref, tok, pairs=held_pairs or train_pairs[:64], examples=held_examples,
-                                   score=score, world=world, beta=args.beta, seed=args.seed, rt=rt,
+                                   score=score, world=world, beta=args.beta, seed=args.seed, process=process,
                                    out_dir=args.out_dir, flags=vars(args))
-    rt.log(f"reference log-probs cached in {time.time() - cache_start:.1f}s")
     state = evaluator.begin(state)  # before: the reference IS the starting model
 
     def on_eval(it):  # every --eval-interval steps and at the end
-        evaluator.rewards.log(state["train"], it, rt)
-        if rt.master:
+        evaluator.rewards.log(state["train"], it, process)
+        if process.master:
             evaluator.evaluate(model, state, it)  # (on the world also keeps the step's checkpoint)
             nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "dpo"), nanosft.checkpoint_dict(
                 "dpo", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=state))
-        nanosft.barrier(rt)
+        runtime.barrier(process)
 
     # ---- train: the loss of a step is the mean over its pairs (every process and micro-batch)
-    ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
+    ddp_model = runtime.wrap_ddp(torch.compile(model) if args.compile else model, process)
+    steps = runtime.Steps(process, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
     n_pairs = args.batch_size  # in the step, over every process and micro-batch
     for it in steps:
-        batches = micro_batches(train_examples, step_pair_ids(args.seed, it, args.batch_size, len(train_examples), rt=rt),
-                                tok.pad, packed=not model.config.n_prefix, grad_accum=args.grad_accum, device=rt.device)
+        batches = micro_batches(train_examples, step_pair_ids(args.seed, it, args.batch_size, len(train_examples), process=process),
+                                tok.pad, packed=not model.config.n_prefix, grad_accum=args.grad_accum, device=process.device)
         step_loss = 0.0
         for i, batch in enumerate(batches):
-            if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
+            if process.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(batches) - 1
             X, Y, segments, _ = batch
-            with nanosft.autocast(rt.device, rt.dtype):
+            with nanosft.autocast(process.device, process.dtype):
                 ref_chosen, ref_rejected = reference_logprobs(ref, ref_cache, batch)
                 loss_sum, reward_chosen, reward_rejected = pair_loss(
                     ddp_model, X, Y, ref_chosen=ref_chosen, ref_rejected=ref_rejected, beta=args.beta, loss=args.loss,
                     label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, segments=segments)
                 evaluator.rewards.add(it, reward_chosen, reward_rejected)  # logged at the next evaluation
-            steps.scaler.scale(loss_sum * (rt.world / n_pairs)).backward()  # x world: DDP averages
+            steps.scaler.scale(loss_sum * (process.world / n_pairs)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
         step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
         steps.scaler.unscale_(optimizer)
@@ -242,7 +211,7 @@ def main(argv=None):
         if steps.log(step_loss / n_pairs, tokens=sum(X.numel() for X, *_ in batches)):
             on_eval(it + 1)
     on_eval(steps.it)
-    if not rt.master:
+    if not process.master:
         return
     # ---- the world: rewind to the latest good point of the dev half's path; then measure, save, report
     rewound_step = evaluator.rewind(model, state["path"], steps.it, start_ckpt) if world else steps.it
@@ -250,7 +219,7 @@ def main(argv=None):
                               counts=counts, flags=vars(args))
     nanosft.save_checkpoint(os.path.join(args.out_dir, "dpo.pt"), nanosft.checkpoint_dict(
         "dpo", model, tok, it=steps.it, flags=vars(args), metrics=dpo_eval.numbers(result)))
-    dpo_eval.report(rt, args.out_dir, result, evaluator=evaluator, model=model, token_logprobs=token_logprobs)
+    dpo_eval.report(process, args.out_dir, result, evaluator=evaluator, model=model, token_logprobs=token_logprobs)
 
 
 # ---------------------------------------------------------------- the pair tensors: collate, pack, one forward
@@ -304,9 +273,7 @@ def concatenated_logprobs(model, X, Y, S=None):
         from extras import packing  # packed rows (collate_pairs): each sequence sees only itself
         block = getattr(model, "module", model).config.block_size  # (DDP holds the model in .module)
         logits = packing.packed_logits(model, X, packing.packed_layout(S, block))  # (R, T, V)
-    logps = sequence_logprobs(logits, Y, Y != -1, S)  # (2B,)
-    B = logps.size(0) // 2
-    return logps[:B], logps[B:]
+    return sequence_logprobs(logits, Y, Y != -1, S).chunk(2)  # (2B,) -> the B chosen, the B rejected
 
 
 if __name__ == "__main__":

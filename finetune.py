@@ -82,19 +82,19 @@ def step_order(n_examples, batch_size, seed, it, lengths):
     return batches[order[k % len(batches)]]
 
 
-def step_batches(examples, it, batch_size, seed, grad_accum, pad, rt, replay=None):
+def step_batches(examples, it, batch_size, seed, grad_accum, pad, process, replay=None):
     """Step `it`'s examples (step_order) as this process's micro-batches on the device, and
     the supervised tokens of the whole step (every process, every micro-batch; at least 1).
     replay(it, supervised) -> (windows, their tokens): --replay's pre-training windows."""
     chosen = step_order(len(examples), batch_size, seed=seed, it=it, lengths=[len(x) for x, _ in examples])
     supervised = sum(int((examples[i][1] != -1).sum()) for i in chosen)  # the targets other than -1
-    mine = chosen[rt.rank::rt.world]
+    mine = chosen[process.rank::process.world]
     micro_batches = [nanosft.collate([examples[i] for i in part], pad)
                      for part in [mine[j::grad_accum] for j in range(grad_accum)] if part]
     if replay is not None:
         windows, n = replay(it, supervised)
         micro_batches, supervised = micro_batches + windows, supervised + n
-    return [(X.to(rt.device), Y.to(rt.device)) for X, Y in micro_batches], max(supervised, 1)
+    return [(X.to(process.device), Y.to(process.device)) for X, Y in micro_batches], max(supervised, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,7 +183,8 @@ def method(lora_rank, oft_block, prompt_tokens):
 
 
 def parse_args(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
+    ap = runtime.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("fine-tuning: the model, the data, what trains")
     lesson.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
     lesson.add_argument("--data", help="instruction file (formats: data/formats.py); default: the world's questions")
@@ -191,7 +192,7 @@ def parse_args(argv=None):
                         help="scratch: random weights (the no-pre-training baseline)")
     lesson.add_argument("--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)")
     lesson.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
-    nanosft.add_common_args(ap)
+    runtime.add_common_args(ap)
     data = ap.add_argument_group("data options (the world's questions)")
     data.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"])
     data.add_argument("--world", default=world_eval.HERE, help="the world directory (pretrain.py --world)")
@@ -221,8 +222,6 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
         raise nanosft.UserError("--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one")
-    if min(args.lora_rank, args.oft_block, args.prompt_tokens, args.prompt_mlp, args.replay) < 0:
-        raise nanosft.UserError("--lora-rank, --oft-block, --prompt-tokens, --prompt-mlp and --replay must be >= 0")
     if (args.prompt_mlp or args.prompt_init != "random") and not args.prompt_tokens:
         raise nanosft.UserError("--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens")
     if args.quantize_base != "none" and not (args.lora_rank or args.oft_block):
@@ -242,7 +241,7 @@ def parse_args(argv=None):
 
 def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
     """out/sft_last.pt, written at every evaluation: an ordinary final checkpoint, plus what
-    --resume needs (nanosft.resume): the optimizer, the stage's state (its path) and the weights
+    --resume needs (runtime.resume): the optimizer, the stage's state (its path) and the weights
     in their training form (adapters unmerged)."""
     checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, optimizer, it=it, flags=flags, state=state)
     checkpoint["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -254,11 +253,11 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
 
 
 def main(argv=None):
+    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
     args = parse_args(argv)
-    rt, t_start = nanosft.setup_runtime(args.device, args.dtype), time.time()
+    process, t_start = runtime.setup_runtime(args.device, args.dtype), time.time()
     # ---- load: checkpoint, model, data (all input validated before anything is written)
-    model, tok, start_checkpoint = build_model(args.ckpt, init=args.init, seed=args.seed,
-                                               train_embeddings=args.train_embeddings)
+    model, tok, start_checkpoint = build_model(args.ckpt, init=args.init, seed=args.seed, train_embeddings=args.train_embeddings)
     block_size, args.pretrain_data = model.config.block_size, pretrain_text(start_checkpoint)  # (for the next stage)
     records, report = world_eval.load_records(args.data, labels=args.labels, seed=args.seed, strict=args.strict,
                                               world_dir=args.world, attributes=args.sft_attributes)
@@ -275,40 +274,40 @@ def main(argv=None):
     if args.replay:
         from extras import replay  # --replay: pre-training windows in every step
         replay_windows = replay.sampler(pretrain_stream(tok, args.pretrain_data), file=args.pretrain_data,
-                                        block_size=block_size, ratio=args.replay, seed=args.seed, rt=rt)
+                                        block_size=block_size, ratio=args.replay, seed=args.seed, process=process)
     if not args.data:  # the world's questions: evaluate along the path, rewind at the end
         from extras import rewind, sft_eval  # the world's evaluation (sft_eval) and rewinding
-        evaluator = sft_eval.SFTEvaluator(rt, tok, pretrain_stream(tok, args.pretrain_data), block_size,
+        evaluator = sft_eval.SFTEvaluator(process, tok, pretrain_stream(tok, args.pretrain_data), block_size,
                                           world_dir=args.world, attributes=args.sft_attributes)
-    optimizer = nanosft.configure_optimizer(model.to(rt.device), args.lr, weight_decay=0.0, device_type=rt.device.type)
-    start_iter, state = nanosft.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer) if args.resume else (0, {})
+    optimizer = nanosft.configure_optimizer(model.to(process.device), args.lr, weight_decay=0.0, device_type=process.device.type)
+    start_iter, state = runtime.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer) if args.resume else (0, {})
     path = state.get("path") or (evaluator.start(model) if evaluator else [])  # the world's evaluations
     trainable = peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
-    rt.log("\n".join(report.lines() + [
+    process.log("\n".join(report.lines() + [
         f"{len(examples)} examples from {report.path} | {trainable:,} trainable of {model.num_params():,} parameters | "
-        f"{method(args.lora_rank, args.oft_block, args.prompt_tokens)}, lr {args.lr:g} | {rt.device} {rt.dtype}"]))
+        f"{method(args.lora_rank, args.oft_block, args.prompt_tokens)}, lr {args.lr:g} | {process.device} {process.dtype}"]))
     def on_eval(it):  # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
-        if rt.master:
+        if process.master:
             plain_model = peft.plain_model(model) if peft else model  # adapters merged
             if evaluator:
                 rewind.add_step(path, evaluator, model, plain_model, tok=tok, it=it, flags=vars(args), out_dir=args.out_dir)
             save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok=tok, optimizer=optimizer, it=it,
                       flags=vars(args), state={"path": path})
-        nanosft.barrier(rt)
+        runtime.barrier(process)
     # ---- train: every answer token is a target; the loss is their mean over the whole step (sft_loss)
     model.train()
-    ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
-    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
+    ddp_model = runtime.wrap_ddp(torch.compile(model) if args.compile else model, process)
+    steps = runtime.Steps(process, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
     for it in steps:
         micro_batches, supervised = step_batches(examples, it, batch_size=args.batch_size, seed=args.seed,
-                                                 grad_accum=args.grad_accum, pad=tok.pad, rt=rt, replay=replay_windows)
+                                                 grad_accum=args.grad_accum, pad=tok.pad, process=process, replay=replay_windows)
         step_loss = 0.0
         for i, (X, Y) in enumerate(micro_batches):
-            if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
+            if process.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
-            with nanosft.autocast(rt.device, rt.dtype):
+            with nanosft.autocast(process.device, process.dtype):
                 loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
-            steps.scaler.scale(loss_sum * (rt.world / supervised)).backward()  # x world: DDP averages
+            steps.scaler.scale(loss_sum * (process.world / supervised)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
         step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
         steps.scaler.unscale_(optimizer)
@@ -320,26 +319,26 @@ def main(argv=None):
             on_eval(it + 1)
     on_eval(steps.it)
     # ---- save and report (world data: out/sft.pt is the rewound checkpoint, extras/rewind.py)
-    if rt.master:
-        out = summary(model, trainable, steps, rt, data=report.state(), flags=vars(args),
+    if process.master:
+        out = summary(model, trainable, steps, process, data=report.state(), flags=vars(args),
                       frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model))
         sft_file, plain_model = os.path.join(args.out_dir, "sft.pt"), peft.plain_model(model) if peft else model
         checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=steps.it, flags=vars(args))  # final weights
         if evaluator:
             checkpoint = rewind.rewind_and_report(evaluator, start_checkpoint, model, tok, out=out, path=path,
                                                   flags=vars(args), **{k: getattr(args, k) for k in REWIND_FLAGS},
-                                                  log=rt.log, out_dir=args.out_dir)
+                                                  log=process.log, out_dir=args.out_dir)
         nanosft.save_checkpoint(sft_file, checkpoint)
         out["seconds"] = time.time() - t_start
         nanosft.write_json(os.path.join(args.out_dir, "sft.json"), out)
-        rt.log(f"done in {out['seconds']:.0f}s -> {sft_file}")
+        process.log(f"done in {out['seconds']:.0f}s -> {sft_file}")
 
 
-def summary(model, trainable, steps, rt, data, flags, frozen_bytes):
+def summary(model, trainable, steps, process, data, flags, frozen_bytes):
     """sft.json's fields of every run (the world's: extras/rewind.py rewind_and_report)."""
     return {"trainable_params": trainable, "total_params": model.num_params(), "steps": steps.it,
-            "train_seconds": steps.seconds(), "tokens_per_sec": steps.tokens_per_sec(), "device": str(rt.device),
-            "dtype": rt.dtype, "data": data, "labels": None if flags["data"] else flags["labels"],
+            "train_seconds": steps.seconds(), "tokens_per_sec": steps.tokens_per_sec(), "device": str(process.device),
+            "dtype": process.dtype, "data": data, "labels": None if flags["data"] else flags["labels"],
             "frozen_bytes": frozen_bytes, **{k: flags[k] for k in REPORTED_FLAGS}}
 
 

@@ -1,24 +1,20 @@
 """
-nanosft: what two or more stages of the pre-train -> SFT -> DPO pipeline share, nothing else
-(a stage's own code is in its script, file formats in data/formats.py, PEFT, packed rows,
-GPT-2 interop and CPU tuning in extras/). Top to bottom:
-  1. errors, flags  bad input is one line and exit code 2, never a traceback
-  2. device, dtype  chosen by what the hardware can do, never assumed
-  3. tokenizer      a byte-level BPE (trained here) served by tiktoken
-  4. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
-  5. optimizer      AdamW (decay on matrices only), warmup + cosine schedule
-  6. checkpoints    one .pt, written atomically, loaded with weights_only=True; <stage>_last.pt resumes
-  7. chat           rendering with the loss mask, padding
-  8. generation     batched greedy / sampled decoding with the KV cache
-  9. training       the bookkeeping of every stage's steps (Steps), processes, mean loss
+nanosft: what the stages of the pre-train -> SFT -> DPO pipeline share, nothing else. File
+formats are in data/formats.py; running a stage (flags, device, processes, the steps' clock),
+PEFT, packed rows, GPT-2 and CPU tuning in extras/. Top to bottom:
+  1. errors         bad input is one line and exit code 2, never a traceback
+  2. tokenizer      a byte-level BPE (trained here) served by tiktoken
+  3. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
+  4. optimizer      AdamW (decay on matrices only), warmup + cosine schedule
+  5. checkpoints    one .pt, written atomically, loaded with weights_only=True; <stage>_last.pt resumes
+  6. chat           rendering with the loss mask, padding
+  7. generation     batched greedy / sampled decoding with the KV cache; mixed precision, mean loss
 """
-import argparse
 import json
 import math
 import os
 import sys
-import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, asdict, fields
 
 import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
@@ -27,10 +23,8 @@ import torch
 from torch import distributed, nn
 from torch.nn import functional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # ----------------------------------------------------------------------------------------
-# 1. errors and flags
+# 1. errors
 
 
 class UserError(Exception):
@@ -38,8 +32,7 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run a script's main(): a UserError becomes one line and exit code 2, no traceback
-    (internal bugs still raise, so they stay debuggable)."""
+    """Run a script's main(): a UserError is one line and exit code 2 (a bug still raises)."""
     try:
         main()
         if distributed.is_available() and distributed.is_initialized():
@@ -60,128 +53,10 @@ def run(main):
     cli(main)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line and exit code 2 like every other bad input (not
-    the whole usage), and values argparse's types cannot rule out are checked at parse time."""
-
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-    def parse_args(self, argv=None):
-        args = super().parse_args(argv)
-        flags = vars(args)
-        for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "block_size", "n_layer",
-                     "n_head", "n_embd", "vocab_size", "max_new_tokens", "num_samples"):
-            if flags.get(name) is not None and flags[name] <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {flags[name]}")
-        for name in ("lr", "time_budget", "beta"):
-            v = flags.get(name)
-            if v is not None and not (math.isfinite(v) and v > 0):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-        world = int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
-        if flags.get("grad_accum") and flags.get("batch_size") and flags["batch_size"] % (world * flags["grad_accum"]):
-            raise UserError(f"--batch-size {flags['batch_size']} must be divisible by processes x --grad-accum "
-                            f"({world} x {flags['grad_accum']})")
-        if flags.get("n_embd") and flags.get("n_head") and flags["n_embd"] % flags["n_head"]:
-            raise UserError(f"--n-embd ({flags['n_embd']}) must be divisible by --n-head ({flags['n_head']})")
-        out_dir = flags.get("out_dir")
-        if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):  # now, not at the first save
-            raise UserError(f"--out-dir {out_dir}: exists and is not a directory")
-        return args
-
-
-def add_common_args(ap, out_dir="out"):
-    """The flags every stage shares, under two headings of --help: training, and running."""
-    train = ap.add_argument_group("training (every stage)")
-    train.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
-    train.add_argument("--max-iters", type=int, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
-    train.add_argument("--lr", type=float, help="peak learning rate")
-    train.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
-    train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
-    train.add_argument("--log-interval", type=int, help="print the loss every N steps")
-    train.add_argument("--seed", type=int, default=1337)
-    run = ap.add_argument_group("running: hardware, processes, time, resume")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)")
-    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--time-budget", type=float, default=None,
-                     help="stop after this many seconds of training (then evaluate and save)")
-    run.add_argument("--resume", action="store_true", help="continue from this stage's checkpoint in --out-dir")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-
-
 # ----------------------------------------------------------------------------------------
-# 2. device and dtype
+# 2. tokenizer
 
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def pick_dtype(device, name="auto"):
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    from extras.cpu import cpu_has_native_bf16
-    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
-
-
-def autocast(device, dtype):
-    """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
-    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: str
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def log(self, *a, **k):
-        if self.master:
-            print(*a, **k, flush=True)
-
-
-def setup_runtime(device="auto", dtype="auto"):
-    """Device, dtype and (under torchrun) the process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        if not distributed.is_initialized():
-            distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dtype = pick_dtype(device, dtype)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, dtype, rank, world)
-
-
-# ----------------------------------------------------------------------------------------
-# 3. tokenizer
-
-# GPT-2's pre-split: contractions, words, numbers, punctuation runs, whitespace. BPE merges
-# never cross these chunk boundaries.
+# GPT-2's pre-split: contractions, words, numbers, punctuation runs, whitespace; no merge crosses them.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -190,10 +65,8 @@ class Tokenizer:
     """Our BPE merges handed to tiktoken for fast encode/decode. Text is always encoded with
     encode_ordinary: a special-token string typed in data (say "<|assistant|>") stays plain
     text and can never switch roles; role tokens enter only through render_chat, as ids.
-
-    ids: bytes 0-255, merge k creates 256 + k, then the specials; or, for a BPE trained
-    elsewhere (GPT-2, extras/hf.py), {"bytes", "merges", "specials"}: its own ids. tiktoken
-    ranks a merge by the id it creates, so the ids must grow with the merge order."""
+    ids: bytes 0-255, merge k creates 256 + k, then the specials; or a BPE trained elsewhere's
+    own {"bytes", "merges", "specials"} (GPT-2, extras/hf.py), growing with the merge order."""
 
     def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS), ids=None):
         self.merges, self.pattern, self.ids = [tuple(int(x) for x in m) for m in merges], pattern, ids
@@ -238,15 +111,10 @@ class Tokenizer:
 def train_tokenizer(text, vocab_size):
     """A byte-level BPE of vocab_size tokens in all: the 256 bytes, then repeatedly the most
     frequent adjacent pair merged into a new token (merge k creates 256 + k), then the specials.
-
-    Fast enough for megabytes in pure Python because identical chunks are counted once, and
-    pair counts are updated only for the chunks that hold the merged pair, with a max-heap
-    (lazy deletion) to find the next best pair."""
+    Fast enough for megabytes in pure Python: identical chunks are counted once, pair counts are
+    updated only in the chunks that hold the merged pair, and a max-heap finds the next best pair."""
     import heapq
     from collections import Counter, defaultdict
-    if vocab_size < 256 + len(SPECIALS):
-        raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS)} (256 bytes + "
-                        f"{len(SPECIALS)} special tokens), got {vocab_size}")
     chunk_counts = Counter(regex.findall(SPLIT_PATTERN, text))
     words = [list(c.encode("utf-8")) for c in chunk_counts]
     counts = list(chunk_counts.values())
@@ -300,7 +168,7 @@ def train_tokenizer(text, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. model
+# 3. model
 
 
 @dataclass
@@ -320,8 +188,7 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the positions already seen, one (k, v) per layer, so decoding a
-    new token costs one position of compute instead of the whole prefix again."""
+    """Keys and values of the positions seen, one (k, v) per layer: a new token costs one position, not the prefix."""
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
@@ -409,10 +276,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
-        """idx (B, T) token ids; targets (B, T) next-token ids, -1 where not supervised.
-        Returns logits (B, T, V) and the loss: the mean over supervised tokens (0 when there
-        are none, never NaN), or with reduction="sum" the sum, for a caller that normalises
-        over a whole optimizer step."""
+        """idx (B, T) token ids; targets (B, T) next-token ids, -1 where not supervised. Returns
+        logits (B, T, V) and the loss: the mean over supervised tokens (0 when there are none, never
+        NaN), or with reduction="sum" the sum, for a caller that normalises over a whole step."""
         logits = self.lm_head(self.hidden(idx, cache))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -423,8 +289,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden(self, idx, cache=None):
-        """The final hidden states (B, T, C), which lm_head turns into logits (a decoder needs
-        only the last position's). With a cache, idx continues the tokens it holds."""
+        """The final hidden states (B, T, C), before lm_head. With a cache, idx continues the tokens it holds."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -443,25 +308,19 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. optimizer and schedule
+# 4. optimizer and schedule
 
 
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
-    """AdamW; weight decay only on matrices (2-D), never on biases, LayerNorm gains or the
-    prompt-tuning prefix."""
+    """AdamW; weight decay only on matrices (2-D), never on biases, LayerNorm gains or a prompt-tuning prefix."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2 and p is not getattr(model, "prefix", None)]
     no_decay = [p for p in params if not any(p is q for q in decay)]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    if device_type in ("cuda", "cpu"):
-        # fused: one kernel updates every tensor (not a Python loop of small ops per parameter);
-        # the same update up to rounding (~1e-7). CPU has it since torch 2.4.
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-        except RuntimeError:  # an older torch without the fused kernel for this device
-            pass
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    # fused: one kernel updates every tensor (not a Python loop of small ops per parameter); the
+    # same update up to rounding (~1e-7). CUDA has it, CPU since torch 2.4; elsewhere (MPS) the loop.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def lr_at(it, max_lr, warmup, max_iters, min_frac=0.1):
@@ -473,12 +332,12 @@ def lr_at(it, max_lr, warmup, max_iters, min_frac=0.1):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. checkpoints
+# 5. checkpoints
 
 
 def save_checkpoint(path, obj):
-    """Atomic write of obj (torch.save; a str is written as text): a temp file in the same
-    folder, fsync, then os.replace. Killed at any moment, it leaves the old file or the new one."""
+    """Atomic write of obj (torch.save, or a str as text): a temp file, fsync, os.replace. Killed at
+    any moment, it leaves the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -491,12 +350,10 @@ def save_checkpoint(path, obj):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    try:  # make the rename itself durable
+    with suppress(OSError):  # make the rename itself durable (where a folder can be fsynced)
         fd = os.open(folder, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    except OSError:
-        pass
 
 
 def write_json(path, obj):
@@ -520,10 +377,8 @@ def load_checkpoint(path, expect_kind=None):
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off zip loses its directory
         raise UserError(f"{unreadable} (this one is truncated or in another format)")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch wraps the reason in advice to retry with weights_only=False: exactly what an
-        # untrusted file must not get. Keep only the reason.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's advice to retry with weights_only=False is dropped: keep the reason
         boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boilerplate)]
         raise UserError(f"{path}: refused to load, not a plain-tensor checkpoint "
@@ -531,27 +386,25 @@ def load_checkpoint(path, expect_kind=None):
     except Exception as e:  # truncated, not a zip, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"{unreadable} (truncated or another format? {type(e).__name__}: {first[:80]})")
-    if not isinstance(ck, dict) or not {"model", "config", "tokenizer", "kind"} <= set(ck):
+    if not isinstance(checkpoint, dict) or not {"model", "config", "tokenizer", "kind"} <= set(checkpoint):
         raise UserError(f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)")
-    if expect_kind and ck["kind"] not in expect_kind:
-        raise UserError(f"{path}: a '{ck['kind']}' checkpoint, expected one of {', '.join(expect_kind)}")
-    return ck
+    if expect_kind and checkpoint["kind"] not in expect_kind:
+        raise UserError(f"{path}: a '{checkpoint['kind']}' checkpoint, expected one of {', '.join(expect_kind)}")
+    return checkpoint
 
 
-def model_from_checkpoint(ck, path="checkpoint"):
-    """The GPT and its tokenizer from a checkpoint dict, which is input like any data file:
-    its config and tensors are checked before the model is built from them."""
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """The GPT and its tokenizer from a checkpoint dict, checked like any input before it is built."""
     sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-    cfg = GPTConfig.from_dict(ck["config"]) if isinstance(ck["config"], dict) else None
+    cfg = GPTConfig.from_dict(checkpoint["config"]) if isinstance(checkpoint["config"], dict) else None
     if cfg is None or not all(isinstance(getattr(cfg, k), int) and getattr(cfg, k) > 0 for k in sizes):
-        raise UserError(f"{path}: config must hold positive integers {', '.join(sizes)}; "
-                        f"got {ck['config']!r:.120}")
+        raise UserError(f"{path}: config must hold positive integers {', '.join(sizes)}; got {checkpoint['config']!r:.120}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"{path}: config n_embd {cfg.n_embd} not divisible by n_head {cfg.n_head}")
     if cfg.gelu not in ("none", "tanh"):
         raise UserError(f"{path}: config gelu must be 'none' or 'tanh', got {cfg.gelu!r:.40}")
     try:
-        tok = Tokenizer.from_state(ck["tokenizer"])
+        tok = Tokenizer.from_state(checkpoint["tokenizer"])
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise UserError(f"{path}: tokenizer state is damaged, expected merges, pattern and specials "
                         f"({type(e).__name__}: {str(e)[:80]})")
@@ -561,18 +414,16 @@ def model_from_checkpoint(ck, path="checkpoint"):
         raise UserError(f"{path}: a prompt-tuned model; its class is in extras/peft.py (import it first)")
     model = PROMPT_TUNED[0](cfg) if cfg.n_prefix else GPT(cfg)
     try:
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        # torch's first line is only a heading; the first mismatch named under it is the useful part
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # the first mismatch named under torch's heading
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         raise UserError(f"{path}: weights do not match the config ({lines[min(1, len(lines) - 1)][:150]})")
     return model, tok
 
 
 def checkpoint_dict(kind, model, tok, optimizer=None, it=0, flags=None, metrics=None, state=None):
-    """What a .pt holds: the weights, config and tokenizer (all a later stage needs); for a
-    <stage>_last.pt also the optimizer, the RNG and the stage's own `state` (its history,
-    its path), all that --resume needs. flags: the run's settings (non-plain values dropped)."""
+    """What a .pt holds: the weights, config and tokenizer (all a later stage needs); for a <stage>_last.pt
+    also the optimizer, the RNG and the stage's `state` (its history, its path): all --resume needs."""
     plain = {k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"kind": kind, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": asdict(model.config), "tokenizer": tok.state(),
@@ -586,32 +437,14 @@ def last_path(out_dir, stage):
     return os.path.join(out_dir, f"{stage}_last.pt")
 
 
-def resume(out_dir, stage, model, tok, optimizer):
-    """Continue a stage from <stage>_last.pt: weights (in their training form, adapters
-    unmerged), optimizer, RNG and step. Returns (step, the stage's saved state)."""
-    path = last_path(out_dir, stage)
-    ck = load_checkpoint(path, expect_kind=(stage,))
-    try:
-        if not torch.equal(ck["tokenizer"]["merges"], tok.state()["merges"]):
-            raise RuntimeError("another tokenizer")
-        model.load_state_dict(ck.get("train_state") or ck["model"])
-    except RuntimeError:
-        raise UserError(f"{path}: was trained from another model or tokenizer (or other adapter "
-                        "flags) than this run's; expected the same --ckpt and flags")
-    if ck.get("optimizer"):
-        optimizer.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    return ck["iter"], ck.get("state") or {}
-
-
 # ----------------------------------------------------------------------------------------
-# 7. chat: rendering with the loss mask, padding
+# 6. chat: rendering with the loss mask, padding
 
 
 def encode_content(tok, text):
-    """A message's text as tokens, with one leading space: inside running text a word is a
-    " word" token, and a name that opens an answer must be the same token as in the question
-    and the pre-training prose, or a small model cannot tell they are the same person."""
+    """A message's text as tokens, with one leading space: in running text a word is a " word"
+    token, and a name that opens an answer must be the same token as in the question and the
+    prose, or a small model cannot tell they are the same person."""
     return tok.encode(" " + text)
 
 
@@ -644,8 +477,8 @@ def example_tensors(ids, mask):
 
 
 def collate(examples, pad_id):
-    """Right-pad to the longest example. Padding inputs use <|pad|> (never a target token),
-    padding targets are -1; with causal attention real tokens never see the padding."""
+    """Right-pad to the longest example: inputs with <|pad|>, targets with -1 (causal attention
+    never lets a real token see the padding)."""
     T = max(len(x) for x, _ in examples)
     X = torch.full((len(examples), T), pad_id, dtype=torch.long)
     Y = torch.full((len(examples), T), -1, dtype=torch.long)
@@ -655,7 +488,7 @@ def collate(examples, pad_id):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. generation
+# 7. generation
 
 
 DECODE_ROWS = 256  # sequences decoded together in generate_batch (bounds the KV cache's memory)
@@ -663,10 +496,9 @@ DECODE_ROWS = 256  # sequences decoded together in generate_batch (bounds the KV
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, generator=None, keep_stop=False):
-    """Answers to many prompts at once (lists of ids), greedy (temperature 0) or sampled.
-    Prompts are grouped by length, so no padding (and no position shift) is needed: each
-    row is decoded exactly as it would be alone. keep_stop: a row that drew a stop token
-    ends with it (so a caller can tell an answer that ended from one cut off)."""
+    """Answers to many prompts at once (lists of ids), greedy (temperature 0) or sampled. Prompts
+    are grouped by length, so no padding (and no position shift) is needed: each row is decoded
+    exactly as alone. keep_stop: an answer ends with its stop token (ended, not cut off)."""
     model.eval()
     device = next(model.parameters()).device
     by_len = {}
@@ -699,106 +531,19 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
     return results
 
 
-# ----------------------------------------------------------------------------------------
-# 9. training: the bookkeeping of every stage's steps, processes, mean loss
-
-
-class Steps:
-    """The bookkeeping around a stage's steps; the step itself (forward, backward, clip,
-    optimizer.step) is written out in each stage file:
-
-        steps = Steps(rt, model, optimizer, vars(args), start_iter)
-        for it in steps:                          # sets the lr; stops early at --time-budget
-            ...                                   # forward and backward of every micro-batch
-            step_loss = steps.total(step_loss)    # over every process; stops on a non-finite loss
-            ...                                   # clip, optimizer.step(), zero_grad
-            if steps.log(step_loss / count, tokens):  # True every eval_interval steps
-                on_eval(it + 1)
-        on_eval(steps.it)                         # and at the end
-
-    flags: max_iters, lr (the peak), warmup, eval_interval, log_interval, time_budget (s or
-    None). `scaler` scales fp16 losses on CUDA (else a no-op); `params`: the trained ones."""
-
-    def __init__(self, rt, model, optimizer, flags, start_iter=0):
-        self.rt, self.optimizer, self.start = rt, optimizer, start_iter
-        self.max_iters, self.peak_lr, self.warmup = flags["max_iters"], flags["lr"], flags["warmup"]
-        self.eval_interval, self.log_interval = flags["eval_interval"], flags["log_interval"]
-        self.time_budget = flags["time_budget"]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=(rt.dtype == "float16"))
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.it, self.lr, self.tokens, self.t0, self.t_end = start_iter, 0.0, 0, time.time(), None
-
-    def __iter__(self):
-        while self.it < self.max_iters and not self.out_of_time():
-            self.lr = lr_at(self.it, self.peak_lr, self.warmup, self.max_iters)
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.lr
-            yield self.it
-        self.t_end = time.time()  # the training clock stops before the final evaluation
-
-    def out_of_time(self):
-        out = bool(self.time_budget) and time.time() - self.t0 > self.time_budget
-        if self.rt.world > 1 and self.time_budget:  # every rank stops at the same step
-            out = all_reduce(float(out), self.rt, op="max") > 0
-        if out:
-            self.rt.log(f"time budget of {self.time_budget:.0f}s reached at step {self.it}")
-        return out
-
-    def total(self, step_loss):
-        """The step's summed loss over every process; a NaN stops the run before the step is
-        taken, so the last checkpoint on disk is a good one."""
-        if self.rt.world > 1:
-            step_loss = all_reduce(step_loss, self.rt)
-        if not math.isfinite(step_loss):
-            raise UserError(f"non-finite loss at step {self.it} (lr {self.lr:.2e}); stopped, the last "
-                            f"checkpoint on disk is the last good one. Try a lower --lr")
-        return step_loss
-
-    def log(self, loss, tokens):
-        """Count the step (tokens: this process's), print the log line on the log cadence;
-        True when an evaluation is due (not at the last step: the caller evaluates then)."""
-        self.it, self.tokens = self.it + 1, self.tokens + tokens
-        it, end = self.it, self.max_iters
-        if it % max(1, self.log_interval) == 0 or it == end:
-            dt = time.time() - self.t0
-            self.rt.log(f"step {it:5d}/{end} | loss {loss:.4f} | lr {self.lr:.2e} | "
-                        f"{self.tokens_per_sec():,.0f} tok/s | eta {dt / (it - self.start) * (end - it):.0f}s")
-        return it % self.eval_interval == 0 and it < end
-
-    def seconds(self):
-        return (self.t_end or time.time()) - self.t0
-
-    def tokens_per_sec(self):
-        return self.tokens * self.rt.world / max(self.seconds(), 1e-9)
-
-
-def all_reduce(value, rt, op="sum"):
-    """A Python number summed (or maxed) over every process."""
-    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
-    distributed.all_reduce(t, op=distributed.ReduceOp.MAX if op == "max" else distributed.ReduceOp.SUM)
-    return t.item()
-
-
-def wrap_ddp(model, rt):
-    if rt.world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-
-def barrier(rt):
-    if rt.world > 1:
-        distributed.barrier()
+def autocast(device, dtype):
+    """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 @torch.no_grad()
-def mean_loss(model, batches, rt):
+def mean_loss(model, batches, process):
     """Average next-token loss over fixed batches (tokens weighted equally)."""
     model.eval()
     total, n = 0.0, 0
     for x, y in batches:
-        with autocast(rt.device, rt.dtype):
-            _, loss = model(x.to(rt.device), y.to(rt.device), reduction="sum")
+        with autocast(process.device, process.dtype):
+            _, loss = model(x.to(process.device), y.to(process.device), reduction="sum")
         total += loss.item()
         n += int((y != -1).sum())
     model.train()

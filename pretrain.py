@@ -27,7 +27,8 @@ WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 
 
 def parse_args(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
+    ap = runtime.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("pre-training: the data and the model")
     lesson.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
     lesson.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
@@ -40,7 +41,7 @@ def parse_args(argv=None):
                         "picked from the text's size, see vocab_size_for)")
     lesson.add_argument("--weight-decay", type=float,
                         help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
-    nanosft.add_common_args(ap)
+    runtime.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if args.world and args.data:
@@ -73,20 +74,20 @@ def new_model(text, source, vocab_size, is_world, cfg, log):
     return nanosft.GPT(dataclasses.replace(cfg, vocab_size=tok.vocab_size)), tok
 
 
-def window_batch(data, it, seed, batch_size, block_size, rt, grad_accum):
+def window_batch(data, it, seed, batch_size, block_size, process, grad_accum):
     """Step `it`'s windows, from a generator seeded by (seed, it): the data order is a pure
     function of the step, so resuming continues it exactly. -> this rank's micro-batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + it)  # a stream per (seed, step); 1,000,003 is prime
     starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g)
-    starts = starts[rt.rank::rt.world]  # this process's shard of the global batch
+    starts = starts[process.rank::process.world]  # this process's shard of the global batch
     windows = torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])
-    return [(w[:, :-1].to(rt.device), w[:, 1:].to(rt.device)) for w in windows.chunk(grad_accum)]
+    return [(w[:, :-1].to(process.device), w[:, 1:].to(process.device)) for w in windows.chunk(grad_accum)]
 
 
 def main(argv=None):
+    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
     args = parse_args(argv)
-    rt = nanosft.setup_runtime(args.device, args.dtype)
-    t_start = time.time()
+    process, t_start = runtime.setup_runtime(args.device, args.dtype), time.time()
 
     # ---- data and model (everything is validated before anything is written)
     text = formats.read_text(args.data)
@@ -97,48 +98,48 @@ def main(argv=None):
         arch = nanosft.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                                  n_embd=args.n_embd)
         model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size,
-                               is_world=args.world is not None, cfg=arch, log=rt.log)
+                               is_world=args.world is not None, cfg=arch, log=process.log)
     cfg = model.config
     data = formats.encode_corpus(tok, text)
     train_data, val_data = formats.split_corpus(data, cfg.block_size)
     if len(train_data) <= cfg.block_size + 1:
         raise nanosft.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
-    rt.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
-           f"{model.num_params():,} parameters | {rt.device} {rt.dtype}")
-    model.to(rt.device)
-    optimizer = nanosft.configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
-    start_iter, history = (nanosft.resume(args.out_dir, "pretrain", model, tok=tok, optimizer=optimizer)
+    process.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
+           f"{model.num_params():,} parameters | {process.device} {process.dtype}")
+    model.to(process.device)
+    optimizer = nanosft.configure_optimizer(model, args.lr, args.weight_decay, device_type=process.device.type)
+    start_iter, history = (runtime.resume(args.out_dir, "pretrain", model, tok=tok, optimizer=optimizer)
                            if args.resume else (0, {"step": [], "val_loss": [], "probe": []}))
-    ddp_model = nanosft.wrap_ddp(torch.compile(model) if args.compile else model, rt)
+    ddp_model = runtime.wrap_ddp(torch.compile(model) if args.compile else model, process)
     world = world_eval.load_world(args.world) if args.world else None
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
     val_batches = formats.fixed_windows(val_data, cfg.block_size)
 
     def on_eval(it):
-        if rt.master:
+        if process.master:
             history["step"].append(it)
-            history["val_loss"].append(nanosft.mean_loss(model, val_batches, rt))
+            history["val_loss"].append(nanosft.mean_loss(model, val_batches, process))
             history["probe"].append(world_eval.knowledge_probe(model, tok, world) if world else None)
-            rt.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
+            process.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
                    + (f" | probe {history['probe'][-1]:.3f}" if world else ""))
             nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "pretrain"), nanosft.checkpoint_dict(
                 "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history))
-        nanosft.barrier(rt)
+        runtime.barrier(process)
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    steps = nanosft.Steps(rt, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
+    steps = runtime.Steps(process, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
     for it in steps:
         micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,
-                                     block_size=cfg.block_size, rt=rt, grad_accum=args.grad_accum)
+                                     block_size=cfg.block_size, process=process, grad_accum=args.grad_accum)
         step_loss = 0.0
         for i, (X, Y) in enumerate(micro_batches):
-            if rt.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
+            if process.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
-            with nanosft.autocast(rt.device, rt.dtype):
+            with nanosft.autocast(process.device, process.dtype):
                 _, loss_sum = ddp_model(X, Y, reduction="sum")  # summed next-token cross-entropy
-            steps.scaler.scale(loss_sum * (rt.world / n_targets)).backward()  # x world: DDP averages
+            steps.scaler.scale(loss_sum * (process.world / n_targets)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
         step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
         steps.scaler.unscale_(optimizer)
@@ -149,20 +150,19 @@ def main(argv=None):
         if steps.log(step_loss / n_targets, tokens=sum(X.numel() for X, _ in micro_batches)):
             on_eval(it + 1)
     on_eval(steps.it)
-
     # ---- save and report
-    if rt.master:
+    if process.master:
         nanosft.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), nanosft.checkpoint_dict(
             "pretrain", model, tok, it=steps.it, flags=vars(args), metrics={"val_loss": history["val_loss"][-1]}))
-        report(args.out_dir, history, model=model, rt=rt, total_seconds=time.time() - t_start, steps=steps, world=world)
+        report(args.out_dir, history, model=model, process=process, total_seconds=time.time() - t_start, steps=steps, world=world)
 
 
-def report(out_dir, history, model, rt, total_seconds, steps, world):
+def report(out_dir, history, model, process, total_seconds, steps, world):
     """out/pretrain.json, out/pretrain_loss.png and the closing line."""
     tok_per_s = steps.tokens_per_sec()
     result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
               "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": steps.seconds(),
-              "steps": steps.it, "params": model.num_params(), "device": str(rt.device), "dtype": rt.dtype,
+              "steps": steps.it, "params": model.num_params(), "device": str(process.device), "dtype": process.dtype,
               "history": history}
     nanosft.write_json(os.path.join(out_dir, "pretrain.json"), result)
     series = {"val loss": (history["step"], history["val_loss"])}
@@ -171,7 +171,7 @@ def report(out_dir, history, model, rt, total_seconds, steps, world):
     from extras import charts  # the plot out/pretrain_loss.png
     charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value",
                 series=series)
-    rt.log(f"done: val loss {result['val_loss']:.4f}"
+    process.log(f"done: val loss {result['val_loss']:.4f}"
            + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
            + f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s -> {os.path.join(out_dir, 'pretrain.pt')}")
 

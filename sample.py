@@ -21,12 +21,13 @@ import sys
 from contextlib import contextmanager
 
 import nanosft
+from extras import runtime
 from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
 import torch
 
 
 def main(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    ap = runtime.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/sft.pt")
     ap.add_argument("--prompt", default="")
     ap.add_argument("--chat", action="store_true", help="multi-turn conversation, one user turn per line")
@@ -43,18 +44,18 @@ def main(argv=None):
         raise nanosft.UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
     if args.chat and args.prompt:
         raise nanosft.UserError("--chat reads the user's turns from the input; leave out --prompt")
-    ck = nanosft.load_checkpoint(args.ckpt)
-    if args.chat and ck["kind"] not in ("sft", "dpo"):
+    checkpoint = nanosft.load_checkpoint(args.ckpt)
+    if args.chat and checkpoint["kind"] not in ("sft", "dpo"):
         raise nanosft.UserError(f"{args.ckpt}: --chat needs a fine-tuned checkpoint (sft or dpo); "
-                           f"this one is '{ck['kind']}', which only continues text (use --prompt)")
-    model, tok = nanosft.model_from_checkpoint(ck, args.ckpt)
-    model.to(nanosft.pick_device(args.device))
+                           f"this one is '{checkpoint['kind']}', which only continues text (use --prompt)")
+    model, tok = nanosft.model_from_checkpoint(checkpoint, args.ckpt)
+    model.to(runtime.pick_device(args.device))
     g = torch.Generator().manual_seed(args.seed)
     if args.chat:
         chat = Chat(model, tok, generator=g, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k)
-        return repl(chat, f"{args.ckpt} ({ck['kind']})")
-    chat = ck["kind"] in ("sft", "dpo")
+        return repl(chat, f"{args.ckpt} ({checkpoint['kind']})")
+    chat = checkpoint["kind"] in ("sft", "dpo")
     if chat:
         ids = nanosft.chat_prompt(tok, [{"role": "user", "content": args.prompt}])
         stop = {tok.end, tok.endoftext}

@@ -1,11 +1,12 @@
 """
-Data formats: every file shape the stages read, in one place, and what happens to records
-that are valid but unusable.
+Data formats: the files the stages read by default (the world's text, questions and voted
+threads) and what happens to records that are valid but unusable. Your own data's formats
+(Alpaca, ShareGPT, chat messages, HH, TRL's pairs, scores) are read by extras/own_data.py
+with the same machinery.
 
-    load_instructions(path, report)  SFT: Alpaca, {prompt,response}, {messages}, ShareGPT
     render_all(tok, records, ...)    SFT: conversations as token examples, cut to the block size
-    read_pairs(path, ..., report)    DPO: pairs (strings or TRL's messages), HH, Alpaca pairs,
-    load_preferences(...)            ShareGPT pairs, votes, scores; and the train/held-out split
+    read_pairs(path, ..., report)    DPO: a thread's answers ranked by net votes -> pairs;
+    load_preferences(...)            and the train/held-out split by record
     load_pairs(...)                  DPO: pairs as token examples, cut to the block size
     DataReport                       skipped and truncated records, counted per reason
     read_records(path), field(...)   JSON array or JSON lines; a record's string field
@@ -19,7 +20,6 @@ count those too (render_all, pair_examples below).
 """
 import json
 import random
-import re
 
 import torch
 
@@ -199,161 +199,7 @@ class DataReport:
 
 
 # ----------------------------------------------------------------------------------------
-# instructions (SFT)
-
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system",
-                  # tool use: valid data, but this chat format has no role for it (skipped, counted)
-                  "function_call": "tool", "observation": "tool", "tool": "tool", "function": "tool"}
-
-
-def alpaca_prompt(r, where):
-    """An Alpaca record's prompt as messages: its optional "system", then the instruction
-    and its optional "input" as one user turn."""
-    system = field(r, "system", where, optional=True)
-    extra = field(r, "input", where, optional=True)
-    return ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
-
-
-def instruction_record(r, where):
-    """One instruction record -> a conversation [{"role", "content"}, ...]. Formats:
-      Alpaca        {"instruction", "input" (optional), "output"}
-      prompt pairs  {"prompt", "response"}
-      chat          {"messages": [{"role": "user"|"assistant"|"system", "content"}, ...]}
-      ShareGPT      {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}"""
-    if not isinstance(r, dict):
-        raise nanosft.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    if "messages" in r or "conversations" in r:
-        key, role_key, text_key = ("messages", "role", "content") if "messages" in r else ("conversations", "from", "value")
-        msgs = r[key]
-        if not isinstance(msgs, list):
-            raise nanosft.UserError(f"{where}: '{key}' must be a list of messages")
-        conv = []
-        for j, m in enumerate(msgs):
-            w = f"{where}: message {j + 1}"
-            role = field(m, role_key, w)
-            if key == "messages" and role not in ("system", "user", "assistant"):
-                raise nanosft.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
-            if key == "conversations" and role not in SHAREGPT_ROLES:
-                raise nanosft.UserError(f"{w}: 'from' must be human, gpt, system (or a tool turn), got '{role}'")
-            conv.append({"role": SHAREGPT_ROLES.get(role, role), "content": field(m, text_key, w)})
-        return conv
-    if "instruction" in r:
-        return alpaca_prompt(r, where) + [{"role": "assistant", "content": field(r, "output", where)}]
-    if "prompt" in r and "response" in r:
-        return [{"role": "user", "content": field(r, "prompt", where)},
-                {"role": "assistant", "content": field(r, "response", where)}]
-    keys = ", ".join(sorted(r)) or "none"
-    raise nanosft.UserError(f"{where}: unknown record shape (keys: {keys}); expected Alpaca "
-                    "{instruction,input,output}, {prompt,response}, {messages:[...]} or ShareGPT "
-                    "{conversations:[...]}")
-
-
-def load_instructions(path, report=None):
-    """An instruction file -> [(record number, conversation)]. A malformed record is an
-    error; a valid one that teaches nothing is skipped and counted in `report`: no assistant
-    turn, an empty answer, or an exact copy of an earlier record. Messages after the last
-    assistant turn are dropped (no target follows them, so they change no loss)."""
-    report = report or DataReport(path)
-    out, seen = [], set()
-    records = read_records(path)
-    report.total = len(records)
-    for n, (where, r) in enumerate(records, 1):
-        conv = instruction_record(r, where)
-        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
-        if last is None:
-            report.skip(n, "with no assistant turn", "no assistant message to learn from")
-            continue
-        if any(m["role"] == "tool" for m in conv[:last]):
-            report.skip(n, "with tool-call turns (this chat format has no role for them)",
-                        "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
-            continue
-        conv = conv[:last + 1]
-        if not conv[-1]["content"].strip():
-            report.skip(n, "whose answer is empty", "the answer is empty")
-            continue
-        key = json.dumps(conv)
-        if key in seen:
-            report.skip(n, "that repeat an earlier record exactly", "an exact copy of an earlier record")
-            continue
-        seen.add(key)
-        out.append((n, conv))
-    return out
-
-
-# ----------------------------------------------------------------------------------------
 # preferences (DPO) -> pairs {"prompt": [messages], "chosen", "rejected", "split", "group", "record"}
-
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def split_hh(text, where):
-    """An HH dialogue -> (chat messages before the last Assistant turn, that turn's text)."""
-    parts = HH_TURN.split(text)  # [before the first turn, role, body, role, body, ...]
-    if parts[0].strip() or len(parts) < 3:
-        raise nanosft.UserError(f"{where}: expected a dialogue of '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
-    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
-    if turns[-1][0] != "Assistant":
-        raise nanosft.UserError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
-    msgs = [{"role": "user" if r == "Human" else "assistant", "content": b} for r, b in turns[:-1]]
-    return msgs, turns[-1][1]
-
-
-def record_format(r, where):
-    if not isinstance(r, dict):
-        raise nanosft.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    if "answers" in r:
-        return "votes"
-    if "responses" in r:
-        return "scores"
-    if "chosen" in r and "rejected" in r:
-        if isinstance(r["chosen"], list):
-            return "conversational"
-        if isinstance(r["chosen"], dict) and "conversations" in r:
-            return "sharegpt"
-        return "pairs" if "prompt" in r else "alpaca" if "instruction" in r else "hh"
-    keys = ", ".join(sorted(r)) or "none"
-    raise nanosft.UserError(f"{where}: unknown preference record (keys: {keys}); expected "
-                       "{prompt,chosen,rejected} (strings, or TRL's lists of {role,content} messages), "
-                       "HH {chosen,rejected}, Alpaca {instruction,chosen,rejected}, ShareGPT "
-                       "{conversations,chosen,rejected}, {prompt,answers:[{text,up,down}]} or "
-                       "{prompt,responses:[{text,score}]}")
-
-
-def conversational_pair(r, where):
-    """TRL's conversational format: "chosen" / "rejected" are lists of {role, content}
-    messages ending with the assistant's answer; the prompt is "prompt" (a list of messages,
-    or a string) or, when there is none (implicit prompt), what the two lists share before
-    their last message."""
-    def messages(key):
-        msgs = r[key]
-        if not isinstance(msgs, list) or not msgs:
-            raise nanosft.UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
-        out = []
-        for j, m in enumerate(msgs):
-            w = f"{where}: {key}[{j}]"
-            role = field(m, "role", w)
-            if role not in ("system", "user", "assistant"):
-                raise nanosft.UserError(f"{w}: role must be system, user or assistant, got '{role}'")
-            out.append({"role": role, "content": field(m, "content", w)})
-        return out
-    chosen, rejected = messages("chosen"), messages("rejected")
-    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if msgs[-1]["role"] != "assistant":
-            raise nanosft.UserError(f"{where}: the last message of '{key}' must be the assistant's answer")
-    if "prompt" in r:
-        prompt = [{"role": "user", "content": field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
-            else messages("prompt")
-        if len(chosen) > 1 or len(rejected) > 1:  # prompt repeated inside the answers
-            prompt = prompt + chosen[:-1]
-    else:
-        prompt = chosen[:-1]
-        if rejected[:-1] != prompt:
-            raise nanosft.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
-    return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
 def ranked_pairs(items, min_margin, top_only=True):
@@ -397,45 +243,29 @@ def scored_items(r, key, where, score):
             for i, a in enumerate(lst)]
 
 
-def record_pairs(fmt, r, where, min_margin, top_only=True):
-    """One record -> (prompt messages, [(chosen, rejected), ...])."""
-    if fmt == "votes":
-        def net(a, w):  # a is a dict here: its "text" was read first
-            return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
-        user = [{"role": "user", "content": field(r, "prompt", where)}]
-        return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
-    if fmt == "scores":
-        def score(a, w):
-            return number(a.get("score"), "score", w)
-        user = [{"role": "user", "content": field(r, "prompt", where)}]
-        return user, ranked_pairs(scored_items(r, "responses", where, score), min_margin, top_only)
-    if fmt == "pairs":
-        user = [{"role": "user", "content": field(r, "prompt", where)}]
-        return user, [(field(r, "chosen", where), field(r, "rejected", where))]
-    if fmt == "alpaca":
-        return alpaca_prompt(r, where), [(field(r, "chosen", where), field(r, "rejected", where))]
-    if fmt == "conversational":
-        prompt, chosen, rejected = conversational_pair(r, where)
-        return prompt, [(chosen, rejected)]
-    if fmt == "sharegpt":  # {"conversations": [...], "chosen": {"from","value"}, "rejected": {...}}
-        prompt = instruction_record({"conversations": r["conversations"]}, where)
-        answers = [instruction_record({"conversations": [r[k]]}, f"{where}: {k}")[0]["content"]
-                   for k in ("chosen", "rejected")]
-        return prompt, [tuple(answers)]
-    # hh: both fields are whole dialogues; the prompt is what they share before the last reply
-    msgs_c, chosen = split_hh(field(r, "chosen", where), where + " (chosen)")
-    msgs_r, rejected = split_hh(field(r, "rejected", where), where + " (rejected)")
-    if msgs_c != msgs_r:
-        raise nanosft.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
-                           "their last Assistant turn")
-    return msgs_c, [(chosen, rejected)]
+def votes_format(r, where):
+    """The world's preference format: a thread, {"prompt", "answers": [{"text", "up", "down"}, ...]}."""
+    if not isinstance(r, dict) or "answers" not in r:
+        raise nanosft.UserError(f"{where}: expected a thread {{prompt, answers: [{{text, up, down}}, ...]}} "
+                                "(your own formats: extras/own_data.py)")
+    return "votes"
 
 
-def read_pairs(path, min_margin=1.0, top_only=True, report=None):
+def votes_pairs(fmt, r, where, min_margin, top_only=True):
+    """A thread -> (its question as messages, [(chosen, rejected)] by net votes: ranked_pairs)."""
+    def net(a, w):  # a is a dict here: its "text" was read first
+        return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
+    user = [{"role": "user", "content": field(r, "prompt", where)}]
+    return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
+
+
+def read_pairs(path, min_margin=1.0, top_only=True, report=None, reader=None):
     """A preference file -> (format, pairs), each pair carrying its record's "split" field
     (None when the file has none) and its record number as "group". A malformed record is
     an error; a pair that teaches nothing is skipped and counted in `report`: chosen and
-    rejected the same text (a tie), or an exact copy of an earlier pair."""
+    rejected the same text (a tie), or an exact copy of an earlier pair. reader: (record_format,
+    record_pairs) of the formats read: the world's votes, or every format (extras/own_data.py)."""
+    record_format, record_pairs = reader or (votes_format, votes_pairs)
     report = report or DataReport(path, unit="pairs")
     records = read_records(path)
     fmt = record_format(records[0][1], records[0][0])
@@ -474,11 +304,11 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None):
     return fmt, pairs
 
 
-def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None):
+def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None, reader=None):
     """A preference file -> (format, train pairs, held-out pairs). The split is by record
     (all pairs of one thread land on the same side): a record's "split" field
     ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
-    fmt, pairs = read_pairs(path, min_margin, top_only, report)
+    fmt, pairs = read_pairs(path, min_margin, top_only, report, reader=reader)
     if all(p["split"] is None for p in pairs):
         groups = sorted({p["group"] for p in pairs})
         random.Random(seed).shuffle(groups)
@@ -497,20 +327,22 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None
 
 
 def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, strict, log, max_scored,
-               heldout_rule=None):
+               heldout_rule=None, reader=None):
     """dpo.py's data: training and held-out pairs, each as (pairs, examples), and their counts
     for dpo.json. The held-out pairs come from `heldout_path` (on the world: people neither
     SFT nor DPO trains on; pairs split off the training people's threads would share people,
     and the other phrasing of the question, with the training pairs) or, when it is None, are
     a share of `path`'s records. At most `max_scored` held-out pairs are kept for scoring.
     heldout_rule: (min_margin, top_only) for `heldout_path`'s votes (default: the training
-    pairs' rule), so that a fixed benchmark stays the same whatever pairs the training uses."""
+    pairs' rule), so that a fixed benchmark stays the same whatever pairs the training uses.
+    reader: how the files' records are read (read_pairs: the world's votes by default)."""
     report = DataReport(path, strict, unit="pairs")
     if heldout_path:
-        fmt, train = read_pairs(path, min_margin, top_only, report)
-        held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)))[1]
+        fmt, train = read_pairs(path, min_margin, top_only, report, reader=reader)
+        held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)), reader=reader)[1]
     else:
-        fmt, train, held = load_preferences(path, min_margin=min_margin, seed=seed, top_only=top_only, report=report)
+        fmt, train, held = load_preferences(path, min_margin=min_margin, seed=seed, top_only=top_only, report=report,
+                                            reader=reader)
     train = pair_examples(tok, train, block_size, report)
     held = pair_examples(tok, held, block_size, DataReport(heldout_path, strict, unit="pairs")
                          if heldout_path else report)

@@ -199,10 +199,11 @@ def world_conversations(labels, seed, world_dir=HERE, attributes=None):
 
 def load_records(data, labels, seed, strict, world_dir=HERE, attributes=None):
     """finetune.py's records: ([(record number, conversation)], its DataReport) of the file
-    `data` (any format data/formats.py reads) or, without one, the world's questions."""
+    `data` (any format extras/own_data.py reads) or, without one, the world's questions."""
     report = formats.DataReport(data or path("world_sft.jsonl", world_dir), strict)
-    if data:
-        return formats.load_instructions(data, report), report
+    if data:  # your own file: its formats are extras/own_data.py's
+        from extras import own_data
+        return own_data.load_instructions(data, report), report
     records = list(enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1))
     report.total = len(records)
     return records, report

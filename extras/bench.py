@@ -55,8 +55,10 @@ import torch
 import nanosft
 from data import formats
 from data import world_eval
-from extras import packing
+from extras import dpo_eval, packing
 from extras.cpu import cpu_has_native_bf16, tune_cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's top level
 
 TARGETS = {  # name: (comparison, value)
     "mfu_fp32": (">=", 0.85), "bf16_speedup": (">=", 1.6), "kv_cache_speedup": (">=", 5.0),
@@ -316,9 +318,9 @@ def bench_tokenizer(res, rounds):
 
 def load_script(name):
     """A stage script as a module (imported only when its figure is measured)."""
-    if not os.path.isfile(os.path.join(nanosft.HERE, f"{name}.py")):
+    if not os.path.isfile(os.path.join(ROOT, f"{name}.py")):
         raise FileNotFoundError(f"{name}.py does not exist yet")
-    sys.path.insert(0, nanosft.HERE)
+    sys.path.insert(0, ROOT)
     return __import__(name)
 
 
@@ -338,7 +340,7 @@ def world_pairs(tok, cfg):
     d = dpo.DEFAULTS
     (_, ex), _, _ = formats.load_pairs(world_eval.THREADS, world_eval.EVAL_THREADS, tok, cfg.block_size,
                                        d["min_margin"], d["pairs"] == "top", SEED, False, lambda line: None,
-                                       dpo.EVAL_PAIRS)
+                                       dpo_eval.EVAL_PAIRS)
     return dpo, d, ex
 
 
@@ -387,7 +389,7 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
         return
     torch.manual_seed(0)
     model = nanosft.GPT(cfg)
-    ref = dpo.freeze(copy.deepcopy(model))
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
     batches = []
     for it in range(n_batches):
         X, Y, S = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(SEED, it, d["batch_size"], len(ex))], tok.pad)
@@ -434,7 +436,7 @@ def bench_pipeline(res, dtype):
     stages = [("pretrain", ["pretrain.py"]), ("finetune", ["finetune.py", "--ckpt", "{d}/pretrain.pt"]),
               ("dpo", ["dpo.py", "--ckpt", "{d}/sft.pt"])]
     res["pipeline_dtype"] = dtype
-    missing = [s for s, a in stages if not os.path.isfile(os.path.join(nanosft.HERE, a[0]))]
+    missing = [s for s, a in stages if not os.path.isfile(os.path.join(ROOT, a[0]))]
     if missing:
         res["pipeline_seconds"] = None
         res["pipeline_reason"] = f"missing {', '.join(missing)}"
@@ -445,7 +447,7 @@ def bench_pipeline(res, dtype):
         for name, argv in stages:
             t = time.perf_counter()
             p = subprocess.run([sys.executable] + [a.format(d=d) for a in argv] + ["--out-dir", d, "--dtype", dtype],
-                               cwd=nanosft.HERE, capture_output=True, text=True)
+                               cwd=ROOT, capture_output=True, text=True)
             res[f"pipeline_{name}_seconds"] = round(time.perf_counter() - t, 1)
             total += time.perf_counter() - t
             if p.returncode != 0:

@@ -1,7 +1,7 @@
 """
 What the CPU can do and two settings that make CPU runs faster (measured: docs/performance.md).
 
-    cpu_has_native_bf16()   bf16 matmuls in hardware? (nanosft.pick_dtype asks)
+    cpu_has_native_bf16()   bf16 matmuls in hardware? (runtime.pick_dtype asks)
     tune_cpu()              a script's first call when run from the command line
 """
 import ctypes

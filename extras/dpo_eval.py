@@ -16,12 +16,15 @@ from extras import charts
 KL_PROMPTS = 32        # held-out prompts sampled for the KL estimate
 KL_TOKENS = 32         # tokens sampled per KL prompt
 DEGENERATE_MAX = 0.01  # rewinding: the most degenerate dev answers a chosen checkpoint may give
+EVAL_PAIRS = 2048      # held-out pairs scored at each evaluation (more: an evenly spaced subset)
+HELDOUT_RULE = (10.0, True)  # the world's held-out pairs, whatever --min-margin and --pairs train on:
+                             # each thread's top answer against those it beat by >= 10 net votes
 REWIND_RULE = (f"latest dev-half checkpoint within 0.01 of the best clean-style rate among "
                f"those with degenerate rate <= {DEGENERATE_MAX} and task accuracy >= start - 0.01")  # for dpo.json
 
 
 @torch.no_grad()
-def kl_estimate(model, ref, tok, prompts, rt, seed):
+def kl_estimate(model, ref, tok, prompts, process, seed):
     """KL(pi || pi_ref) per response on held-out prompts. y is sampled from the policy
     (temperature 1, at most KL_TOKENS tokens) and at every position of y we add the exact KL
     of the two next-token distributions: by the chain rule E_y~pi[sum_t KL_t] is the
@@ -29,12 +32,12 @@ def kl_estimate(model, ref, tok, prompts, rt, seed):
     log pi(y|x) - log pi_ref(y|x) of the sample alone (and is never negative)."""
     n_new = min(KL_TOKENS, model.config.block_size // 2)
     ids = [nanosft.chat_prompt(tok, p)[-(model.config.block_size - n_new):] for p in prompts]
-    with nanosft.autocast(rt.device, rt.dtype):  # y keeps a stop token it drew: pi chose it too
+    with nanosft.autocast(process.device, process.dtype):  # y keeps a stop token it drew: pi chose it too
         ys = nanosft.generate_batch(model, ids, n_new, {tok.end}, temperature=1.0,
                                generator=torch.Generator().manual_seed(seed), keep_stop=True)
     X, Y = nanosft.collate([nanosft.example_tensors(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(ids, ys)], tok.pad)
-    X, Y = X.to(rt.device), Y.to(rt.device)
-    with nanosft.autocast(rt.device, rt.dtype):
+    X, Y = X.to(process.device), Y.to(process.device)
+    with nanosft.autocast(process.device, process.dtype):
         lp = torch.log_softmax(model(X)[0].float(), -1)  # (N, T, V)
         lq = torch.log_softmax(ref(X)[0].float(), -1)    # (N, T, V)
     kl_t = (lp.exp() * (lp - lq)).sum(-1)  # (N, T)
@@ -56,8 +59,8 @@ class Evaluator:
     the DEV half chooses where to rewind (its checkpoints kept in out_dir/dpo_path/), the TEST
     half is reported."""
 
-    def __init__(self, ref, tok, pairs, score, world, beta, seed, rt, out_dir=None, flags=None, examples=None):
-        self.ref, self.tok, self.score, self.beta, self.seed, self.rt = ref, tok, score, beta, seed, rt
+    def __init__(self, ref, tok, pairs, score, world, beta, seed, process, out_dir=None, flags=None, examples=None):
+        self.ref, self.tok, self.score, self.beta, self.seed, self.process = ref, tok, score, beta, seed, process
         self.out_dir, self.flags = out_dir, flags  # out_dir: on the world, where the path's checkpoints go
         self.held_pairs, self.examples = pairs, examples  # examples: the scored pairs' tensors (for the plot)
         self.rewards = Rewards()  # the training pairs' implicit rewards, logged at every evaluation
@@ -82,7 +85,7 @@ class Evaluator:
                 "logp_accuracy": (pi_c > pi_r).float().mean().item(), "margins": m}
 
     def kl(self, model):
-        return kl_estimate(model, self.ref, self.tok, self.prompts[:KL_PROMPTS], self.rt, self.seed)
+        return kl_estimate(model, self.ref, self.tok, self.prompts[:KL_PROMPTS], self.process, self.seed)
 
     def samples(self, model):
         return [(p[-1]["content"], a) for p, a in zip(self.shown, greedy(model, self.tok, self.shown, 48))]
@@ -114,7 +117,7 @@ class Evaluator:
                           "samples_before": self.samples(self.ref)}
         if self.world:
             b = state["before"]
-            self.rt.log(f"before (test half): held-out accuracy {b['accuracy']:.3f} | clean style "
+            self.process.log(f"before (test half): held-out accuracy {b['accuracy']:.3f} | clean style "
                         f"{b['clean_style_rate']:.3f} | degenerate {b['degenerate_rate']:.3f} | "
                         f"{b['response_tokens']:.1f} tokens per answer")
         return state
@@ -126,11 +129,11 @@ class Evaluator:
         for k, v in zip(("step", "margin", "pref_accuracy", "kl"), (it, held.get("margin"), held.get("pref_accuracy"), kl)):
             state["eval"][k].append(v)
         r3 = lambda k: None if k not in held else round(held[k], 3)
-        self.rt.log(f"eval step {it}: held-out pref accuracy {r3('pref_accuracy')} | "
+        self.process.log(f"eval step {it}: held-out pref accuracy {r3('pref_accuracy')} | "
                     f"held-out margin {r3('margin')} | KL(pi||ref) {kl:.3f} nats/answer")
         if self.world and state["path"][-1]["step"] != it:
             state["path"].append(d := {"step": it, **self.behaviour(model, "dev")})
-            self.rt.log(f"eval step {it} (dev): accuracy {d['accuracy']:.3f} | clean style "
+            self.process.log(f"eval step {it} (dev): accuracy {d['accuracy']:.3f} | clean style "
                         f"{d['clean_style_rate']:.3f} | degenerate {d['degenerate_rate']:.3f}")
         model.train()  # (generating put it in eval mode)
         if self.world and self.out_dir:  # the path's point, for rewinding to pick from
@@ -158,10 +161,10 @@ class Rewards:
         s = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), r_c.new_tensor(float(len(r_c)))])
         self.sums[it] = self.sums.get(it, 0) + s.float().cpu()
 
-    def log(self, history, it, rt):
+    def log(self, history, it, process):
         steps = sorted(self.sums)
         tot = torch.stack([self.sums.pop(s) for s in steps]) if steps else torch.zeros(0, 4)  # (S, 4)
-        if rt.world > 1:
+        if process.world > 1:
             from torch import distributed
             distributed.all_reduce(tot)
         for s, (c, r, a, n) in zip(steps, tot.tolist()):
@@ -170,7 +173,7 @@ class Rewards:
                 history.setdefault(k, []).append(v)
         if steps:
             c, r, a, n = tot.sum(0).tolist()
-            rt.log(f"step {it}: rewards/chosen {c / n:+.3f} | rewards/rejected {r / n:+.3f} | rewards/margins "
+            process.log(f"step {it}: rewards/chosen {c / n:+.3f} | rewards/rejected {r / n:+.3f} | rewards/margins "
                    f"{(c - r) / n:+.3f} | rewards/accuracies {a / n:.3f} (train, since the last eval)")
 
 
@@ -201,7 +204,7 @@ REPORTED_FLAGS = ("beta", "loss", "label_smoothing", "rpo_alpha", "lr", "batch_s
 def summary(ev, model, state, rewind_rule=REWIND_RULE, rewound_step=None, steps=None, t_start=None, counts=None,
             flags=None):
     """dpo.json: the held-out pairs' scores, the behaviour before and after (the test half), the
-    KL, the samples and the history; with `steps` (nanosft.Steps) also the run's steps and times, the
+    KL, the samples and the history; with `steps` (runtime.Steps) also the run's steps and times, the
     data's `counts` and the REPORTED_FLAGS of `flags`. The held-out margins go to ev.margins."""
     after, held, world = ev.behaviour(model), ev.pairs(model) or {}, ev.world is not None
     result = {"pref_accuracy_heldout": held.get("pref_accuracy"),
@@ -224,7 +227,7 @@ def summary(ev, model, state, rewind_rule=REWIND_RULE, rewound_step=None, steps=
     if steps is not None:
         result.update(rewound_step=rewound_step, final_step=steps.it, seconds=time.time() - t_start,
                       train_seconds=steps.seconds(), steps=steps.it, tokens_per_sec=steps.tokens_per_sec(), **counts,
-                      device=str(ev.rt.device), dtype=ev.rt.dtype, **{k: flags[k] for k in REPORTED_FLAGS})
+                      device=str(ev.process.device), dtype=ev.process.dtype, **{k: flags[k] for k in REPORTED_FLAGS})
     return result
 
 
@@ -233,14 +236,14 @@ def numbers(result):
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
 
 
-def report(rt, out_dir, result, evaluator=None, model=None, token_logprobs=None):
+def report(process, out_dir, result, evaluator=None, model=None, token_logprobs=None):
     """out/dpo_logratio.png (the held-out pair with the largest margin now: which tokens moved;
     with an evaluator that scored held-out pairs), out/dpo.json, out/dpo_margin.png and the
     closing lines."""
     if evaluator is not None and evaluator.examples and evaluator.margins is not None:
         k = int(evaluator.margins.argmax())
         plot_logratio(os.path.join(out_dir, "dpo_logratio.png"), model, evaluator.ref, evaluator.tok,
-                      pair=evaluator.held_pairs[k], example=evaluator.examples[k], rt=rt, token_logprobs=token_logprobs)
+                      pair=evaluator.held_pairs[k], example=evaluator.examples[k], process=process, token_logprobs=token_logprobs)
     nanosft.write_json(os.path.join(out_dir, "dpo.json"), result)
     tr, ev = result["history"]["train"], result["history"]["eval"]
     series = {"train (per step)": (tr.get("step", []), tr.get("rewards/margins", []))}
@@ -249,9 +252,9 @@ def report(rt, out_dir, result, evaluator=None, model=None, token_logprobs=None)
     charts.plot(os.path.join(out_dir, "dpo_margin.png"), "DPO reward margin", xlabel="step",
                 ylabel="beta x (log-ratio chosen - log-ratio rejected)", series=series)
     f = lambda k: "n/a" if result[k] is None else f"{result[k]:.3f}"
-    rt.log(f"rewound to step {result['rewound_step']} of {result['steps']}" if result["history"]["path"]
+    process.log(f"rewound to step {result['rewound_step']} of {result['steps']}" if result["history"]["path"]
            else f"{result['steps']} steps")
-    rt.log(f"done: held-out pref accuracy {f('pref_accuracy_heldout')} | " + " | ".join(
+    process.log(f"done: held-out pref accuracy {f('pref_accuracy_heldout')} | " + " | ".join(
         f"{name} {f(k + '_before')} -> {f(k + '_after')}" for name, k in (("clean style", "clean_style_rate"),
         ("degenerate", "degenerate_rate"), ("held-out accuracy", "heldout_accuracy"))) + f" | KL {result['kl']:.3f} | "
         f"answer tokens {result['response_tokens_before']:.1f} -> {result['response_tokens_after']:.1f} | "
@@ -259,7 +262,7 @@ def report(rt, out_dir, result, evaluator=None, model=None, token_logprobs=None)
 
 
 @torch.no_grad()
-def plot_logratio(path, model, ref, tok, pair, example, rt, token_logprobs, max_tokens=40):
+def plot_logratio(path, model, ref, tok, pair, example, process, token_logprobs, max_tokens=40):
     """A heatmap of log pi(y_t|...) - log pi_ref(y_t|...) over the first max_tokens tokens of a
     pair's two answers, a strip each: red = DPO pushed the token up, blue = pushed down.
     token_logprobs(logits, labels) -> (B, T): dpo.token_logprobs."""
@@ -268,8 +271,8 @@ def plot_logratio(path, model, ref, tok, pair, example, rt, token_logprobs, max_
     from matplotlib import pyplot
     strips = []
     for name, (x, y) in (("chosen", example[:2]), ("rejected", example[2:])):
-        X, Y = x[None].to(rt.device), y[None].to(rt.device)
-        with nanosft.autocast(rt.device, rt.dtype):
+        X, Y = x[None].to(process.device), y[None].to(process.device)
+        with nanosft.autocast(process.device, process.dtype):
             d = token_logprobs(model(X)[0], Y) - token_logprobs(ref(X)[0], Y)  # (1, T)
         keep = (Y[0] != -1).nonzero().squeeze(-1)[:max_tokens]
         vals = d[0, keep].tolist()

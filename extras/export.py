@@ -12,17 +12,18 @@ template) and a README.md model card with the checkpoint's training figures. Nee
 `safetensors` package (extras/requirements-dev.txt); the training scripts do not.
 """
 import nanosft
+from extras import runtime
 from extras import hf
 
 
 def main(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    ap = runtime.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/dpo.pt", help="checkpoint (or HF GPT-2 directory) to export")
     ap.add_argument("--out", default="hf", help="directory to write")
     args = ap.parse_args(argv)
-    ck = nanosft.load_checkpoint(args.ckpt)
-    model, tok = hf.save_dir(ck, args.out, args.ckpt)
-    print(f"{args.ckpt} ({ck['kind']}, {model.num_params():,} parameters, {tok.vocab_size:,} tokens) -> {args.out}")
+    checkpoint = nanosft.load_checkpoint(args.ckpt)
+    model, tok = hf.save_dir(checkpoint, args.out, args.ckpt)
+    print(f"{args.ckpt} ({checkpoint['kind']}, {model.num_params():,} parameters, {tok.vocab_size:,} tokens) -> {args.out}")
 
 
 if __name__ == "__main__":

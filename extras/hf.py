@@ -4,7 +4,7 @@ Hugging Face GPT-2 directories, both ways: the stage scripts fine-tune a real GP
 
     load_dir(path)          HF GPT-2 directory -> checkpoint dict (importing this module
                             lets nanosft.load_checkpoint, so every --ckpt, read one)
-    save_dir(ck, out)       checkpoint dict -> HF GPT-2 directory (export.py)
+    save_dir(checkpoint, out)       checkpoint dict -> HF GPT-2 directory (export.py)
 
 Our GPT is GPT-2's architecture (pre-LayerNorm, learned positions, tied output layer, the
 same module names) but for three things, all handled here:
@@ -264,11 +264,11 @@ def tokenizer_json(tok):
                       "ignore_merges": True, "vocab": vocab, "merges": merges}}
 
 
-def model_card(ck, model, tok, source):
+def model_card(checkpoint, model, tok, source):
     """README.md: what the model is, how to chat with it, and the training figures the
     checkpoint holds (its "metrics")."""
-    cfg, a = model.config, ck.get("args") or {}
-    figures = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (ck.get("metrics") or {}).items()
+    cfg, a = model.config, checkpoint.get("args") or {}
+    figures = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (checkpoint.get("metrics") or {}).items()
                if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     table = "\n".join(["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in figures])
     run = ", ".join(f"`--{k.replace('_', '-')} {a[k]}`" for k in ("data", "max_iters", "batch_size", "lr", "seed")
@@ -277,10 +277,10 @@ def model_card(ck, model, tok, source):
 library_name: transformers
 tags: [gpt2, nanosft]
 ---
-# nanosft {ck['kind']} model
+# nanosft {checkpoint['kind']} model
 
-Exported by nanosft's `export.py` from `{source}`, a `{ck['kind']}` checkpoint after
-{ck.get('iter', 0)} steps{' (' + run + ')' if run else ''}. GPT-2 architecture: {cfg.n_layer} layers,
+Exported by nanosft's `export.py` from `{source}`, a `{checkpoint['kind']}` checkpoint after
+{checkpoint.get('iter', 0)} steps{' (' + run + ')' if run else ''}. GPT-2 architecture: {cfg.n_layer} layers,
 {cfg.n_head} heads, width {cfg.n_embd}, {cfg.block_size} positions, {model.num_params():,} parameters,
 {tok.vocab_size:,} tokens, activation `{'gelu_new' if cfg.gelu == 'tanh' else 'gelu'}`.
 
@@ -311,7 +311,7 @@ plain text the way nanosft does.
 """
 
 
-def save_dir(ck, out, source="checkpoint"):
+def save_dir(checkpoint, out, source="checkpoint"):
     """A checkpoint dict as an HF GPT-2 directory: config.json, model.safetensors (written by
     the `safetensors` package, the reference writer), tokenizer.json and tokenizer_config.json
     with the chat template, and a README.md model card."""
@@ -319,7 +319,7 @@ def save_dir(ck, out, source="checkpoint"):
         from safetensors.torch import save_file
     except ImportError:
         raise nanosft.UserError("export needs the safetensors package: pip install -r extras/requirements-dev.txt")
-    model, tok = nanosft.model_from_checkpoint(ck, source)
+    model, tok = nanosft.model_from_checkpoint(checkpoint, source)
     cfg = model.config
     if cfg.n_prefix:
         raise nanosft.UserError(f"{source}: a prompt-tuned model ({cfg.n_prefix} prefix vectors); "
@@ -333,7 +333,7 @@ def save_dir(ck, out, source="checkpoint"):
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and m.bias is None and name != "lm_head":  # GPT-2 has them all
             tensors[f"transformer.{name}.bias"] = torch.zeros(m.out_features)
-    chat = ck["kind"] in ("sft", "dpo")
+    chat = checkpoint["kind"] in ("sft", "dpo")
     eos = "<|end|>" if chat else "<|endoftext|>"
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
               "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
@@ -342,7 +342,7 @@ def save_dir(ck, out, source="checkpoint"):
               "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
               "tie_word_embeddings": True, "use_cache": True, "bos_token_id": tok.endoftext,
               "eos_token_id": tok.special[eos], "pad_token_id": tok.pad, "dtype": "float32",
-              "nanosft_kind": ck["kind"]}
+              "nanosft_kind": checkpoint["kind"]}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": eos,
                   "pad_token": "<|pad|>", "unk_token": None, "model_max_length": cfg.block_size,
                   "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
@@ -353,5 +353,5 @@ def save_dir(ck, out, source="checkpoint"):
     nanosft.write_json(os.path.join(out, "config.json"), config)
     nanosft.write_json(os.path.join(out, "tokenizer.json"), tokenizer_json(tok))
     nanosft.write_json(os.path.join(out, "tokenizer_config.json"), tok_config)
-    nanosft.save_checkpoint(os.path.join(out, "README.md"), model_card(ck, model, tok, source))
+    nanosft.save_checkpoint(os.path.join(out, "README.md"), model_card(checkpoint, model, tok, source))
     return model, tok

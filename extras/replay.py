@@ -17,12 +17,12 @@ def train_split(pretrain_stream, file, block_size):
     return formats.split_corpus(pretrain_stream, block_size)[0]
 
 
-def sampler(pretrain_stream, file, block_size, ratio, seed, rt):
+def sampler(pretrain_stream, file, block_size, ratio, seed, process):
     """replay(it, supervised) -> (this process's windows, the tokens of all processes'):
     `ratio` pre-training tokens per supervised SFT token of step `it` (finetune.step_batches)."""
     tokens = train_split(pretrain_stream, file, block_size)
     return lambda it, supervised: replay_windows(tokens, ratio * supervised, block_size=block_size, seed=seed, it=it,
-                                                 rank=rt.rank, world=rt.world)
+                                                 rank=process.rank, world=process.world)
 
 
 def replay_windows(tokens, n_tokens, block_size, seed, it, rank=0, world=1):

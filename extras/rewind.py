@@ -59,7 +59,7 @@ def add_step(path, evaluator, model, plain_model, tok, it, flags, out_dir):
     if path[-1]["step"] == it:
         return
     path.append({"step": it, **evaluator(model)})
-    sft_eval.log_eval(evaluator.rt.log, path[-1])
+    sft_eval.log_eval(evaluator.process.log, path[-1])
     nanosft.save_checkpoint(step_file(out_dir, it), nanosft.checkpoint_dict("sft", plain_model, tok, it=it, flags=flags))
 
 
@@ -75,7 +75,7 @@ def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags,
                             tolerance=rewind_tolerance, loss_tolerance=rewind_loss_tolerance, min_gain=rewind_min_gain)
     rewound = rewound_checkpoint(choice, start_checkpoint, model, tok, it=path[-1]["step"], flags=flags,
                                  out_dir=out_dir)
-    rewound_model = nanosft.model_from_checkpoint(rewound)[0].to(evaluator.rt.device)
+    rewound_model = nanosft.model_from_checkpoint(rewound)[0].to(evaluator.process.device)
     on_path = [p for p in path if p["step"] == choice["rewound_step"]]  # a step of the path: measured already
     rewound_eval = evaluator.complete(on_path[0], rewound_model) if on_path else evaluator(rewound_model, full=True)
     probe_rewound_points(choice, rewound_eval, evaluator, start_checkpoint=start_checkpoint, model=model,
@@ -104,7 +104,7 @@ def interpolate(evaluator, start_checkpoint, model, known, alphas):
     known: {alpha: evaluation} already measured (the two ends). The knowledge probe is
     measured at the ends only (and at the rewound point: probe_rewound_points)."""
     pre, fin = pretrained_state(start_checkpoint), peft.plain_state(model)
-    on_line = peft.new_gpt(model.config).to(evaluator.rt.device)
+    on_line = peft.new_gpt(model.config).to(evaluator.process.device)
     out, keys = [], ("dev", "dev_loss", "heldout", "heldout_in", "heldout_cross", "degenerate", "retention", "probe")
     for alpha in alphas:
         if alpha not in known:
@@ -169,7 +169,7 @@ def probe_rewound_points(choice, rewound, evaluator, start_checkpoint, model, ou
             point["probe"] = rewound["probe"]
         else:
             weights = point_model(point, start_checkpoint, model, out_dir)
-            point["probe"] = evaluator.probe(weights.to(evaluator.rt.device))
+            point["probe"] = evaluator.probe(weights.to(evaluator.process.device))
 
 
 def plot_path(png, path, final_step, choice):

@@ -36,8 +36,8 @@ class SFTEvaluator:
     attributes: those SFT trains on (--sft-attributes). Rewinding sees the dev half's
     questions about these only, so nothing about a cross-domain attribute informs the choice."""
 
-    def __init__(self, rt, tok, pretrain_stream, block_size, world_dir=world_eval.HERE, attributes=None):
-        self.rt, self.tok = rt, tok
+    def __init__(self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE, attributes=None):
+        self.process, self.tok = process, tok
         self.world = world_eval.load_world(world_dir)
         self.attributes = attributes or self.world[1]["attributes"]
         self.longest = world_eval.world_longest(world_dir)
@@ -55,9 +55,9 @@ class SFTEvaluator:
         test = qa(self.test)
         inside, cross = world_eval.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
         result = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"], "heldout_in": inside,
-                  "heldout_cross": cross, "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.rt),
+                  "heldout_cross": cross, "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.process),
                   "degenerate": test["degenerate_rate"],
-                  "retention": nanosft.mean_loss(model, self.retention, self.rt) if self.retention else None,
+                  "retention": nanosft.mean_loss(model, self.retention, self.process) if self.retention else None,
                   "probe": None}
         return self.complete(result, model) if full else result
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import nanosft
+from extras import runtime
 from data import formats
+from extras import own_data
 from data import world as W
 from data import world_eval
 from conftest import tiny_gpt
@@ -24,7 +26,7 @@ import dpo
 from extras import dpo_eval
 from extras import sft_eval
 
-RT = nanosft.Runtime(torch.device("cpu"), "float32")
+RT = runtime.Runtime(torch.device("cpu"), "float32")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
@@ -82,7 +84,8 @@ def test_load_pairs_takes_held_out_pairs_from_the_held_out_file(tok, tmp_path):
                                                     "rejected": "Oslo."} for k in range(6)])
     heldout = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Where was Leon Berg born? ({k})", "chosen": "Cairo.",
                                                      "rejected": "Lima."} for k in range(3)])
-    (tp, tx), (hp, hx), counts = formats.load_pairs(train, heldout, tok, 64, 1.0, True, 1337, False, lambda s: None, 100)
+    (tp, tx), (hp, hx), counts = formats.load_pairs(train, heldout, tok, 64, 1.0, True, 1337, False, lambda s: None, 100,
+                                                     reader=own_data.READER)
     assert len(tp) == len(tx) == 6 and len(hp) == len(hx) == 3 and counts["pairs_heldout"] == 3
     assert all("Ada Stone" in p["prompt"][0]["content"] for p in tp)
     assert all("Leon Berg" in p["prompt"][0]["content"] for p in hp)
@@ -101,11 +104,11 @@ def test_held_out_benchmark_stays_the_same_whatever_the_training_pairs(tok, tmp_
     seen = set()
     for margin, top in ((10.0, True), (20.0, True), (1.0, False), (30.0, False)):
         (tp, _), (hp, _), _ = formats.load_pairs(train, held, tok, 64, margin, top, 1337, False, lambda s: None, 100,
-                                                 heldout_rule=dpo.HELDOUT_RULE)
+                                                 heldout_rule=dpo_eval.HELDOUT_RULE)
         seen.add(tuple((p["chosen"], p["rejected"]) for p in hp))
     # top answer (40) against those it beat by >= 10: Oslo (25) and Lima (5), in each of 4 threads
     assert len(seen) == 1 and len(next(iter(seen))) == 8
-    assert dpo.HELDOUT_RULE == (dpo.DEFAULTS["min_margin"], dpo.DEFAULTS["pairs"] == "top")
+    assert dpo_eval.HELDOUT_RULE == (dpo.DEFAULTS["min_margin"], dpo.DEFAULTS["pairs"] == "top")
 
 
 # ---- 2. a file without a "split" field is divided by record
@@ -118,7 +121,7 @@ def test_a_file_without_a_split_field_is_divided_by_record(tmp_path):
                                                      for j in range(4)]} for i in range(30)]
     path = write_jsonl(tmp_path / "votes.jsonl", rows)
     for seed in range(1, 6):
-        _, train, held = formats.load_preferences(path, 1.0, seed)
+        _, train, held = own_data.load_preferences(path, 1.0, seed)
         assert len(train) + len(held) == 30 * 3
         assert len({p["group"] for p in held}) == round(30 * formats.HELDOUT_FRAC)
         assert len(held) == 3 * round(30 * formats.HELDOUT_FRAC)  # whole threads
@@ -344,7 +347,7 @@ def test_resume_restores_the_torch_rng(tok, tmp_path):
         nanosft.save_checkpoint(nanosft.last_path(str(tmp_path), "dpo"), nanosft.checkpoint_dict("dpo", model, tok, opt, 5, {}))
         expected = torch.rand(8)
         torch.rand(100)  # the RNG moves on
-        it, _ = nanosft.resume(str(tmp_path), "dpo", model, tok, opt)
+        it, _ = runtime.resume(str(tmp_path), "dpo", model, tok, opt)
         assert it == 5 and torch.equal(torch.rand(8), expected)
     finally:
         torch.set_rng_state(saved)

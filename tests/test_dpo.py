@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import nanosft
+from extras import runtime
 from data import formats
+from extras import own_data
 from conftest import tiny_gpt, run_script
 
 import dpo
@@ -103,7 +105,7 @@ def test_loss_is_ln2_and_gradients_cancel_when_policy_is_reference():
 
 def test_loss_is_ln2_on_a_model_and_identical_pairs_give_zero_gradient(tok):
     model = tiny_gpt(tok, seed=1)
-    ref = dpo.freeze(copy.deepcopy(model))
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
     ex = examples(tok)
     X, Y, S = dpo.collate_pairs(ex, tok.pad)
     ref_c, ref_r = dpo.concatenated_logprobs(ref, X, Y, S)
@@ -179,14 +181,14 @@ def test_concatenated_forward_equals_separate_forwards(tok):
 
 def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     model = tiny_gpt(tok, seed=4)
-    ref = dpo.freeze(copy.deepcopy(model))
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     ex = examples(tok) * 2
-    rt = nanosft.Runtime(torch.device("cpu"), "float32")
-    cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, rt)
+    process = runtime.Runtime(torch.device("cpu"), "float32")
+    cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, process)
     flags = dict(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100, time_budget=None)
     opt = nanosft.configure_optimizer(model, flags["lr"])
-    steps = nanosft.Steps(rt, model, opt, flags)
+    steps = runtime.Steps(process, model, opt, flags)
     for it in steps:  # dpo.py's step, two pairs at a time
         ids = torch.tensor([(2 * it) % len(ex), (2 * it + 1) % len(ex)])
         X, Y, segments = dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad)
@@ -209,7 +211,6 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
 
 def test_batches_are_a_pure_function_of_seed_and_step():
     a = [dpo.step_pair_ids(7, it, 4, 10) for it in range(6)]
-    dpo.epoch_order.cache_clear()
     assert a == [dpo.step_pair_ids(7, it, 4, 10) for it in range(6)]
     flat = sum(a, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs
@@ -234,46 +235,46 @@ def test_each_format_parses(tmp_path):
     votes = [{"prompt": f"Q{i}", "split": "heldout" if i == 0 else "train",
               "answers": [{"text": "a", "up": 10, "down": 0}, {"text": "b", "up": 5, "down": 5},
                           {"text": "c", "up": 5, "down": 4}]} for i in range(3)]
-    fmt, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1, top_only=False)
+    fmt, train, held = own_data.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1, top_only=False)
     assert fmt == "votes" and len(train) == 6 and len(held) == 3
     assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c"), ("c", "b")}
-    _, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2, top_only=False)
+    _, train, held = own_data.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=2, top_only=False)
     assert {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
-    _, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)  # top vs the rest
+    _, train, held = own_data.load_preferences(write(tmp_path, "v.jsonl", votes), min_margin=1)  # top vs the rest
     assert len(train) == 4 and {(p["chosen"], p["rejected"]) for p in held} == {("a", "b"), ("a", "c")}
     # a tie at the top: no single best answer, so the thread gives no pairs (the others still do)
     tied = votes + [{"prompt": "T", "answers": [{"text": "p", "up": 3, "down": 0}, {"text": "q", "up": 4, "down": 1},
                                                 {"text": "r", "up": 0, "down": 3}]}]
-    _, train, held = formats.load_preferences(write(tmp_path, "v.jsonl", tied), min_margin=1)
+    _, train, held = own_data.load_preferences(write(tmp_path, "v.jsonl", tied), min_margin=1)
     assert len(train) + len(held) == 6 and all(p["chosen"] == "a" for p in train + held)
 
     pairs = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
-    fmt, train, held = formats.load_preferences(write(tmp_path, "p.jsonl", pairs))
+    fmt, train, held = own_data.load_preferences(write(tmp_path, "p.jsonl", pairs))
     assert fmt == "pairs" and len(train) == 18 and len(held) == 2  # 10% held out, by record
     assert train[0]["prompt"] == [{"role": "user", "content": train[0]["prompt"][0]["content"]}]
     assert {p["chosen"] for p in train + held} == {f"good {i}" for i in range(20)}
 
     alpaca = [{"instruction": "Name a colour.", "input": "Not red.", "output": "Blue.",
                "chosen": "Blue.", "rejected": "Red."}, {"instruction": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
-    fmt, train, held = formats.load_preferences(write(tmp_path, "a.json", alpaca, array=True))
+    fmt, train, held = own_data.load_preferences(write(tmp_path, "a.json", alpaca, array=True))
     assert fmt == "alpaca" and len(train) + len(held) == 2
     p = next(p for p in train + held if p["chosen"] == "Blue.")
     assert p["prompt"] == [{"role": "user", "content": "Name a colour.\n\nNot red."}] and p["rejected"] == "Red."
 
     scores = [{"prompt": "Q", "responses": [{"text": "x", "score": 0.5}, {"text": "y", "score": 2.5},
                                             {"text": "z", "score": 2.0}]}]
-    fmt, train, _ = formats.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1, top_only=False)
+    fmt, train, _ = own_data.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1, top_only=False)
     assert fmt == "scores" and {(p["chosen"], p["rejected"]) for p in train} == {("y", "x"), ("z", "x")}
-    fmt, train, _ = formats.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
+    fmt, train, _ = own_data.load_preferences(write(tmp_path, "s.jsonl", scores), min_margin=1)
     assert {(p["chosen"], p["rejected"]) for p in train} == {("y", "x")}
 
-    fmt, train, _ = formats.load_preferences(write(tmp_path, "h.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]))
+    fmt, train, _ = own_data.load_preferences(write(tmp_path, "h.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]))
     assert fmt == "hh" and train[0]["chosen"] == "It is 4."
 
 
 def test_hh_split_on_a_multi_turn_dialogue(tok):
-    msgs, chosen = formats.split_hh(HH_CHOSEN, "x")
-    msgs_r, rejected = formats.split_hh(HH_REJECTED, "x")
+    msgs, chosen = own_data.split_hh(HH_CHOSEN, "x")
+    msgs_r, rejected = own_data.split_hh(HH_REJECTED, "x")
     assert msgs == msgs_r == [{"role": "user", "content": "Hi there"},
                               {"role": "assistant", "content": "Hello! How can I help?"},
                               {"role": "user", "content": "What is 2+2?"}]
@@ -300,7 +301,7 @@ def test_bad_preference_data_is_one_clear_error(tmp_path, rows, match):
     """Malformed records are errors always; a tie is one under --strict (see test_data.py)."""
     path = write(tmp_path, "p.jsonl", rows)
     with pytest.raises(nanosft.UserError, match=match):
-        formats.load_preferences(path, report=formats.DataReport(path, strict=True, unit="pairs"))
+        own_data.load_preferences(path, report=formats.DataReport(path, strict=True, unit="pairs"))
 
 
 # ---- dpo.py end to end
@@ -375,13 +376,13 @@ def test_dpo_script_bad_data_exits_2_with_one_line(sft_ckpt, tmp_path):
 
 def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
     model = tiny_gpt(tok, seed=6)
-    ref = dpo.freeze(copy.deepcopy(model))
-    rt = nanosft.Runtime(torch.device("cpu"), "float32")
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    process = runtime.Runtime(torch.device("cpu"), "float32")
     prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
-    assert dpo_eval.kl_estimate(model, ref, tok, prompts, rt, seed=0) == 0.0
+    assert dpo_eval.kl_estimate(model, ref, tok, prompts, process, seed=0) == 0.0
     with torch.no_grad():
         model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
-    assert dpo_eval.kl_estimate(model, ref, tok, prompts, rt, seed=0) > 0.0
+    assert dpo_eval.kl_estimate(model, ref, tok, prompts, process, seed=0) > 0.0
 
 
 @pytest.mark.parametrize("cache", [True, False])

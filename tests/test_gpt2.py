@@ -106,10 +106,10 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
     tr = pytest.importorskip("transformers")
     d, ref, bpe = gpt2_dir
     V = ref.config.vocab_size
-    ck = nanosft.load_checkpoint(d)
-    model, tok = nanosft.model_from_checkpoint(ck, d)
+    checkpoint = nanosft.load_checkpoint(d)
+    model, tok = nanosft.model_from_checkpoint(checkpoint, d)
     model.eval()
-    assert ck["kind"] == "pretrain" and model.config.bias and model.config.gelu == "tanh"
+    assert checkpoint["kind"] == "pretrain" and model.config.bias and model.config.gelu == "tanh"
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = ref(ids).logits
@@ -137,7 +137,7 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
 
     # exported again: transformers gives our logits (the chat tokens' columns too) and ids
     out = str(tmp_path / "again")
-    hf.save_dir(ck, out, d)
+    hf.save_dir(checkpoint, out, d)
     again = tr.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, ours, atol=1e-4, rtol=0)
@@ -150,9 +150,9 @@ def test_import_matches_transformers_and_exports_back(gpt2_dir, tmp_path):
 
 def assert_same_when_imported(hf_dir, model, tok, kind):
     """An export, imported again, is the same model and tokenizer."""
-    ck = nanosft.load_checkpoint(hf_dir)
-    back, tok2 = nanosft.model_from_checkpoint(ck, hf_dir)
-    assert ck["kind"] == kind and tok2.ranks == tok.ranks and tok2.special == tok.special
+    checkpoint = nanosft.load_checkpoint(hf_dir)
+    back, tok2 = nanosft.model_from_checkpoint(checkpoint, hf_dir)
+    assert checkpoint["kind"] == kind and tok2.ranks == tok.ranks and tok2.special == tok.special
     ids = torch.randint(0, tok.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(ids)[0], model.eval()(ids)[0], atol=1e-5, rtol=0)
@@ -234,8 +234,8 @@ def test_finetune_on_imported_gpt2_then_sample(gpt2_dir, tmp_path, capsys, monke
                    "--dtype", "float32"])
     log = capsys.readouterr().out
     assert re.search(r"step +5/5 \| loss \d", log), log
-    ck = nanosft.load_checkpoint(os.path.join(out, "sft.pt"), expect_kind=("sft",))
-    model, tok = nanosft.model_from_checkpoint(ck)
+    checkpoint = nanosft.load_checkpoint(os.path.join(out, "sft.pt"), expect_kind=("sft",))
+    model, tok = nanosft.model_from_checkpoint(checkpoint)
     assert model.config.bias and model.config.gelu == "tanh"
     imported = nanosft.Tokenizer.from_state(nanosft.load_checkpoint(d)["tokenizer"])
     assert imported.ranks == tok.ranks and imported.special == tok.special  # saved and restored

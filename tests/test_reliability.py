@@ -16,6 +16,7 @@ import torch
 
 import nanosft
 from data import formats
+from extras import own_data
 import finetune
 import pretrain
 import sample
@@ -81,25 +82,25 @@ def F(tmp_path_factory):
         pretrain.main(["--data", str(corpus), "--out-dir", str(d / "pre"), "--max-iters", "2",
                        "--eval-interval", "2", *TINY])
     f["pre"] = str(d / "pre" / "pretrain.pt")
-    ck = torch.load(f["pre"], weights_only=True)
+    checkpoint = torch.load(f["pre"], weights_only=True)
 
     def save(name, obj):
         f[name] = str(d / f"{name}.pt")
         torch.save(obj, f[name])
 
-    save("sft", {**ck, "kind": "sft"})
-    save("dpo", {**ck, "kind": "dpo"})
+    save("sft", {**checkpoint, "kind": "sft"})
+    save("dpo", {**checkpoint, "kind": "dpo"})
     # a finished SFT run of ANOTHER model (wider), to resume against the wrong --ckpt
-    tok = nanosft.Tokenizer.from_state(ck["tokenizer"])
-    other = nanosft.GPT(nanosft.GPTConfig(**{**ck["config"], "n_embd": 48}))
+    tok = nanosft.Tokenizer.from_state(checkpoint["tokenizer"])
+    other = nanosft.GPT(nanosft.GPTConfig(**{**checkpoint["config"], "n_embd": 48}))
     save("other", {**nanosft.checkpoint_dict("sft", other, tok), "train_state": other.state_dict()})
     raw = open(f["pre"], "rb").read()
     f["trunc"] = str(d / "trunc.pt")
     open(f["trunc"], "wb").write(raw[:len(raw) // 2])
     save("notnano", {"weights": torch.zeros(3)})
-    save("mismatch", {**ck, "config": {**ck["config"], "n_embd": 64}})   # tensors are 32 wide
-    save("vocab", {**ck, "config": {**ck["config"], "vocab_size": ck["config"]["vocab_size"] + 100}})
-    save("badcfg", {**ck, "config": "n_layer=1"})
+    save("mismatch", {**checkpoint, "config": {**checkpoint["config"], "n_embd": 64}})   # tensors are 32 wide
+    save("vocab", {**checkpoint, "config": {**checkpoint["config"], "vocab_size": checkpoint["config"]["vocab_size"] + 100}})
+    save("badcfg", {**checkpoint, "config": "n_layer=1"})
     f["marker"] = str(d / "pwned")
     save("evil", {"model": Evil(f["marker"]), "config": {}, "tokenizer": {}, "kind": "sft"})
 
@@ -292,10 +293,10 @@ while True:  # until killed: each version's tensor is filled with its version nu
 
 
 def test_sigkill_during_save_leaves_old_or_new_complete_file(tmp_path):
-    path = str(tmp_path / "ck.pt")
+    path = str(tmp_path / "checkpoint.pt")
     nanosft.save_checkpoint(path, {"version": 0, "w": torch.zeros(4_000_000)})
     rng, versions = random.Random(7), [0]
-    mid_write = lambda: any(".ck.pt.tmp" in n for n in os.listdir(tmp_path))
+    mid_write = lambda: any(".checkpoint.pt.tmp" in n for n in os.listdir(tmp_path))
     for kill in range(20):  # at least 3 kills, and on until one has landed in the middle of a write
         if kill >= 3 and mid_write():
             break
@@ -306,9 +307,9 @@ def test_sigkill_during_save_leaves_old_or_new_complete_file(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-        ck = torch.load(path, weights_only=True)  # never truncated: this must not raise
-        assert torch.equal(ck["w"], torch.full_like(ck["w"], float(ck["version"])))  # one version, whole
-        versions.append(ck["version"])
+        checkpoint = torch.load(path, weights_only=True)  # never truncated: this must not raise
+        assert torch.equal(checkpoint["w"], torch.full_like(checkpoint["w"], float(checkpoint["version"])))  # one version, whole
+        versions.append(checkpoint["version"])
     assert versions == sorted(versions)  # never an older file than one already seen
     # A kill mid-write leaves its temp file behind (never a damaged checkpoint): harmless
     # litter that nothing reads; it shows the kills did land inside a save.
@@ -375,8 +376,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(F, tmp_path
     assert list(saved) == [2]  # the step-2 save happened, nothing after it
     path = os.path.join(out, "pretrain_last.pt")
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == saved[2]
-    ck = nanosft.load_checkpoint(path)
-    assert ck["iter"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    checkpoint = nanosft.load_checkpoint(path)
+    assert checkpoint["iter"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
 
 # ---- data hygiene
@@ -398,7 +399,7 @@ def test_bom_crlf_and_every_script_load_unchanged(tmp_path, tok):
                                             ensure_ascii=False, indent=2).replace("\n", "\r\n")}.items():
         p = tmp_path / name
         p.write_bytes(bom + body.encode("utf-8"))
-        convs = [c for _, c in formats.load_instructions(str(p))]
+        convs = [c for _, c in own_data.load_instructions(str(p))]
         assert [(c[0]["content"], c[1]["content"]) for c in convs] == [(r["prompt"], r["response"]) for r in rows]
     for s in SCRIPTS:
         assert tok.decode(tok.encode(s)) == s
@@ -412,7 +413,7 @@ def test_special_token_strings_in_data_stay_plain_text(tmp_path, tok):
                             {"role": "assistant", "content": "No. <|end|> still text"}]},
               {"instruction": trick, "input": "<|pad|>", "output": "<|assistant|>"},
               {"prompt": trick, "response": "fine"}])
-    for _, conv in formats.load_instructions(str(p)):
+    for _, conv in own_data.load_instructions(str(p)):
         ids, mask = nanosft.render_chat(tok, conv)
         # role and control tokens come only from the conversation's structure, never from its text
         assert ids.count(tok.endoftext) == 1 and ids.count(tok.pad) == 0
@@ -510,10 +511,10 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
         if kind == "text":
             tok.encode(formats.read_text(path))
         elif kind == "sft":
-            for _, conv in formats.load_instructions(path):
+            for _, conv in own_data.load_instructions(path):
                 nanosft.example_tensors(*nanosft.render_chat(tok, conv))
         else:
-            _, train, held = formats.load_preferences(path)
+            _, train, held = own_data.load_preferences(path)
             for p in train + held:
                 formats.pair_example(tok, p, 64)
 

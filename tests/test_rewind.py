@@ -3,6 +3,7 @@ chosen on the DEV half alone; the test half's answers are only reported."""
 import torch
 
 import nanosft
+from extras import runtime
 import finetune
 from extras import rewind
 from conftest import tiny_gpt
@@ -14,7 +15,7 @@ class LineEvaluator:
     alpha 0.8, retention loss grows with alpha, and the TEST half's accuracy is `test(alpha)`."""
 
     def __init__(self, test):
-        self.rt, self.test, self.calls = nanosft.Runtime(torch.device("cpu"), "float32"), test, 0
+        self.process, self.test, self.calls = runtime.Runtime(torch.device("cpu"), "float32"), test, 0
 
     def __call__(self, model, full=False):
         self.calls += 1
@@ -31,10 +32,10 @@ def line_choice(tok, test):
     fin = tiny_gpt(tok, seed=1)
     with torch.no_grad():
         fin.ln_f.bias.fill_(1.0)
-    ck = nanosft.checkpoint_dict("pretrain", pre, tok)
+    checkpoint = nanosft.checkpoint_dict("pretrain", pre, tok)
     ev = LineEvaluator(test)
     path = [{"step": 0, **ev(pre)}, {"step": 300, **ev(fin)}]
-    return rewind.choose_rewound(ev, ck, fin, path, path[-1], where="interpolate", alphas=finetune.ALPHAS,
+    return rewind.choose_rewound(ev, checkpoint, fin, path, path[-1], where="interpolate", alphas=finetune.ALPHAS,
                                  tolerance=0.01, loss_tolerance=0.02, min_gain=0.05)
 
 

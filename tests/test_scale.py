@@ -146,3 +146,5 @@ def test_a_wider_model_takes_smaller_steps():
     flags = lambda width: ["--n-layer", "2", "--n-embd", str(width)]
     assert [experiments.scale_lr(6e-3, flags(w)) for w in (64, 128, 256, 640)] == ["0.006", "0.006", "0.003", "0.0012"]
     assert experiments.scale_lr(2e-3, flags(640)) == "0.0004"
+    sft = [experiments.scale_lr(2e-3, flags(w), experiments.SCALE_SFT_LEAST) for w in (64, 128, 256, 640)]
+    assert sft == ["0.002", "0.002", "0.001", "0.0008"]  # SFT's floor lifts only the widest

@@ -8,6 +8,7 @@ import torch
 import nanosft
 from extras import peft
 from data import formats
+from extras import own_data
 import finetune
 from extras import rewind
 import pretrain
@@ -71,7 +72,7 @@ def test_formats_parse_to_the_same_conversation(tmp_path):
     pr = write(tmp_path / "p.jsonl", json.dumps({"prompt": "Add\n\n1 2", "response": "3"}) + "\n")
     msgs = write(tmp_path / "m.jsonl", json.dumps({"messages": [{"role": "user", "content": "Add\n\n1 2"},
                                                                {"role": "assistant", "content": "3"}]}) + "\n")
-    convs = [formats.load_instructions(p) for p in (alpaca, pr, msgs)]  # [(record number, conversation)]
+    convs = [own_data.load_instructions(p) for p in (alpaca, pr, msgs)]  # [(record number, conversation)]
     assert convs[0] == convs[1] == convs[2]
 
 
@@ -85,7 +86,7 @@ def test_formats_parse_to_the_same_conversation(tmp_path):
 def test_bad_records_name_file_and_record(tmp_path, text, needle):
     p = write(tmp_path / "bad.jsonl", text)
     with pytest.raises(nanosft.UserError, match=needle) as e:  # malformed: always; no answer: under --strict
-        formats.load_instructions(p, formats.DataReport(p, strict=True))
+        own_data.load_instructions(p, formats.DataReport(p, strict=True))
     assert "bad.jsonl" in str(e.value)
 
 
@@ -135,8 +136,8 @@ def test_lora_init_exact_only_adapters_train_and_merge_equal(tok):
 
 
 def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
-    ck = nanosft.checkpoint_dict("pretrain", tiny_gpt(tok, seed=2), tok)
-    model, _ = peft.sft_setup(nanosft.model_from_checkpoint(ck)[0], tok, [], seed=1337, lora_rank=4, new_rows="freeze")
+    checkpoint = nanosft.checkpoint_dict("pretrain", tiny_gpt(tok, seed=2), tok)
+    model, _ = peft.sft_setup(nanosft.model_from_checkpoint(checkpoint)[0], tok, [], seed=1337, lora_rank=4, new_rows="freeze")
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
     ex = [nanosft.example_tensors(*nanosft.render_chat(tok, conv))]
     X, Y = nanosft.collate(ex, tok.pad)
@@ -162,8 +163,8 @@ def test_finetune_lora_trains_adapters_and_only_the_new_token_rows(tok):
 
 def test_prompt_tuning_changes_no_model_weight(tok, tmp_path):
     base = tiny_gpt(tok, seed=3)
-    ck = nanosft.checkpoint_dict("pretrain", base, tok)
-    model, _ = peft.sft_setup(nanosft.model_from_checkpoint(ck)[0], tok, [], seed=1337, prompt_tokens=4, new_rows="freeze")
+    checkpoint = nanosft.checkpoint_dict("pretrain", base, tok)
+    model, _ = peft.sft_setup(nanosft.model_from_checkpoint(checkpoint)[0], tok, [], seed=1337, prompt_tokens=4, new_rows="freeze")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix"]
     opt = nanosft.configure_optimizer(model, 1e-2)
