@@ -231,8 +231,8 @@ def token_logprobs(logits, labels):
 
 
 def collate_pairs(examples, pad_id, packed=True):
-    """B pair examples -> X, Y, S: the 2B sequences, the B chosen then the B rejected; packed,
-    several per row (S (R, T) numbers them), else one row each (S None: a prompt-tuned model)."""
+    """B pair examples -> X, Y, segments: the 2B sequences, the B chosen then the B rejected; packed,
+    several per row (segments (R, T) numbers them), else one row each (None: a prompt-tuned model)."""
     seqs = [e[:2] for e in examples] + [e[2:] for e in examples]
     if not packed:
         return (*nanosft.collate(seqs, pad_id), None)
@@ -264,16 +264,16 @@ def sequence_logprobs(logits, labels, mask, segments=None):
     return per_sequence(lp, segments)  # (B,) or (N,)
 
 
-def concatenated_logprobs(model, X, Y, S=None):
+def concatenated_logprobs(model, X, Y, segments=None):
     """Chosen and rejected answers (collate_pairs: the B chosen, then the B rejected) in ONE
     forward: half the kernel launches, and one forward per backward under DDP. -> two (B,)."""
-    if S is None:
+    if segments is None:
         logits, _ = model(X)  # (2B, T, V)
     else:
         from extras import packing  # packed rows (collate_pairs): each sequence sees only itself
         block = getattr(model, "module", model).config.block_size  # (DDP holds the model in .module)
-        logits = packing.packed_logits(model, X, packing.packed_layout(S, block))  # (R, T, V)
-    return sequence_logprobs(logits, Y, Y != -1, S).chunk(2)  # (2B,) -> the B chosen, the B rejected
+        logits = packing.packed_logits(model, X, packing.packed_layout(segments, block))  # (R, T, V)
+    return sequence_logprobs(logits, Y, Y != -1, segments).chunk(2)  # (2B,) -> the B chosen, the B rejected
 
 
 if __name__ == "__main__":

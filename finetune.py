@@ -187,7 +187,7 @@ def parse_args(argv=None):
     ap = runtime.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("fine-tuning: the model, the data, what trains")
     lesson.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
-    lesson.add_argument("--data", help="instruction file (formats: data/formats.py); default: the world's questions")
+    lesson.add_argument("--data", help="instruction file (formats: extras/own_data.py); default: the world's questions")
     lesson.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"],
                         help="scratch: random weights (the no-pre-training baseline)")
     lesson.add_argument("--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)")

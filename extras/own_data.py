@@ -22,7 +22,6 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "function_call": "tool", "observation": "tool", "tool": "tool", "function": "tool"}
 
 
-
 def alpaca_prompt(r, where):
     """An Alpaca record's prompt as messages: its optional "system", then the instruction
     and its optional "input" as one user turn."""
@@ -30,7 +29,6 @@ def alpaca_prompt(r, where):
     extra = formats.field(r, "input", where, optional=True)
     return ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": formats.field(r, "instruction", where) + ("\n\n" + extra if extra else "")}]
-
 
 
 def instruction_record(r, where):
@@ -67,7 +65,6 @@ def instruction_record(r, where):
                     "{conversations:[...]}")
 
 
-
 def load_instructions(path, report=None):
     """An instruction file -> [(record number, conversation)]. A malformed record is an
     error; a valid one that teaches nothing is skipped and counted in `report`: no assistant
@@ -100,9 +97,7 @@ def load_instructions(path, report=None):
     return out
 
 
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")  # Anthropic HH: a dialogue in one string
 
 
 def split_hh(text, where):
@@ -117,8 +112,8 @@ def split_hh(text, where):
     return msgs, turns[-1][1]
 
 
-
 def record_format(r, where):
+    """Which preference format a record is in, from its keys."""
     if not isinstance(r, dict):
         raise nanosft.UserError(f"{where}: expected a JSON object, got {type(r).__name__}")
     if "answers" in r:
@@ -137,7 +132,6 @@ def record_format(r, where):
                        "HH {chosen,rejected}, Alpaca {instruction,chosen,rejected}, ShareGPT "
                        "{conversations,chosen,rejected}, {prompt,answers:[{text,up,down}]} or "
                        "{prompt,responses:[{text,score}]}")
-
 
 
 def conversational_pair(r, where):
@@ -173,7 +167,6 @@ def conversational_pair(r, where):
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
-
 def record_pairs(fmt, r, where, min_margin, top_only=True):
     """One record -> (prompt messages, [(chosen, rejected), ...])."""
     if fmt == "votes":  # the world's format
@@ -203,7 +196,6 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
         raise nanosft.UserError(f"{where}: 'chosen' and 'rejected' must share the dialogue before "
                            "their last Assistant turn")
     return msgs_c, [(chosen, rejected)]
-
 
 
 READER = (record_format, record_pairs)  # formats.read_pairs's reader for every format above

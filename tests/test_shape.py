@@ -11,7 +11,7 @@ from conftest import ROOT
 SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eval.py", "extras/peft.py", "sample.py",
            "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "extras/packing.py",
            "extras/cpu.py", "extras/charts.py", "data/formats.py", "data/world_eval.py", "extras/rewind.py",
-           "extras/sft_eval.py", "extras/replay.py"]
+           "extras/sft_eval.py", "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
 MAIN_LINES = 80
 
 
