@@ -291,14 +291,14 @@ def exp_labels(root, ckpt):
 def exp_overshoot(root, ckpt):
     """A learning rate that overshoots, and what rewinding recovers. -> a markdown table."""
     r = sft(root, "lr4e-3", ckpt, *OVERSHOOT)
-    peak, final, rew = max(p["heldout"] for p in r["path"]), r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
+    peak, final, rewound = max(p["heldout"] for p in r["path"]), r["heldout_accuracy_final"], r["heldout_accuracy_rewound"]
     md = table(["", "held-out acc (test half)", "retention loss", "where"],
                [["peak along the path", fmt(peak), "", ""],
                 ["final", fmt(final), fmt(r["retention_val_loss_final"]), f"step {r['steps']}"],
-                ["rewound (out/overshoot/lr4e-3/sft.pt)", fmt(rew), fmt(r["retention_val_loss_rewound"]),
+                ["rewound (out/overshoot/lr4e-3/sft.pt)", fmt(rewound), fmt(r["retention_val_loss_rewound"]),
                  r["rewound"]]])
     md += (f"\n\nrewinding saves {r['retention_val_loss_final'] - r['retention_val_loss_rewound']:.3f} nats of "
-           f"retention loss at {100 * (rew - final):+.1f} points of held-out accuracy.")
+           f"retention loss at {100 * (rewound - final):+.1f} points of held-out accuracy.")
     return md
 
 
@@ -330,7 +330,7 @@ def scale_lr(peak, flags, least=0.0):
 SCALE_BUDGET = ["--max-iters", "3000", "--batch-size", "8", "--block-size", "128"]  # the same tokens for every size
 SCALE_PEOPLE = 700
 SCALE_SEEDS = (4, 5)  # never looked at while choosing: the world, sizes, budget and rates (seeds 1337, 3; docs/scale.md)
-SCALE_SFT_LEAST = 8e-4  # 11M parameters' SFT at 4e-4 did not converge in 300 steps on seed 3 (docs/scale.md)
+SCALE_SFT_LEAST = 8e-4  # SFT's least peak rate, which only the widest model reaches: why, docs/scale.md
 SCALE_ATTRIBUTES = ["city", "job", "food"]  # what SFT asks about; pet and hobby are cross-domain
 SCALE_SFT = ["--sft-attributes", ",".join(SCALE_ATTRIBUTES), "--eval-interval", "300"]
 IN_DOMAIN, CROSS_DOMAIN = "heldout_accuracy_in_domain", "heldout_accuracy_cross_domain"
