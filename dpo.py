@@ -204,7 +204,7 @@ def main(argv=None):
             step_loss += loss_sum.item()
         step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
         steps.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(steps.params, 1.0)
+        torch.nn.utils.clip_grad_norm_(steps.params, args.grad_clip)
         steps.scaler.step(optimizer)  # optimizer.step() (fp16 on CUDA: skipped if the gradient overflowed)
         steps.scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -158,8 +158,9 @@ def conversational_pair(r, where):
     if "prompt" in r:
         prompt = [{"role": "user", "content": formats.field(r, "prompt", where)}] if isinstance(r["prompt"], str) \
             else messages("prompt")
-        if len(chosen) > 1 or len(rejected) > 1:  # prompt repeated inside the answers
-            prompt = prompt + chosen[:-1]
+        if chosen[:-1] != rejected[:-1]:  # earlier turns inside the answers: the same for both
+            raise nanosft.UserError(f"{where}: 'chosen' and 'rejected' must share the messages before their last one")
+        prompt = prompt + chosen[:-1]
     else:
         prompt = chosen[:-1]
         if rejected[:-1] != prompt:

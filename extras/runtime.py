@@ -41,7 +41,7 @@ class ArgumentParser(argparse.ArgumentParser):
                      "n_head", "n_embd", "vocab_size", "max_new_tokens", "num_samples"):
             if flags.get(name) is not None and flags[name] <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {flags[name]}")
-        for name in ("lr", "time_budget", "beta"):
+        for name in ("lr", "time_budget", "beta", "grad_clip"):
             v = flags.get(name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
@@ -76,6 +76,7 @@ def add_common_args(ap, out_dir="out"):
     train.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the step's gradient to this norm")
     train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
     train.add_argument("--log-interval", type=int, help="print the loss every N steps")
     train.add_argument("--seed", type=int, default=1337)
@@ -155,14 +156,14 @@ class Steps:
         on_eval(steps.it)                         # and at the end
 
     flags: max_iters, lr (the peak), warmup, eval_interval, log_interval, time_budget (s or
-    None). `scaler` scales fp16 losses on CUDA (else a no-op); `params`: the trained ones."""
+    None). `scaler` scales fp16 losses on the run's device (else a no-op); `params`: the trained ones."""
 
     def __init__(self, process, model, optimizer, flags, start_iter=0):
         self.process, self.optimizer, self.start = process, optimizer, start_iter
         self.max_iters, self.peak_lr, self.warmup = flags["max_iters"], flags["lr"], flags["warmup"]
         self.eval_interval, self.log_interval = flags["eval_interval"], flags["log_interval"]
         self.time_budget = flags["time_budget"]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=(process.dtype == "float16"))
+        self.scaler = torch.amp.GradScaler(process.device.type, enabled=(process.dtype == "float16"))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.it, self.lr, self.tokens, self.t0, self.t_end = start_iter, 0.0, 0, time.time(), None
 

@@ -10,7 +10,7 @@ import torch
 
 import nanosft
 from extras import runtime
-from data import formats
+from data import formats, world_eval
 from extras import own_data
 from conftest import tiny_gpt, run_script
 
@@ -314,7 +314,20 @@ def sft_ckpt(tok, tmp_path_factory):
     return path
 
 
-def test_dpo_script_end_to_end(sft_ckpt, tmp_path):
+def summed_answer_logprobs(model, seqs, pad, rows=256):
+    """log pi(answer | prompt) of (inputs, targets) examples, targets -1 off the answer: padded
+    forwards, the targets' log-softmax summed (no pair, packing or reference-cache code)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), rows):
+            X, Y = nanosft.collate(seqs[i:i + rows], pad)
+            logp = torch.log_softmax(model.eval()(X)[0].float(), -1)
+            picked = logp.gather(-1, Y.clamp(min=0)[..., None])[..., 0]
+            out.append(torch.where(Y != -1, picked, torch.zeros_like(picked)).sum(-1))
+    return torch.cat(out).double()
+
+
+def test_dpo_script_end_to_end(sft_ckpt, tok, tmp_path):
     out = str(tmp_path / "out")
     r = run_script("dpo.py", "--ckpt", sft_ckpt, "--out-dir", out, "--min-margin", "30", "--max-iters", "6",
                    "--batch-size", "4", "--lr", "1e-3", "--warmup", "2", "--eval-interval", "3",
@@ -325,13 +338,65 @@ def test_dpo_script_end_to_end(sft_ckpt, tmp_path):
     for key in ("pref_accuracy_heldout", "style_rate_before", "style_rate_after", "heldout_accuracy_before",
                 "heldout_accuracy_after", "kl", "response_tokens_before", "response_tokens_after", "seconds"):
         assert res[key] is not None, key
-    assert res["steps"] == 6 and res["format"] == "votes" and res["kl"] >= 0
+    assert res["steps"] == 6 and res["format"] == "votes"
     assert len(res["samples"]) == 5 and {"before", "after", "prompt"} <= set(res["samples"][0])
-    assert res["history"]["eval"]["step"] == [0, 3, 6]
     assert len(res["history"]["train"]["rewards/margins"]) == 6
     for png in ("dpo_logratio.png", "dpo_margin.png"):
         assert os.path.getsize(os.path.join(out, png)) > 0
     assert nanosft.load_checkpoint(os.path.join(out, "dpo.pt"), expect_kind=("dpo",))["iter"] == 6
+
+    # step 0: the policy IS the reference, every implicit reward 0: margin 0, ties (accuracy 0.5), KL 0
+    ev = res["history"]["eval"]
+    assert ev["step"] == [0, 3, 6]
+    assert (ev["margin"][0], ev["pref_accuracy"][0], ev["kl"][0]) == (0.0, 0.5, 0.0)
+    # the held-out pairs (the world's, all of them scored), scored here from their tensors
+    _, held = formats.read_pairs(world_eval.EVAL_THREADS, *dpo_eval.HELDOUT_RULE)
+    _, held = formats.pair_examples(tok, held, 64, formats.DataReport(world_eval.EVAL_THREADS, unit="pairs"))
+    assert len(held) == res["pairs_heldout"] == res["pairs_heldout_scored"] <= dpo_eval.EVAL_PAIRS
+    beta = dpo.DEFAULTS["beta"]
+    assert res["beta"] == beta
+    load = lambda p: nanosft.model_from_checkpoint(nanosft.load_checkpoint(p))[0]
+    start = load(sft_ckpt)
+    score = lambda m: (summed_answer_logprobs(m, [e[:2] for e in held], tok.pad),
+                       summed_answer_logprobs(m, [e[2:] for e in held], tok.pad))
+    ref_c, ref_r = score(start)
+
+    def check(scores, margin, pref_accuracy, logp_accuracy=None):
+        """The reported mean margin and preference accuracy are those of a model's `scores` against
+        the start's: beta ((pi_c - ref_c) - (pi_r - ref_r)), a tie counting 1/2. Float rounding
+        (packed rows there, padded ones here) may flip the sign of a margin within 1e-4 of 0:
+        those may go either way. The start's own weights give exact zeros on both sides: ties."""
+        pi_c, pi_r = scores
+        m = beta * ((pi_c - ref_c) - (pi_r - ref_r))
+        slack = ((m != 0) & (m.abs() < 1e-4)).double().mean().item() + 1e-6  # (+ a float32 mean there)
+        assert margin == pytest.approx(m.mean().item(), abs=1e-5)
+        assert abs(pref_accuracy - ((m > 0).double() + 0.5 * (m == 0).double()).mean().item()) <= slack
+        if logp_accuracy is not None:
+            near = ((pi_c - pi_r).abs() < 1e-3).double().mean().item() + 1e-6
+            assert abs(logp_accuracy - (pi_c > pi_r).double().mean().item()) <= near
+        return m
+
+    # the evaluations along the way: the weights of steps 3 and 6 (kept for rewinding) moved, the KL
+    # is > 0, and the margin and accuracy logged at step 6 are its weights' against the starting model
+    assert abs(res["logp_accuracy_heldout_before"] - (ref_c > ref_r).double().mean().item()) < 1e-6
+    at, scores = {0: start}, {0: (ref_c, ref_r)}
+    for k, step in enumerate(ev["step"][1:], 1):
+        ck = nanosft.load_checkpoint(dpo_eval.path_checkpoint(out, step))
+        assert ck["iter"] == step and ev["kl"][k] > 0
+        at[step] = nanosft.model_from_checkpoint(ck)[0]
+        assert any(not torch.equal(v, start.state_dict()[n]) for n, v in at[step].state_dict().items())
+    scores[6] = score(at[6])
+    assert check(scores[6], ev["margin"][2], ev["pref_accuracy"][2]).abs().max() > 1e-3
+    # the reported final numbers are those of the saved dpo.pt, the weights of the step rewound to
+    # (on this untrained model every answer is degenerate, so only the start qualifies: step 0)
+    if all(p["degenerate_rate"] > dpo_eval.DEGENERATE_MAX for p in res["history"]["path"][1:]):
+        assert res["rewound_step"] == 0
+    final = load(os.path.join(out, "dpo.pt"))
+    saved = at[res["rewound_step"]].state_dict()
+    assert all(torch.equal(v, saved[n]) for n, v in final.state_dict().items())
+    final_scores = scores.get(res["rewound_step"]) or score(final)  # (the same weights: the same scores)
+    check(final_scores, res["heldout_reward_margin"], res["pref_accuracy_heldout"], res["logp_accuracy_heldout_after"])
+    assert res["kl"] == 0.0 if res["rewound_step"] == 0 else res["kl"] > 0
 
 
 def test_resume_5_plus_5_equals_10_straight(sft_ckpt, tmp_path):
@@ -374,15 +439,48 @@ def test_dpo_script_bad_data_exits_2_with_one_line(sft_ckpt, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_kl_estimate_is_zero_for_identical_models_and_positive_otherwise(tok):
+def constant_next_token_model(tok, logits):
+    """A GPT whose next-token distribution is softmax(logits) at every position, whatever the
+    context: ln_f's gain 0 and bias e_0 make every final hidden state e_0, so the (tied) output
+    layer reads column 0 of the embedding."""
+    model = tiny_gpt(tok, seed=6)
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.zero_()
+        model.ln_f.bias[0] = 1.0
+        model.wte.weight[:, 0] = logits
+    return model.eval()
+
+
+def test_kl_estimate_is_the_exact_sequence_kl(tok):
     model = tiny_gpt(tok, seed=6)
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     process = runtime.Runtime(torch.device("cpu"), "float32")
     prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
     assert dpo_eval.kl_estimate(model, ref, tok, prompts, process, seed=0) == 0.0
-    with torch.no_grad():
-        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
-    assert dpo_eval.kl_estimate(model, ref, tok, prompts, process, seed=0) > 0.0
+    # Two models, each with one next-token distribution at every position: p (the policy) never
+    # draws <|end|>, so every sampled answer has the full n tokens; q (the reference) gives
+    # <|end|> 0.9. KL(pi || ref) of an answer is then exactly n KL(p || q), whatever was sampled.
+    g = torch.Generator().manual_seed(0)
+    V = tok.vocab_size
+    zp, zq = torch.randn(V, generator=g) * 2, torch.randn(V, generator=g) * 2
+    zp[tok.end] = -60.0
+    zq[tok.end] = 0.0
+    zq[tok.end] = math.log(9.0) + torch.logsumexp(zq[torch.arange(V) != tok.end], 0)  # q(<|end|>) = 0.9
+    p, q = torch.softmax(zp.double(), 0), torch.softmax(zq.double(), 0)
+    assert abs(q[tok.end].item() - 0.9) < 1e-5 and p[tok.end].item() < 1e-20
+    kl_pq, kl_qp = (p * (p.log() - q.log())).sum().item(), (q * (q.log() - p.log())).sum().item()
+    n = min(dpo_eval.KL_TOKENS, 64 // 2)  # the tokens sampled per prompt (block_size 64)
+    policy, reference = constant_next_token_model(tok, zp), constant_next_token_model(tok, zq)
+    got = dpo_eval.kl_estimate(policy, reference, tok, prompts, process, seed=0)
+    assert got == pytest.approx(n * kl_pq, rel=1e-4)
+    # the mistakes this tells apart: KL(ref || pi) (arguments swapped), the answer sampled from
+    # the reference (it stops after ~1 token), the prompt and padding positions summed too, one
+    # position's KL (a mean over positions)
+    prompt_lens = [len(nanosft.chat_prompt(tok, m)) for m in prompts]
+    for wrong in (n * kl_qp, 1.2 * kl_pq, (min(prompt_lens) + n - 1) * kl_pq, kl_pq):
+        assert abs(wrong - n * kl_pq) > 0.02 * n * kl_pq
+    assert dpo_eval.kl_estimate(policy, copy.deepcopy(policy), tok, prompts, process, seed=0) == 0.0
 
 
 @pytest.mark.parametrize("cache", [True, False])

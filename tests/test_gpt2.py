@@ -222,6 +222,20 @@ def test_chat_template_renders_our_chat_format(our_export):
 # ---- 4. the stage scripts on an imported GPT-2
 
 
+def answer_loss(model, tok, rows):
+    """The mean next-token loss over every answer token (and its <|end|>) of prompt/response
+    rows, from the chat format's text alone: what SFT's loss covers."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            prompt = nanosft.chat_prompt(tok, [{"role": "user", "content": r["prompt"]}])
+            ids = prompt + nanosft.encode_content(tok, r["response"]) + [tok.end]
+            logp = torch.log_softmax(model.eval()(torch.tensor([ids[:-1]]))[0][0].double(), -1)
+            total -= sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+            n += len(ids) - len(prompt)
+    return total / n
+
+
 def test_finetune_on_imported_gpt2_then_sample(gpt2_dir, tmp_path, capsys, monkeypatch):
     d, _, _ = gpt2_dir
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keeps one_thread's setting: tiny model
@@ -229,19 +243,34 @@ def test_finetune_on_imported_gpt2_then_sample(gpt2_dir, tmp_path, capsys, monke
     rows = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}."} for a in range(4) for b in range(3)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = str(tmp_path / "out")
-    finetune.main(["--ckpt", d, "--data", str(data), "--max-iters", "5", "--batch-size", "4", "--lr", "1e-3",
+    # every step is all 12 rows: step 1's loss is the imported model's answer loss on them
+    finetune.main(["--ckpt", d, "--data", str(data), "--max-iters", "5", "--batch-size", "12", "--lr", "1e-3",
                    "--warmup", "1", "--eval-interval", "5", "--log-interval", "1", "--out-dir", out,
                    "--dtype", "float32"])
     log = capsys.readouterr().out
-    assert re.search(r"step +5/5 \| loss \d", log), log
+    logged = [float(x) for x in re.findall(r"step +\d+/5 \| loss (\d+\.\d+)", log)]
+    assert len(logged) == 5, log
+    imported, tok0 = nanosft.model_from_checkpoint(nanosft.load_checkpoint(d), d)
     checkpoint = nanosft.load_checkpoint(os.path.join(out, "sft.pt"), expect_kind=("sft",))
     model, tok = nanosft.model_from_checkpoint(checkpoint)
     assert model.config.bias and model.config.gelu == "tanh"
-    imported = nanosft.Tokenizer.from_state(nanosft.load_checkpoint(d)["tokenizer"])
-    assert imported.ranks == tok.ranks and imported.special == tok.special  # saved and restored
-    sample.main(["--ckpt", os.path.join(out, "sft.pt"), "--prompt", "What is 1 plus 2?", "--temperature", "0",
-                 "--max-new-tokens", "4"])
-    assert capsys.readouterr().out.strip() != ""
+    assert tok0.ranks == tok.ranks and tok0.special == tok.special  # saved and restored
+    # fine-tuning moved the weights and lowered the answer loss, measured here from the text
+    before, after = answer_loss(imported, tok, rows), answer_loss(model, tok, rows)
+    assert logged[0] == pytest.approx(before, abs=1e-3)  # (printed to 4 decimals)
+    assert any(not torch.equal(v, imported.state_dict()[k]) for k, v in model.state_dict().items())
+    assert after < before - 0.1, (before, after)
+    # sample.py at temperature 0 (its own one-sequence decoder) prints sft.pt's greedy answer, as
+    # nanosft.generate_batch decodes it
+    question = "What is 1 plus 2?"
+    sample.main(["--ckpt", os.path.join(out, "sft.pt"), "--prompt", question, "--temperature", "0",
+                 "--max-new-tokens", "8"])
+    printed = capsys.readouterr().out
+    prompt = nanosft.chat_prompt(tok, [{"role": "user", "content": question}])
+    [greedy] = nanosft.generate_batch(model, [prompt], 8, stop={tok.end, tok.endoftext})
+    # (not one token repeated: a decoder that lost its context, e.g. its KV cache, would repeat one)
+    assert len(set(greedy)) > 1, greedy
+    assert printed == tok.decode(greedy).strip() + "\n", (printed, tok.decode(greedy))
 
 
 # ---- 5. bad input: one line, exit code 2, naming the file

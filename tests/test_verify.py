@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -36,33 +37,110 @@ def test_judge_passes_only_when_every_seed_passes():
     assert by_key["sft_heldout"]["result"] == by_key["dpo_degenerate"]["result"] == "PASS"
 
 
+def expected_values(d):
+    """Each claim's and info line's value for one seed, read by hand from the JSON files the
+    stages wrote into d, as CLAIMS and INFO describe them."""
+    read = lambda *p: json.load(open(os.path.join(d, *p)))
+    pre, sft, scratch, over, dpo = (read("pretrain.json"), read("sft.json"), read("scratch", "sft.json"),
+                                    read("overshoot", "sft.json"), read("dpo.json"))
+    reached = [s for s, p in zip(pre["history"]["step"], pre["history"]["probe"]) if p is not None and p >= 0.90]
+    return {
+        "probe": pre["knowledge_probe_accuracy"],
+        "probe_reach": reached[0] / pre["steps"] if reached else math.inf,
+        "pretrain_val_loss": pre["val_loss"], "pretrain_seconds": pre["seconds"],
+        "sft_heldout": sft["heldout_accuracy"],  # sft.pt's, the rewound checkpoint
+        "scratch_over_chance": max(scratch["heldout_accuracy_rewound"], scratch["heldout_accuracy_final"])
+        - scratch["chance_accuracy"],
+        "rewound_minus_final": sft["heldout_accuracy_rewound"] - sft["heldout_accuracy_final"],
+        "overshoot_peak": max(p["heldout"] for p in over["path"]),
+        "overshoot_rewound_minus_final": over["heldout_accuracy_rewound"] - over["heldout_accuracy_final"],
+        "overshoot_retention_gap": over["retention_val_loss_final"] - over["retention_val_loss_rewound"],
+        "dpo_clean_style": dpo["clean_style_rate_after"], "dpo_degenerate": dpo["degenerate_rate_after"],
+        "dpo_pref": dpo["pref_accuracy_heldout"],
+        "dpo_task_change": dpo["heldout_accuracy_after"] - dpo["heldout_accuracy_before"],
+        "pipeline_seconds": pre["seconds"] + sft["seconds"] + dpo["seconds"],
+        "retention_gap": sft["retention_val_loss_final"] - sft["retention_val_loss_rewound"],
+        "sft_rewound_step": sft["rewound_step"], "sft_degenerate": sft["degenerate_rate"],
+        "overshoot_rewound_alpha": over["rewound_alpha"], "dpo_rewound_step": dpo["rewound_step"],
+        "dpo_style_loose": dpo["style_rate_after"], "dpo_kl": dpo["kl"]}
+
+
+def same(a, b):
+    return a == b or (a != math.inf and b != math.inf and a == pytest.approx(b, rel=1e-12, abs=1e-12))
+
+
 def test_verify_runs_end_to_end_on_a_tiny_configuration(tmp_path):
     out = str(tmp_path / "v")
+    t0 = time.time()
     r = run_script("-m", "extras.experiments", "verify", "--seeds", "1", "--tiny", "--dtype", "float32",
                    "--out-dir", out, timeout=300)
-    assert r.returncode == 1, r.stderr  # a tiny model fails the README's claims: exit status 1
-    assert "CPU:" in r.stdout and "dtype float32" in r.stdout
+    wall = time.time() - t0
+    assert "CPU:" in r.stdout and "dtype float32" in r.stdout, r.stderr
     res = json.load(open(os.path.join(out, "verify.json")))
     assert res["seeds"] == [1337] and res["dtype"] == "float32"
-    assert len(res["claims"]) == len(experiments.CLAIMS) + len(experiments.INFO)
-    assert {c["key"] for c in res["claims"]} == set(res["per_seed"]["1337"])
-    md = open(os.path.join(out, "verify.md")).read()
-    assert "| seed 1337 |" in md and ("FAIL" in md) == (r.returncode == 1)
+
+    # what verify recorded for the seed is what the stages wrote, read as the claims describe it
+    d = os.path.join(out, "verify", "float32", "seed1337")
+    want = expected_values(d)
+    got = res["per_seed"]["1337"]
+    assert set(got) == set(want) == {k for k, *_ in experiments.CLAIMS} | {k for k, _ in experiments.INFO}
+    for key in want:
+        assert same(got[key], want[key]), (key, got[key], want[key])
+    # ... and every value lies in its range
+    for key in ("probe", "sft_heldout", "overshoot_peak", "dpo_clean_style", "dpo_degenerate", "dpo_pref",
+                "sft_degenerate", "dpo_style_loose"):
+        assert 0.0 <= got[key] <= 1.0, key
+    for key in ("rewound_minus_final", "overshoot_rewound_minus_final", "dpo_task_change", "scratch_over_chance"):
+        assert -1.0 <= got[key] <= 1.0, key  # differences of two accuracies
+    assert got["probe_reach"] == math.inf or 0 < got["probe_reach"] <= 1
+    assert 0 < got["pretrain_seconds"] < got["pipeline_seconds"] < wall  # the stages ran inside verify's wall time
+    assert got["pretrain_val_loss"] > 0 and got["dpo_kl"] >= 0
+    assert 0 <= got["sft_rewound_step"] <= 4 and got["dpo_rewound_step"] in (0, 4)  # TINY: 4 steps, evaluated at 4
+    assert 0 < got["overshoot_rewound_alpha"] <= 1
+    if got["dpo_rewound_step"] == 0:  # rewound to the start, the policy IS the reference: all ties, no KL
+        assert got["dpo_pref"] == 0.5 and got["dpo_kl"] == 0.0
+
+    # each claim's verdict is its rule applied by hand to that number (one seed: min = max = mean = worst)
+    rows = res["claims"]
+    assert [row["key"] for row in rows] == [k for k, *_ in experiments.CLAIMS] + [k for k, _ in experiments.INFO]
+    failed = 0
+    for row, (key, text, thr, op) in zip(rows, experiments.CLAIMS):
+        v = want[key]
+        verdict = "PASS" if (v >= thr if op == ">=" else v <= thr) else "FAIL"
+        failed += verdict == "FAIL"
+        assert row["result"] == verdict and row["claim"] == text and row["threshold"] == f"{op} {thr:g}", row
+        assert row["worst_seed"] == 1337 and all(same(row[k], v) for k in ("min", "max", "mean", "worst")), row
+        assert len(row["values"]) == 1 and same(row["values"][0], v), row
+    for row, (key, text) in zip(rows[len(experiments.CLAIMS):], experiments.INFO):
+        v = want[key]
+        assert row["result"] == "info" and row["claim"] == text and "worst_seed" not in row, row
+        assert len(row["values"]) == 1 and same(row["values"][0], v) and same(row["mean"], v), row
     # a tiny model does not store the facts: the probe line must say FAIL, not PASS
-    probe = next(c for c in res["claims"] if c["key"] == "probe")
-    assert probe["result"] == "FAIL" and probe["values"][0] < 0.9
+    assert want["probe"] < 0.9 and rows[0]["result"] == "FAIL"
+    assert r.returncode == (1 if failed else 0), r.stderr
+    assert f"{failed} of {len(experiments.CLAIMS)} claims FAIL" in r.stdout
     assert "verify: seeds 1337" in r.stdout and "worst seed 1337" in r.stdout
+    # the markdown table says the same, claim by claim
+    md = open(os.path.join(out, "verify.md")).read()
+    assert "| seed 1337 |" in md
+    for row in rows:
+        line = next(l for l in md.splitlines() if l.startswith(f"| {row['claim']} |"))
+        assert line.endswith({"FAIL": "| **FAIL** |", "PASS": "| PASS |", "info": "| info |"}[row["result"]]), line
 
     # the pre-training sweep: only pretrain.json is read (--reuse keeps the run above, so this
     # costs a process start), only the pre-training claims are judged, a failing seed exits 1
-    log = os.path.join(out, "verify", "float32", "seed1337", "log.txt")
+    log = os.path.join(d, "log.txt")
     before = open(log).read()
     r = run_script("-m", "extras.experiments", "verify", "--only", "pretrain", "--seeds", "1337,", "--jobs", "2", "--tiny",
                    "--reuse", "--dtype", "float32", "--out-dir", out, timeout=300)
     assert r.returncode == 1, r.stderr
     assert "seeds 1337" in r.stdout and "worst seed 1337" in r.stdout and "only pretrain" in r.stdout
     res = json.load(open(os.path.join(out, "verify.json")))
-    assert res["only"] == "pretrain" and {c["key"] for c in res["claims"]} == set(experiments.PRETRAIN_KEYS)
+    assert res["only"] == "pretrain" and [c["key"] for c in res["claims"]] == ["probe", "probe_reach",
+                                                                               "pretrain_val_loss", "pretrain_seconds"]
+    assert set(res["per_seed"]["1337"]) == set(experiments.PRETRAIN_KEYS)
+    for key, v in res["per_seed"]["1337"].items():
+        assert same(v, want[key]), key
     assert open(log).read() == before  # nothing was trained again
 
 
