@@ -74,8 +74,7 @@ def pair_loss(model, X, Y, ref_chosen, ref_rejected, beta, loss="sigmoid", label
 
 
 def parse_args(argv=None):
-    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
-    ap = runtime.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("DPO: the starting model, the pairs, the loss")
     lesson.add_argument("--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference")
     lesson.add_argument("--data", default=world_eval.THREADS, help="preference file (formats above)")
@@ -83,7 +82,7 @@ def parse_args(argv=None):
     lesson.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"],
                         help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC")
     lesson.add_argument("--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps")
-    runtime.add_common_args(ap)
+    nanosft.add_common_args(ap)
     extra = ap.add_argument_group("pair construction (votes and scores formats), NLL term, reference cache")
     extra.add_argument("--min-margin", type=float, help="least difference of net votes or scores that makes a pair")
     extra.add_argument("--pairs", choices=["top", "all"], help="the top answer against each other one, or every "
@@ -93,7 +92,11 @@ def parse_args(argv=None):
     extra.add_argument("--strict", action="store_true", help="a pair that would be skipped or truncated "
                        "(a tie, a duplicate, too long) is an error instead")
     ap.set_defaults(**DEFAULTS)
-    return ap.parse_args(argv)  # (runtime.ArgumentParser checks each value's range: --label-smoothing in [0, 0.5))
+    args = ap.parse_args(argv)  # (nanosft.ArgumentParser checks each number's range)
+    if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss != "sigmoid"):
+        raise nanosft.UserError(f"--label-smoothing (the sigmoid loss only) must be in [0, 0.5), got "
+                                f"{args.label_smoothing} with --loss {args.loss}")
+    return args
 
 
 # ---------------------------------------------------------------- the batches and the frozen reference
@@ -142,11 +145,12 @@ def reference_logprobs(ref, cache, batch):
 
 # ---------------------------------------------------------------- the run
 def main(argv=None):
-    from extras import dpo_eval, own_data, runtime  # the world's measures and report; --data's formats; flags, device
+    from extras import dpo_eval, own_data  # the world's measures and report; --data's formats
     args = parse_args(argv)
-    process, t_start = runtime.setup_runtime(args.device, args.dtype), time.time()
+    process, t_start = nanosft.setup(args.device, args.dtype), time.time()
+    if args.resume or args.time_budget or process.world > 1:
+        from extras import runtime  # --resume, --time-budget, torchrun's processes
     # ---- the reference (the starting checkpoint, frozen), the policy (a copy of it), the pairs
-    from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
     start_ckpt = nanosft.load_checkpoint(args.ckpt, expect_kind=("sft", "dpo", "pretrain"))
     if start_ckpt["kind"] == "pretrain":
         process.log(f"warning: {args.ckpt} is a pre-trained checkpoint, not SFT; DPO expects a model that chats")
@@ -180,13 +184,23 @@ def main(argv=None):
             evaluator.evaluate(model, state, it)  # (on the world also keeps the step's checkpoint)
             nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "dpo"), nanosft.checkpoint_dict(
                 "dpo", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=state))
-        runtime.barrier(process)
+        if process.world > 1:
+            runtime.barrier(process)
 
     # ---- train: the loss of a step is the mean over its pairs (every process and micro-batch)
-    ddp_model = runtime.wrap_ddp(torch.compile(model) if args.compile else model, process)
-    steps = runtime.Steps(process, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
+    ddp_model = torch.compile(model) if args.compile else model
+    if process.world > 1:
+        ddp_model = runtime.wrap_ddp(ddp_model, process)
+    scaler = torch.amp.GradScaler(process.device.type, enabled=process.dtype == "float16")  # fp16 only: see below
+    params = [p for p in model.parameters() if p.requires_grad]
     n_pairs = args.batch_size  # in the step, over every process and micro-batch
-    for it in steps:
+    step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
+    for it in range(start_iter, args.max_iters):
+        if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
+            break
+        lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         batches = micro_batches(train_examples, step_pair_ids(args.seed, it, args.batch_size, len(train_examples), process=process),
                                 tok.pad, packed=not model.config.n_prefix, grad_accum=args.grad_accum, device=process.device)
         step_loss = 0.0
@@ -200,25 +214,34 @@ def main(argv=None):
                     ddp_model, X, Y, ref_chosen=ref_chosen, ref_rejected=ref_rejected, beta=args.beta, loss=args.loss,
                     label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, segments=segments)
                 evaluator.rewards.add(it, reward_chosen, reward_rejected)  # logged at the next evaluation
-            steps.scaler.scale(loss_sum * (process.world / n_pairs)).backward()  # x world: DDP averages
+            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is the identity)
+            scaler.scale(loss_sum * (process.world / n_pairs)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
-        step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
-        steps.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(steps.params, args.grad_clip)
-        steps.scaler.step(optimizer)  # optimizer.step() (fp16 on CUDA: skipped if the gradient overflowed)
-        steps.scaler.update()
+            tokens += X.numel()
+        if process.world > 1:
+            step_loss = runtime.all_reduce(step_loss, process)  # the whole step's, every process's
+        nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if steps.log(step_loss / n_pairs, tokens=sum(X.numel() for X, *_ in batches)):
-            on_eval(it + 1)
-    on_eval(steps.it)
+        step = it + 1
+        if step % args.log_interval == 0 or step == args.max_iters:
+            nanosft.log_step(process, step, args.max_iters, loss=step_loss / n_pairs, lr=lr,
+                             seconds=time.time() - t0, tokens=tokens)
+        if step % args.eval_interval == 0 and step < args.max_iters:
+            on_eval(step)
+    train_seconds = time.time() - t0
+    on_eval(step)
     if not process.master:
         return
     # ---- the world: rewind to the latest good point of the dev half's path; then measure, save, report
-    rewound_step = evaluator.rewind(model, state["path"], steps.it, start_ckpt) if world else steps.it
-    result = dpo_eval.summary(evaluator, model, state, rewound_step=rewound_step, steps=steps, t_start=t_start,
-                              counts=counts, flags=vars(args))
+    rewound_step = evaluator.rewind(model, state["path"], step, start_ckpt) if world else step
+    result = dpo_eval.summary(evaluator, model, state, rewound_step=rewound_step, steps=(step, train_seconds, tokens),
+                              t_start=t_start, counts=counts, flags=vars(args))
     nanosft.save_checkpoint(os.path.join(args.out_dir, "dpo.pt"), nanosft.checkpoint_dict(
-        "dpo", model, tok, it=steps.it, flags=vars(args), metrics=dpo_eval.numbers(result)))
+        "dpo", model, tok, it=rewound_step, flags=vars(args), metrics=dpo_eval.numbers(result)))  # its weights' step
     dpo_eval.report(process, args.out_dir, result, evaluator=evaluator, model=model, token_logprobs=token_logprobs)
 
 
@@ -277,4 +300,4 @@ def concatenated_logprobs(model, X, Y, segments=None):
 
 
 if __name__ == "__main__":
-    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2
+    nanosft.cli(main)  # bad input is one line and exit code 2, never a traceback

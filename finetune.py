@@ -106,7 +106,6 @@ def build_model(ckpt, init="pretrained", seed=1337, train_embeddings=False):
     pre-trained weights with their well-trained vocabulary frozen (unless train_embeddings),
     or random ones (init "scratch": the no-pre-training baseline). PEFT wraps it next
     (extras/peft.py sft_setup)."""
-    from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
     start_checkpoint = nanosft.load_checkpoint(ckpt, expect_kind=("pretrain", "sft", "dpo"))
     model, tok = nanosft.model_from_checkpoint(start_checkpoint, ckpt)
     if init == "scratch":
@@ -183,8 +182,7 @@ def method(lora_rank, oft_block, prompt_tokens):
 
 
 def parse_args(argv=None):
-    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
-    ap = runtime.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("fine-tuning: the model, the data, what trains")
     lesson.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
     lesson.add_argument("--data", help="instruction file (formats: extras/own_data.py); default: the world's questions")
@@ -192,7 +190,7 @@ def parse_args(argv=None):
                         help="scratch: random weights (the no-pre-training baseline)")
     lesson.add_argument("--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)")
     lesson.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
-    runtime.add_common_args(ap)
+    nanosft.add_common_args(ap)
     data = ap.add_argument_group("data options (the world's questions)")
     data.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"])
     data.add_argument("--world", default=world_eval.HERE, help="the world directory (pretrain.py --world)")
@@ -253,9 +251,10 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
 
 
 def main(argv=None):
-    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
     args = parse_args(argv)
-    process, t_start = runtime.setup_runtime(args.device, args.dtype), time.time()
+    process, t_start = nanosft.setup(args.device, args.dtype), time.time()
+    if args.resume or args.time_budget or process.world > 1:
+        from extras import runtime  # --resume, --time-budget, torchrun's processes
     # ---- load: checkpoint, model, data (all input validated before anything is written)
     model, tok, start_checkpoint = build_model(args.ckpt, init=args.init, seed=args.seed, train_embeddings=args.train_embeddings)
     block_size, args.pretrain_data = model.config.block_size, pretrain_text(start_checkpoint)  # (for the next stage)
@@ -293,12 +292,22 @@ def main(argv=None):
                 rewind.add_step(path, evaluator, model, plain_model, tok=tok, it=it, flags=vars(args), out_dir=args.out_dir)
             save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok=tok, optimizer=optimizer, it=it,
                       flags=vars(args), state={"path": path})
-        runtime.barrier(process)
+        if process.world > 1:
+            runtime.barrier(process)
     # ---- train: every answer token is a target; the loss is their mean over the whole step (sft_loss)
     model.train()
-    ddp_model = runtime.wrap_ddp(torch.compile(model) if args.compile else model, process)
-    steps = runtime.Steps(process, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
-    for it in steps:
+    ddp_model = torch.compile(model) if args.compile else model
+    if process.world > 1:
+        ddp_model = runtime.wrap_ddp(ddp_model, process)
+    scaler = torch.amp.GradScaler(process.device.type, enabled=process.dtype == "float16")  # fp16 only: see below
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
+    for it in range(start_iter, args.max_iters):
+        if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
+            break
+        lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         micro_batches, supervised = step_batches(examples, it, batch_size=args.batch_size, seed=args.seed,
                                                  grad_accum=args.grad_accum, pad=tok.pad, process=process, replay=replay_windows)
         step_loss = 0.0
@@ -307,23 +316,32 @@ def main(argv=None):
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
             with nanosft.autocast(process.device, process.dtype):
                 loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
-            steps.scaler.scale(loss_sum * (process.world / supervised)).backward()  # x world: DDP averages
+            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is the identity)
+            scaler.scale(loss_sum * (process.world / supervised)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
-        step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
-        steps.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(steps.params, args.grad_clip)
-        steps.scaler.step(optimizer)  # optimizer.step() (fp16 on CUDA: skipped if the gradient overflowed)
-        steps.scaler.update()
+            tokens += X.numel()
+        if process.world > 1:
+            step_loss = runtime.all_reduce(step_loss, process)  # the whole step's, every process's
+        nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if steps.log(step_loss / supervised, tokens=sum(X.numel() for X, _ in micro_batches)):
-            on_eval(it + 1)
-    on_eval(steps.it)
+        step = it + 1
+        if step % args.log_interval == 0 or step == args.max_iters:
+            nanosft.log_step(process, step, args.max_iters, loss=step_loss / supervised, lr=lr,
+                             seconds=time.time() - t0, tokens=tokens)
+        if step % args.eval_interval == 0 and step < args.max_iters:
+            on_eval(step)
+    train_seconds = time.time() - t0
+    on_eval(step)
     # ---- save and report (world data: out/sft.pt is the rewound checkpoint, extras/rewind.py)
     if process.master:
-        out = summary(model, trainable, steps, process, data=report.state(), flags=vars(args),
+        out = summary(model, trainable, (step, train_seconds, tokens), process, data=report.state(), flags=vars(args),
                       frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model))
         sft_file, plain_model = os.path.join(args.out_dir, "sft.pt"), peft.plain_model(model) if peft else model
-        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=steps.it, flags=vars(args))  # final weights
+        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=step, flags=vars(args))  # final weights
         if evaluator:
             checkpoint = rewind.rewind_and_report(evaluator, start_checkpoint, model, tok, out=out, path=path,
                                                   flags=vars(args), **{k: getattr(args, k) for k in REWIND_FLAGS},
@@ -335,12 +353,15 @@ def main(argv=None):
 
 
 def summary(model, trainable, steps, process, data, flags, frozen_bytes):
-    """sft.json's fields of every run (the world's: extras/rewind.py rewind_and_report)."""
-    return {"trainable_params": trainable, "total_params": model.num_params(), "steps": steps.it,
-            "train_seconds": steps.seconds(), "tokens_per_sec": steps.tokens_per_sec(), "device": str(process.device),
+    """sft.json's fields of every run (the world's: extras/rewind.py rewind_and_report).
+    steps: (steps taken, seconds of training, this process's tokens)."""
+    step, seconds, tokens = steps
+    return {"trainable_params": trainable, "total_params": model.num_params(), "steps": step,
+            "train_seconds": seconds, "tokens_per_sec": tokens * process.world / max(seconds, 1e-9),
+            "device": str(process.device),
             "dtype": process.dtype, "data": data, "labels": None if flags["data"] else flags["labels"],
             "frozen_bytes": frozen_bytes, **{k: flags[k] for k in REPORTED_FLAGS}}
 
 
 if __name__ == "__main__":
-    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2
+    nanosft.cli(main)  # bad input is one line and exit code 2, never a traceback

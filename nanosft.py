@@ -1,30 +1,36 @@
 """
 nanosft: what the stages of the pre-train -> SFT -> DPO pipeline share, nothing else. File
-formats are in data/formats.py; running a stage (flags, device, processes, the steps' clock),
-PEFT, packed rows, GPT-2 and CPU tuning in extras/. Top to bottom:
-  1. errors         bad input is one line and exit code 2, never a traceback
-  2. tokenizer      a byte-level BPE (trained here) served by tiktoken
-  3. model          a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
-  4. optimizer      AdamW (decay on matrices only), warmup + cosine schedule
-  5. checkpoints    one .pt, written atomically, loaded with weights_only=True; <stage>_last.pt resumes
-  6. chat           rendering with the loss mask, padding
-  7. generation     batched greedy / sampled decoding with the KV cache; mixed precision, mean loss
+formats are in data/formats.py; what only some runs need (torchrun, --resume, --time-budget,
+PEFT, packed rows, GPT-2) in extras/, imported where its flag is handled. Top to bottom:
+  1. running      bad input is one line and exit code 2; flags; device, dtype, the log line
+  2. tokenizer    a byte-level BPE (trained here) served by tiktoken
+  3. model        a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
+  4. optimizer    AdamW (decay on matrices only), warmup + cosine schedule
+  5. checkpoints  one .pt, written atomically, loaded with weights_only=True; <stage>_last.pt resumes
+  6. chat         rendering with the loss mask, padding
+  7. generation   batched greedy / sampled decoding with the KV cache; mixed precision, mean loss
 """
+import argparse
 import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext, suppress
-from dataclasses import dataclass, asdict, fields
+from dataclasses import asdict, dataclass, fields
 
-import regex  # installed with tiktoken; needed for \p{L} in the GPT-2 split pattern
-import tiktoken
-import torch
-from torch import distributed, nn
-from torch.nn import functional
+# OpenMP reads this once, when torch loads: its idle threads then sleep instead of spinning, which
+# on shared cores took the core from the thread they waited for (3x slower; docs/performance.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import regex  # noqa: E402 (installed with tiktoken; needed for \p{L} in the GPT-2 split pattern)
+import tiktoken  # noqa: E402
+import torch  # noqa: E402 (after the setting above)
+from torch import distributed, nn  # noqa: E402
+from torch.nn import functional  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
-# 1. errors
+# 1. running: errors, flags, device and dtype
 
 
 class UserError(Exception):
@@ -46,11 +52,142 @@ def cli(main):
         sys.exit(130)
 
 
-def run(main):
-    """A script run from the command line: the CPU settings first (extras/cpu.py), then cli(main)."""
-    from extras.cpu import tune_cpu  # OpenMP threads that sleep while they wait, a heap that keeps its memory
-    tune_cpu()
-    cli(main)
+# the flags checked at parse time: name -> the least value and whether it is allowed
+LEAST = {"max_iters": (0, False), "batch_size": (0, False), "grad_accum": (0, False), "eval_interval": (0, False),
+         "log_interval": (0, False), "block_size": (0, False), "n_layer": (0, False), "n_head": (0, False),
+         "n_embd": (0, False), "vocab_size": (0, False), "max_new_tokens": (0, False), "num_samples": (0, False),
+         "lr": (0, False), "time_budget": (0, False), "beta": (0, False), "grad_clip": (0, False),
+         "warmup": (0, True), "rpo_alpha": (0, True), "min_margin": (0, True), "lora_rank": (0, True),
+         "oft_block": (0, True), "prompt_tokens": (0, True), "prompt_mlp": (0, True), "replay": (0, True)}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line and exit code 2 like every other bad input (not
+    the whole usage), and a number out of its range (LEAST) is refused at parse time."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+    def parse_args(self, argv=None):
+        args = super().parse_args(argv)
+        for name, v in vars(args).items():
+            if name in LEAST and v is not None and not (math.isfinite(v) and (v > 0 or LEAST[name][1] and v == 0)):
+                kind = "integer" if isinstance(v, int) else "number"
+                rule = f"a {kind} >= 0" if LEAST[name][1] else f"a positive {kind}"
+                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
+        flags, world = vars(args), int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
+        if flags.get("batch_size") and flags["batch_size"] % (world * flags["grad_accum"]):
+            raise UserError(f"--batch-size {flags['batch_size']} must be divisible by processes x --grad-accum "
+                            f"({world} x {flags['grad_accum']})")
+        if flags.get("out_dir") and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise UserError(f"--out-dir {args.out_dir}: exists and is not a directory")
+        return args
+
+
+def add_common_args(ap, out_dir="out"):
+    """The flags every stage shares, under two headings of --help: training, and running."""
+    train = ap.add_argument_group("training (every stage)")
+    train.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
+    train.add_argument("--max-iters", type=int, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the step's gradient to this norm")
+    train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
+    train.add_argument("--log-interval", type=int, help="print the loss every N steps")
+    train.add_argument("--seed", type=int, default=1337)
+    run = ap.add_argument_group("running: hardware, processes, time, resume")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--time-budget", type=float, default=None,
+                     help="stop after this many seconds of training (then evaluate and save)")
+    run.add_argument("--resume", action="store_true", help="continue from this stage's checkpoint in --out-dir")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--plot", action="store_true", help="also draw the stage's chart (a PNG in --out-dir)")
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available (a Mac with Apple silicon and macOS 12.3 or later)")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16():
+    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Where bf16
+    is emulated (AVX2 only) it is hundreds of times slower than fp32. A CPU limited to AVX2
+    (ATEN_CPU_CAPABILITY=avx2) has none; without /proc/cpuinfo (not Linux), none assumed."""
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2", "NO AVX"):
+        return False
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def pick_dtype(device, name="auto"):
+    """auto: bf16 where the hardware runs it natively, else fp32; fp16 on CUDA GPUs without bf16."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+@dataclass
+class Process:
+    """Where this process runs: its device and dtype; under torchrun its rank among `world` processes."""
+
+    device: torch.device
+    dtype: str
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k, flush=True)
+
+
+def setup(device="auto", dtype="auto"):
+    """The Process: device, dtype and, under torchrun (WORLD_SIZE > 1), the process group."""
+    process = Process(pick_device(device), "float32", int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if process.world > 1:
+        from extras import runtime  # torchrun: one process per device (DDP)
+
+        runtime.join_processes(process)
+    if process.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the cores, shared by the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // process.world))
+    process.dtype = pick_dtype(process.device, dtype)
+    if process.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return process
+
+
+def check_finite(step_loss, it, lr):
+    """Stop on a NaN or infinite loss BEFORE the step is taken, so the last checkpoint on disk is a good one."""
+    if not math.isfinite(step_loss):
+        raise UserError(f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last checkpoint on disk "
+                        f"is the last good one. Try a lower --lr")
+
+
+def log_step(process, it, max_iters, loss, lr, seconds, tokens):
+    """The log line after step `it` (counted from 1) of max_iters: loss, learning rate, this
+    process's `tokens` per second over `seconds` of training (x the processes)."""
+    rate = tokens * process.world / max(seconds, 1e-9)
+    process.log(f"step {it:5d}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s")
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,17 +497,15 @@ def write_json(path, obj):
     save_checkpoint(path, json.dumps(obj, indent=2) + "\n")
 
 
-PROMPT_TUNED = []  # the class of a prompt-tuned GPT (config n_prefix > 0): extras/peft.py, once imported, adds it
-DIRECTORY_READERS = []  # how load_checkpoint reads a directory: extras/hf.py, once imported, adds GPT-2's
-
-
 def load_checkpoint(path, expect_kind=None):
     """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
-    that would run code is refused, never executed. A directory goes to DIRECTORY_READERS."""
+    that would run code is refused, never executed. A directory: a Hugging Face GPT-2 (extras/hf.py)."""
     import pickle
     import zipfile
-    if os.path.isdir(path) and DIRECTORY_READERS:  # e.g. a Hugging Face GPT-2 directory
-        return DIRECTORY_READERS[0](path, expect_kind)
+    if os.path.isdir(path):
+        from extras import hf  # a Hugging Face GPT-2 directory, read as a checkpoint
+
+        return hf.load_dir(path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     unreadable = f"{path}: not a readable checkpoint, expected a complete file written by torch.save"
@@ -410,9 +545,12 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
                         f"({type(e).__name__}: {str(e)[:80]})")
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model expects {cfg.vocab_size}")
-    if cfg.n_prefix and not PROMPT_TUNED:
-        raise UserError(f"{path}: a prompt-tuned model; its class is in extras/peft.py (import it first)")
-    model = PROMPT_TUNED[0](cfg) if cfg.n_prefix else GPT(cfg)
+    if cfg.n_prefix:  # a prompt-tuned model: its learned prefix is a parameter of its own class
+        from extras.peft import PromptTuned
+
+        model = PromptTuned(cfg)
+    else:
+        model = GPT(cfg)
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError) as e:  # the first mismatch named under torch's heading

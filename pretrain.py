@@ -27,8 +27,7 @@ WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 
 
 def parse_args(argv=None):
-    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
-    ap = runtime.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("pre-training: the data and the model")
     lesson.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
     lesson.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
@@ -41,9 +40,14 @@ def parse_args(argv=None):
                         "picked from the text's size, see vocab_size_for)")
     lesson.add_argument("--weight-decay", type=float,
                         help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
-    runtime.add_common_args(ap)
+    nanosft.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
+    if args.vocab_size and args.vocab_size < 256 + len(nanosft.SPECIALS):
+        raise nanosft.UserError(f"--vocab-size must be at least {256 + len(nanosft.SPECIALS)} (256 bytes + "
+                                f"{len(nanosft.SPECIALS)} special tokens), got {args.vocab_size}")
+    if args.n_embd % args.n_head:
+        raise nanosft.UserError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     if args.world and args.data:
         raise nanosft.UserError("--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both")
     if args.world:
@@ -85,9 +89,10 @@ def window_batch(data, it, seed, batch_size, block_size, process, grad_accum):
 
 
 def main(argv=None):
-    from extras import runtime  # flags, device and dtype, processes, the steps' clock: extras/runtime.py
     args = parse_args(argv)
-    process, t_start = runtime.setup_runtime(args.device, args.dtype), time.time()
+    process, t_start = nanosft.setup(args.device, args.dtype), time.time()
+    if args.resume or args.time_budget or process.world > 1:
+        from extras import runtime  # --resume, --time-budget, torchrun's processes
 
     # ---- data and model (everything is validated before anything is written)
     text = formats.read_text(args.data)
@@ -110,7 +115,9 @@ def main(argv=None):
     optimizer = nanosft.configure_optimizer(model, args.lr, args.weight_decay, device_type=process.device.type)
     start_iter, history = (runtime.resume(args.out_dir, "pretrain", model, tok=tok, optimizer=optimizer)
                            if args.resume else (0, {"step": [], "val_loss": [], "probe": []}))
-    ddp_model = runtime.wrap_ddp(torch.compile(model) if args.compile else model, process)
+    ddp_model = torch.compile(model) if args.compile else model
+    if process.world > 1:
+        ddp_model = runtime.wrap_ddp(ddp_model, process)
     world = world_eval.load_world(args.world) if args.world else None
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
     val_batches = formats.fixed_windows(val_data, cfg.block_size)
@@ -124,13 +131,21 @@ def main(argv=None):
                    + (f" | probe {history['probe'][-1]:.3f}" if world else ""))
             nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "pretrain"), nanosft.checkpoint_dict(
                 "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history))
-        runtime.barrier(process)
+        if process.world > 1:
+            runtime.barrier(process)
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    steps = runtime.Steps(process, model, optimizer, vars(args), start_iter=start_iter)  # lr schedule, log, clock
+    scaler = torch.amp.GradScaler(process.device.type, enabled=process.dtype == "float16")  # fp16 only: see below
+    params = [p for p in model.parameters() if p.requires_grad]
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
-    for it in steps:
+    step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
+    for it in range(start_iter, args.max_iters):
+        if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
+            break
+        lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,
                                      block_size=cfg.block_size, process=process, grad_accum=args.grad_accum)
         step_loss = 0.0
@@ -139,42 +154,54 @@ def main(argv=None):
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
             with nanosft.autocast(process.device, process.dtype):
                 _, loss_sum = ddp_model(X, Y, reduction="sum")  # summed next-token cross-entropy
-            steps.scaler.scale(loss_sum * (process.world / n_targets)).backward()  # x world: DDP averages
+            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is the identity)
+            scaler.scale(loss_sum * (process.world / n_targets)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
-        step_loss = steps.total(step_loss)  # over every process; stops on a non-finite loss
-        steps.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(steps.params, args.grad_clip)
-        steps.scaler.step(optimizer)  # optimizer.step() (fp16 on CUDA: skipped if the gradient overflowed)
-        steps.scaler.update()
+            tokens += X.numel()
+        if process.world > 1:
+            step_loss = runtime.all_reduce(step_loss, process)  # the whole step's, every process's
+        nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if steps.log(step_loss / n_targets, tokens=sum(X.numel() for X, _ in micro_batches)):
-            on_eval(it + 1)
-    on_eval(steps.it)
+        step = it + 1
+        if step % args.log_interval == 0 or step == args.max_iters:
+            nanosft.log_step(process, step, args.max_iters, loss=step_loss / n_targets, lr=lr,
+                             seconds=time.time() - t0, tokens=tokens)
+        if step % args.eval_interval == 0 and step < args.max_iters:
+            on_eval(step)
+    train_seconds = time.time() - t0
+    on_eval(step)
     # ---- save and report
     if process.master:
         nanosft.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), nanosft.checkpoint_dict(
-            "pretrain", model, tok, it=steps.it, flags=vars(args), metrics={"val_loss": history["val_loss"][-1]}))
-        report(args.out_dir, history, model=model, process=process, total_seconds=time.time() - t_start, steps=steps, world=world)
+            "pretrain", model, tok, it=step, flags=vars(args), metrics={"val_loss": history["val_loss"][-1]}))
+        report(args.out_dir, history, model=model, process=process, seconds=(time.time() - t_start, train_seconds),
+               steps=step, tokens=tokens, world=world, plot=args.plot)
 
 
-def report(out_dir, history, model, process, total_seconds, steps, world):
-    """out/pretrain.json, out/pretrain_loss.png and the closing line."""
-    tok_per_s = steps.tokens_per_sec()
+def report(out_dir, history, model, process, seconds, steps, tokens, world, plot=False):
+    """out/pretrain.json (with --plot also out/pretrain_loss.png) and the closing line."""
+    total_seconds, train_seconds = seconds
+    tok_per_s = tokens * process.world / max(train_seconds, 1e-9)
     result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
-              "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": steps.seconds(),
-              "steps": steps.it, "params": model.num_params(), "device": str(process.device), "dtype": process.dtype,
+              "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": train_seconds,
+              "steps": steps, "params": model.num_params(), "device": str(process.device), "dtype": process.dtype,
               "history": history}
     nanosft.write_json(os.path.join(out_dir, "pretrain.json"), result)
-    series = {"val loss": (history["step"], history["val_loss"])}
-    if world:
-        series["knowledge probe accuracy"] = (history["step"], history["probe"])
-    from extras import charts  # the plot out/pretrain_loss.png
-    charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value",
-                series=series)
+    if plot:
+        from extras import charts  # --plot: out/pretrain_loss.png
+        series = {"val loss": (history["step"], history["val_loss"])}
+        if world:
+            series["knowledge probe accuracy"] = (history["step"], history["probe"])
+        charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value",
+                    series=series)
     process.log(f"done: val loss {result['val_loss']:.4f}"
            + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
            + f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s -> {os.path.join(out_dir, 'pretrain.pt')}")
 
 
 if __name__ == "__main__":
-    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2
+    nanosft.cli(main)  # bad input is one line and exit code 2, never a traceback

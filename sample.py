@@ -21,13 +21,11 @@ import sys
 from contextlib import contextmanager
 
 import nanosft
-from extras import runtime
-from extras import hf, peft  # noqa: F401 (--ckpt may be a GPT-2 directory, or a prompt-tuned model)
 import torch
 
 
 def main(argv=None):
-    ap = runtime.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/sft.pt")
     ap.add_argument("--prompt", default="")
     ap.add_argument("--chat", action="store_true", help="multi-turn conversation, one user turn per line")
@@ -49,7 +47,7 @@ def main(argv=None):
         raise nanosft.UserError(f"{args.ckpt}: --chat needs a fine-tuned checkpoint (sft or dpo); "
                            f"this one is '{checkpoint['kind']}', which only continues text (use --prompt)")
     model, tok = nanosft.model_from_checkpoint(checkpoint, args.ckpt)
-    model.to(runtime.pick_device(args.device))
+    model.to(nanosft.pick_device(args.device))
     g = torch.Generator().manual_seed(args.seed)
     if args.chat:
         chat = Chat(model, tok, generator=g, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -327,4 +325,4 @@ def repl(chat, name):
 
 
 if __name__ == "__main__":
-    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2
+    nanosft.cli(main)  # bad input is one line and exit code 2, never a traceback

@@ -31,8 +31,10 @@ Timing on a shared machine: things compared are run in alternation, round after 
 each keeps its fastest round. Other work on the machine only ever adds time, so the fastest
 round is the closest to the code's own cost, and both sides of a ratio saw the same machine.
 """
-# CPU settings: tune_cpu() (extras/cpu.py) runs first, as in the stage scripts (export
-# OMP_WAIT_POLICY=ACTIVE to measure OpenMP's default instead).
+# CPU settings: nanosft is imported before torch, so OpenMP's threads sleep while they wait, as
+# in the stage scripts (export OMP_WAIT_POLICY=ACTIVE to measure OpenMP's default instead); the
+# heap keeps freed memory (extras/cpu.py).
+import nanosft  # noqa: I001 (first: it sets OMP_WAIT_POLICY before torch loads)
 import argparse
 import ast
 import contextlib
@@ -52,11 +54,11 @@ import time
 import regex
 import torch
 
-import nanosft
 from data import formats
 from data import world_eval
 from extras import dpo_eval, packing
-from extras.cpu import cpu_has_native_bf16, tune_cpu
+from extras.cpu import keep_freed_memory
+from nanosft import cpu_has_native_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's top level
 
@@ -535,5 +537,5 @@ def main():
 
 
 if __name__ == "__main__":
-    tune_cpu()  # OpenMP wait policy, heap settings: see extras/cpu.py
+    keep_freed_memory()  # the heap setting: see extras/cpu.py
     nanosft.cli(main)

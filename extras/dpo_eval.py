@@ -204,7 +204,8 @@ REPORTED_FLAGS = ("beta", "loss", "label_smoothing", "rpo_alpha", "lr", "batch_s
 def summary(ev, model, state, rewind_rule=REWIND_RULE, rewound_step=None, steps=None, t_start=None, counts=None,
             flags=None):
     """dpo.json: the held-out pairs' scores, the behaviour before and after (the test half), the
-    KL, the samples and the history; with `steps` (runtime.Steps) also the run's steps and times, the
+    KL, the samples and the history; with `steps` (steps taken, seconds of training, this process's
+    tokens) also the run's steps and times, the
     data's `counts` and the REPORTED_FLAGS of `flags`. The held-out margins go to ev.margins."""
     after, held, world = ev.behaviour(model), ev.pairs(model) or {}, ev.world is not None
     result = {"pref_accuracy_heldout": held.get("pref_accuracy"),
@@ -225,8 +226,10 @@ def summary(ev, model, state, rewind_rule=REWIND_RULE, rewound_step=None, steps=
     result["degenerate_examples_after"] = after.get("degenerate_examples")
     ev.margins = held.get("margins")
     if steps is not None:
-        result.update(rewound_step=rewound_step, final_step=steps.it, seconds=time.time() - t_start,
-                      train_seconds=steps.seconds(), steps=steps.it, tokens_per_sec=steps.tokens_per_sec(), **counts,
+        step, seconds, tokens = steps
+        result.update(rewound_step=rewound_step, final_step=step, seconds=time.time() - t_start,
+                      train_seconds=seconds, steps=step, tokens_per_sec=tokens * ev.process.world / max(seconds, 1e-9),
+                      **counts,
                       device=str(ev.process.device), dtype=ev.process.dtype, **{k: flags[k] for k in REPORTED_FLAGS})
     return result
 

@@ -684,8 +684,8 @@ def verify(out_dir, seeds, dtype, tiny=False, reuse=False, only=None, jobs=1):
     only="pretrain": pre-train each seed and judge only the pre-training claims (a cheap
     sweep over many seeds), `jobs` seeds side by side on cores/jobs threads each."""
     sys.path.insert(0, HERE)
-    from extras import runtime
-    dtype = runtime.pick_dtype(runtime.pick_device("auto"), dtype)
+    import nanosft  # (imported here: it sets the OpenMP wait policy of this process)
+    dtype = nanosft.pick_dtype(nanosft.pick_device("auto"), dtype)
     root = os.path.join(out_dir, "verify", dtype)
     common = ["--dtype", dtype] + (["--device", "cpu"] if tiny else [])
     extra = lambda script: TINY[script] if tiny else []

@@ -12,12 +12,11 @@ template) and a README.md model card with the checkpoint's training figures. Nee
 `safetensors` package (extras/requirements-dev.txt); the training scripts do not.
 """
 import nanosft
-from extras import runtime
 from extras import hf
 
 
 def main(argv=None):
-    ap = runtime.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__)
     ap.add_argument("--ckpt", default="out/dpo.pt", help="checkpoint (or HF GPT-2 directory) to export")
     ap.add_argument("--out", default="hf", help="directory to write")
     args = ap.parse_args(argv)
@@ -27,4 +26,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    nanosft.run(main)  # the CPU settings (extras/cpu.py), then main: bad input is one line, exit code 2
+    nanosft.cli(main)  # bad input is one line and exit code 2, never a traceback

@@ -217,7 +217,6 @@ def load_dir(path, expect_kind=None):
             "iter": 0, "rng": {"torch": torch.get_rng_state()}, "args": {}, "metrics": {}}
 
 
-nanosft.DIRECTORY_READERS.append(load_dir)  # nanosft.load_checkpoint reads a directory with it
 
 
 # ----------------------------------------------------------------------------------------

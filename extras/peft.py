@@ -208,7 +208,6 @@ class PromptTuned(nanosft.GPT):
         return torch.cat([self.prefix.to(x.dtype).expand(x.size(0), -1, -1), x], dim=1)  # (B, P+T, C)
 
 
-nanosft.PROMPT_TUNED.append(PromptTuned)  # nanosft.model_from_checkpoint builds a prompt-tuned checkpoint with it
 
 
 def new_gpt(cfg):

@@ -26,7 +26,7 @@ import dpo
 from extras import dpo_eval
 from extras import sft_eval
 
-RT = runtime.Runtime(torch.device("cpu"), "float32")
+RT = nanosft.Process(torch.device("cpu"), "float32")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import nanosft
-from extras import runtime
 import sample
 from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
 from extras.bench import encode_python
-from extras.cpu import cpu_has_native_bf16
+from nanosft import cpu_has_native_bf16
 
 sys.path.insert(0, ROOT)
 from data import world as W  # noqa: E402
@@ -209,5 +208,5 @@ def test_a_cpu_limited_to_avx2_has_no_native_bf16_and_auto_picks_fp32(monkeypatc
     where /proc/cpuinfo lists avx512_bf16."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert cpu_has_native_bf16() is False
-    assert runtime.pick_dtype(torch.device("cpu"), "auto") == "float32"
-    assert runtime.pick_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for, given
+    assert nanosft.pick_dtype(torch.device("cpu"), "auto") == "float32"
+    assert nanosft.pick_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for, given

@@ -26,9 +26,11 @@ SFT_FLAGS = ["--max-iters", "4", "--batch-size", "4", "--eval-interval", "4", "-
 DRIVER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import finetune, pretrain
+import finetune, pretrain, torch
 out, text, sft = sys.argv[1:4]
 pretrain.main(["--data", text, "--out-dir", out] + {tiny!r})
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # rank 0 has written pretrain.pt
 if os.environ.get("RANK", "0") == "0":
     print("=== sft", flush=True)
 finetune.main(["--ckpt", out + "/pretrain.pt", "--data", sft, "--out-dir", out + "/sft"] + {sft_flags!r})
@@ -103,7 +105,6 @@ def test_sft_shares_each_step_between_the_processes():
     the shares together are the step's examples, and every process divides by the WHOLE
     step's supervised tokens."""
     import finetune
-    from extras.runtime import Runtime
     tok = nanosft.train_tokenizer(SAMPLE_TEXT[:20_000], 300)
     examples = [nanosft.example_tensors(*nanosft.render_chat(tok, [
         {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes. " * (1 + i % 4)}]))
@@ -112,7 +113,7 @@ def test_sft_shares_each_step_between_the_processes():
     supervised = sum(int((examples[i][1] != -1).sum()) for i in chosen)
     rows = []
     for rank in (0, 1):
-        process = Runtime(torch.device("cpu"), "float32", rank=rank, world=2)
+        process = nanosft.Process(torch.device("cpu"), "float32", rank=rank, world=2)
         batches, n = finetune.step_batches(examples, 5, batch_size=4, seed=3, grad_accum=1, pad=tok.pad, process=process)
         assert n == supervised  # the step's, not this process's
         [(X, _)] = batches

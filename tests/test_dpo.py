@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import nanosft
-from extras import runtime
 from data import formats, world_eval
 from extras import own_data
 from conftest import tiny_gpt, run_script
@@ -184,22 +183,20 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     ex = examples(tok) * 2
-    process = runtime.Runtime(torch.device("cpu"), "float32")
+    process = nanosft.Process(torch.device("cpu"), "float32")
     cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, process)
-    flags = dict(max_iters=4, lr=1e-2, warmup=1, eval_interval=100, log_interval=100, time_budget=None)
-    opt = nanosft.configure_optimizer(model, flags["lr"])
-    steps = runtime.Steps(process, model, opt, flags)
-    for it in steps:  # dpo.py's step, two pairs at a time
+    opt = nanosft.configure_optimizer(model, 1e-2)
+    for it in range(4):  # dpo.py's step, two pairs at a time
+        for group in opt.param_groups:
+            group["lr"] = nanosft.lr_at(it, 1e-2, 1, 4)
         ids = torch.tensor([(2 * it) % len(ex), (2 * it + 1) % len(ex)])
         X, Y, segments = dpo.collate_pairs([ex[i] for i in ids.tolist()], tok.pad)
         loss_sum = dpo.pair_loss(model, X, Y, cache_c[ids], cache_r[ids], **loss_kw(rpo_alpha=1.0),
                                  segments=segments)[0]
         (loss_sum / 2).backward()
-        torch.nn.utils.clip_grad_norm_(steps.params, 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        steps.log(steps.total(loss_sum.item()) / 2, tokens=X.numel())
-    assert steps.it == 4
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # policy moved
@@ -343,7 +340,8 @@ def test_dpo_script_end_to_end(sft_ckpt, tok, tmp_path):
     assert len(res["history"]["train"]["rewards/margins"]) == 6
     for png in ("dpo_logratio.png", "dpo_margin.png"):
         assert os.path.getsize(os.path.join(out, png)) > 0
-    assert nanosft.load_checkpoint(os.path.join(out, "dpo.pt"), expect_kind=("dpo",))["iter"] == 6
+    # dpo.pt's step is its weights' step: the rewound one (the last step is in dpo.json)
+    assert nanosft.load_checkpoint(os.path.join(out, "dpo.pt"), expect_kind=("dpo",))["iter"] == res["rewound_step"]
 
     # step 0: the policy IS the reference, every implicit reward 0: margin 0, ties (accuracy 0.5), KL 0
     ev = res["history"]["eval"]
@@ -455,7 +453,7 @@ def constant_next_token_model(tok, logits):
 def test_kl_estimate_is_the_exact_sequence_kl(tok):
     model = tiny_gpt(tok, seed=6)
     ref = copy.deepcopy(model).requires_grad_(False).eval()
-    process = runtime.Runtime(torch.device("cpu"), "float32")
+    process = nanosft.Process(torch.device("cpu"), "float32")
     prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
     assert dpo_eval.kl_estimate(model, ref, tok, prompts, process, seed=0) == 0.0
     # Two models, each with one next-token distribution at every position: p (the policy) never

@@ -3,7 +3,6 @@ chosen on the DEV half alone; the test half's answers are only reported."""
 import torch
 
 import nanosft
-from extras import runtime
 import finetune
 from extras import rewind
 from conftest import tiny_gpt
@@ -15,7 +14,7 @@ class LineEvaluator:
     alpha 0.8, retention loss grows with alpha, and the TEST half's accuracy is `test(alpha)`."""
 
     def __init__(self, test):
-        self.process, self.test, self.calls = runtime.Runtime(torch.device("cpu"), "float32"), test, 0
+        self.process, self.test, self.calls = nanosft.Process(torch.device("cpu"), "float32"), test, 0
 
     def __call__(self, model, full=False):
         self.calls += 1

@@ -12,7 +12,8 @@ SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eva
            "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "extras/packing.py",
            "extras/cpu.py", "extras/charts.py", "data/formats.py", "data/world_eval.py", "extras/rewind.py",
            "extras/sft_eval.py", "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
-MAIN_LINES = 80
+MAIN_LINES = 80  # a stage's main, which owns its loop: STAGE_MAIN_LINES
+STAGE_MAIN_LINES = 110
 
 
 def functions(path):
@@ -25,7 +26,8 @@ def functions(path):
 def test_main_fits_and_only_main_reads_the_flags(path):
     for fn in functions(path):
         if fn.name == "main":
-            assert fn.end_lineno - fn.lineno + 1 <= MAIN_LINES, f"{path}: main has {fn.end_lineno - fn.lineno + 1} lines"
+            most = STAGE_MAIN_LINES if path in ("pretrain.py", "finetune.py", "dpo.py") else MAIN_LINES
+            assert fn.end_lineno - fn.lineno + 1 <= most, f"{path}: main has {fn.end_lineno - fn.lineno + 1} lines"
         elif fn.name != "parse_args":
             names = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
             assert "args" not in names, f"{path}:{fn.lineno}: {fn.name} takes the argparse namespace"
@@ -59,7 +61,9 @@ def project_modules():
 
 def imports(path, modules):
     """{each project module the file imports anywhere (at its top level or deferred, inside a
-    function or block): True if it is never imported at the top level}."""
+    function or block): True if it is never imported at the top level}. A deferred import of
+    an extra by the core (nanosft.py, data/) is where a flag is handled, and is left out: it
+    runs only after both modules are loaded."""
     with open(path) as f:
         tree = ast.parse(f.read())
     top = {id(n) for n in tree.body}
@@ -71,8 +75,9 @@ def imports(path, modules):
             names = [n.module] + [f"{n.module}.{a.name}" for a in n.names]
         else:
             continue
+        core = not path.startswith(os.path.join(ROOT, "extras"))
         for name in names:
-            if name in modules:
+            if name in modules and not (core and name.startswith("extras") and id(n) not in top):
                 found[name] = found.get(name, True) and id(n) not in top
     return found
 

@@ -1,0 +1,83 @@
+"""What a default run executes is the lesson: counted the way coverage counts it (the executed
+lines of every project file, tests excluded), for the three default commands
+
+    python pretrain.py   ->   python finetune.py --ckpt out/pretrain.pt   ->   python dpo.py --ckpt out/sft.pt
+
+made short (a tiny model, two steps, an evaluation after each) but otherwise with their
+default flags and data, so they execute the lines the full runs do. Checked here:
+  - no module of extras/ runs (what only some runs need is imported where its flag is handled);
+  - each run executes at most its target of lines, in all files together;
+  - README's "How to read this" states each run's files and counts as they are."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("coverage")  # extras/requirements-dev.txt
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32"]
+RUNS = {  # stage -> its command line after the script's name
+    "pretrain": ["pretrain.py", *TINY, "--max-iters", "2", "--eval-interval", "1"],
+    "finetune": ["finetune.py", "--ckpt", "{out}/pretrain.pt", "--max-iters", "2", "--eval-interval", "1"],
+    "dpo": ["dpo.py", "--ckpt", "{out}/sft.pt", "--max-iters", "2", "--eval-interval", "1"],
+}
+TARGETS = {"pretrain": 450, "finetune": 700, "dpo": 700}  # executed lines, all project files together
+CEILINGS = {"pretrain": 600, "finetune": 960, "dpo": 980}  # today's counts: no change may add to them
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """{stage: {file: executed lines}} of the three default runs, one after the other."""
+    out = tmp_path_factory.mktemp("default_run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    counts = {}
+    for stage, argv in RUNS.items():
+        data = str(out / f"{stage}.coverage")
+        cmd = [sys.executable, "-m", "coverage", "run", f"--data-file={data}", f"--source={ROOT}",
+               f"--omit={os.path.join(ROOT, 'tests', '*')}", *[a.format(out=out) for a in argv],
+               "--out-dir", str(out), "--dtype", "float32", "--device", "cpu"]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        report = str(out / f"{stage}.json")
+        subprocess.run([sys.executable, "-m", "coverage", "json", f"--data-file={data}", "-o", report], cwd=ROOT,
+                       env=env, capture_output=True, check=True)
+        files = json.load(open(report))["files"]
+        counts[stage] = {f: len(v["executed_lines"]) for f, v in files.items() if v["executed_lines"]}
+    return counts
+
+
+@pytest.mark.parametrize("stage", [s if s == "pretrain" else pytest.param(s, marks=pytest.mark.xfail(
+    strict=True, reason="SFT's world evaluation and rewinding, DPO's measures are still in extras/")) for s in RUNS])
+def test_a_default_run_executes_nothing_of_extras(executed, stage):
+    assert not [f for f in executed[stage] if f.startswith("extras")], executed[stage]
+
+
+@pytest.mark.parametrize("stage", list(RUNS))
+def test_a_default_run_executes_no_more_than_today(executed, stage):
+    total = sum(executed[stage].values())
+    assert total <= CEILINGS[stage], f"{stage}: {total} lines executed ({executed[stage]})"
+
+
+@pytest.mark.xfail(strict=True, reason="the targets are not met yet (README, known gaps)")
+@pytest.mark.parametrize("stage", list(RUNS))
+def test_a_default_run_executes_at_most_its_target(executed, stage):
+    total = sum(executed[stage].values())
+    assert total <= TARGETS[stage], f"{stage}: {total} lines executed ({executed[stage]})"
+
+
+@pytest.mark.xfail(strict=True, reason="README is rewritten with the redesign")
+def test_readme_states_each_default_runs_files_and_count(executed):
+    """README's "How to read this" names, for each stage, the files a default run executes and
+    the count: "`python pretrain.py` executes N lines: a.py n, b.py m, ..."."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## How to read this", 1)[1].split("\n## ", 1)[0]
+    for stage, per_file in executed.items():
+        m = re.search(rf"`python {stage}\.py[^`]*` executes ([\d,]+) lines: ([^.\n]+)", section)
+        assert m, f"README's How to read this does not state what {stage}.py executes"
+        stated = {f: int(n.replace(",", "")) for f, n in re.findall(r"`?([\w/]+\.py)`? ([\d,]+)", m.group(2))}
+        assert int(m.group(1).replace(",", "")) == sum(per_file.values()) and stated == per_file, (stage, per_file)
