@@ -8,9 +8,10 @@ assistant's tokens only, including the closing <|end|> (so the model learns to s
     python finetune.py --ckpt out/pretrain.pt --data alpaca.json   # your own data
     python finetune.py --ckpt out/pretrain.pt --lora-rank 8    # LoRA; OFT, prompt tuning: docs/peft.md
 
-Read the loss (1), the data it sees (2), what trains (3), then main (5). On the world's data
-sft.json reports held-out accuracy (what SFT makes usable) and retention (what it costs), and
-out/sft.pt is the REWOUND checkpoint (extras/rewind.py); out/sft_last.pt is the last step.
+Read the loss (1), the data it sees (2), what trains (3), how it is measured (5), then main (6). On the world's data
+sft.json reports held-out accuracy (what SFT makes usable) and retention (what it costs),
+before and after; out/sft.pt holds the final weights (with --rewind path|interpolate the
+checkpoint rewinding picks: extras/rewind.py, docs/forgetting.md).
 """
 import functools
 import os
@@ -209,13 +210,14 @@ def parse_args(argv=None):
     peft.add_argument("--new-rows", default="train", choices=["train", "freeze"], help="new tokens' embeddings")
     forget = ap.add_argument_group("forgetting: replay, rewinding (extras/replay.py, extras/rewind.py)")
     forget.add_argument("--replay", type=float, default=0.0, help="mix this many pre-training tokens per SFT token")
-    forget.add_argument("--rewind", default="path", choices=["path", "interpolate"], help="along the path or the line")
+    forget.add_argument("--rewind", default="none", choices=["none", "path", "interpolate"],
+                        help="out/sft.pt: the final weights, or rewound along the path or the line")
     forget.add_argument("--rewind-min-gain", type=float, default=0.05, help="the least retention loss it must save")
     forget.add_argument("--rewind-tolerance", type=float, default=0.01, help="dev accuracy below the best")
     forget.add_argument("--rewind-loss-tolerance", type=float, default=0.02, help="dev answer loss above the lowest")
     forget.add_argument("--alphas", type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
-                        help="the alphas of the line evaluated (comma-separated; 0 and 1 always; default: "
-                        "with --rewind interpolate, ALPHAS, else none)")
+                        help="with --rewind: the alphas of the line evaluated (comma-separated; 0 and 1 "
+                        "always; default: with --rewind interpolate, ALPHAS, else none)")
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
@@ -230,6 +232,8 @@ def parse_args(argv=None):
     world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
+    if args.alphas and args.rewind == "none":
+        raise nanosft.UserError("--alphas evaluates the line for rewinding: add --rewind path or --rewind interpolate")
     if args.alphas is None:
         args.alphas = ALPHAS if args.rewind == "interpolate" else ()
     if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
@@ -247,7 +251,127 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. the stage: load, train (the optimisation step written out), save, report
+# 5. the world's evaluation: what SFT makes usable (held-out accuracy), what it costs (retention)
+
+
+def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
+    """The community's top-voted answers to the dev half's questions `prompts`
+    (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
+    their loss says how closely the model writes the answers SFT teaches -- the voted
+    style included -- for people it was never trained on."""
+    threads = formats.read_records(world_eval.path("world_community_eval.jsonl", world_dir))
+    convs = [[{"role": "user", "content": t["prompt"]},
+              {"role": "assistant", "content": world_eval.top_voted(t["answers"])}]
+             for _, t in threads if t["prompt"] in prompts]
+    examples = [nanosft.example_tensors(*nanosft.render_chat(tok, c)) for c in convs]
+    return [nanosft.collate(examples[i:i + batch], tok.pad) for i in range(0, len(examples), batch)]
+
+
+class SFTEvaluator:
+    """Held-out accuracy (dev half used for rewinding, test half reported, also split into
+    in-domain and cross-domain: the attributes SFT asked about and the others), training-people
+    accuracy, list-task accuracy and retention measured two ways: the pre-training
+    validation loss, and the knowledge probe (the biographies' facts completed as plain
+    text, as after pre-training; a stand-in for PEFT-Arena's general-ability benchmarks).
+
+    evaluator(model) measures what the path and rewinding read at every evaluation point
+    (the probe is None there); evaluator(model, full=True) adds the training people, the
+    list tasks and the knowledge probe (before SFT, final, rewound: what sft.json reports).
+
+    pretrain_stream: the pre-training text's tokens (None: no retention loss).
+    attributes: those SFT trains on (--sft-attributes). Rewinding sees the dev half's
+    questions about these only, so nothing about a cross-domain attribute informs the choice."""
+
+    def __init__(self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE, attributes=None):
+        self.process, self.tok = process, tok
+        self.world = world_eval.load_world(world_dir)
+        self.attributes = attributes or self.world[1]["attributes"]
+        self.longest = world_eval.world_longest(world_dir)
+        dev, self.test = world_eval.heldout_halves(world_dir)
+        self.dev = world_eval.by_domain(dev, self.attributes)[0]
+        self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
+        self.train = world_eval.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half
+        self.tasks = world_eval.load_eval_rows("tasks", world_dir)
+        self.retention = None
+        if pretrain_stream is not None:  # the same split pre-training used: retention = its validation loss
+            self.retention = formats.fixed_windows(formats.split_corpus(pretrain_stream, block_size)[1], block_size)
+
+    def __call__(self, model, full=False):
+        qa = lambda rows: world_eval.qa_eval(model, self.tok, self.world, rows, longest=self.longest)
+        test = qa(self.test)
+        inside, cross = world_eval.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
+        result = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"], "heldout_in": inside,
+                  "heldout_cross": cross, "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.process),
+                  "degenerate": test["degenerate_rate"],
+                  "retention": nanosft.mean_loss(model, self.retention, self.process) if self.retention else None,
+                  "probe": None}
+        return self.complete(result, model) if full else result
+
+    def complete(self, point, model):
+        """A point measured already (evaluator(model) at the same weights), completed with what
+        the report adds: the training people, the list tasks and the knowledge probe."""
+        full = {**point, "train": world_eval.qa_eval(model, self.tok, self.world, self.train, longest=self.longest)["accuracy"],
+                "tasks": world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None}
+        return {**full, "probe": self.probe(model) if point["probe"] is None else point["probe"]}
+
+    def probe(self, model):
+        return world_eval.knowledge_probe(model, self.tok, self.world)
+
+    def start(self, model):
+        """The path's first point: the model before SFT, with its knowledge probe."""
+        return [{"step": 0, **self(model), "probe": self.probe(model)}]
+
+
+def log_eval(log, result):
+    cross = "" if result["heldout_cross"] is None else \
+        f", in-domain {result['heldout_in']:.3f}, cross-domain {result['heldout_cross']:.3f}"
+    probe = "" if result["probe"] is None else f" | knowledge probe {result['probe']:.3f}"
+    log(f"eval step {result['step']}: held-out {result['heldout']:.3f} (dev {result['dev']:.3f}, dev answer loss "
+        f"{result['dev_loss']:.4f}{cross}) | retention loss {result['retention']:.4f}{probe}")
+
+
+def not_rewound(step):
+    """sft.json's rewinding fields of a run without --rewind: out/sft.pt holds the final weights."""
+    return {"rewound": f"the final weights (step {step}; no --rewind)", "rewound_step": step, "rewound_alpha": None,
+            "rewind": "none"}
+
+
+def world_report(log, path, final, rewound, choice, chance, attributes):
+    """sft.json's world numbers: before SFT (the path's step 0), at the final step and at the
+    rewound point (`final`, `rewound`: their full evaluations); the headline is logged.
+    attributes: those SFT asked about; held-out accuracy is split into these (in-domain) and
+    the others (cross-domain; None when SFT asked about every attribute)."""
+    start = path[0]
+    log(f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
+        f"rewound ({choice['rewound']}) {rewound['heldout']:.3f}")
+    if rewound["heldout_cross"] is not None:
+        log(f"  of it, rewound: in-domain ({','.join(attributes)}) {rewound['heldout_in']:.3f} | "
+            f"cross-domain (the other attributes) {rewound['heldout_cross']:.3f}, "
+            f"before SFT {start['heldout_cross']:.3f}")
+    log(f"retention loss:    before {start['retention']:.4f} | final {final['retention']:.4f} | "
+        f"rewound {rewound['retention']:.4f}")
+    log(f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
+        f"rewound {rewound['probe']:.3f}")
+    tasks = f" | list tasks {rewound['tasks']:.3f}" if rewound["tasks"] is not None else ""  # (world.py --list-tasks)
+    log(f"training people {rewound['train']:.3f}{tasks} | degenerate answers {rewound['degenerate']:.3f}")
+    return {
+        "heldout_accuracy": rewound["heldout"], "train_accuracy": rewound["train"], "task_accuracy": rewound["tasks"],
+        "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final["heldout"],
+        "heldout_accuracy_rewound": rewound["heldout"], "heldout_accuracy_peak": max(p["heldout"] for p in path),
+        "train_accuracy_final": final["train"], "task_accuracy_final": final["tasks"],
+        "degenerate_rate": rewound["degenerate"], "degenerate_rate_final": final["degenerate"],
+        "retention_val_loss_before": start["retention"], "retention_val_loss_final": final["retention"],
+        "retention_val_loss_rewound": rewound["retention"], "knowledge_probe_before": start["probe"],
+        "knowledge_probe_final": final["probe"], "knowledge_probe_rewound": rewound["probe"], **choice,
+        "chance_accuracy": chance, "sft_attributes": attributes, "heldout_accuracy_in_domain": rewound["heldout_in"],
+        "heldout_accuracy_cross_domain": rewound["heldout_cross"],
+        "heldout_accuracy_in_domain_final": final["heldout_in"],
+        "heldout_accuracy_cross_domain_final": final["heldout_cross"],
+        "heldout_accuracy_cross_domain_before": start["heldout_cross"], "path": path}
+
+
+# ----------------------------------------------------------------------------------------
+# 6. the stage: load, train (the optimisation step written out), save, report
 
 
 def main(argv=None):
@@ -274,10 +398,11 @@ def main(argv=None):
         from extras import replay  # --replay: pre-training windows in every step
         replay_windows = replay.sampler(pretrain_stream(tok, args.pretrain_data), file=args.pretrain_data,
                                         block_size=block_size, ratio=args.replay, seed=args.seed, process=process)
-    if not args.data:  # the world's questions: evaluate along the path, rewind at the end
-        from extras import rewind, sft_eval  # the world's evaluation (sft_eval) and rewinding
-        evaluator = sft_eval.SFTEvaluator(process, tok, pretrain_stream(tok, args.pretrain_data), block_size,
-                                          world_dir=args.world, attributes=args.sft_attributes)
+    if not args.data:  # the world's questions: held-out accuracy and retention along the way
+        evaluator = SFTEvaluator(process, tok, pretrain_stream(tok, args.pretrain_data), block_size,
+                                            world_dir=args.world, attributes=args.sft_attributes)
+    if args.rewind != "none":
+        from extras import rewind  # --rewind: every evaluation point's checkpoint kept, one chosen at the end
     optimizer = nanosft.configure_optimizer(model.to(process.device), args.lr, weight_decay=0.0, device_type=process.device.type)
     start_iter, state = runtime.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer) if args.resume else (0, {})
     path = state.get("path") or (evaluator.start(model) if evaluator else [])  # the world's evaluations
@@ -288,8 +413,11 @@ def main(argv=None):
     def on_eval(it):  # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
         if process.master:
             plain_model = peft.plain_model(model) if peft else model  # adapters merged
-            if evaluator:
-                rewind.add_step(path, evaluator, model, plain_model, tok=tok, it=it, flags=vars(args), out_dir=args.out_dir)
+            if evaluator and path[-1]["step"] != it:  # (after --resume the last point may be measured already)
+                path.append({"step": it, **evaluator(model)})
+                log_eval(process.log, path[-1])
+                if args.rewind != "none":
+                    rewind.keep_step(plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir)
             save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok=tok, optimizer=optimizer, it=it,
                       flags=vars(args), state={"path": path})
         if process.world > 1:
@@ -336,16 +464,22 @@ def main(argv=None):
             on_eval(step)
     train_seconds = time.time() - t0
     on_eval(step)
-    # ---- save and report (world data: out/sft.pt is the rewound checkpoint, extras/rewind.py)
+    # ---- save and report (world data: before and after; with --rewind out/sft.pt is the rewound checkpoint)
     if process.master:
         out = summary(model, trainable, (step, train_seconds, tokens), process, data=report.state(), flags=vars(args),
                       frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model))
         sft_file, plain_model = os.path.join(args.out_dir, "sft.pt"), peft.plain_model(model) if peft else model
         checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=step, flags=vars(args))  # final weights
-        if evaluator:
-            checkpoint = rewind.rewind_and_report(evaluator, start_checkpoint, model, tok, out=out, path=path,
-                                                  flags=vars(args), **{k: getattr(args, k) for k in REWIND_FLAGS},
-                                                  log=process.log, out_dir=args.out_dir)
+        if evaluator:  # the final weights' full evaluation: the path's last point, completed
+            final = path[-1] = evaluator.complete(path[-1], model)
+            rewound, choice = final, not_rewound(step)
+            if args.rewind != "none":  # out/sft.pt: the checkpoint rewinding picks
+                checkpoint, choice, rewound = rewind.rewind(
+                    evaluator, start_checkpoint, model, tok, path=path, final=final, flags=vars(args),
+                    out_dir=args.out_dir, plot=args.plot, **{k: getattr(args, k) for k in REWIND_FLAGS})
+            out.update(world_report(process.log, path, final, rewound=rewound, choice=choice,
+                                    chance=world_eval.chance(evaluator.world), attributes=evaluator.attributes))
+            checkpoint["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
         nanosft.save_checkpoint(sft_file, checkpoint)
         out["seconds"] = time.time() - t_start
         nanosft.write_json(os.path.join(args.out_dir, "sft.json"), out)
@@ -353,7 +487,7 @@ def main(argv=None):
 
 
 def summary(model, trainable, steps, process, data, flags, frozen_bytes):
-    """sft.json's fields of every run (the world's: extras/rewind.py rewind_and_report).
+    """sft.json's fields of every run (the world's: world_report).
     steps: (steps taken, seconds of training, this process's tokens)."""
     step, seconds, tokens = steps
     return {"trainable_params": trainable, "total_params": model.num_params(), "steps": step,

@@ -56,7 +56,7 @@ import torch
 
 from data import formats
 from data import world_eval
-from extras import dpo_eval, packing
+from extras import packing
 from extras.cpu import keep_freed_memory
 from nanosft import cpu_has_native_bf16
 
@@ -342,7 +342,7 @@ def world_pairs(tok, cfg):
     d = dpo.DEFAULTS
     (_, ex), _, _ = formats.load_pairs(world_eval.THREADS, world_eval.EVAL_THREADS, tok, cfg.block_size,
                                        d["min_margin"], d["pairs"] == "top", SEED, False, lambda line: None,
-                                       dpo_eval.EVAL_PAIRS)
+                                       dpo.EVAL_PAIRS)
     return dpo, d, ex
 
 

@@ -1,11 +1,11 @@
 """
 Packed rows: several sequences in one row of a batch instead of one each, so short ones stop
-paying for the longest (dpo.py packs the answers of a step's pairs this way). Every sequence
-restarts at position 0 and attends only to its own earlier tokens: its logits are the ones
-it gets alone.
+paying for the longest (dpo.py --pack packs the answers of a step's pairs this way; without it,
+one row per sequence). Every sequence restarts at position 0 and attends only to its own
+earlier tokens: its logits are the ones it gets alone, up to float rounding.
 
     X, Y, S = pack(examples, pad_id)                  # S: the sequence of each token, -1: padding
-    logits = packed_logits(model, X, packed_layout(S, block_size))
+    logits = packed_logits(model, X, packed_layout(S, block_size))   # or logits(model, X, S)
     sums = segment_sums(values, S)                    # per-token values -> one sum per sequence
 """
 import torch
@@ -92,3 +92,9 @@ def packed_logits(model, X, layout):
         return model(X)[0]
     finally:
         del gpt.hidden
+
+
+def logits(model, X, S):
+    """Logits (R, T, V) of packed rows X whose segments S come from `pack`, at the model's block size."""
+    block = getattr(model, "module", model).config.block_size  # (DDP holds the model in .module)
+    return packed_logits(model, X, packed_layout(S, block))

@@ -1,6 +1,7 @@
 """
-SFT rewinding (finetune.py, on the world's data): out/sft.pt is the checkpoint that has
-learned the task at the least cost to what pre-training stored. Where it looks (--rewind):
+SFT rewinding (finetune.py --rewind, on the world's data): out/sft.pt becomes the checkpoint
+that has learned the task at the least cost to what pre-training stored (without the flag it
+holds the final weights). Where it looks:
 
   path         the checkpoints saved along the training path (sft_path/stepNNNNN.pt)
   interpolate  the straight line from the pre-trained to the final weights,
@@ -14,15 +15,13 @@ import os
 import torch
 
 import nanosft
-from data import world_eval
 from extras import charts, peft
-from extras import sft_eval
 
 
 def sft_rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None):
     """The rule: among candidate points (the path's checkpoints, or weights on the line) keep
     those that have learned the task: held-out DEV accuracy within `tolerance` of the best
-    point's and, with loss_tolerance, dev answer loss (extras/sft_eval.dev_answer_batches)
+    point's and, with loss_tolerance, dev answer loss (data/world_eval.py dev_answer_batches)
     within loss_tolerance nats per token of the lowest. Of these take the one with the
     LOWEST retention loss: the good-enough point where SFT has paid the least of the
     pre-trained model's knowledge. Only the dev half chooses; the test half is reported.
@@ -52,25 +51,18 @@ def step_file(out_dir, it):
     return os.path.join(out_dir, "sft_path", f"step{it:05d}.pt")
 
 
-def add_step(path, evaluator, model, plain_model, tok, it, flags, out_dir):
-    """At an evaluation point of training: evaluate the model (unless step `it` is the
-    path's last point already, as after --resume), log it, and keep its checkpoint (the
-    plain model: PEFT adapters merged) as a candidate for rewinding."""
-    if path[-1]["step"] == it:
-        return
-    path.append({"step": it, **evaluator(model)})
-    sft_eval.log_eval(evaluator.process.log, path[-1])
-    nanosft.save_checkpoint(step_file(out_dir, it), nanosft.checkpoint_dict("sft", plain_model, tok, it=it, flags=flags))
+def keep_step(model, tok, it, flags, out_dir):
+    """At an evaluation point of training: keep the checkpoint of step `it` (the plain model:
+    PEFT adapters merged) as a candidate for rewinding."""
+    nanosft.save_checkpoint(step_file(out_dir, it), nanosft.checkpoint_dict("sft", model, tok, it=it, flags=flags))
 
 
-def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags, rewind, alphas, rewind_tolerance,
-                      rewind_loss_tolerance, rewind_min_gain, log, out_dir):
-    """After training on the world's data: evaluate the final weights, choose the rewound
-    point (choose_rewound; `rewind` says where, the rest is sft_rewind's rule), evaluate it,
-    add sft.json's world fields to `out`, plot the path (sft_path.png). Returns the rewound
-    checkpoint (out/sft.pt), its metrics those of `out`."""
-    final = evaluator.complete(path[-1], model)  # the path's last point holds the final weights' numbers
-    path[-1]["probe"] = final["probe"]
+def rewind(evaluator, start_checkpoint, model, tok, path, final, flags, rewind, alphas, rewind_tolerance,
+           rewind_loss_tolerance, rewind_min_gain, out_dir, plot=False):
+    """After training on the world's data (final: the final weights' full evaluation): choose
+    the rewound point (choose_rewound; `rewind` says where, the rest is sft_rewind's rule) and
+    evaluate it; with `plot` draw the path (sft_path.png). Returns the rewound checkpoint
+    (out/sft.pt), sft.json's fields on rewinding and the rewound point's full evaluation."""
     choice = choose_rewound(evaluator, start_checkpoint, model, path, final, where=rewind, alphas=alphas,
                             tolerance=rewind_tolerance, loss_tolerance=rewind_loss_tolerance, min_gain=rewind_min_gain)
     rewound = rewound_checkpoint(choice, start_checkpoint, model, tok, it=path[-1]["step"], flags=flags,
@@ -80,11 +72,9 @@ def rewind_and_report(evaluator, start_checkpoint, model, tok, out, path, flags,
     rewound_eval = evaluator.complete(on_path[0], rewound_model) if on_path else evaluator(rewound_model, full=True)
     probe_rewound_points(choice, rewound_eval, evaluator, start_checkpoint=start_checkpoint, model=model,
                          out_dir=out_dir)
-    out.update(sft_eval.world_report(log, path, final, rewound_eval, choice, chance=world_eval.chance(evaluator.world),
-                                     attributes=evaluator.attributes))
-    rewound["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
-    plot_path(os.path.join(out_dir, "sft_path.png"), path, path[-1]["step"], choice)
-    return rewound
+    if plot:
+        plot_path(os.path.join(out_dir, "sft_path.png"), path, path[-1]["step"], choice)
+    return rewound, choice, rewound_eval
 
 
 def pretrained_state(start_checkpoint):

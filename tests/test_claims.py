@@ -7,6 +7,7 @@ resume that restores the RNG. Each test fails when its part is wired wrong, and 
 well under a second: fakes stand in for generation, and the evaluations depend on WHICH
 people they see, so a wrong half gives a different number."""
 import json
+import os
 import re
 import types
 
@@ -23,8 +24,7 @@ from conftest import tiny_gpt
 from test_dpo import PAIRS, answer_logprob
 
 import dpo
-from extras import dpo_eval
-from extras import sft_eval
+import finetune as sft_eval  # (the SFT evaluation lives in the stage file)
 
 RT = nanosft.Process(torch.device("cpu"), "float32")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -104,11 +104,11 @@ def test_held_out_benchmark_stays_the_same_whatever_the_training_pairs(tok, tmp_
     seen = set()
     for margin, top in ((10.0, True), (20.0, True), (1.0, False), (30.0, False)):
         (tp, _), (hp, _), _ = formats.load_pairs(train, held, tok, 64, margin, top, 1337, False, lambda s: None, 100,
-                                                 heldout_rule=dpo_eval.HELDOUT_RULE)
+                                                 heldout_rule=dpo.HELDOUT_RULE)
         seen.add(tuple((p["chosen"], p["rejected"]) for p in hp))
     # top answer (40) against those it beat by >= 10: Oslo (25) and Lima (5), in each of 4 threads
     assert len(seen) == 1 and len(next(iter(seen))) == 8
-    assert dpo_eval.HELDOUT_RULE == (dpo.DEFAULTS["min_margin"], dpo.DEFAULTS["pairs"] == "top")
+    assert dpo.HELDOUT_RULE == (dpo.DEFAULTS["min_margin"], dpo.DEFAULTS["pairs"] == "top")
 
 
 # ---- 2. a file without a "split" field is divided by record
@@ -165,30 +165,35 @@ def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
     assert names_re(dev_people).search(said) and not names_re({r["person"] for r in test}).search(said)
 
 
-def test_dpo_path_is_measured_on_the_dev_half_and_the_report_on_the_test_half(tok, monkeypatch):
-    """Catches dpo_eval.Evaluator measuring its rewinding path on the test half, or
-    reporting the dev half as the result: the model knows the dev half's people only."""
+def test_dpo_path_is_measured_on_the_dev_half_and_the_report_on_the_test_half(tok, start_ckpt, tmp_path, monkeypatch):
+    """Catches dpo.py --rewind measuring its path on the test half, or dpo.py reporting the dev
+    half as the result: the model knows the dev half's people only. Without --rewind there is
+    no path: out/dpo.pt holds the final weights."""
     dev, _ = world_eval.heldout_halves()
     monkeypatch.setattr(world_eval, "answer_questions", fake_answers({r["person"] for r in dev}))
-    monkeypatch.setattr(dpo_eval, "kl_estimate", lambda *a, **k: 0.0)
-    monkeypatch.setattr(dpo_eval, "greedy", lambda model, tok, prompts, n: ["."] * len(prompts))
-    ref, model = tiny_gpt(tok), tiny_gpt(tok, seed=1)
-    ev = dpo_eval.Evaluator(ref, tok, [{"prompt": [{"role": "user", "content": "Hi?"}]}], None, True, 0.1, 0, RT)
-    state = ev.begin(None)
-    ev.evaluate(model, state, 50)
-    assert [p["step"] for p in state["path"]] == [0, 50]
-    assert [p["accuracy"] for p in state["path"]] == [1.0, 1.0]  # the dev half, which rewinding reads
-    assert state["before"]["accuracy"] == 0.0  # the test half, reported
-    result = dpo_eval.summary(ev, model, state, dpo_eval.REWIND_RULE)
-    assert result["heldout_accuracy_before"] == result["heldout_accuracy_after"] == 0.0
+    monkeypatch.setattr(dpo, "kl_estimate", lambda *a, **k: 0.0)
+    flags = ["--ckpt", start_ckpt, "--max-iters", "2", "--eval-interval", "1", "--batch-size", "2", "--device", "cpu",
+             "--dtype", "float32"]
+    for rewinding in (True, False):
+        out = str(tmp_path / str(rewinding))
+        dpo.main(flags + ["--out-dir", out] + ["--rewind"] * rewinding)
+        result = json.load(open(f"{out}/dpo.json"))
+        path = result["history"]["path"]
+        assert [p["step"] for p in path] == ([0, 1, 2] if rewinding else [])
+        assert [p["accuracy"] for p in path] == [1.0] * len(path)  # the dev half, which rewinding reads
+        assert result["heldout_accuracy_before"] == result["heldout_accuracy_after"] == 0.0  # the test half, reported
+        assert {s["prompt"] for s in result["samples"]} <= {r["prompt"] for r in world_eval.heldout_halves()[1]}
+        assert os.path.isdir(f"{out}/dpo_path") == rewinding
+        assert nanosft.load_checkpoint(f"{out}/dpo.pt")["iter"] == result["rewound_step"] == (result["rewound_step"] if rewinding else 2)
 
 
 # ---- 5. the reference: the frozen starting model, never the policy
 
 
-def test_dpo_main_hands_the_frozen_starting_model_to_the_evaluator(tok, start_ckpt, tmp_path, monkeypatch):
-    """Catches the evaluator given the live policy as its reference (every logged KL and
-    held-out margin would be 0), and a reference left unfrozen."""
+def test_dpo_main_measures_against_the_frozen_starting_model(tok, start_ckpt, tmp_path, monkeypatch):
+    """Catches the measures given the live policy as their reference (every logged KL would be
+    0), and a reference left unfrozen: what dpo.main hands to the KL estimate at its first
+    evaluation. (The held-out margins against the starting model: test_dpo's end-to-end test.)"""
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Where was Ada Stone born? ({k})", "chosen": "Lisbon.",
                                               "rejected": "Oslo, I think."} for k in range(8)])
     seen = {}
@@ -199,16 +204,15 @@ def test_dpo_main_hands_the_frozen_starting_model_to_the_evaluator(tok, start_ck
         return real(model, *a, **k)
     monkeypatch.setattr(nanosft, "configure_optimizer", configure_optimizer)
 
-    class Evaluator:
-        def __init__(self, ref, *a, **k):
-            seen["ref"] = ref
-            raise Stop
-    monkeypatch.setattr(dpo_eval, "Evaluator", Evaluator)
+    def kl_estimate(model, ref, *a, **k):
+        seen.update(model=model, ref=ref)
+        raise Stop
+    monkeypatch.setattr(dpo, "kl_estimate", kl_estimate)
     with pytest.raises(Stop):
         dpo.main(["--ckpt", start_ckpt, "--data", data, "--out-dir", str(tmp_path / "o"), "--max-iters", "2",
                   "--batch-size", "2", "--device", "cpu", "--dtype", "float32"])
     ref, policy = seen["ref"], seen["policy"]
-    assert ref is not policy
+    assert seen["model"] is policy and ref is not policy
     assert not {p.data_ptr() for p in ref.parameters()} & {p.data_ptr() for p in policy.parameters()}
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     start = nanosft.load_checkpoint(start_ckpt)["model"]
@@ -249,12 +253,12 @@ def test_kl_estimate_is_kl_of_the_policy_from_the_reference(tok):
         return ConstantLM(logits)
     p, q = [0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]
     kl = lambda a, b: sum(x * torch.tensor(x / y, dtype=torch.float64).log().item() for x, y in zip(a, b))
-    n = min(dpo_eval.KL_TOKENS, 64 // 2)  # answer tokens sampled per prompt
+    n = min(dpo.KL_TOKENS, 64 // 2)  # answer tokens sampled per prompt
     prompts = [[{"role": "user", "content": "Where was Ada Stone born?"}], [{"role": "user", "content": "Hi?"}]]
-    got = dpo_eval.kl_estimate(model(p), model(q), tok, prompts, RT, seed=0)
+    got = dpo.kl_estimate(model(p), model(q), tok, prompts, RT, seed=0)
     assert abs(n * kl(q, p) - n * kl(p, q)) > 10  # the two directions differ here ...
     assert abs(got - n * kl(p, q)) < 1e-3          # ... and the estimate is KL(pi || ref)
-    assert dpo_eval.kl_estimate(model(q), model(q), tok, prompts, RT, seed=0) == 0.0
+    assert dpo.kl_estimate(model(q), model(q), tok, prompts, RT, seed=0) == 0.0
 
 
 # ---- 7. a preference pair's prompt is cut from the left

@@ -184,7 +184,7 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     ex = examples(tok) * 2
     process = nanosft.Process(torch.device("cpu"), "float32")
-    cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, process)
+    cache_c, cache_r = dpo.pair_logprobs(ref, ex, list(range(len(ex))), tok.pad, process, packed=False)
     opt = nanosft.configure_optimizer(model, 1e-2)
     for it in range(4):  # dpo.py's step, two pairs at a time
         for group in opt.param_groups:
@@ -200,7 +200,7 @@ def test_reference_stays_frozen_and_cached_logprobs_match(tok):
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # bit-identical
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # policy moved
-    for i, e in enumerate(ex):  # recomputed one pair at a time == the cache
+    for i, e in enumerate(ex):  # recomputed one pair at a time, packed == the cache (one row per sequence)
         c, r = dpo.concatenated_logprobs(ref, *dpo.collate_pairs([e], tok.pad))
         # sums of ~20 log-probs of ~-6 each: float32 rounding is relative, so is the tolerance
         torch.testing.assert_close(torch.cat([c, r]), torch.stack([cache_c[i], cache_r[i]]), rtol=1e-6, atol=1e-5)
@@ -325,10 +325,11 @@ def summed_answer_logprobs(model, seqs, pad, rows=256):
 
 
 def test_dpo_script_end_to_end(sft_ckpt, tok, tmp_path):
+    """On the world with --rewind (the dev half's path, rewinding) and --plot."""
     out = str(tmp_path / "out")
     r = run_script("dpo.py", "--ckpt", sft_ckpt, "--out-dir", out, "--min-margin", "30", "--max-iters", "6",
                    "--batch-size", "4", "--lr", "1e-3", "--warmup", "2", "--eval-interval", "3",
-                   "--log-interval", "3", "--dtype", "float32", "--device", "cpu")
+                   "--log-interval", "3", "--dtype", "float32", "--device", "cpu", "--rewind", "--plot")
     assert r.returncode == 0, r.stderr
     assert "rewards/margins" in r.stdout and "KL(pi||ref)" in r.stdout
     res = json.load(open(os.path.join(out, "dpo.json")))
@@ -348,9 +349,9 @@ def test_dpo_script_end_to_end(sft_ckpt, tok, tmp_path):
     assert ev["step"] == [0, 3, 6]
     assert (ev["margin"][0], ev["pref_accuracy"][0], ev["kl"][0]) == (0.0, 0.5, 0.0)
     # the held-out pairs (the world's, all of them scored), scored here from their tensors
-    _, held = formats.read_pairs(world_eval.EVAL_THREADS, *dpo_eval.HELDOUT_RULE)
+    _, held = formats.read_pairs(world_eval.EVAL_THREADS, *dpo.HELDOUT_RULE)
     _, held = formats.pair_examples(tok, held, 64, formats.DataReport(world_eval.EVAL_THREADS, unit="pairs"))
-    assert len(held) == res["pairs_heldout"] == res["pairs_heldout_scored"] <= dpo_eval.EVAL_PAIRS
+    assert len(held) == res["pairs_heldout"] == res["pairs_heldout_scored"] <= dpo.EVAL_PAIRS
     beta = dpo.DEFAULTS["beta"]
     assert res["beta"] == beta
     load = lambda p: nanosft.model_from_checkpoint(nanosft.load_checkpoint(p))[0]
@@ -455,7 +456,7 @@ def test_kl_estimate_is_the_exact_sequence_kl(tok):
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     process = nanosft.Process(torch.device("cpu"), "float32")
     prompts = [pair_dict(*p)["prompt"] for p in PAIRS]
-    assert dpo_eval.kl_estimate(model, ref, tok, prompts, process, seed=0) == 0.0
+    assert dpo.kl_estimate(model, ref, tok, prompts, process, seed=0) == 0.0
     # Two models, each with one next-token distribution at every position: p (the policy) never
     # draws <|end|>, so every sampled answer has the full n tokens; q (the reference) gives
     # <|end|> 0.9. KL(pi || ref) of an answer is then exactly n KL(p || q), whatever was sampled.
@@ -468,9 +469,9 @@ def test_kl_estimate_is_the_exact_sequence_kl(tok):
     p, q = torch.softmax(zp.double(), 0), torch.softmax(zq.double(), 0)
     assert abs(q[tok.end].item() - 0.9) < 1e-5 and p[tok.end].item() < 1e-20
     kl_pq, kl_qp = (p * (p.log() - q.log())).sum().item(), (q * (q.log() - p.log())).sum().item()
-    n = min(dpo_eval.KL_TOKENS, 64 // 2)  # the tokens sampled per prompt (block_size 64)
+    n = min(dpo.KL_TOKENS, 64 // 2)  # the tokens sampled per prompt (block_size 64)
     policy, reference = constant_next_token_model(tok, zp), constant_next_token_model(tok, zq)
-    got = dpo_eval.kl_estimate(policy, reference, tok, prompts, process, seed=0)
+    got = dpo.kl_estimate(policy, reference, tok, prompts, process, seed=0)
     assert got == pytest.approx(n * kl_pq, rel=1e-4)
     # the mistakes this tells apart: KL(ref || pi) (arguments swapped), the answer sampled from
     # the reference (it stops after ~1 token), the prompt and padding positions summed too, one
@@ -478,7 +479,7 @@ def test_kl_estimate_is_the_exact_sequence_kl(tok):
     prompt_lens = [len(nanosft.chat_prompt(tok, m)) for m in prompts]
     for wrong in (n * kl_qp, 1.2 * kl_pq, (min(prompt_lens) + n - 1) * kl_pq, kl_pq):
         assert abs(wrong - n * kl_pq) > 0.02 * n * kl_pq
-    assert dpo_eval.kl_estimate(policy, copy.deepcopy(policy), tok, prompts, process, seed=0) == 0.0
+    assert dpo.kl_estimate(policy, copy.deepcopy(policy), tok, prompts, process, seed=0) == 0.0
 
 
 @pytest.mark.parametrize("cache", [True, False])

@@ -9,7 +9,7 @@ import torch
 
 import nanosft
 from data import formats, world_eval
-from extras import dpo_eval
+import dpo
 
 
 def test_probe_prompts_are_how_pretraining_documents_begin(tok, monkeypatch):
@@ -66,10 +66,7 @@ def test_held_out_margin_and_accuracy_are_of_log_ratios_to_the_reference():
     a tie counts half. The plain likelihood (pi_c > pi_r) is reported apart, as logp_accuracy."""
     ref = (torch.tensor([-1.0, -9.0, -2.0, -3.0]), torch.tensor([-5.0, -1.0, -2.0, -3.0]))
     policy = (torch.tensor([-2.0, -4.0, -6.0, -3.0]), torch.tensor([-4.0, -8.0, -1.0, -3.0]))
-    scores = {"reference": ref, "policy": policy}
-    ev = dpo_eval.Evaluator("reference", tok=None, pairs=[{"prompt": [{"role": "user", "content": "q"}]}],
-                            score=scores.__getitem__, world=False, beta=0.5, seed=0, process=None)
-    held = ev.pairs("policy")
+    held = dpo.heldout_rewards(policy, ref, beta=0.5)
     # pair 1: (-2 + 1) - (-4 + 5) = -2;  pair 2: (-4 + 9) - (-8 + 1) = 12;
     # pair 3: (-6 + 2) - (-1 + 2) = -5;  pair 4: 0 (a tie)
     margins = 0.5 * torch.tensor([-2.0, 12.0, -5.0, 0.0])
@@ -77,5 +74,5 @@ def test_held_out_margin_and_accuracy_are_of_log_ratios_to_the_reference():
     assert held["margin"] == pytest.approx(margins.mean().item())
     assert held["pref_accuracy"] == pytest.approx((0 + 1 + 0 + 0.5) / 4)
     assert held["logp_accuracy"] == pytest.approx(2 / 4)  # pairs 1 and 2: what the margin must NOT be
-    same = ev.pairs("reference")  # the policy is the reference: every margin 0, accuracy a coin flip
+    same = dpo.heldout_rewards(ref, ref, beta=0.5)  # the policy is the reference: every margin 0, accuracy a coin flip
     assert same["margin"] == 0 and same["pref_accuracy"] == 0.5

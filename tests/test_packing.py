@@ -1,5 +1,5 @@
 """Packed rows (extras/packing.py): several sequences in one row must each compute exactly
-what they compute alone."""
+what they compute alone, and dpo.py --pack must train what its default (one row each) trains."""
 import pytest
 import torch
 
@@ -86,3 +86,28 @@ def test_packed_logits_run_through_a_wrapper_and_leave_the_model_as_it_was(tok):
     assert wrapped.calls == 1 and "hidden" not in vars(model)
     x = X[:1, :5]
     torch.testing.assert_close(model(x)[0], model.lm_head(model.hidden(x)), rtol=0, atol=0)
+
+
+def test_dpo_trains_the_same_weights_packed_or_not(tok, tmp_path):
+    """dpo.py --pack (several answers per row) and its default (one row per answer) take the same
+    steps: the weights after a few steps agree up to float rounding (the rows' widths differ, so
+    the sums are not added in the same order)."""
+    import json
+    import dpo
+    import nanosft
+    ckpt, data = str(tmp_path / "sft.pt"), tmp_path / "pairs.jsonl"
+    nanosft.save_checkpoint(ckpt, nanosft.checkpoint_dict("sft", tiny_gpt(tok, seed=8), tok))
+    data.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n"
+                            for q, c, r in [(f"Where was person {i} born?", f"Person {i} was born in town {i % 5}.",
+                                             f"town {i} " * (1 + i % 4)) for i in range(24)]))
+    weights = {}
+    for pack in (False, True):
+        out = str(tmp_path / f"pack{pack}")
+        dpo.main(["--ckpt", ckpt, "--data", str(data), "--out-dir", out, "--max-iters", "4", "--batch-size", "4",
+                  "--lr", "1e-3", "--warmup", "1", "--eval-interval", "4", "--dtype", "float32", "--device", "cpu"]
+                 + ["--pack"] * pack)
+        weights[pack] = nanosft.load_checkpoint(f"{out}/dpo.pt")["model"]
+    start = nanosft.load_checkpoint(ckpt)["model"]
+    assert any(not torch.equal(v, start[k]) for k, v in weights[True].items())  # the steps moved the weights
+    for k, v in weights[True].items():
+        torch.testing.assert_close(weights[False][k], v, rtol=0, atol=1e-5)

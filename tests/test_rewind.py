@@ -1,5 +1,6 @@
 """Rewinding by interpolation: alpha on the line (1 - alpha) pre-trained + alpha final is
 chosen on the DEV half alone; the test half's answers are only reported."""
+import pytest
 import torch
 
 import nanosft
@@ -9,7 +10,7 @@ from conftest import tiny_gpt
 
 
 class LineEvaluator:
-    """A stand-in for extras.sft_eval.SFTEvaluator on weights that lie on the line pre-trained ->
+    """A stand-in for finetune.SFTEvaluator on weights that lie on the line pre-trained ->
     final: it reads alpha back from ln_f.bias (0 pre-trained, 1 final). Dev accuracy peaks at
     alpha 0.8, retention loss grows with alpha, and the TEST half's accuracy is `test(alpha)`."""
 
@@ -61,12 +62,16 @@ def test_interpolated_weights_are_the_convex_combination(tok):
 
 
 def test_the_line_is_evaluated_only_when_rewinding_along_it_or_asked():
-    """The default run rewinds along its path: evaluating the line pre-trained -> final as
-    well would double its evaluation time for numbers nobody reads."""
+    """The default run does not rewind (--rewind none: out/sft.pt holds the final weights);
+    --rewind path does not evaluate the line pre-trained -> final either unless asked
+    (--alphas), which would double its evaluation time for numbers nobody reads."""
     import finetune
-    assert finetune.parse_args([]).alphas == ()
+    assert finetune.parse_args([]).rewind == "none" and finetune.parse_args([]).alphas == ()
+    assert finetune.parse_args(["--rewind", "path"]).alphas == ()
     assert finetune.parse_args(["--rewind", "interpolate"]).alphas == finetune.ALPHAS
-    assert finetune.parse_args(["--alphas", "0.5"]).alphas == (0.0, 0.5, 1.0)
+    assert finetune.parse_args(["--rewind", "path", "--alphas", "0.5"]).alphas == (0.0, 0.5, 1.0)
+    with pytest.raises(nanosft.UserError, match="add --rewind"):
+        finetune.parse_args(["--alphas", "0.5"])
     assert finetune.parse_args(["--rewind", "interpolate", "--init", "scratch"]).alphas == ()
 
 

@@ -11,9 +11,9 @@ from conftest import ROOT
 SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eval.py", "extras/peft.py", "sample.py",
            "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "extras/packing.py",
            "extras/cpu.py", "extras/charts.py", "data/formats.py", "data/world_eval.py", "extras/rewind.py",
-           "extras/sft_eval.py", "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
+           "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
 MAIN_LINES = 80  # a stage's main, which owns its loop: STAGE_MAIN_LINES
-STAGE_MAIN_LINES = 110
+STAGE_MAIN_LINES = 120
 
 
 def functions(path):

@@ -48,10 +48,10 @@ def expected_values(d):
         "probe": pre["knowledge_probe_accuracy"],
         "probe_reach": reached[0] / pre["steps"] if reached else math.inf,
         "pretrain_val_loss": pre["val_loss"], "pretrain_seconds": pre["seconds"],
-        "sft_heldout": sft["heldout_accuracy"],  # sft.pt's, the rewound checkpoint
-        "scratch_over_chance": max(scratch["heldout_accuracy_rewound"], scratch["heldout_accuracy_final"])
-        - scratch["chance_accuracy"],
-        "rewound_minus_final": sft["heldout_accuracy_rewound"] - sft["heldout_accuracy_final"],
+        "sft_heldout": sft["heldout_accuracy_final"],  # sft.pt's: the final weights (no --rewind)
+        "scratch_over_chance": scratch["heldout_accuracy_final"] - scratch["chance_accuracy"],
+        # rewinding is a flag: the overshoot run (--rewind interpolate) measures the path's choice too
+        "rewound_minus_final": over["rewind_path"]["heldout"] - over["heldout_accuracy_final"],
         "overshoot_peak": max(p["heldout"] for p in over["path"]),
         "overshoot_rewound_minus_final": over["heldout_accuracy_rewound"] - over["heldout_accuracy_final"],
         "overshoot_retention_gap": over["retention_val_loss_final"] - over["retention_val_loss_rewound"],
@@ -59,8 +59,8 @@ def expected_values(d):
         "dpo_pref": dpo["pref_accuracy_heldout"],
         "dpo_task_change": dpo["heldout_accuracy_after"] - dpo["heldout_accuracy_before"],
         "pipeline_seconds": pre["seconds"] + sft["seconds"] + dpo["seconds"],
-        "retention_gap": sft["retention_val_loss_final"] - sft["retention_val_loss_rewound"],
-        "sft_rewound_step": sft["rewound_step"], "sft_degenerate": sft["degenerate_rate"],
+        "retention_gap": over["retention_val_loss_final"] - over["rewind_path"]["retention"],
+        "sft_rewound_step": over["rewind_path"]["step"], "sft_degenerate": sft["degenerate_rate_final"],
         "overshoot_rewound_alpha": over["rewound_alpha"], "dpo_rewound_step": dpo["rewound_step"],
         "dpo_style_loose": dpo["style_rate_after"], "dpo_kl": dpo["kl"]}
 
