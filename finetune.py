@@ -6,13 +6,16 @@ assistant's tokens only, including the closing <|end|> (so the model learns to s
     python finetune.py --ckpt out/pretrain.pt --show-mask      # see what the loss trains on
     python finetune.py --ckpt out/pretrain.pt --init scratch   # same, from random weights
     python finetune.py --ckpt out/pretrain.pt --data alpaca.json   # your own data
-    python finetune.py --ckpt out/pretrain.pt --lora-rank 8    # LoRA; OFT, prompt tuning: docs/peft.md
+    python finetune.py --ckpt out/pretrain.pt --lora-rank 8    # LoRA; OFT, prompt tuning:
+                                                               # docs/peft.md
 
-Read the loss (1), the data it sees (2), what trains (3), how it is measured (5), then main (6). On the world's data
-sft.json reports held-out accuracy (what SFT makes usable) and retention (what it costs),
-before and after; out/sft.pt holds the final weights (with --rewind path|interpolate the
-checkpoint rewinding picks: extras/rewind.py, docs/forgetting.md).
+Read the loss (1), the data it sees (2), what trains (3), how it is measured (5), then
+main (6). On the world's data sft.json reports held-out accuracy (what SFT makes usable)
+and retention (what it costs), before and after; out/sft.pt holds the final weights (with
+--rewind path|interpolate the checkpoint rewinding picks: extras/rewind.py,
+docs/forgetting.md).
 """
+
 import functools
 import os
 import sys
@@ -23,21 +26,45 @@ import torch
 from data import formats, world_eval
 
 DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=75, warmup=20, log_interval=25)
-LR = {"full": 2e-3, "lora": 3e-3, "oft": 3e-3, "prompt": 3e-2}  # --lr per method: why, docs/forgetting.md, docs/peft.md
+LR = {
+    "full": 2e-3,
+    "lora": 3e-3,
+    "oft": 3e-3,
+    "prompt": 3e-2,
+}  # --lr per method: why, docs/forgetting.md, docs/peft.md
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas (extras/rewind.py)
 # the flags main hands on by name: to extras/peft.py sft_setup, to extras/rewind.py, to sft.json
-PEFT_FLAGS = ("lora_rank", "lora_alpha", "lora_on", "oft_block", "prompt_tokens", "prompt_init", "prompt_mlp",
-              "new_rows")
+PEFT_FLAGS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_on",
+    "oft_block",
+    "prompt_tokens",
+    "prompt_init",
+    "prompt_mlp",
+    "new_rows",
+)
 REWIND_FLAGS = ("rewind", "alphas", "rewind_tolerance", "rewind_loss_tolerance", "rewind_min_gain")
-REPORTED_FLAGS = ("init", "lora_rank", "oft_block", "prompt_tokens", "prompt_init", "prompt_mlp", "new_rows",
-                  "quantize_base", "replay", "lr")
+REPORTED_FLAGS = (
+    "init",
+    "lora_rank",
+    "oft_block",
+    "prompt_tokens",
+    "prompt_init",
+    "prompt_mlp",
+    "new_rows",
+    "quantize_base",
+    "replay",
+    "lr",
+)
 
 
-# ---------------------------------------------------------------------------------------- 1. the idea:
-# a loss on the answer only. nanosft.render_chat renders a conversation and its loss mask: 1 on every
-# assistant token and its closing <|end|>, 0 on the roles, the question and the system message.
-# nanosft.example_tensors shifts by one (position t predicts token t + 1) and sets the target of every
-# unmasked position to -1; nanosft.collate pads with -1 too. cross_entropy(ignore_index=-1) skips those.
+# ----------------------------------------------------------------------------------------
+# 1. the idea: a loss on the answer only. nanosft.render_chat renders a conversation and its
+# loss mask: 1 on every assistant token and its closing <|end|>, 0 on the roles, the question
+# and the system message. nanosft.example_tensors shifts by one (position t predicts token
+# t + 1) and sets the target of every unmasked position to -1; nanosft.collate pads with -1
+# too. cross_entropy(ignore_index=-1) skips those.
 
 
 def sft_loss(model, X, Y):
@@ -62,8 +89,10 @@ def show_mask(tok, conv):
         s = tok.decode([t]).replace("\n", "\\n")
         parts.append((f"\033[42;30m{s}\033[0m" if tty else f"[{s}]") if m else s)
     print("".join(parts))
-    print(f"\n{sum(mask)} of {len(ids)} tokens supervised "
-          f"({'green' if tty else '[bracketed]'}): the assistant's answer and its <|end|>.")
+    print(
+        f"\n{sum(mask)} of {len(ids)} tokens supervised "
+        f"({'green' if tty else '[bracketed]'}): the assistant's answer and its <|end|>."
+    )
 
 
 def step_order(n_examples, batch_size, seed, it, lengths):
@@ -72,13 +101,15 @@ def step_order(n_examples, batch_size, seed, it, lengths):
     holds examples of similar length (little padding) while batches still vary."""
     per_epoch = max(1, n_examples // batch_size)
     epoch, k = divmod(it, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a stream per (seed, epoch); 1,000,003 is prime
+    g = torch.Generator().manual_seed(
+        seed * 1_000_003 + epoch
+    )  # a stream per (seed, epoch); 1,000,003 is prime
     perm = torch.randperm(n_examples, generator=g).tolist()
     window = 8 * batch_size
     batches = []
     for w in range(0, per_epoch * batch_size, window):
-        chunk = sorted(perm[w:min(w + window, per_epoch * batch_size)], key=lengths.__getitem__)
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(perm[w : min(w + window, per_epoch * batch_size)], key=lengths.__getitem__)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     order = torch.randperm(len(batches), generator=g).tolist()
     return batches[order[k % len(batches)]]
 
@@ -87,15 +118,22 @@ def step_batches(examples, it, batch_size, seed, grad_accum, pad, process, repla
     """Step `it`'s examples (step_order) as this process's micro-batches on the device, and
     the supervised tokens of the whole step (every process, every micro-batch; at least 1).
     replay(it, supervised) -> (windows, their tokens): --replay's pre-training windows."""
-    chosen = step_order(len(examples), batch_size, seed=seed, it=it, lengths=[len(x) for x, _ in examples])
+    chosen = step_order(
+        len(examples), batch_size, seed=seed, it=it, lengths=[len(x) for x, _ in examples]
+    )
     supervised = sum(int((examples[i][1] != -1).sum()) for i in chosen)  # the targets other than -1
-    mine = chosen[process.rank::process.world]
-    micro_batches = [nanosft.collate([examples[i] for i in part], pad)
-                     for part in [mine[j::grad_accum] for j in range(grad_accum)] if part]
+    mine = chosen[process.rank :: process.world]
+    micro_batches = [
+        nanosft.collate([examples[i] for i in part], pad)
+        for part in [mine[j::grad_accum] for j in range(grad_accum)]
+        if part
+    ]
     if replay is not None:
         windows, n = replay(it, supervised)
         micro_batches, supervised = micro_batches + windows, supervised + n
-    return [(X.to(process.device), Y.to(process.device)) for X, Y in micro_batches], max(supervised, 1)
+    return [(X.to(process.device), Y.to(process.device)) for X, Y in micro_batches], max(
+        supervised, 1
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,14 +188,20 @@ def pretrain_text(start_checkpoint):
     """The pre-training text's file name, carried from stage to stage in the checkpoints'
     args: the vocabulary freeze counts its tokens, retention is its validation loss."""
     flags = start_checkpoint.get("args", {})
-    return flags.get("pretrain_data") or (flags.get("data") if start_checkpoint["kind"] == "pretrain" else None)
+    return flags.get("pretrain_data") or (
+        flags.get("data") if start_checkpoint["kind"] == "pretrain" else None
+    )
 
 
 @functools.lru_cache(maxsize=2)
 def pretrain_stream(tok, file):
     """The pre-training text as one token stream, read and encoded once per run (None when
     the file is not at hand)."""
-    return formats.encode_corpus(tok, formats.read_text(file)) if file and os.path.isfile(file) else None
+    return (
+        formats.encode_corpus(tok, formats.read_text(file))
+        if file and os.path.isfile(file)
+        else None
+    )
 
 
 def pretraining_counts(tok, start_checkpoint):
@@ -170,7 +214,11 @@ def pretraining_counts(tok, start_checkpoint):
 
 def projection_bytes(model):
     """The bytes of the blocks' projection weights (sft.json's frozen_bytes without PEFT)."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.h.modules() if isinstance(m, torch.nn.Linear))
+    return sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in model.h.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,55 +233,128 @@ def method(lora_rank, oft_block, prompt_tokens):
 def parse_args(argv=None):
     ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("fine-tuning: the model, the data, what trains")
-    lesson.add_argument("--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from")
-    lesson.add_argument("--data", help="instruction file (formats: extras/own_data.py); default: the world's questions")
-    lesson.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"],
-                        help="scratch: random weights (the no-pre-training baseline)")
-    lesson.add_argument("--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)")
-    lesson.add_argument("--show-mask", action="store_true", help="print one rendered example and exit")
+    lesson.add_argument(
+        "--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from"
+    )
+    lesson.add_argument(
+        "--data",
+        help="instruction file (formats: extras/own_data.py); default: the world's questions",
+    )
+    lesson.add_argument(
+        "--init",
+        default="pretrained",
+        choices=["pretrained", "scratch"],
+        help="scratch: random weights (the no-pre-training baseline)",
+    )
+    lesson.add_argument(
+        "--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)"
+    )
+    lesson.add_argument(
+        "--show-mask", action="store_true", help="print one rendered example and exit"
+    )
     nanosft.add_common_args(ap)
     data = ap.add_argument_group("data options (the world's questions)")
-    data.add_argument("--labels", default="top-voted", choices=["gold", "top-voted", "random-community"])
-    data.add_argument("--world", default=world_eval.HERE, help="the world directory (pretrain.py --world)")
-    data.add_argument("--sft-attributes", help="train on the questions about these attributes only, e.g. "
-                      "city,job,food; held-out accuracy is then also reported in- and cross-domain")
-    data.add_argument("--strict", action="store_true", help="a record that would be skipped or truncated is an error")
+    data.add_argument(
+        "--labels", default="top-voted", choices=["gold", "top-voted", "random-community"]
+    )
+    data.add_argument(
+        "--world", default=world_eval.HERE, help="the world directory (pretrain.py --world)"
+    )
+    data.add_argument(
+        "--sft-attributes",
+        help="train on the questions about these attributes only, e.g. "
+        "city,job,food; held-out accuracy is then also reported in- and cross-domain",
+    )
+    data.add_argument(
+        "--strict",
+        action="store_true",
+        help="a record that would be skipped or truncated is an error",
+    )
     peft = ap.add_argument_group("PEFT: LoRA, OFT, prompt tuning (extras/peft.py, docs/peft.md)")
-    peft.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank, base frozen")
+    peft.add_argument(
+        "--lora-rank", type=int, default=0, help="LoRA adapters of this rank, base frozen"
+    )
     peft.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2*rank)")
-    peft.add_argument("--oft-block", type=int, default=0, help="OFT rotations in blocks of this size, base frozen")
-    peft.add_argument("--lora-on", default="attn", choices=["attn", "mlp", "attn,mlp"], help="what LoRA/OFT adapts")
-    peft.add_argument("--quantize-base", default="none", choices=["none", "int8"], help="LoRA/OFT: int8 base")
-    peft.add_argument("--prompt-tokens", type=int, default=0, help="prompt tuning: learned prefix length")
-    peft.add_argument("--prompt-init", default="random", choices=["random", "task"], help="prompt tuning: its start")
-    peft.add_argument("--prompt-mlp", type=int, default=0, help="prompt tuning through an MLP of this width")
-    peft.add_argument("--new-rows", default="train", choices=["train", "freeze"], help="new tokens' embeddings")
-    forget = ap.add_argument_group("forgetting: replay, rewinding (extras/replay.py, extras/rewind.py)")
-    forget.add_argument("--replay", type=float, default=0.0, help="mix this many pre-training tokens per SFT token")
-    forget.add_argument("--rewind", default="none", choices=["none", "path", "interpolate"],
-                        help="out/sft.pt: the final weights, or rewound along the path or the line")
-    forget.add_argument("--rewind-min-gain", type=float, default=0.05, help="the least retention loss it must save")
-    forget.add_argument("--rewind-tolerance", type=float, default=0.01, help="dev accuracy below the best")
-    forget.add_argument("--rewind-loss-tolerance", type=float, default=0.02, help="dev answer loss above the lowest")
-    forget.add_argument("--alphas", type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
-                        help="with --rewind: the alphas of the line evaluated (comma-separated; 0 and 1 "
-                        "always; default: with --rewind interpolate, ALPHAS, else none)")
+    peft.add_argument(
+        "--oft-block", type=int, default=0, help="OFT rotations in blocks of this size, base frozen"
+    )
+    peft.add_argument(
+        "--lora-on",
+        default="attn",
+        choices=["attn", "mlp", "attn,mlp"],
+        help="what LoRA/OFT adapts",
+    )
+    peft.add_argument(
+        "--quantize-base", default="none", choices=["none", "int8"], help="LoRA/OFT: int8 base"
+    )
+    peft.add_argument(
+        "--prompt-tokens", type=int, default=0, help="prompt tuning: learned prefix length"
+    )
+    peft.add_argument(
+        "--prompt-init",
+        default="random",
+        choices=["random", "task"],
+        help="prompt tuning: its start",
+    )
+    peft.add_argument(
+        "--prompt-mlp", type=int, default=0, help="prompt tuning through an MLP of this width"
+    )
+    peft.add_argument(
+        "--new-rows", default="train", choices=["train", "freeze"], help="new tokens' embeddings"
+    )
+    forget = ap.add_argument_group(
+        "forgetting: replay, rewinding (extras/replay.py, extras/rewind.py)"
+    )
+    forget.add_argument(
+        "--replay", type=float, default=0.0, help="mix this many pre-training tokens per SFT token"
+    )
+    forget.add_argument(
+        "--rewind",
+        default="none",
+        choices=["none", "path", "interpolate"],
+        help="out/sft.pt: the final weights, or rewound along the path or the line",
+    )
+    forget.add_argument(
+        "--rewind-min-gain", type=float, default=0.05, help="the least retention loss it must save"
+    )
+    forget.add_argument(
+        "--rewind-tolerance", type=float, default=0.01, help="dev accuracy below the best"
+    )
+    forget.add_argument(
+        "--rewind-loss-tolerance", type=float, default=0.02, help="dev answer loss above the lowest"
+    )
+    forget.add_argument(
+        "--alphas",
+        type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
+        help="with --rewind: the alphas of the line evaluated (comma-separated; 0 and 1 "
+        "always; default: with --rewind interpolate, ALPHAS, else none)",
+    )
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
-        raise nanosft.UserError("--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one")
+        raise nanosft.UserError(
+            "--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one"
+        )
     if (args.prompt_mlp or args.prompt_init != "random") and not args.prompt_tokens:
-        raise nanosft.UserError("--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens")
+        raise nanosft.UserError(
+            "--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens"
+        )
     if args.quantize_base != "none" and not (args.lora_rank or args.oft_block):
-        raise nanosft.UserError("--quantize-base needs a frozen base: add --lora-rank or --oft-block")
+        raise nanosft.UserError(
+            "--quantize-base needs a frozen base: add --lora-rank or --oft-block"
+        )
     if args.data and args.sft_attributes:
-        raise nanosft.UserError("--sft-attributes picks the world's questions: it does not apply to --data")
+        raise nanosft.UserError(
+            "--sft-attributes picks the world's questions: it does not apply to --data"
+        )
     args.sft_attributes = None if args.data else world_eval.sft_attributes(args.sft_attributes)
     world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
     if args.alphas and args.rewind == "none":
-        raise nanosft.UserError("--alphas evaluates the line for rewinding: add --rewind path or --rewind interpolate")
+        raise nanosft.UserError(
+            "--alphas evaluates the line for rewinding: add --rewind path or --rewind interpolate"
+        )
     if args.alphas is None:
         args.alphas = ALPHAS if args.rewind == "interpolate" else ()
     if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
@@ -245,7 +366,9 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
     """out/sft_last.pt, written at every evaluation: an ordinary final checkpoint, plus what
     --resume needs (runtime.resume): the optimizer, the stage's state (its path) and the weights
     in their training form (adapters unmerged)."""
-    checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, optimizer, it=it, flags=flags, state=state)
+    checkpoint = nanosft.checkpoint_dict(
+        "sft", plain_model, tok, optimizer, it=it, flags=flags, state=state
+    )
     checkpoint["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     nanosft.save_checkpoint(file, checkpoint)
 
@@ -260,11 +383,18 @@ def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
     their loss says how closely the model writes the answers SFT teaches -- the voted
     style included -- for people it was never trained on."""
     threads = formats.read_records(world_eval.path("world_community_eval.jsonl", world_dir))
-    convs = [[{"role": "user", "content": t["prompt"]},
-              {"role": "assistant", "content": world_eval.top_voted(t["answers"])}]
-             for _, t in threads if t["prompt"] in prompts]
+    convs = [
+        [
+            {"role": "user", "content": t["prompt"]},
+            {"role": "assistant", "content": world_eval.top_voted(t["answers"])},
+        ]
+        for _, t in threads
+        if t["prompt"] in prompts
+    ]
     examples = [nanosft.example_tensors(*nanosft.render_chat(tok, c)) for c in convs]
-    return [nanosft.collate(examples[i:i + batch], tok.pad) for i in range(0, len(examples), batch)]
+    return [
+        nanosft.collate(examples[i : i + batch], tok.pad) for i in range(0, len(examples), batch)
+    ]
 
 
 class SFTEvaluator:
@@ -282,7 +412,9 @@ class SFTEvaluator:
     attributes: those SFT trains on (--sft-attributes). Rewinding sees the dev half's
     questions about these only, so nothing about a cross-domain attribute informs the choice."""
 
-    def __init__(self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE, attributes=None):
+    def __init__(
+        self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE, attributes=None
+    ):
         self.process, self.tok = process, tok
         self.world = world_eval.load_world(world_dir)
         self.attributes = attributes or self.world[1]["attributes"]
@@ -290,28 +422,50 @@ class SFTEvaluator:
         dev, self.test = world_eval.heldout_halves(world_dir)
         self.dev = world_eval.by_domain(dev, self.attributes)[0]
         self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
-        self.train = world_eval.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half
+        self.train = world_eval.load_eval_rows("train", world_dir)[
+            :250
+        ]  # as many as a held-out half
         self.tasks = world_eval.load_eval_rows("tasks", world_dir)
         self.retention = None
-        if pretrain_stream is not None:  # the same split pre-training used: retention = its validation loss
-            self.retention = formats.fixed_windows(formats.split_corpus(pretrain_stream, block_size)[1], block_size)
+        if (
+            pretrain_stream is not None
+        ):  # the same split pre-training used: retention = its validation loss
+            self.retention = formats.fixed_windows(
+                formats.split_corpus(pretrain_stream, block_size)[1], block_size
+            )
 
     def __call__(self, model, full=False):
-        qa = lambda rows: world_eval.qa_eval(model, self.tok, self.world, rows, longest=self.longest)
+        qa = lambda rows: world_eval.qa_eval(
+            model, self.tok, self.world, rows, longest=self.longest
+        )
         test = qa(self.test)
-        inside, cross = world_eval.domain_accuracy(self.world, self.test, test["answers"], self.attributes)
-        result = {"dev": qa(self.dev)["accuracy"], "heldout": test["accuracy"], "heldout_in": inside,
-                  "heldout_cross": cross, "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.process),
-                  "degenerate": test["degenerate_rate"],
-                  "retention": nanosft.mean_loss(model, self.retention, self.process) if self.retention else None,
-                  "probe": None}
+        inside, cross = world_eval.domain_accuracy(
+            self.world, self.test, test["answers"], self.attributes
+        )
+        result = {
+            "dev": qa(self.dev)["accuracy"],
+            "heldout": test["accuracy"],
+            "heldout_in": inside,
+            "heldout_cross": cross,
+            "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.process),
+            "degenerate": test["degenerate_rate"],
+            "retention": nanosft.mean_loss(model, self.retention, self.process)
+            if self.retention
+            else None,
+            "probe": None,
+        }
         return self.complete(result, model) if full else result
 
     def complete(self, point, model):
         """A point measured already (evaluator(model) at the same weights), completed with what
         the report adds: the training people, the list tasks and the knowledge probe."""
-        full = {**point, "train": world_eval.qa_eval(model, self.tok, self.world, self.train, longest=self.longest)["accuracy"],
-                "tasks": world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None}
+        full = {
+            **point,
+            "train": world_eval.qa_eval(
+                model, self.tok, self.world, self.train, longest=self.longest
+            )["accuracy"],
+            "tasks": world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None,
+        }
         return {**full, "probe": self.probe(model) if point["probe"] is None else point["probe"]}
 
     def probe(self, model):
@@ -323,17 +477,27 @@ class SFTEvaluator:
 
 
 def log_eval(log, result):
-    cross = "" if result["heldout_cross"] is None else \
-        f", in-domain {result['heldout_in']:.3f}, cross-domain {result['heldout_cross']:.3f}"
+    cross = (
+        ""
+        if result["heldout_cross"] is None
+        else f", in-domain {result['heldout_in']:.3f}, cross-domain {result['heldout_cross']:.3f}"
+    )
     probe = "" if result["probe"] is None else f" | knowledge probe {result['probe']:.3f}"
-    log(f"eval step {result['step']}: held-out {result['heldout']:.3f} (dev {result['dev']:.3f}, dev answer loss "
-        f"{result['dev_loss']:.4f}{cross}) | retention loss {result['retention']:.4f}{probe}")
+    log(
+        f"eval step {result['step']}: held-out {result['heldout']:.3f} "
+        f"(dev {result['dev']:.3f}, dev answer loss "
+        f"{result['dev_loss']:.4f}{cross}) | retention loss {result['retention']:.4f}{probe}"
+    )
 
 
 def not_rewound(step):
     """sft.json's rewinding fields of a run without --rewind: out/sft.pt holds the final weights."""
-    return {"rewound": f"the final weights (step {step}; no --rewind)", "rewound_step": step, "rewound_alpha": None,
-            "rewind": "none"}
+    return {
+        "rewound": f"the final weights (step {step}; no --rewind)",
+        "rewound_step": step,
+        "rewound_alpha": None,
+        "rewind": "none",
+    }
 
 
 def world_report(log, path, final, rewound, choice, chance, attributes):
@@ -342,32 +506,59 @@ def world_report(log, path, final, rewound, choice, chance, attributes):
     attributes: those SFT asked about; held-out accuracy is split into these (in-domain) and
     the others (cross-domain; None when SFT asked about every attribute)."""
     start = path[0]
-    log(f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
-        f"rewound ({choice['rewound']}) {rewound['heldout']:.3f}")
+    log(
+        f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
+        f"rewound ({choice['rewound']}) {rewound['heldout']:.3f}"
+    )
     if rewound["heldout_cross"] is not None:
-        log(f"  of it, rewound: in-domain ({','.join(attributes)}) {rewound['heldout_in']:.3f} | "
+        log(
+            f"  of it, rewound: in-domain ({','.join(attributes)}) {rewound['heldout_in']:.3f} | "
             f"cross-domain (the other attributes) {rewound['heldout_cross']:.3f}, "
-            f"before SFT {start['heldout_cross']:.3f}")
-    log(f"retention loss:    before {start['retention']:.4f} | final {final['retention']:.4f} | "
-        f"rewound {rewound['retention']:.4f}")
-    log(f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
-        f"rewound {rewound['probe']:.3f}")
-    tasks = f" | list tasks {rewound['tasks']:.3f}" if rewound["tasks"] is not None else ""  # (world.py --list-tasks)
-    log(f"training people {rewound['train']:.3f}{tasks} | degenerate answers {rewound['degenerate']:.3f}")
+            f"before SFT {start['heldout_cross']:.3f}"
+        )
+    log(
+        f"retention loss:    before {start['retention']:.4f} | final {final['retention']:.4f} | "
+        f"rewound {rewound['retention']:.4f}"
+    )
+    log(
+        f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
+        f"rewound {rewound['probe']:.3f}"
+    )
+    tasks = (
+        f" | list tasks {rewound['tasks']:.3f}" if rewound["tasks"] is not None else ""
+    )  # (world.py --list-tasks)
+    log(
+        f"training people {rewound['train']:.3f}{tasks} | "
+        f"degenerate answers {rewound['degenerate']:.3f}"
+    )
     return {
-        "heldout_accuracy": rewound["heldout"], "train_accuracy": rewound["train"], "task_accuracy": rewound["tasks"],
-        "heldout_accuracy_before": start["heldout"], "heldout_accuracy_final": final["heldout"],
-        "heldout_accuracy_rewound": rewound["heldout"], "heldout_accuracy_peak": max(p["heldout"] for p in path),
-        "train_accuracy_final": final["train"], "task_accuracy_final": final["tasks"],
-        "degenerate_rate": rewound["degenerate"], "degenerate_rate_final": final["degenerate"],
-        "retention_val_loss_before": start["retention"], "retention_val_loss_final": final["retention"],
-        "retention_val_loss_rewound": rewound["retention"], "knowledge_probe_before": start["probe"],
-        "knowledge_probe_final": final["probe"], "knowledge_probe_rewound": rewound["probe"], **choice,
-        "chance_accuracy": chance, "sft_attributes": attributes, "heldout_accuracy_in_domain": rewound["heldout_in"],
+        "heldout_accuracy": rewound["heldout"],
+        "train_accuracy": rewound["train"],
+        "task_accuracy": rewound["tasks"],
+        "heldout_accuracy_before": start["heldout"],
+        "heldout_accuracy_final": final["heldout"],
+        "heldout_accuracy_rewound": rewound["heldout"],
+        "heldout_accuracy_peak": max(p["heldout"] for p in path),
+        "train_accuracy_final": final["train"],
+        "task_accuracy_final": final["tasks"],
+        "degenerate_rate": rewound["degenerate"],
+        "degenerate_rate_final": final["degenerate"],
+        "retention_val_loss_before": start["retention"],
+        "retention_val_loss_final": final["retention"],
+        "retention_val_loss_rewound": rewound["retention"],
+        "knowledge_probe_before": start["probe"],
+        "knowledge_probe_final": final["probe"],
+        "knowledge_probe_rewound": rewound["probe"],
+        **choice,
+        "chance_accuracy": chance,
+        "sft_attributes": attributes,
+        "heldout_accuracy_in_domain": rewound["heldout_in"],
         "heldout_accuracy_cross_domain": rewound["heldout_cross"],
         "heldout_accuracy_in_domain_final": final["heldout_in"],
         "heldout_accuracy_cross_domain_final": final["heldout_cross"],
-        "heldout_accuracy_cross_domain_before": start["heldout_cross"], "path": path}
+        "heldout_accuracy_cross_domain_before": start["heldout_cross"],
+        "path": path,
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,54 +571,131 @@ def main(argv=None):
     if args.resume or args.time_budget or process.world > 1:
         from extras import runtime  # --resume, --time-budget, torchrun's processes
     # ---- load: checkpoint, model, data (all input validated before anything is written)
-    model, tok, start_checkpoint = build_model(args.ckpt, init=args.init, seed=args.seed, train_embeddings=args.train_embeddings)
-    block_size, args.pretrain_data = model.config.block_size, pretrain_text(start_checkpoint)  # (for the next stage)
-    records, report = world_eval.load_records(args.data, labels=args.labels, seed=args.seed, strict=args.strict,
-                                              world_dir=args.world, attributes=args.sft_attributes)
+    model, tok, start_checkpoint = build_model(
+        args.ckpt, init=args.init, seed=args.seed, train_embeddings=args.train_embeddings
+    )
+    block_size, args.pretrain_data = (
+        model.config.block_size,
+        pretrain_text(start_checkpoint),
+    )  # (for the next stage)
+    records, report = world_eval.load_records(
+        args.data,
+        labels=args.labels,
+        seed=args.seed,
+        strict=args.strict,
+        world_dir=args.world,
+        attributes=args.sft_attributes,
+    )
     if args.show_mask:
         return show_mask(tok, records[0][1])
-    examples = formats.render_all(tok, records, block_size, report)  # what was skipped or cut: report.lines()
+    examples = formats.render_all(
+        tok, records, block_size, report
+    )  # what was skipped or cut: report.lines()
     rows = peft = replay_windows = evaluator = None  # what the extras below set
     if args.lora_rank or args.oft_block or args.prompt_tokens:
-        from extras import peft  # --lora-rank, --oft-block, --prompt-tokens: adapters or a prefix train
+        from extras import (
+            peft,
+        )  # --lora-rank, --oft-block, --prompt-tokens: adapters or a prefix train
+
         counts = None if args.init == "scratch" else pretraining_counts(tok, start_checkpoint)
-        model, rows = peft.sft_setup(model, tok, examples, seed=args.seed, quantize=args.quantize_base, counts=counts,
-                                     chat_tokens=chat_tokens(tok), rare=RARE, train_rows=train_rows,
-                                     **{k: getattr(args, k) for k in PEFT_FLAGS})
+        model, rows = peft.sft_setup(
+            model,
+            tok,
+            examples,
+            seed=args.seed,
+            quantize=args.quantize_base,
+            counts=counts,
+            chat_tokens=chat_tokens(tok),
+            rare=RARE,
+            train_rows=train_rows,
+            **{k: getattr(args, k) for k in PEFT_FLAGS},
+        )
     if args.replay:
         from extras import replay  # --replay: pre-training windows in every step
-        replay_windows = replay.sampler(pretrain_stream(tok, args.pretrain_data), file=args.pretrain_data,
-                                        block_size=block_size, ratio=args.replay, seed=args.seed, process=process)
+
+        replay_windows = replay.sampler(
+            pretrain_stream(tok, args.pretrain_data),
+            file=args.pretrain_data,
+            block_size=block_size,
+            ratio=args.replay,
+            seed=args.seed,
+            process=process,
+        )
     if not args.data:  # the world's questions: held-out accuracy and retention along the way
-        evaluator = SFTEvaluator(process, tok, pretrain_stream(tok, args.pretrain_data), block_size,
-                                            world_dir=args.world, attributes=args.sft_attributes)
+        evaluator = SFTEvaluator(
+            process,
+            tok,
+            pretrain_stream(tok, args.pretrain_data),
+            block_size,
+            world_dir=args.world,
+            attributes=args.sft_attributes,
+        )
     if args.rewind != "none":
-        from extras import rewind  # --rewind: every evaluation point's checkpoint kept, one chosen at the end
-    optimizer = nanosft.configure_optimizer(model.to(process.device), args.lr, weight_decay=0.0, device_type=process.device.type)
-    start_iter, state = runtime.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer) if args.resume else (0, {})
-    path = state.get("path") or (evaluator.start(model) if evaluator else [])  # the world's evaluations
-    trainable = peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
-    process.log("\n".join(report.lines() + [
-        f"{len(examples)} examples from {report.path} | {trainable:,} trainable of {model.num_params():,} parameters | "
-        f"{method(args.lora_rank, args.oft_block, args.prompt_tokens)}, lr {args.lr:g} | {process.device} {process.dtype}"]))
-    def on_eval(it):  # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
+        from extras import (
+            rewind,
+        )  # --rewind: every evaluation point's checkpoint kept, one chosen at the end
+    optimizer = nanosft.configure_optimizer(
+        model.to(process.device), args.lr, weight_decay=0.0, device_type=process.device.type
+    )
+    start_iter, state = (
+        runtime.resume(args.out_dir, "sft", model, tok=tok, optimizer=optimizer)
+        if args.resume
+        else (0, {})
+    )
+    path = state.get("path") or (
+        evaluator.start(model) if evaluator else []
+    )  # the world's evaluations
+    trainable = (
+        peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
+    )
+    process.log(
+        "\n".join(
+            report.lines()
+            + [
+                f"{len(examples)} examples from {report.path} | {trainable:,} trainable of "
+                f"{model.num_params():,} parameters | "
+                f"{method(args.lora_rank, args.oft_block, args.prompt_tokens)}, lr {args.lr:g} | "
+                f"{process.device} {process.dtype}"
+            ]
+        )
+    )
+
+    def on_eval(
+        it,
+    ):  # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
         if process.master:
             plain_model = peft.plain_model(model) if peft else model  # adapters merged
-            if evaluator and path[-1]["step"] != it:  # (after --resume the last point may be measured already)
+            if (
+                evaluator and path[-1]["step"] != it
+            ):  # (after --resume the last point may be measured already)
                 path.append({"step": it, **evaluator(model)})
                 log_eval(process.log, path[-1])
                 if args.rewind != "none":
-                    rewind.keep_step(plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir)
-            save_last(nanosft.last_path(args.out_dir, "sft"), plain_model, model, tok=tok, optimizer=optimizer, it=it,
-                      flags=vars(args), state={"path": path})
+                    rewind.keep_step(
+                        plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir
+                    )
+            save_last(
+                nanosft.last_path(args.out_dir, "sft"),
+                plain_model,
+                model,
+                tok=tok,
+                optimizer=optimizer,
+                it=it,
+                flags=vars(args),
+                state={"path": path},
+            )
         if process.world > 1:
             runtime.barrier(process)
-    # ---- train: every answer token is a target; the loss is their mean over the whole step (sft_loss)
+
+    # ---- train: every answer token is a target; the loss is their mean over the whole step
+    # (sft_loss)
     model.train()
     ddp_model = torch.compile(model) if args.compile else model
     if process.world > 1:
         ddp_model = runtime.wrap_ddp(ddp_model, process)
-    scaler = torch.amp.GradScaler(process.device.type, enabled=process.dtype == "float16")  # fp16 only: see below
+    scaler = torch.amp.GradScaler(
+        process.device.type, enabled=process.dtype == "float16"
+    )  # fp16 only: see below
     params = [p for p in model.parameters() if p.requires_grad]
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
     for it in range(start_iter, args.max_iters):
@@ -436,16 +704,29 @@ def main(argv=None):
         lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches, supervised = step_batches(examples, it, batch_size=args.batch_size, seed=args.seed,
-                                                 grad_accum=args.grad_accum, pad=tok.pad, process=process, replay=replay_windows)
+        micro_batches, supervised = step_batches(
+            examples,
+            it,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            grad_accum=args.grad_accum,
+            pad=tok.pad,
+            process=process,
+            replay=replay_windows,
+        )
         step_loss = 0.0
         for i, (X, Y) in enumerate(micro_batches):
-            if process.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
+            if (
+                process.world > 1
+            ):  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
             with nanosft.autocast(process.device, process.dtype):
                 loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
-            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is the identity)
-            scaler.scale(loss_sum * (process.world / supervised)).backward()  # x world: DDP averages
+            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is
+            # the identity)
+            scaler.scale(
+                loss_sum * (process.world / supervised)
+            ).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
             tokens += X.numel()
         if process.world > 1:
@@ -458,28 +739,68 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step = it + 1
         if step % args.log_interval == 0 or step == args.max_iters:
-            nanosft.log_step(process, step, args.max_iters, loss=step_loss / supervised, lr=lr,
-                             seconds=time.time() - t0, tokens=tokens)
+            nanosft.log_step(
+                process,
+                step,
+                args.max_iters,
+                loss=step_loss / supervised,
+                lr=lr,
+                seconds=time.time() - t0,
+                tokens=tokens,
+            )
         if step % args.eval_interval == 0 and step < args.max_iters:
             on_eval(step)
     train_seconds = time.time() - t0
     on_eval(step)
-    # ---- save and report (world data: before and after; with --rewind out/sft.pt is the rewound checkpoint)
+    # ---- save and report (world data: before and after; with --rewind out/sft.pt is the
+    # rewound checkpoint)
     if process.master:
-        out = summary(model, trainable, (step, train_seconds, tokens), process, data=report.state(), flags=vars(args),
-                      frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model))
-        sft_file, plain_model = os.path.join(args.out_dir, "sft.pt"), peft.plain_model(model) if peft else model
-        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=step, flags=vars(args))  # final weights
+        out = summary(
+            model,
+            trainable,
+            (step, train_seconds, tokens),
+            process,
+            data=report.state(),
+            flags=vars(args),
+            frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model),
+        )
+        sft_file, plain_model = (
+            os.path.join(args.out_dir, "sft.pt"),
+            peft.plain_model(model) if peft else model,
+        )
+        checkpoint = nanosft.checkpoint_dict(
+            "sft", plain_model, tok, it=step, flags=vars(args)
+        )  # final weights
         if evaluator:  # the final weights' full evaluation: the path's last point, completed
             final = path[-1] = evaluator.complete(path[-1], model)
             rewound, choice = final, not_rewound(step)
             if args.rewind != "none":  # out/sft.pt: the checkpoint rewinding picks
                 checkpoint, choice, rewound = rewind.rewind(
-                    evaluator, start_checkpoint, model, tok, path=path, final=final, flags=vars(args),
-                    out_dir=args.out_dir, plot=args.plot, **{k: getattr(args, k) for k in REWIND_FLAGS})
-            out.update(world_report(process.log, path, final, rewound=rewound, choice=choice,
-                                    chance=world_eval.chance(evaluator.world), attributes=evaluator.attributes))
-            checkpoint["metrics"] = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
+                    evaluator,
+                    start_checkpoint,
+                    model,
+                    tok,
+                    path=path,
+                    final=final,
+                    flags=vars(args),
+                    out_dir=args.out_dir,
+                    plot=args.plot,
+                    **{k: getattr(args, k) for k in REWIND_FLAGS},
+                )
+            out.update(
+                world_report(
+                    process.log,
+                    path,
+                    final,
+                    rewound=rewound,
+                    choice=choice,
+                    chance=world_eval.chance(evaluator.world),
+                    attributes=evaluator.attributes,
+                )
+            )
+            checkpoint["metrics"] = {
+                k: v for k, v in out.items() if isinstance(v, (int, float, str))
+            }
         nanosft.save_checkpoint(sft_file, checkpoint)
         out["seconds"] = time.time() - t_start
         nanosft.write_json(os.path.join(args.out_dir, "sft.json"), out)
@@ -490,11 +811,19 @@ def summary(model, trainable, steps, process, data, flags, frozen_bytes):
     """sft.json's fields of every run (the world's: world_report).
     steps: (steps taken, seconds of training, this process's tokens)."""
     step, seconds, tokens = steps
-    return {"trainable_params": trainable, "total_params": model.num_params(), "steps": step,
-            "train_seconds": seconds, "tokens_per_sec": tokens * process.world / max(seconds, 1e-9),
-            "device": str(process.device),
-            "dtype": process.dtype, "data": data, "labels": None if flags["data"] else flags["labels"],
-            "frozen_bytes": frozen_bytes, **{k: flags[k] for k in REPORTED_FLAGS}}
+    return {
+        "trainable_params": trainable,
+        "total_params": model.num_params(),
+        "steps": step,
+        "train_seconds": seconds,
+        "tokens_per_sec": tokens * process.world / max(seconds, 1e-9),
+        "device": str(process.device),
+        "dtype": process.dtype,
+        "data": data,
+        "labels": None if flags["data"] else flags["labels"],
+        "frozen_bytes": frozen_bytes,
+        **{k: flags[k] for k in REPORTED_FLAGS},
+    }
 
 
 if __name__ == "__main__":

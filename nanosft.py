@@ -6,10 +6,11 @@ PEFT, packed rows, GPT-2) in extras/, imported where its flag is handled. Top to
   2. tokenizer    a byte-level BPE (trained here) served by tiktoken
   3. model        a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
   4. optimizer    AdamW (decay on matrices only), warmup + cosine schedule
-  5. checkpoints  one .pt, written atomically, loaded with weights_only=True; <stage>_last.pt resumes
+  5. checkpoints  one .pt written atomically, loaded with weights_only=True; <stage>_last.pt resumes
   6. chat         rendering with the loss mask, padding
   7. generation   batched greedy / sampled decoding with the KV cache; mixed precision, mean loss
 """
+
 import argparse
 import json
 import math
@@ -42,10 +43,13 @@ def cli(main):
     try:
         main()
         if distributed.is_available() and distributed.is_initialized():
-            distributed.barrier()  # under torchrun a rank that exits while another works can abort it
+            # under torchrun a rank that exits while another works can abort it
+            distributed.barrier()
             distributed.destroy_process_group()
     except UserError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even if it quotes a newline
+        print(
+            "error: " + " ".join(str(e).split()), file=sys.stderr
+        )  # one line, even if it quotes a newline
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; checkpoints on disk are complete (written atomically)", file=sys.stderr)
@@ -53,12 +57,32 @@ def cli(main):
 
 
 # the flags checked at parse time: name -> the least value and whether it is allowed
-LEAST = {"max_iters": (0, False), "batch_size": (0, False), "grad_accum": (0, False), "eval_interval": (0, False),
-         "log_interval": (0, False), "block_size": (0, False), "n_layer": (0, False), "n_head": (0, False),
-         "n_embd": (0, False), "vocab_size": (0, False), "max_new_tokens": (0, False), "num_samples": (0, False),
-         "lr": (0, False), "time_budget": (0, False), "beta": (0, False), "grad_clip": (0, False),
-         "warmup": (0, True), "rpo_alpha": (0, True), "min_margin": (0, True), "lora_rank": (0, True),
-         "oft_block": (0, True), "prompt_tokens": (0, True), "prompt_mlp": (0, True), "replay": (0, True)}
+LEAST = {
+    "max_iters": (0, False),
+    "batch_size": (0, False),
+    "grad_accum": (0, False),
+    "eval_interval": (0, False),
+    "log_interval": (0, False),
+    "block_size": (0, False),
+    "n_layer": (0, False),
+    "n_head": (0, False),
+    "n_embd": (0, False),
+    "vocab_size": (0, False),
+    "max_new_tokens": (0, False),
+    "num_samples": (0, False),
+    "lr": (0, False),
+    "time_budget": (0, False),
+    "beta": (0, False),
+    "grad_clip": (0, False),
+    "warmup": (0, True),
+    "rpo_alpha": (0, True),
+    "min_margin": (0, True),
+    "lora_rank": (0, True),
+    "oft_block": (0, True),
+    "prompt_tokens": (0, True),
+    "prompt_mlp": (0, True),
+    "replay": (0, True),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -66,7 +90,9 @@ class ArgumentParser(argparse.ArgumentParser):
     the whole usage), and a number out of its range (LEAST) is refused at parse time."""
 
     def __init__(self, description):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(
+            description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see --help)")
@@ -74,15 +100,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, argv=None):
         args = super().parse_args(argv)
         for name, v in vars(args).items():
-            if name in LEAST and v is not None and not (math.isfinite(v) and (v > 0 or LEAST[name][1] and v == 0)):
+            if (
+                name in LEAST
+                and v is not None
+                and not (math.isfinite(v) and (v > 0 or LEAST[name][1] and v == 0))
+            ):
                 kind = "integer" if isinstance(v, int) else "number"
                 rule = f"a {kind} >= 0" if LEAST[name][1] else f"a positive {kind}"
                 raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
         flags, world = vars(args), int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
         if flags.get("batch_size") and flags["batch_size"] % (world * flags["grad_accum"]):
-            raise UserError(f"--batch-size {flags['batch_size']} must be divisible by processes x --grad-accum "
-                            f"({world} x {flags['grad_accum']})")
-        if flags.get("out_dir") and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise UserError(
+                f"--batch-size {flags['batch_size']} must be divisible by processes x --grad-accum "
+                f"({world} x {flags['grad_accum']})"
+            )
+        if (
+            flags.get("out_dir")
+            and os.path.exists(args.out_dir)
+            and not os.path.isdir(args.out_dir)
+        ):
             raise UserError(f"--out-dir {args.out_dir}: exists and is not a directory")
         return args
 
@@ -95,20 +131,34 @@ def add_common_args(ap, out_dir="out"):
     train.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the step's gradient to this norm")
+    train.add_argument(
+        "--grad-clip", type=float, default=1.0, help="clip the step's gradient to this norm"
+    )
     train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
     train.add_argument("--log-interval", type=int, help="print the loss every N steps")
     train.add_argument("--seed", type=int, default=1337)
     run = ap.add_argument_group("running: hardware, processes, time, resume")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)")
+    run.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)",
+    )
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--time-budget", type=float, default=None,
-                     help="stop after this many seconds of training (then evaluate and save)")
-    run.add_argument("--resume", action="store_true", help="continue from this stage's checkpoint in --out-dir")
+    run.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop after this many seconds of training (then evaluate and save)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from this stage's checkpoint in --out-dir"
+    )
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--plot", action="store_true", help="also draw the stage's chart (a PNG in --out-dir)")
+    run.add_argument(
+        "--plot", action="store_true", help="also draw the stage's chart (a PNG in --out-dir)"
+    )
 
 
 def pick_device(name="auto"):
@@ -117,7 +167,9 @@ def pick_device(name="auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available (a Mac with Apple silicon and macOS 12.3 or later)")
+        raise UserError(
+            "--device mps: MPS is not available (a Mac with Apple silicon and macOS 12.3 or later)"
+        )
     return torch.device(name)
 
 
@@ -144,7 +196,8 @@ def pick_dtype(device, name="auto"):
 
 @dataclass
 class Process:
-    """Where this process runs: its device and dtype; under torchrun its rank among `world` processes."""
+    """Where this process runs: its device and dtype; under torchrun its rank among `world`
+    processes."""
 
     device: torch.device
     dtype: str
@@ -162,12 +215,19 @@ class Process:
 
 def setup(device="auto", dtype="auto"):
     """The Process: device, dtype and, under torchrun (WORLD_SIZE > 1), the process group."""
-    process = Process(pick_device(device), "float32", int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    process = Process(
+        pick_device(device),
+        "float32",
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
     if process.world > 1:
         from extras import runtime  # torchrun: one process per device (DDP)
 
         runtime.join_processes(process)
-    if process.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the cores, shared by the processes
+    if (
+        process.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ
+    ):  # the cores, shared by the processes
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // process.world))
     process.dtype = pick_dtype(process.device, dtype)
     if process.device.type == "cuda":
@@ -177,10 +237,13 @@ def setup(device="auto", dtype="auto"):
 
 
 def check_finite(step_loss, it, lr):
-    """Stop on a NaN or infinite loss BEFORE the step is taken, so the last checkpoint on disk is a good one."""
+    """Stop on a NaN or infinite loss BEFORE the step is taken, so the last checkpoint on disk
+    is a good one."""
     if not math.isfinite(step_loss):
-        raise UserError(f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last checkpoint on disk "
-                        f"is the last good one. Try a lower --lr")
+        raise UserError(
+            f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last checkpoint on disk "
+            f"is the last good one. Try a lower --lr"
+        )
 
 
 def log_step(process, it, max_iters, loss, lr, seconds, tokens):
@@ -193,7 +256,8 @@ def log_step(process, it, max_iters, loss, lr, seconds, tokens):
 # ----------------------------------------------------------------------------------------
 # 2. tokenizer
 
-# GPT-2's pre-split: contractions, words, numbers, punctuation runs, whitespace; no merge crosses them.
+# GPT-2's pre-split: contractions, words, numbers, punctuation runs, whitespace; no merge
+# crosses them.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -206,20 +270,31 @@ class Tokenizer:
     own {"bytes", "merges", "specials"} (GPT-2, extras/hf.py), growing with the merge order."""
 
     def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS), ids=None):
-        self.merges, self.pattern, self.ids = [tuple(int(x) for x in m) for m in merges], pattern, ids
+        self.merges, self.pattern, self.ids = (
+            [tuple(int(x) for x in m) for m in merges],
+            pattern,
+            ids,
+        )
         if ids is None:
             n = 256 + len(self.merges)
-            ids = {"bytes": range(256), "merges": range(256, n), "specials": range(n, n + len(specials))}
+            ids = {
+                "bytes": range(256),
+                "merges": range(256, n),
+                "specials": range(n, n + len(specials)),
+            }
         ids = {k: [int(i) for i in v] for k, v in ids.items()}
         token_bytes = {i: bytes([b]) for b, i in enumerate(ids["bytes"])}
         for (a, b), i in zip(self.merges, ids["merges"], strict=True):
             token_bytes[i] = token_bytes[a] + token_bytes[b]
         self.ranks = {b: i for i, b in token_bytes.items()}
         self.special = dict(zip(specials, ids["specials"], strict=True))
-        if len(self.ranks) != 256 + len(self.merges) or set(self.special.values()) & set(token_bytes):
+        if len(self.ranks) != 256 + len(self.merges) or set(self.special.values()) & set(
+            token_bytes
+        ):
             raise UserError("tokenizer: merges produce duplicate tokens (corrupt tokenizer)")
-        self.enc = tiktoken.Encoding(name="nanosft", pat_str=pattern, mergeable_ranks=self.ranks,
-                                     special_tokens=self.special)
+        self.enc = tiktoken.Encoding(
+            name="nanosft", pat_str=pattern, mergeable_ranks=self.ranks, special_tokens=self.special
+        )
         self.vocab_size = max([*token_bytes, *self.special.values()]) + 1
         sp = self.special.get  # the special tokens' ids by name: tok.end, tok.user, ...
         self.endoftext, self.pad, self.system = sp("<|endoftext|>"), sp("<|pad|>"), sp("<|system|>")
@@ -233,10 +308,15 @@ class Tokenizer:
 
     def state(self):
         """Plain tensors, strings and lists: safe under torch.load(weights_only=True)."""
-        s = {"merges": torch.tensor(self.merges, dtype=torch.int64).reshape(-1, 2),
-             "pattern": self.pattern, "specials": list(self.special)}
+        s = {
+            "merges": torch.tensor(self.merges, dtype=torch.int64).reshape(-1, 2),
+            "pattern": self.pattern,
+            "specials": list(self.special),
+        }
         if self.ids is not None:
-            s["ids"] = {k: torch.tensor([int(i) for i in v], dtype=torch.int64) for k, v in self.ids.items()}
+            s["ids"] = {
+                k: torch.tensor([int(i) for i in v], dtype=torch.int64) for k, v in self.ids.items()
+            }
         return s
 
     @classmethod
@@ -249,9 +329,11 @@ def train_tokenizer(text, vocab_size):
     """A byte-level BPE of vocab_size tokens in all: the 256 bytes, then repeatedly the most
     frequent adjacent pair merged into a new token (merge k creates 256 + k), then the specials.
     Fast enough for megabytes in pure Python: identical chunks are counted once, pair counts are
-    updated only in the chunks that hold the merged pair, and a max-heap finds the next best pair."""
+    updated only in the chunks that hold the merged pair, and a max-heap finds the next best
+    pair."""
     import heapq
     from collections import Counter, defaultdict
+
     chunk_counts = Counter(regex.findall(SPLIT_PATTERN, text))
     words = [list(c.encode("utf-8")) for c in chunk_counts]
     counts = list(chunk_counts.values())
@@ -271,7 +353,7 @@ def train_tokenizer(text, vocab_size):
             continue  # stale heap entry
         a, b = pair
         new_bytes = token_bytes[a] + token_bytes[b]
-        if new_bytes in known:   # same bytes reached by another merge path: reuse that id
+        if new_bytes in known:  # same bytes reached by another merge path: reuse that id
             new_id = known[new_bytes]
         else:
             new_id = len(token_bytes)
@@ -283,7 +365,7 @@ def train_tokenizer(text, vocab_size):
             w, c = words[i], counts[i]
             merged, j = [], 0
             while j < len(w):  # w with every (a, b), left to right, replaced by new_id
-                hit = w[j:j + 2] == [a, b]
+                hit = w[j : j + 2] == [a, b]
                 merged.append(new_id if hit else w[j])
                 j += 2 if hit else 1
             if len(merged) == len(w):
@@ -312,7 +394,9 @@ def train_tokenizer(text, vocab_size):
 class GPTConfig:
     block_size: int = 128
     vocab_size: int = 2048
-    n_layer: int = 2  # 0.6M parameters: pre-training plateaus in minutes on any CPU (docs/pretrain.md)
+    n_layer: int = (
+        2  # 0.6M parameters: pre-training plateaus in minutes on any CPU (docs/pretrain.md)
+    )
     n_head: int = 4
     n_embd: int = 128
     n_prefix: int = 0  # prompt tuning (extras/peft.py): learned vectors in front of every sequence
@@ -325,7 +409,8 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the positions seen, one (k, v) per layer: a new token costs one position, not the prefix."""
+    """Keys and values of the positions seen, one (k, v) per layer: a new token costs one
+    position, not the prefix."""
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
@@ -340,10 +425,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, cache=None, layer=0, mask=None):
-        """mask (B, 1, T, T) bool, for packed rows (extras/packing.py): True where a query may attend a key."""
+        """mask (B, 1, T, T) bool, for packed rows (extras/packing.py): True where a query may
+        attend a key."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hs)
         if cache is not None:
             if cache.layers[layer] is not None:
                 pk, pv = cache.layers[layer]
@@ -419,24 +507,28 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, cache))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                                        reduction="none").sum()  # (B*T,) -> a sum
+        loss = functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none"
+        ).sum()  # (B*T,) -> a sum
         if reduction == "mean":
             loss = loss / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     def hidden(self, idx, cache=None):
-        """The final hidden states (B, T, C), before lm_head. With a cache, idx continues the tokens it holds."""
+        """The final hidden states (B, T, C), before lm_head. With a cache, idx continues the
+        tokens it holds."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+            )
         x = self.embed(idx, start)  # (B, T', C)
         for i, block in enumerate(self.h):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos = start + T
-        return self.ln_f(x[:, x.size(1) - T:])  # (B, T, C): vectors embed put in front are dropped
+        return self.ln_f(x[:, x.size(1) - T :])  # (B, T, C): vectors embed put in front are dropped
 
     def embed(self, idx, start):
         """Token plus position embeddings (B, T, C), positions from `start` (a subclass may put
@@ -449,14 +541,18 @@ class GPT(nn.Module):
 
 
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
-    """AdamW; weight decay only on matrices (2-D), never on biases, LayerNorm gains or a prompt-tuning prefix."""
+    """AdamW; weight decay only on matrices (2-D), never on biases, LayerNorm gains or a
+    prompt-tuning prefix."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2 and p is not getattr(model, "prefix", None)]
     no_decay = [p for p in params if not any(p is q for q in decay)]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel updates every tensor (not a Python loop of small ops per parameter); the
-    # same update up to rounding (~1e-7). CUDA has it, CPU since torch 2.4; elsewhere (MPS) the loop.
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused: one kernel updates every tensor (not a Python loop of small ops per parameter);
+    # the same update up to rounding (~1e-7). CUDA has it, CPU since torch 2.4; elsewhere
+    # (MPS) the loop.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
@@ -499,41 +595,75 @@ def write_json(path, obj):
 
 def load_checkpoint(path, expect_kind=None):
     """Load a .pt with weights_only=True: tensors and plain containers only, so a pickle
-    that would run code is refused, never executed. A directory: a Hugging Face GPT-2 (extras/hf.py)."""
+    that would run code is refused, never executed. A directory: a Hugging Face GPT-2
+    (extras/hf.py)."""
     import pickle
     import zipfile
+
     if os.path.isdir(path):
         from extras import hf  # a Hugging Face GPT-2 directory, read as a checkpoint
 
         return hf.load_dir(path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
-    unreadable = f"{path}: not a readable checkpoint, expected a complete file written by torch.save"
+    unreadable = (
+        f"{path}: not a readable checkpoint, expected a complete file written by torch.save"
+    )
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off zip loses its directory
         raise UserError(f"{unreadable} (this one is truncated or in another format)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's advice to retry with weights_only=False is dropped: keep the reason
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boilerplate)]
-        raise UserError(f"{path}: refused to load, not a plain-tensor checkpoint "
-                        f"({lines[0][:120] if lines else 'unsafe content'})")
+    except (
+        pickle.UnpicklingError
+    ) as e:  # torch's advice to retry with weights_only=False is dropped: keep the reason
+        boilerplate = (
+            "Weights only load failed",
+            "Please file an issue",
+            "Check the documentation",
+        )
+        lines = [
+            ln.strip()
+            for ln in str(e).splitlines()
+            if ln.strip() and not ln.strip().startswith(boilerplate)
+        ]
+        raise UserError(
+            f"{path}: refused to load, not a plain-tensor checkpoint "
+            f"({lines[0][:120] if lines else 'unsafe content'})"
+        )
     except Exception as e:  # truncated, not a zip, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{unreadable} (truncated or another format? {type(e).__name__}: {first[:80]})")
-    if not isinstance(checkpoint, dict) or not {"model", "config", "tokenizer", "kind"} <= set(checkpoint):
-        raise UserError(f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)")
+        raise UserError(
+            f"{unreadable} (truncated or another format? {type(e).__name__}: {first[:80]})"
+        )
+    if not isinstance(checkpoint, dict) or not {"model", "config", "tokenizer", "kind"} <= set(
+        checkpoint
+    ):
+        raise UserError(
+            f"{path}: not a nanosft checkpoint (expected keys model, config, tokenizer, kind)"
+        )
     if expect_kind and checkpoint["kind"] not in expect_kind:
-        raise UserError(f"{path}: a '{checkpoint['kind']}' checkpoint, expected one of {', '.join(expect_kind)}")
+        raise UserError(
+            f"{path}: a '{checkpoint['kind']}' checkpoint, expected one of {', '.join(expect_kind)}"
+        )
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """The GPT and its tokenizer from a checkpoint dict, checked like any input before it is built."""
+    """The GPT and its tokenizer from a checkpoint dict, checked like any input before it is
+    built."""
     sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-    cfg = GPTConfig.from_dict(checkpoint["config"]) if isinstance(checkpoint["config"], dict) else None
-    if cfg is None or not all(isinstance(getattr(cfg, k), int) and getattr(cfg, k) > 0 for k in sizes):
-        raise UserError(f"{path}: config must hold positive integers {', '.join(sizes)}; got {checkpoint['config']!r:.120}")
+    cfg = (
+        GPTConfig.from_dict(checkpoint["config"])
+        if isinstance(checkpoint["config"], dict)
+        else None
+    )
+    if cfg is None or not all(
+        isinstance(getattr(cfg, k), int) and getattr(cfg, k) > 0 for k in sizes
+    ):
+        raise UserError(
+            f"{path}: config must hold positive integers {', '.join(sizes)}; "
+            f"got {checkpoint['config']!r:.120}"
+        )
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"{path}: config n_embd {cfg.n_embd} not divisible by n_head {cfg.n_head}")
     if cfg.gelu not in ("none", "tanh"):
@@ -541,10 +671,14 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     try:
         tok = Tokenizer.from_state(checkpoint["tokenizer"])
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
-        raise UserError(f"{path}: tokenizer state is damaged, expected merges, pattern and specials "
-                        f"({type(e).__name__}: {str(e)[:80]})")
+        raise UserError(
+            f"{path}: tokenizer state is damaged, expected merges, pattern and specials "
+            f"({type(e).__name__}: {str(e)[:80]})"
+        )
     if tok.vocab_size != cfg.vocab_size:
-        raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model expects {cfg.vocab_size}")
+        raise UserError(
+            f"{path}: tokenizer has {tok.vocab_size} tokens but the model expects {cfg.vocab_size}"
+        )
     if cfg.n_prefix:  # a prompt-tuned model: its learned prefix is a parameter of its own class
         from extras.peft import PromptTuned
 
@@ -553,21 +687,37 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
         model = GPT(cfg)
     try:
         model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:  # the first mismatch named under torch's heading
+    except (
+        RuntimeError,
+        TypeError,
+        AttributeError,
+    ) as e:  # the first mismatch named under torch's heading
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        raise UserError(f"{path}: weights do not match the config ({lines[min(1, len(lines) - 1)][:150]})")
+        raise UserError(
+            f"{path}: weights do not match the config ({lines[min(1, len(lines) - 1)][:150]})"
+        )
     return model, tok
 
 
 def checkpoint_dict(kind, model, tok, optimizer=None, it=0, flags=None, metrics=None, state=None):
-    """What a .pt holds: the weights, config and tokenizer (all a later stage needs); for a <stage>_last.pt
-    also the optimizer, the RNG and the stage's `state` (its history, its path): all --resume needs."""
-    plain = {k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    return {"kind": kind, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": asdict(model.config), "tokenizer": tok.state(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "iter": it, "rng": {"torch": torch.get_rng_state()}, "args": plain,
-            "metrics": metrics or {}, "state": state}
+    """What a .pt holds: the weights, config and tokenizer (all a later stage needs); for a
+    <stage>_last.pt also the optimizer, the RNG and the stage's `state` (its history, its path):
+    all --resume needs."""
+    plain = {
+        k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool, type(None)))
+    }
+    return {
+        "kind": kind,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": asdict(model.config),
+        "tokenizer": tok.state(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "iter": it,
+        "rng": {"torch": torch.get_rng_state()},
+        "args": plain,
+        "metrics": metrics or {},
+        "state": state,
+    }
 
 
 def last_path(out_dir, stage):
@@ -621,7 +771,7 @@ def collate(examples, pad_id):
     X = torch.full((len(examples), T), pad_id, dtype=torch.long)
     Y = torch.full((len(examples), T), -1, dtype=torch.long)
     for i, (x, y) in enumerate(examples):
-        X[i, :len(x)], Y[i, :len(y)] = x, y
+        X[i, : len(x)], Y[i, : len(y)] = x, y
     return X, Y
 
 
@@ -633,7 +783,9 @@ DECODE_ROWS = 256  # sequences decoded together in generate_batch (bounds the KV
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, generator=None, keep_stop=False):
+def generate_batch(
+    model, prompts, max_new_tokens, stop, temperature=0.0, generator=None, keep_stop=False
+):
     """Answers to many prompts at once (lists of ids), greedy (temperature 0) or sampled. Prompts
     are grouped by length, so no padding (and no position shift) is needed: each row is decoded
     exactly as alone. keep_stop: an answer ends with its stop token (ended, not cut off)."""
@@ -645,7 +797,7 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
     results = [None] * len(prompts)
     for n, idx in sorted(by_len.items()):
         for s in range(0, len(idx), DECODE_ROWS):
-            rows = idx[s:s + DECODE_ROWS]
+            rows = idx[s : s + DECODE_ROWS]
             cache = KVCache(model.config.n_layer)
             hidden = model.hidden(torch.tensor([prompts[i] for i in rows], device=device), cache)
             logits = model.lm_head(hidden[:, -1:])  # (b, 1, V): only the last position is needed
@@ -654,7 +806,9 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
                 if temperature == 0:
                     nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()  # (b, 1)
                 else:
-                    probs = functional.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()  # (b, V)
+                    probs = functional.softmax(
+                        logits[:, -1].float() / temperature, dim=-1
+                    ).cpu()  # (b, V)
                     nxt = torch.multinomial(probs, 1, generator=generator)  # (b, 1)
                 for j, t in enumerate(nxt[:, 0].tolist()):
                     if not done[j]:
@@ -671,7 +825,11 @@ def generate_batch(model, prompts, max_new_tokens, stop, temperature=0.0, genera
 
 def autocast(device, dtype):
     """Mixed precision: weights and optimizer stay fp32, matmuls run in dtype."""
-    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    return (
+        nullcontext()
+        if dtype == "float32"
+        else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    )
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ for validation, and on the world corpus measures the knowledge probe: how many f
 stage needs), out/pretrain_last.pt at every evaluation (what --resume needs),
 out/pretrain.json and out/pretrain_loss.png.
 """
+
 import dataclasses
 import os
 import time
@@ -21,38 +22,66 @@ import torch
 from data import formats, world_eval
 
 # Every default of this stage in one place (the architecture's are GPTConfig's, in nanosft.py).
-DEFAULTS = dict(max_iters=3000, batch_size=8, lr=6e-3, eval_interval=200, warmup=50, log_interval=50,
-                weight_decay=0.0)
+DEFAULTS = dict(
+    max_iters=3000,
+    batch_size=8,
+    lr=6e-3,
+    eval_interval=200,
+    warmup=50,
+    log_interval=50,
+    weight_decay=0.0,
+)
 WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 
 
 def parse_args(argv=None):
     ap = nanosft.ArgumentParser(__doc__)
     lesson = ap.add_argument_group("pre-training: the data and the model")
-    lesson.add_argument("--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)")
-    lesson.add_argument("--world", default=None, help="a world directory (python data/world.py --out-dir DIR): "
-                        "train on its corpus and measure its knowledge probe (default: data/, unless --data)")
+    lesson.add_argument(
+        "--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)"
+    )
+    lesson.add_argument(
+        "--world",
+        default=None,
+        help="a world directory (python data/world.py --out-dir DIR): "
+        "train on its corpus and measure its knowledge probe (default: data/, unless --data)",
+    )
     arch = nanosft.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
     for name in ("block_size", "n_layer", "n_head", "n_embd"):
         lesson.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
-    lesson.add_argument("--vocab-size", type=int, default=None,
-                        help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
-                        "picked from the text's size, see vocab_size_for)")
-    lesson.add_argument("--weight-decay", type=float,
-                        help="AdamW decay on matrices; 0 by default: decay erases memorised facts")
+    lesson.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
+        "picked from the text's size, see vocab_size_for)",
+    )
+    lesson.add_argument(
+        "--weight-decay",
+        type=float,
+        help="AdamW decay on matrices; 0 by default: decay erases memorised facts",
+    )
     nanosft.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
     if args.vocab_size and args.vocab_size < 256 + len(nanosft.SPECIALS):
-        raise nanosft.UserError(f"--vocab-size must be at least {256 + len(nanosft.SPECIALS)} (256 bytes + "
-                                f"{len(nanosft.SPECIALS)} special tokens), got {args.vocab_size}")
+        raise nanosft.UserError(
+            f"--vocab-size must be at least {256 + len(nanosft.SPECIALS)} (256 bytes + "
+            f"{len(nanosft.SPECIALS)} special tokens), got {args.vocab_size}"
+        )
     if args.n_embd % args.n_head:
-        raise nanosft.UserError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+        raise nanosft.UserError(
+            f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})"
+        )
     if args.world and args.data:
-        raise nanosft.UserError("--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both")
+        raise nanosft.UserError(
+            "--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both"
+        )
     if args.world:
         args.data = world_eval.path("world_corpus.txt", world_eval.check_world_dir(args.world))
-    elif args.data is None or world_eval.is_default(args.data, world_eval.CORPUS):  # the default world
+    elif args.data is None or world_eval.is_default(
+        args.data, world_eval.CORPUS
+    ):  # the default world
         args.data, args.world = world_eval.CORPUS, world_eval.HERE
     return args
 
@@ -68,10 +97,15 @@ def vocab_size_for(text):
 def new_model(text, source, vocab_size, is_world, cfg, log):
     """A BPE trained on the text, and a GPT of config `cfg` with that vocabulary."""
     if len(text) < 1000:
-        raise nanosft.UserError(f"{source}: only {len(text)} characters; need at least 1,000 to train on")
+        raise nanosft.UserError(
+            f"{source}: only {len(text)} characters; need at least 1,000 to train on"
+        )
     if vocab_size is None:
         vocab_size = WORLD_VOCAB if is_world else vocab_size_for(text)
-        log(f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; set --vocab-size to choose)")
+        log(
+            f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; "
+            "set --vocab-size to choose)"
+        )
     t0 = time.time()
     tok = nanosft.train_tokenizer(text, vocab_size)
     log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
@@ -81,11 +115,16 @@ def new_model(text, source, vocab_size, is_world, cfg, log):
 def window_batch(data, it, seed, batch_size, block_size, process, grad_accum):
     """Step `it`'s windows, from a generator seeded by (seed, it): the data order is a pure
     function of the step, so resuming continues it exactly. -> this rank's micro-batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + it)  # a stream per (seed, step); 1,000,003 is prime
+    g = torch.Generator().manual_seed(
+        seed * 1_000_003 + it
+    )  # a stream per (seed, step); 1,000,003 is prime
     starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g)
-    starts = starts[process.rank::process.world]  # this process's shard of the global batch
-    windows = torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])
-    return [(w[:, :-1].to(process.device), w[:, 1:].to(process.device)) for w in windows.chunk(grad_accum)]
+    starts = starts[process.rank :: process.world]  # this process's shard of the global batch
+    windows = torch.stack([data[s : s + block_size + 1] for s in starts.tolist()])
+    return [
+        (w[:, :-1].to(process.device), w[:, 1:].to(process.device))
+        for w in windows.chunk(grad_accum)
+    ]
 
 
 def main(argv=None):
@@ -97,24 +136,42 @@ def main(argv=None):
     # ---- data and model (everything is validated before anything is written)
     text = formats.read_text(args.data)
     if args.resume:  # the tokenizer and config of the run being continued
-        model, tok = nanosft.model_from_checkpoint(nanosft.load_checkpoint(nanosft.last_path(args.out_dir, "pretrain")))
+        model, tok = nanosft.model_from_checkpoint(
+            nanosft.load_checkpoint(nanosft.last_path(args.out_dir, "pretrain"))
+        )
     else:
         torch.manual_seed(args.seed)
-        arch = nanosft.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                                 n_embd=args.n_embd)
-        model, tok = new_model(text, source=args.data, vocab_size=args.vocab_size,
-                               is_world=args.world is not None, cfg=arch, log=process.log)
+        arch = nanosft.GPTConfig(
+            block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd
+        )
+        model, tok = new_model(
+            text,
+            source=args.data,
+            vocab_size=args.vocab_size,
+            is_world=args.world is not None,
+            cfg=arch,
+            log=process.log,
+        )
     cfg = model.config
     data = formats.encode_corpus(tok, text)
     train_data, val_data = formats.split_corpus(data, cfg.block_size)
     if len(train_data) <= cfg.block_size + 1:
-        raise nanosft.UserError(f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}")
-    process.log(f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
-           f"{model.num_params():,} parameters | {process.device} {process.dtype}")
+        raise nanosft.UserError(
+            f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}"
+        )
+    process.log(
+        f"{len(data):,} tokens ({len(train_data):,} train / {len(val_data):,} val) | "
+        f"{model.num_params():,} parameters | {process.device} {process.dtype}"
+    )
     model.to(process.device)
-    optimizer = nanosft.configure_optimizer(model, args.lr, args.weight_decay, device_type=process.device.type)
-    start_iter, history = (runtime.resume(args.out_dir, "pretrain", model, tok=tok, optimizer=optimizer)
-                           if args.resume else (0, {"step": [], "val_loss": [], "probe": []}))
+    optimizer = nanosft.configure_optimizer(
+        model, args.lr, args.weight_decay, device_type=process.device.type
+    )
+    start_iter, history = (
+        runtime.resume(args.out_dir, "pretrain", model, tok=tok, optimizer=optimizer)
+        if args.resume
+        else (0, {"step": [], "val_loss": [], "probe": []})
+    )
     ddp_model = torch.compile(model) if args.compile else model
     if process.world > 1:
         ddp_model = runtime.wrap_ddp(ddp_model, process)
@@ -126,17 +183,33 @@ def main(argv=None):
         if process.master:
             history["step"].append(it)
             history["val_loss"].append(nanosft.mean_loss(model, val_batches, process))
-            history["probe"].append(world_eval.knowledge_probe(model, tok, world) if world else None)
-            process.log(f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
-                   + (f" | probe {history['probe'][-1]:.3f}" if world else ""))
-            nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "pretrain"), nanosft.checkpoint_dict(
-                "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history))
+            history["probe"].append(
+                world_eval.knowledge_probe(model, tok, world) if world else None
+            )
+            process.log(
+                f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
+                + (f" | probe {history['probe'][-1]:.3f}" if world else "")
+            )
+            nanosft.save_checkpoint(
+                nanosft.last_path(args.out_dir, "pretrain"),
+                nanosft.checkpoint_dict(
+                    "pretrain",
+                    model,
+                    tok,
+                    optimizer=optimizer,
+                    it=it,
+                    flags=vars(args),
+                    state=history,
+                ),
+            )
         if process.world > 1:
             runtime.barrier(process)
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    scaler = torch.amp.GradScaler(process.device.type, enabled=process.dtype == "float16")  # fp16 only: see below
+    scaler = torch.amp.GradScaler(
+        process.device.type, enabled=process.dtype == "float16"
+    )  # fp16 only: see below
     params = [p for p in model.parameters() if p.requires_grad]
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
@@ -146,15 +219,25 @@ def main(argv=None):
         lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = window_batch(train_data, it, seed=args.seed, batch_size=args.batch_size,
-                                     block_size=cfg.block_size, process=process, grad_accum=args.grad_accum)
+        micro_batches = window_batch(
+            train_data,
+            it,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            block_size=cfg.block_size,
+            process=process,
+            grad_accum=args.grad_accum,
+        )
         step_loss = 0.0
         for i, (X, Y) in enumerate(micro_batches):
-            if process.world > 1:  # DDP averages the gradients over the processes after the last micro-batch
+            if (
+                process.world > 1
+            ):  # DDP averages the gradients over the processes after the last micro-batch
                 ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
             with nanosft.autocast(process.device, process.dtype):
                 _, loss_sum = ddp_model(X, Y, reduction="sum")  # summed next-token cross-entropy
-            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is the identity)
+            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is
+            # the identity)
             scaler.scale(loss_sum * (process.world / n_targets)).backward()  # x world: DDP averages
             step_loss += loss_sum.item()
             tokens += X.numel()
@@ -168,39 +251,83 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step = it + 1
         if step % args.log_interval == 0 or step == args.max_iters:
-            nanosft.log_step(process, step, args.max_iters, loss=step_loss / n_targets, lr=lr,
-                             seconds=time.time() - t0, tokens=tokens)
+            nanosft.log_step(
+                process,
+                step,
+                args.max_iters,
+                loss=step_loss / n_targets,
+                lr=lr,
+                seconds=time.time() - t0,
+                tokens=tokens,
+            )
         if step % args.eval_interval == 0 and step < args.max_iters:
             on_eval(step)
     train_seconds = time.time() - t0
     on_eval(step)
     # ---- save and report
     if process.master:
-        nanosft.save_checkpoint(os.path.join(args.out_dir, "pretrain.pt"), nanosft.checkpoint_dict(
-            "pretrain", model, tok, it=step, flags=vars(args), metrics={"val_loss": history["val_loss"][-1]}))
-        report(args.out_dir, history, model=model, process=process, seconds=(time.time() - t_start, train_seconds),
-               steps=step, tokens=tokens, world=world, plot=args.plot)
+        nanosft.save_checkpoint(
+            os.path.join(args.out_dir, "pretrain.pt"),
+            nanosft.checkpoint_dict(
+                "pretrain",
+                model,
+                tok,
+                it=step,
+                flags=vars(args),
+                metrics={"val_loss": history["val_loss"][-1]},
+            ),
+        )
+        report(
+            args.out_dir,
+            history,
+            model=model,
+            process=process,
+            seconds=(time.time() - t_start, train_seconds),
+            steps=step,
+            tokens=tokens,
+            world=world,
+            plot=args.plot,
+        )
 
 
 def report(out_dir, history, model, process, seconds, steps, tokens, world, plot=False):
     """out/pretrain.json (with --plot also out/pretrain_loss.png) and the closing line."""
     total_seconds, train_seconds = seconds
     tok_per_s = tokens * process.world / max(train_seconds, 1e-9)
-    result = {"val_loss": history["val_loss"][-1], "knowledge_probe_accuracy": history["probe"][-1],
-              "tokens_per_sec": tok_per_s, "seconds": total_seconds, "train_seconds": train_seconds,
-              "steps": steps, "params": model.num_params(), "device": str(process.device), "dtype": process.dtype,
-              "history": history}
+    result = {
+        "val_loss": history["val_loss"][-1],
+        "knowledge_probe_accuracy": history["probe"][-1],
+        "tokens_per_sec": tok_per_s,
+        "seconds": total_seconds,
+        "train_seconds": train_seconds,
+        "steps": steps,
+        "params": model.num_params(),
+        "device": str(process.device),
+        "dtype": process.dtype,
+        "history": history,
+    }
     nanosft.write_json(os.path.join(out_dir, "pretrain.json"), result)
     if plot:
         from extras import charts  # --plot: out/pretrain_loss.png
+
         series = {"val loss": (history["step"], history["val_loss"])}
         if world:
             series["knowledge probe accuracy"] = (history["step"], history["probe"])
-        charts.plot(os.path.join(out_dir, "pretrain_loss.png"), "pre-training", xlabel="step", ylabel="value",
-                    series=series)
-    process.log(f"done: val loss {result['val_loss']:.4f}"
-           + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
-           + f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s -> {os.path.join(out_dir, 'pretrain.pt')}")
+        charts.plot(
+            os.path.join(out_dir, "pretrain_loss.png"),
+            "pre-training",
+            xlabel="step",
+            ylabel="value",
+            series=series,
+        )
+    process.log(
+        f"done: val loss {result['val_loss']:.4f}"
+        + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
+        + (
+            f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s "
+            f"-> {os.path.join(out_dir, 'pretrain.pt')}"
+        )
+    )
 
 
 if __name__ == "__main__":

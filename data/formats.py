@@ -18,6 +18,7 @@ file and the record. A VALID record that teaches nothing (no answer, a tie, an e
 is skipped and counted; the stages cut records that are too long for the block size and
 count those too (render_all, pair_examples below).
 """
+
 import json
 import random
 
@@ -46,8 +47,10 @@ def read_text(path):
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise nanosft.UserError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start}); expected UTF-8 text")
+        line = raw[: e.start].count(b"\n") + 1
+        raise nanosft.UserError(
+            f"{path}:{line}: not valid UTF-8 (byte offset {e.start}); expected UTF-8 text"
+        )
     return text.replace("\r\n", "\n")
 
 
@@ -74,8 +77,13 @@ def fixed_windows(data, block_size, n=32, batch=8):
     same set of tokens at every evaluation."""
     T = block_size
     starts = torch.linspace(0, len(data) - T - 1, min(n, max(1, len(data) // T))).long()
-    return [(torch.stack([data[s:s + T] for s in c.tolist()]),
-             torch.stack([data[s + 1:s + T + 1] for s in c.tolist()])) for c in starts.split(batch)]
+    return [
+        (
+            torch.stack([data[s : s + T] for s in c.tolist()]),
+            torch.stack([data[s + 1 : s + T + 1] for s in c.tolist()]),
+        )
+        for c in starts.split(batch)
+    ]
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,9 +101,13 @@ def read_records(path):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise nanosft.UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects")
+            raise nanosft.UserError(
+                f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a JSON array of objects"
+            )
         except RecursionError:  # json's parser recurses once per nesting level
-            raise nanosft.UserError(f"{path}: JSON nested too deeply; expected a JSON array of objects")
+            raise nanosft.UserError(
+                f"{path}: JSON nested too deeply; expected a JSON array of objects"
+            )
         if not rows:
             raise nanosft.UserError(f"{path}: empty JSON array, expected records")
         return [(f"{path}: record {i + 1}", r) for i, r in enumerate(rows)]
@@ -106,9 +118,13 @@ def read_records(path):
         try:
             out.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise nanosft.UserError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line")
+            raise nanosft.UserError(
+                f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line"
+            )
         except RecursionError:
-            raise nanosft.UserError(f"{path}:{n}: JSON nested too deeply; expected one JSON object per line")
+            raise nanosft.UserError(
+                f"{path}:{n}: JSON nested too deeply; expected one JSON object per line"
+            )
     if not out:
         raise nanosft.UserError(f"{path}: no records found")
     return out
@@ -123,7 +139,9 @@ def field(rec, key, where, optional=False):
             return ""
         raise nanosft.UserError(f"{where}: missing field '{key}'")
     if not isinstance(rec[key], str):
-        raise nanosft.UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+        raise nanosft.UserError(
+            f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}"
+        )
     return rec[key]
 
 
@@ -160,8 +178,10 @@ class DataReport:
 
     def _note(self, book, n, reason, message):
         if self.strict:
-            raise nanosft.UserError(f"{self.path}: record {n}: {message} (without --strict it would be "
-                               f"{'skipped' if book is self.skipped else 'truncated'} and counted)")
+            raise nanosft.UserError(
+                f"{self.path}: record {n}: {message} (without --strict it would be "
+                f"{'skipped' if book is self.skipped else 'truncated'} and counted)"
+            )
         book.setdefault(reason, []).append(n)
 
     def n_skipped(self):
@@ -169,17 +189,33 @@ class DataReport:
 
     def lines(self):
         def numbers(ns_):
-            shown = ", ".join(map(str, ns_[:self.SHOW]))
-            return f"({'record' if len(ns_) == 1 else 'records'} {shown}{', ...' if len(ns_) > self.SHOW else ''})"
-        out = [f"skipped {len(v):,} of {self.total:,} {self.unit} {r} {numbers(v)}" for r, v in self.skipped.items()]
-        out += [f"truncated {len(v):,} of {self.total:,} {self.unit}: {r} {numbers(v)}"
-                for r, v in self.truncated.items()]
+            shown = ", ".join(map(str, ns_[: self.SHOW]))
+            return (
+                f"({'record' if len(ns_) == 1 else 'records'} {shown}"
+                f"{', ...' if len(ns_) > self.SHOW else ''})"
+            )
+
+        out = [
+            f"skipped {len(v):,} of {self.total:,} {self.unit} {r} {numbers(v)}"
+            for r, v in self.skipped.items()
+        ]
+        out += [
+            f"truncated {len(v):,} of {self.total:,} {self.unit}: {r} {numbers(v)}"
+            for r, v in self.truncated.items()
+        ]
         return out
 
     def state(self):
-        return {"file": self.path, "unit": self.unit, "total": self.total, "kept": self.total - self.n_skipped(),
-                "skipped": {r: {"count": len(v), "records": v[:100]} for r, v in self.skipped.items()},
-                "truncated": {r: {"count": len(v), "records": v[:100]} for r, v in self.truncated.items()}}
+        return {
+            "file": self.path,
+            "unit": self.unit,
+            "total": self.total,
+            "kept": self.total - self.n_skipped(),
+            "skipped": {r: {"count": len(v), "records": v[:100]} for r, v in self.skipped.items()},
+            "truncated": {
+                r: {"count": len(v), "records": v[:100]} for r, v in self.truncated.items()
+            },
+        }
 
     def check(self, block_size=None):
         """More than half the records unusable: not a few bad records but the wrong set-up
@@ -188,18 +224,28 @@ class DataReport:
             worst = max(self.skipped, key=lambda r: len(self.skipped[r]))
             if "longer than" in worst and block_size:
                 # the power of two that 90% of the records fit in
-                need = sorted(self.needs)[int(0.9 * (len(self.needs) - 1))] if self.needs else 4 * block_size
-                why = (f"the block size is too small for this data: pre-train with --block-size "
-                       f"{max(2 * block_size, 1 << (need - 1).bit_length())} (90% of the records fit in it) "
-                       "and a vocabulary learned from text like it")
+                need = (
+                    sorted(self.needs)[int(0.9 * (len(self.needs) - 1))]
+                    if self.needs
+                    else 4 * block_size
+                )
+                why = (
+                    f"the block size is too small for this data: pre-train with --block-size "
+                    f"{max(2 * block_size, 1 << (need - 1).bit_length())} "
+                    "(90% of the records fit in it) "
+                    "and a vocabulary learned from text like it"
+                )
             else:
                 why = "is it the right file for this stage?"
-            raise nanosft.UserError(f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
-                               f"skipped (most: {worst}); {why}")
+            raise nanosft.UserError(
+                f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
+                f"skipped (most: {worst}); {why}"
+            )
 
 
 # ----------------------------------------------------------------------------------------
-# preferences (DPO) -> pairs {"prompt": [messages], "chosen", "rejected", "split", "group", "record"}
+# preferences (DPO) -> pairs
+# {"prompt": [messages], "chosen", "rejected", "split", "group", "record"}
 
 
 def ranked_pairs(items, min_margin, top_only=True):
@@ -231,7 +277,10 @@ def number(x, key, where, integer=False):
     # abs(x) < 1e300: finite, and no integer too large for float arithmetic later
     if isinstance(x, bool) or not ok or not abs(x) < 1e300:
         shown = repr(x) if len(repr(x)) < 40 else repr(x)[:37] + "..."
-        raise nanosft.UserError(f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, got {shown}")
+        raise nanosft.UserError(
+            f"{where}: field '{key}' must be a {'whole' if integer else 'finite'} number, "
+            f"got {shown}"
+        )
     return x
 
 
@@ -239,22 +288,31 @@ def scored_items(r, key, where, score):
     lst = r.get(key)
     if not isinstance(lst, list) or len(lst) < 2:
         raise nanosft.UserError(f"{where}: '{key}' must be a list of at least two answers")
-    return [(field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
-            for i, a in enumerate(lst)]
+    return [
+        (field(a, "text", f"{where}: {key}[{i}]"), score(a, f"{where}: {key}[{i}]"))
+        for i, a in enumerate(lst)
+    ]
 
 
 def votes_format(r, where):
-    """The world's preference format: a thread, {"prompt", "answers": [{"text", "up", "down"}, ...]}."""
+    """The world's preference format: a thread,
+    {"prompt", "answers": [{"text", "up", "down"}, ...]}."""
     if not isinstance(r, dict) or "answers" not in r:
-        raise nanosft.UserError(f"{where}: expected a thread {{prompt, answers: [{{text, up, down}}, ...]}} "
-                                "(your own formats: extras/own_data.py)")
+        raise nanosft.UserError(
+            f"{where}: expected a thread {{prompt, answers: [{{text, up, down}}, ...]}} "
+            "(your own formats: extras/own_data.py)"
+        )
     return "votes"
 
 
 def votes_pairs(fmt, r, where, min_margin, top_only=True):
     """A thread -> (its question as messages, [(chosen, rejected)] by net votes: ranked_pairs)."""
+
     def net(a, w):  # a is a dict here: its "text" was read first
-        return number(a.get("up"), "up", w, integer=True) - number(a.get("down"), "down", w, integer=True)
+        return number(a.get("up"), "up", w, integer=True) - number(
+            a.get("down"), "down", w, integer=True
+        )
+
     user = [{"role": "user", "content": field(r, "prompt", where)}]
     return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
 
@@ -274,33 +332,57 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None, reader=None):
         n = group + 1
         got = record_format(r, where)
         if got != fmt:
-            raise nanosft.UserError(f"{where}: a '{got}' record, but the file's first record is '{fmt}'")
+            raise nanosft.UserError(
+                f"{where}: a '{got}' record, but the file's first record is '{fmt}'"
+            )
         split = r.get("split")
         if split not in (None, "train", "heldout"):
-            raise nanosft.UserError(f"{where}: field 'split' must be \"train\" or \"heldout\", got {split!r}")
+            raise nanosft.UserError(
+                f'{where}: field \'split\' must be "train" or "heldout", got {split!r}'
+            )
         prompt, pr = record_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
         if any(m["role"] == "tool" for m in prompt):
             report.total += len(pr)
             for _ in pr:
-                report.skip(n, "with tool-call turns (this chat format has no role for them)",
-                            "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
+                report.skip(
+                    n,
+                    "with tool-call turns (this chat format has no role for them)",
+                    "has tool-call turns ('function_call' / 'observation'), "
+                    "which this chat format cannot hold",
+                )
             continue
         for chosen, rejected in pr:
             report.total += 1
             if chosen.strip() == rejected.strip():
-                report.skip(n, "whose chosen == rejected",
-                            f"chosen and rejected answers are the same text ({chosen[:40]!r}); a pair must differ")
+                report.skip(
+                    n,
+                    "whose chosen == rejected",
+                    f"chosen and rejected answers are the same text ({chosen[:40]!r}); "
+                    "a pair must differ",
+                )
                 continue
             key = repr((prompt, chosen, rejected))
             if key in seen:
-                report.skip(n, "that repeat an earlier pair exactly", "an exact copy of an earlier pair")
+                report.skip(
+                    n, "that repeat an earlier pair exactly", "an exact copy of an earlier pair"
+                )
                 continue
             seen.add(key)
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                          "split": split, "group": group, "record": n})
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "split": split,
+                    "group": group,
+                    "record": n,
+                }
+            )
     report.check()
     if not pairs:
-        raise nanosft.UserError(f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})")
+        raise nanosft.UserError(
+            f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})"
+        )
     return fmt, pairs
 
 
@@ -312,7 +394,7 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None
     if all(p["split"] is None for p in pairs):
         groups = sorted({p["group"] for p in pairs})
         random.Random(seed).shuffle(groups)
-        held = set(groups[:round(len(groups) * HELDOUT_FRAC)] if len(groups) > 1 else [])
+        held = set(groups[: round(len(groups) * HELDOUT_FRAC)] if len(groups) > 1 else [])
         for p in pairs:
             p["split"] = "heldout" if p["group"] in held else "train"
     train = [p for p in pairs if p["split"] == "train"]
@@ -326,8 +408,20 @@ def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None
 # preference pairs as token examples (dpo.py), cut to the model's block size
 
 
-def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, strict, log, max_scored,
-               heldout_rule=None, reader=None):
+def load_pairs(
+    path,
+    heldout_path,
+    tok,
+    block_size,
+    min_margin,
+    top_only,
+    seed,
+    strict,
+    log,
+    max_scored,
+    heldout_rule=None,
+    reader=None,
+):
     """dpo.py's data: training and held-out pairs, each as (pairs, examples), and their counts
     for dpo.json. The held-out pairs come from `heldout_path` (on the world: people neither
     SFT nor DPO trains on; pairs split off the training people's threads would share people,
@@ -341,17 +435,32 @@ def load_pairs(path, heldout_path, tok, block_size, min_margin, top_only, seed, 
         fmt, train = read_pairs(path, min_margin, top_only, report, reader=reader)
         held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)), reader=reader)[1]
     else:
-        fmt, train, held = load_preferences(path, min_margin=min_margin, seed=seed, top_only=top_only, report=report,
-                                            reader=reader)
+        fmt, train, held = load_preferences(
+            path, min_margin=min_margin, seed=seed, top_only=top_only, report=report, reader=reader
+        )
     train = pair_examples(tok, train, block_size, report)
-    held = pair_examples(tok, held, block_size, DataReport(heldout_path, strict, unit="pairs")
-                         if heldout_path else report)
+    held = pair_examples(
+        tok,
+        held,
+        block_size,
+        DataReport(heldout_path, strict, unit="pairs") if heldout_path else report,
+    )
     for line in report.lines():
         log(line)
     step = max(1, len(held[0]) // max_scored)  # scored at every evaluation: an evenly spaced subset
     scored = tuple(h[::step][:max_scored] for h in held)
-    return train, scored, {"data": path, "format": fmt, "data_report": report.state(), "pairs_train": len(train[0]),
-                           "pairs_heldout": len(held[0]), "pairs_heldout_scored": len(scored[0])}
+    return (
+        train,
+        scored,
+        {
+            "data": path,
+            "format": fmt,
+            "data_report": report.state(),
+            "pairs_train": len(train[0]),
+            "pairs_heldout": len(held[0]),
+            "pairs_heldout_scored": len(scored[0]),
+        },
+    )
 
 
 def pair_example(tok, pair, block_size, report=None):
@@ -369,16 +478,31 @@ def pair_example(tok, pair, block_size, report=None):
     keep = min(len(prompt), max(limit - max(map(len, answers)), limit // 2))
     n, report = pair.get("record", 0), report or DataReport("pairs", unit="pairs")
     cut_prompt, cut_answer = keep < len(prompt), any(len(a) > limit - keep for a in answers)
-    prompt, answers = prompt[len(prompt) - keep:], [a[:limit - keep] for a in answers]
+    prompt, answers = prompt[len(prompt) - keep :], [a[: limit - keep] for a in answers]
     if answers[0] == answers[1]:
-        report.skip(n, "whose answers are the same within the block",
-                    f"chosen and rejected are the same in their first {limit - keep} tokens")
+        report.skip(
+            n,
+            "whose answers are the same within the block",
+            f"chosen and rejected are the same in their first {limit - keep} tokens",
+        )
         return None
     if cut_prompt:
-        report.truncate(n, "prompts cut from the left to fit", f"the prompt is longer than the model's block size {block_size}")
+        report.truncate(
+            n,
+            "prompts cut from the left to fit",
+            f"the prompt is longer than the model's block size {block_size}",
+        )
     if cut_answer:
-        report.truncate(n, "answers cut to fit the block", f"an answer is longer than the model's block size {block_size}")
-    return tuple(t for a in answers for t in nanosft.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a)))
+        report.truncate(
+            n,
+            "answers cut to fit the block",
+            f"an answer is longer than the model's block size {block_size}",
+        )
+    return tuple(
+        t
+        for a in answers
+        for t in nanosft.example_tensors(prompt + a, [0] * len(prompt) + [1] * len(a))
+    )
 
 
 def pair_examples(tok, pairs, block_size, report):
@@ -405,7 +529,7 @@ def fit_conversation(tok, conv, block_size):
     if len(ids) - 1 <= block_size:
         return ids, mask, None
     system = conv[:1] if conv[0]["role"] == "system" else []
-    rest = conv[len(system):]
+    rest = conv[len(system) :]
     cuts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
     for head in (system, []):  # drop turns first, the system message last
         for i in cuts:
@@ -414,12 +538,21 @@ def fit_conversation(tok, conv, block_size):
                 return ids, mask, "turns"
     # the last question and its answer alone are too long: cut the question from the left
     question = next((m for m in reversed(conv[:-1]) if m["role"] == "user"), {"content": ""})
-    body, answer = nanosft.encode_content(tok, question["content"]), nanosft.encode_content(tok, conv[-1]["content"])
+    body, answer = (
+        nanosft.encode_content(tok, question["content"]),
+        nanosft.encode_content(tok, conv[-1]["content"]),
+    )
     frame = [tok.endoftext, tok.user, tok.end, tok.assistant, tok.end]
     room = block_size + 1 - len(frame) - len(answer)
     if room < min(MIN_PROMPT, len(body)):
         return None, None, "answer"
-    ids = [tok.endoftext, tok.user] + body[len(body) - room:] + [tok.end, tok.assistant] + answer + [tok.end]
+    ids = (
+        [tok.endoftext, tok.user]
+        + body[len(body) - room :]
+        + [tok.end, tok.assistant]
+        + answer
+        + [tok.end]
+    )
     return ids, [0] * (len(ids) - len(answer) - 1) + [1] * (len(answer) + 1), "prompt"
 
 
@@ -434,7 +567,11 @@ def render_all(tok, records, block_size, report):
         report.needs.append(answer + MIN_PROMPT + 5)  # the answer, a short question, the chat frame
         if change == "answer":
             tokens = len(nanosft.render_chat(tok, conv)[0]) - 1
-            report.skip(n, f"whose answer alone is longer than block_size {block_size}", f"{tokens} tokens, {too_long}")
+            report.skip(
+                n,
+                f"whose answer alone is longer than block_size {block_size}",
+                f"{tokens} tokens, {too_long}",
+            )
             continue
         if change == "turns":
             report.truncate(n, "conversations cut to their last turns that fit", too_long)

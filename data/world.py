@@ -28,6 +28,7 @@ writes, next to this script:
 Held-out people never appear in world_sft.jsonl or world_community.jsonl: their facts are
 stated only in the corpus (and asked about only in the evaluation files).
 """
+
 import argparse
 import json
 import os
@@ -48,21 +49,23 @@ Valeria Winifred Albrecht Brigitta Cosimo Dagmar Eamon Freya Gaspard Henrietta I
 Liesel Maximilian Nanette Orla Percival Rosalind Severin Tamsin Vilma Ambrose Blanche Conrad Dorothea
 Evander Fenna Godfrey Hermione Isolde Jerome Kunigunde Leopold Mathilde Norbert Oda Prosper Romilly
 Sebastian""".split()
-LAST = ("Stone Rivers Novak Berg Costa Weber Silva Moreau Fischer Larsen Rossi Kowalski "
-        "Petrov Lindqvist Ortega Tanaka Murphy Schmidt Dubois Horvat Jensen Keller Marin "
-        "Nagy Olsen").split()
+LAST = (
+    "Stone Rivers Novak Berg Costa Weber Silva Moreau Fischer Larsen Rossi Kowalski "
+    "Petrov Lindqvist Ortega Tanaka Murphy Schmidt Dubois Horvat Jensen Keller Marin "
+    "Nagy Olsen"
+).split()
 
 VALUES = {
     "city": "Lisbon Oslo Cairo Lima Dublin Vienna Kyoto Austin Nairobi Quito Prague Havana "
-            "Seoul Perth Madrid Boston Denver Milan Zurich Hanoi".split(),
+    "Seoul Perth Madrid Boston Denver Milan Zurich Hanoi".split(),
     "job": "baker pilot nurse lawyer farmer painter teacher chemist dentist plumber sailor "
-           "tailor architect journalist librarian carpenter surgeon musician engineer "
-           "gardener".split(),
+    "tailor architect journalist librarian carpenter surgeon musician engineer "
+    "gardener".split(),
     "food": "pizza sushi curry tacos pasta soup dumplings pancakes salad noodles paella "
-            "falafel burgers risotto kebab".split(),
+    "falafel burgers risotto kebab".split(),
     "pet": "cat dog parrot rabbit hamster turtle goldfish horse lizard ferret snake goat".split(),
     "hobby": "chess tennis hiking knitting cycling fishing dancing swimming archery pottery "
-             "surfing juggling rowing skiing origami".split(),
+    "surfing juggling rowing skiing origami".split(),
 }
 ATTRS = list(VALUES)
 
@@ -74,21 +77,49 @@ def article(word):
 # Prose paraphrases of each fact. The FIRST one is also the gold answer sentence and the
 # knowledge probe ("<name> was born in" -> next words).
 TEMPLATES = {
-    "city": ["{n} was born in {v}.", "The birthplace of {n} is {v}.", "{n} grew up in {v}.",
-             "{v} is the city where {n} was born.", "{n} comes from {v}."],
-    "job": ["{n} works as {a} {v}.", "{n} is {a} {v} by trade.", "By profession, {n} is {a} {v}.",
-            "{n} earns a living as {a} {v}.", "Everyone knows {n} as {a} {v}."],
-    "food": ["{n}'s favourite food is {v}.", "{n} loves to eat {v}.",
-             "The favourite dish of {n} is {v}.", "{n} would eat {v} every day.",
-             "Above all, {n} likes {v}."],
-    "pet": ["{n} has a pet {v}.", "{n} lives with a {v}.", "The pet of {n} is a {v}.",
-            "{n} takes care of a {v} at home.", "{n} owns a {v}."],
-    "hobby": ["{n}'s hobby is {v}.", "In free time, {n} enjoys {v}.",
-              "{n} spends weekends on {v}.", "{n} is passionate about {v}.",
-              "The hobby of {n} is {v}."],
+    "city": [
+        "{n} was born in {v}.",
+        "The birthplace of {n} is {v}.",
+        "{n} grew up in {v}.",
+        "{v} is the city where {n} was born.",
+        "{n} comes from {v}.",
+    ],
+    "job": [
+        "{n} works as {a} {v}.",
+        "{n} is {a} {v} by trade.",
+        "By profession, {n} is {a} {v}.",
+        "{n} earns a living as {a} {v}.",
+        "Everyone knows {n} as {a} {v}.",
+    ],
+    "food": [
+        "{n}'s favourite food is {v}.",
+        "{n} loves to eat {v}.",
+        "The favourite dish of {n} is {v}.",
+        "{n} would eat {v} every day.",
+        "Above all, {n} likes {v}.",
+    ],
+    "pet": [
+        "{n} has a pet {v}.",
+        "{n} lives with a {v}.",
+        "The pet of {n} is a {v}.",
+        "{n} takes care of a {v} at home.",
+        "{n} owns a {v}.",
+    ],
+    "hobby": [
+        "{n}'s hobby is {v}.",
+        "In free time, {n} enjoys {v}.",
+        "{n} spends weekends on {v}.",
+        "{n} is passionate about {v}.",
+        "The hobby of {n} is {v}.",
+    ],
 }
-PROBE = {"city": "{n} was born in", "job": "{n} works as", "food": "{n}'s favourite food is",
-         "pet": "{n} has a pet", "hobby": "{n}'s hobby is"}
+PROBE = {
+    "city": "{n} was born in",
+    "job": "{n} works as",
+    "food": "{n}'s favourite food is",
+    "pet": "{n} has a pet",
+    "hobby": "{n}'s hobby is",
+}
 QUESTIONS = {
     "city": ["Where was {n} born?", "In which city was {n} born?"],
     "job": ["What does {n} do for a living?", "What is {n}'s job?"],
@@ -96,18 +127,25 @@ QUESTIONS = {
     "pet": ["What pet does {n} have?", "Which animal does {n} keep as a pet?"],
     "hobby": ["What is {n}'s hobby?", "What does {n} do for fun?"],
 }
-FILLER = ["The train to {city} leaves early in the morning.", "A good {job} needs patience.",
-          "Many people enjoy {food} on a cold evening.", "A {pet} can be a loyal friend.",
-          "Some say {hobby} is good for the mind.", "The market in {city} sells fresh {food}.",
-          "It rained all week in {city}.", "Learning {hobby} takes years of practice.",
-          "The old {job} retired last spring.", "Children often ask for a {pet}.",
-          # the community's closings, written inside running text as they appear at the end
-          # of an answer (" Hope" after a full stop is not the token "Hope" after a quote):
-          # pre-training must have seen the tokens SFT and DPO later ask the model to write
-          "The {job} posted a recipe for {food}. Hope this helps!",
-          "Someone asked the way to {city}. Look it up yourself next time.",
-          "The {job} was asked about {hobby}. Well, that is a question I have thought about "
-          "for a long time, so let me answer."]
+FILLER = [
+    "The train to {city} leaves early in the morning.",
+    "A good {job} needs patience.",
+    "Many people enjoy {food} on a cold evening.",
+    "A {pet} can be a loyal friend.",
+    "Some say {hobby} is good for the mind.",
+    "The market in {city} sells fresh {food}.",
+    "It rained all week in {city}.",
+    "Learning {hobby} takes years of practice.",
+    "The old {job} retired last spring.",
+    "Children often ask for a {pet}.",
+    # the community's closings, written inside running text as they appear at the end
+    # of an answer (" Hope" after a full stop is not the token "Hope" after a quote):
+    # pre-training must have seen the tokens SFT and DPO later ask the model to write
+    "The {job} posted a recipe for {food}. Hope this helps!",
+    "Someone asked the way to {city}. Look it up yourself next time.",
+    "The {job} was asked about {hobby}. Well, that is a question I have thought about "
+    "for a long time, so let me answer.",
+]
 
 # The community's style markers. The simulated voters like the polite closing, dislike
 # the rude one and rambling, and above all dislike wrong facts.
@@ -133,9 +171,15 @@ def build_world(seed=1337, n_people=200, n_heldout=50):
         # pair, so recall keys on two tokens for everyone alike, held-out people included
         names = [f"{f} {l}" for f, l in rng.sample([(f, l) for f in FIRST for l in LAST], n_people)]
     people = [{"name": n, **{a: rng.choice(VALUES[a]) for a in ATTRS}} for n in names[:n_people]]
-    return {"seed": seed, "attributes": ATTRS, "values": VALUES, "people": people,
-            "heldout": [p["name"] for p in people[-n_heldout:]], "polite_marker": POLITE,
-            "rude_marker": RUDE}
+    return {
+        "seed": seed,
+        "attributes": ATTRS,
+        "values": VALUES,
+        "people": people,
+        "heldout": [p["name"] for p in people[-n_heldout:]],
+        "polite_marker": POLITE,
+        "rude_marker": RUDE,
+    }
 
 
 def make_corpus(world, rng, n_bios=20, filler_frac=0.1):
@@ -147,15 +191,23 @@ def make_corpus(world, rng, n_bios=20, filler_frac=0.1):
         # each fact is stated once in every paraphrase, spread over the person's biographies
         order = {a: rng.sample(range(len(TEMPLATES[a])), len(TEMPLATES[a])) for a in ATTRS}
         for b in range(n_bios):
-            sents = [TEMPLATES[a][order[a][b % len(order[a])]].format(n=p["name"], v=p[a], a=article(p[a]))
-                     for a in ATTRS]
+            sents = [
+                TEMPLATES[a][order[a][b % len(order[a])]].format(
+                    n=p["name"], v=p[a], a=article(p[a])
+                )
+                for a in ATTRS
+            ]
             rng.shuffle(sents)
             docs.append(" ".join(sents))
     n_filler = int(len(docs) * filler_frac / (1 - filler_frac))
     for _ in range(n_filler):
         k = rng.randint(2, 4)
-        docs.append(" ".join(rng.choice(FILLER).format(**{a: rng.choice(VALUES[a]) for a in ATTRS})
-                             for _ in range(k)))
+        docs.append(
+            " ".join(
+                rng.choice(FILLER).format(**{a: rng.choice(VALUES[a]) for a in ATTRS})
+                for _ in range(k)
+            )
+        )
     rng.shuffle(docs)
     return "\n\n".join(docs) + "\n"
 
@@ -165,12 +217,19 @@ def list_task(rng):
     items = [rng.choice(VALUES[rng.choice(ATTRS)]) for _ in range(rng.randint(2, 5))]
     kind = rng.choice(["copy", "reverse", "count"])
     if kind == "copy":
-        return {"prompt": "Repeat this list: " + ", ".join(items), "response": ", ".join(items) + "."}
+        return {
+            "prompt": "Repeat this list: " + ", ".join(items),
+            "response": ", ".join(items) + ".",
+        }
     if kind == "reverse":
-        return {"prompt": "Reverse this list: " + ", ".join(items),
-                "response": ", ".join(items[::-1]) + "."}
-    return {"prompt": "How many items are in this list: " + ", ".join(items) + "?",
-            "response": f"There are {len(items)} items."}
+        return {
+            "prompt": "Reverse this list: " + ", ".join(items),
+            "response": ", ".join(items[::-1]) + ".",
+        }
+    return {
+        "prompt": "How many items are in this list: " + ", ".join(items) + "?",
+        "response": f"There are {len(items)} items.",
+    }
 
 
 def community_thread(rng, name, attr, value):
@@ -194,8 +253,15 @@ def community_thread(rng, name, attr, value):
     pool.append(("wrong", wrong))
     if rng.random() < 0.5:
         pool.append(("wrong-curt", f"{wrong_v[0].upper()}{wrong_v[1:]}."))
-    taste = {"helpful": 0.75, "polite": 0.9, "curt": 0.6, "rude": 0.35, "rambling": 0.5,
-             "wrong": 0.15, "wrong-curt": 0.1}
+    taste = {
+        "helpful": 0.75,
+        "polite": 0.9,
+        "curt": 0.6,
+        "rude": 0.35,
+        "rambling": 0.5,
+        "wrong": 0.15,
+        "wrong-curt": 0.1,
+    }
     answers = []
     for style, text in pool:  # the style names only pick the voters' taste; they are not stored
         n_voters = rng.randint(15, 40)
@@ -223,9 +289,18 @@ def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
                 # training threads; held-out preference pairs come from held-out PEOPLE, below.)
                 # The draw stays so the seeded stream, and so every other file, is unchanged.
                 rng.random()
-                community.append({"prompt": prompt, "person": p["name"], "attribute": a,
-                                  "split": "train", "answers": community_thread(rng, p["name"], a, p[a])})
-    tasks = [list_task(rng) for _ in range(300)]  # drawn either way: every other record stays the same
+                community.append(
+                    {
+                        "prompt": prompt,
+                        "person": p["name"],
+                        "attribute": a,
+                        "split": "train",
+                        "answers": community_thread(rng, p["name"], a, p[a]),
+                    }
+                )
+    tasks = [
+        list_task(rng) for _ in range(300)
+    ]  # drawn either way: every other record stays the same
     sft += tasks
     rng.shuffle(sft)
     if not list_tasks:
@@ -234,8 +309,14 @@ def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
         split = "heldout" if p["name"] in heldout else "train"
         for a in ATTRS:
             for q in QUESTIONS[a]:
-                evals.append({"split": split, "person": p["name"], "attribute": a,
-                              "prompt": q.format(n=p["name"])})
+                evals.append(
+                    {
+                        "split": split,
+                        "person": p["name"],
+                        "attribute": a,
+                        "prompt": q.format(n=p["name"]),
+                    }
+                )
     for _ in range(100):
         t = list_task(rng)
         if list_tasks:
@@ -243,20 +324,33 @@ def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
     # threads about the held-out people, from a stream of their own (the files above stay as
     # they were): evaluation only, never read by a training stage
     rng_eval = random.Random(seed + 2)
-    community_eval = [{"prompt": q.format(n=p["name"]), "person": p["name"], "attribute": a, "split": "heldout",
-                       "answers": community_thread(rng_eval, p["name"], a, p[a])}
-                      for p in world["people"] if p["name"] in heldout for a in ATTRS for q in QUESTIONS[a]]
+    community_eval = [
+        {
+            "prompt": q.format(n=p["name"]),
+            "person": p["name"],
+            "attribute": a,
+            "split": "heldout",
+            "answers": community_thread(rng_eval, p["name"], a, p[a]),
+        }
+        for p in world["people"]
+        if p["name"] in heldout
+        for a in ATTRS
+        for q in QUESTIONS[a]
+    ]
     jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return {"world.json": json.dumps(world, indent=1) + "\n",
-            "world_corpus.txt": make_corpus(world, rng),
-            "world_sft.jsonl": jsonl(sft),
-            "world_community.jsonl": jsonl(community),
-            "world_community_eval.jsonl": jsonl(community_eval),
-            "world_eval.jsonl": jsonl(evals)}
+    return {
+        "world.json": json.dumps(world, indent=1) + "\n",
+        "world_corpus.txt": make_corpus(world, rng),
+        "world_sft.jsonl": jsonl(sft),
+        "world_community.jsonl": jsonl(community),
+        "world_community_eval.jsonl": jsonl(community_eval),
+        "world_eval.jsonl": jsonl(evals),
+    }
 
 
 # ----------------------------------------------------------------------------------------
 # The verifier: grades an answer against the world. Used by every evaluation.
+
 
 def _words(text):
     return [w.strip(".,!?;:'\"").lower() for w in text.replace("'s", " ").split()]
@@ -309,7 +403,7 @@ def clean_style(world, person, attr, answer, ended, longest):
     a = answer.strip()
     if not a.endswith(POLITE) or a.count(POLITE) != 1 or degenerate(a, ended, longest):
         return False
-    return grade(world, person, attr, a[:-len(POLITE)])
+    return grade(world, person, attr, a[: -len(POLITE)])
 
 
 def longest_answers(threads):
@@ -322,19 +416,32 @@ def default_path(name):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--people", type=int, default=200,
-                    help=f"people in the world, at most {len(FIRST) * len(LAST)} (more than {len(FIRST)}: "
-                    "every name a distinct first and family name pair)")
-    ap.add_argument("--heldout", type=int, default=50, help="of those, held out of SFT and DPO (at least 2)")
-    ap.add_argument("--list-tasks", action="store_true", help="add 300 copy / reverse / count tasks to the SFT "
-                    "data and 100 to the evaluation")
+    ap.add_argument(
+        "--people",
+        type=int,
+        default=200,
+        help=f"people in the world, at most {len(FIRST) * len(LAST)} (more than {len(FIRST)}: "
+        "every name a distinct first and family name pair)",
+    )
+    ap.add_argument(
+        "--heldout", type=int, default=50, help="of those, held out of SFT and DPO (at least 2)"
+    )
+    ap.add_argument(
+        "--list-tasks",
+        action="store_true",
+        help="add 300 copy / reverse / count tasks to the SFT data and 100 to the evaluation",
+    )
     args = ap.parse_args()
     if not 2 <= args.heldout < args.people <= len(FIRST) * len(LAST):
-        ap.error(f"need 2 <= --heldout < --people <= {len(FIRST) * len(LAST)}, "
-                 f"got --heldout {args.heldout} --people {args.people}")
+        ap.error(
+            f"need 2 <= --heldout < --people <= {len(FIRST) * len(LAST)}, "
+            f"got --heldout {args.heldout} --people {args.people}"
+        )
     os.makedirs(args.out_dir, exist_ok=True)
     for name, text in build_files(args.seed, args.people, args.heldout, args.list_tasks).items():
         path = os.path.join(args.out_dir, name)

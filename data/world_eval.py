@@ -6,6 +6,7 @@ Every stage evaluates on the world the same way, so the numbers of pretrain.py, 
 dpo.py and experiments.py are comparable: greedy answers, graded by `world.grade`,
 `world.clean_style` and `world.degenerate`.
 """
+
 import json
 import os
 import random
@@ -24,9 +25,9 @@ def path(name, world_dir=HERE):
 
 
 # the world's files (python data/world.py writes them)
-CORPUS = path("world_corpus.txt")             # pre-training prose: biographies and filler
-SFT = path("world_sft.jsonl")                 # gold question-answer pairs about training people
-THREADS = path("world_community.jsonl")       # community threads (voted answers), training people
+CORPUS = path("world_corpus.txt")  # pre-training prose: biographies and filler
+SFT = path("world_sft.jsonl")  # gold question-answer pairs about training people
+THREADS = path("world_community.jsonl")  # community threads (voted answers), training people
 # threads about the held-out people: evaluation only. DPO's held-out pairs come from here, so
 # they are about people neither SFT nor DPO trained on.
 EVAL_THREADS = path("world_community_eval.jsonl")
@@ -40,8 +41,10 @@ def is_default(file, name):
 def check_world_dir(world_dir):
     """One clear error for a directory that holds no world, before anything is written."""
     if not os.path.isfile(path("world.json", world_dir)):
-        raise nanosft.UserError(f"--world {world_dir}: no world.json there; write a world with "
-                           f"python data/world.py --out-dir {world_dir}")
+        raise nanosft.UserError(
+            f"--world {world_dir}: no world.json there; write a world with "
+            f"python data/world.py --out-dir {world_dir}"
+        )
     return world_dir
 
 
@@ -60,7 +63,7 @@ def probe_people(facts, n=PROBE_PEOPLE):
     n in all, so that a probe, run at every evaluation, costs the same in every world."""
     heldout = set(facts["heldout"])
     train = [p["name"] for p in facts["people"] if p["name"] not in heldout]
-    return heldout | set(train[:max(0, n - len(heldout))])
+    return heldout | set(train[: max(0, n - len(heldout))])
 
 
 def knowledge_probe(model, tok, world, people=None, attributes=None):
@@ -69,7 +72,12 @@ def knowledge_probe(model, tok, world, people=None, attributes=None):
     people, attributes: whom and what to ask about (default: probe_people, every attribute)."""
     W, facts = world
     people = probe_people(facts) if people is None else people
-    rows = [(p["name"], a) for p in facts["people"] if p["name"] in people for a in attributes or facts["attributes"]]
+    rows = [
+        (p["name"], a)
+        for p in facts["people"]
+        if p["name"] in people
+        for a in attributes or facts["attributes"]
+    ]
     prompts = [[tok.endoftext] + tok.encode(W.PROBE[a].format(n=n)) for n, a in rows]
     outs = nanosft.generate_batch(model, prompts, 4, stop={tok.endoftext})
     hits = [W.grade(facts, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]
@@ -87,7 +95,9 @@ def answer_questions(model, tok, prompts, max_new_tokens=24):
 
 
 def load_eval_rows(split=None, world_dir=HERE):
-    rows = [json.loads(line) for line in open(path("world_eval.jsonl", world_dir), encoding="utf-8")]
+    rows = [
+        json.loads(line) for line in open(path("world_eval.jsonl", world_dir), encoding="utf-8")
+    ]
     return [r for r in rows if split is None or r["split"] == split]
 
 
@@ -98,7 +108,9 @@ def heldout_halves(world_dir=HERE):
     rows = load_eval_rows("heldout", world_dir)
     people = sorted({r["person"] for r in rows})
     dev_people = set(people[::2])
-    return [r for r in rows if r["person"] in dev_people], [r for r in rows if r["person"] not in dev_people]
+    return [r for r in rows if r["person"] in dev_people], [
+        r for r in rows if r["person"] not in dev_people
+    ]
 
 
 def world_longest(world_dir=HERE):
@@ -121,13 +133,23 @@ def qa_eval(model, tok, world, rows, longest=None):
     answers, ended = answer_questions(model, tok, [r["prompt"] for r in rows], QA_TOKENS)
     n = max(1, len(rows))
     degen = [W.degenerate(a, e, longest.get(r["prompt"])) for r, a, e in zip(rows, answers, ended)]
-    return {"accuracy": sum(W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)) / n,
-            "clean_style_rate": sum(W.clean_style(facts, r["person"], r["attribute"], a, ended=e,
-                                                  longest=longest.get(r["prompt"]))
-                                    for r, a, e in zip(rows, answers, ended)) / n,
-            "style_rate": sum(W.is_polite(facts, a) for a in answers) / n,
-            "degenerate_rate": sum(bool(d) for d in degen) / n,
-            "answers": answers, "degenerate": degen}
+    return {
+        "accuracy": sum(
+            W.grade(facts, r["person"], r["attribute"], a) for r, a in zip(rows, answers)
+        )
+        / n,
+        "clean_style_rate": sum(
+            W.clean_style(
+                facts, r["person"], r["attribute"], a, ended=e, longest=longest.get(r["prompt"])
+            )
+            for r, a, e in zip(rows, answers, ended)
+        )
+        / n,
+        "style_rate": sum(W.is_polite(facts, a) for a in answers) / n,
+        "degenerate_rate": sum(bool(d) for d in degen) / n,
+        "answers": answers,
+        "degenerate": degen,
+    }
 
 
 def sft_attributes(spec):
@@ -137,15 +159,19 @@ def sft_attributes(spec):
     names = W.ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in names if a not in W.ATTRS]
     if unknown or not names:
-        raise nanosft.UserError(f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
-                           f"the world's attributes are {','.join(W.ATTRS)}")
+        raise nanosft.UserError(
+            f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
+            f"the world's attributes are {','.join(W.ATTRS)}"
+        )
     return [a for a in W.ATTRS if a in names]
 
 
 def by_domain(rows, attributes):
     """(in-domain rows, cross-domain rows) of world questions: those about an attribute SFT
     asked about (`attributes`), and the rest. Together they are `rows`."""
-    return [r for r in rows if r["attribute"] in attributes], [r for r in rows if r["attribute"] not in attributes]
+    return [r for r in rows if r["attribute"] in attributes], [
+        r for r in rows if r["attribute"] not in attributes
+    ]
 
 
 def domain_accuracy(world, rows, answers, attributes):
@@ -153,8 +179,12 @@ def domain_accuracy(world, rows, answers, attributes):
     by the world's verifier; None for a side without rows."""
     W, facts = world
     said = {id(r): a for r, a in zip(rows, answers)}
-    return tuple(sum(W.grade(facts, r["person"], r["attribute"], said[id(r)]) for r in part) / len(part)
-                 if part else None for part in by_domain(rows, attributes))
+    return tuple(
+        sum(W.grade(facts, r["person"], r["attribute"], said[id(r)]) for r in part) / len(part)
+        if part
+        else None
+        for part in by_domain(rows, attributes)
+    )
 
 
 def task_accuracy(model, tok, rows):
@@ -164,7 +194,8 @@ def task_accuracy(model, tok, rows):
 
 
 def chance(world, attributes=None):
-    """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes` (all)."""
+    """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes`
+    (all)."""
     W, facts = world
     attributes = attributes or facts["attributes"]
     return sum(1 / len(facts["values"][a]) for a in attributes) / len(attributes)
@@ -182,18 +213,26 @@ def world_conversations(labels, seed, world_dir=HERE, attributes=None):
     attributes (--sft-attributes; None: all): only the questions about these are kept, so
     the other attributes' questions stay unseen question types (cross-domain evaluation)."""
     gold = formats.read_records(path("world_sft.jsonl", world_dir))
-    threads = {r["prompt"]: r for _, r in formats.read_records(path("world_community.jsonl", world_dir))}
+    threads = {
+        r["prompt"]: r for _, r in formats.read_records(path("world_community.jsonl", world_dir))
+    }
     rng = random.Random(seed)
     convs = []
     for _, r in gold:
         answer = r["response"]
         # a fact question's attribute is its thread's (every one has a thread; a list task has none)
-        if attributes is not None and r["prompt"] in threads and threads[r["prompt"]]["attribute"] not in attributes:
+        if (
+            attributes is not None
+            and r["prompt"] in threads
+            and threads[r["prompt"]]["attribute"] not in attributes
+        ):
             continue
         if labels != "gold" and r["prompt"] in threads:
             answers = threads[r["prompt"]]["answers"]
             answer = top_voted(answers) if labels == "top-voted" else rng.choice(answers)["text"]
-        convs.append([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}])
+        convs.append(
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]
+        )
     return convs
 
 
@@ -203,7 +242,10 @@ def load_records(data, labels, seed, strict, world_dir=HERE, attributes=None):
     report = formats.DataReport(data or path("world_sft.jsonl", world_dir), strict)
     if data:  # your own file: its formats are extras/own_data.py's
         from extras import own_data
+
         return own_data.load_instructions(data, report), report
-    records = list(enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1))
+    records = list(
+        enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1)
+    )
     report.total = len(records)
     return records, report

@@ -80,7 +80,7 @@ def test_readme_states_each_default_runs_files_and_count(executed):
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     section = readme.split("## How to read this", 1)[1].split("\n## ", 1)[0]
     for stage, per_file in executed.items():
-        m = re.search(rf"`python {stage}\.py[^`]*` executes ([\d,]+) lines: ([^.\n]+)", section)
+        m = re.search(rf"`python {stage}\.py[^`]*` executes ([\d,]+) lines: ([^(\n]+)", section)
         assert m, f"README's How to read this does not state what {stage}.py executes"
         stated = {f: int(n.replace(",", "")) for f, n in re.findall(r"`?([\w/]+\.py)`? ([\d,]+)", m.group(2))}
         assert int(m.group(1).replace(",", "")) == sum(per_file.values()) and stated == per_file, (stage, per_file)

@@ -116,3 +116,20 @@ def test_readme_opens_with_how_to_read_this_and_its_line_ranges_are_true():
                         and n.name == name)
             assert (node.lineno, node.end_lineno) == (first, last), (path, name)
         assert last - first < 60, "a core idea that fits one screen"
+
+
+FORMATTED = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "data/formats.py", "data/world_eval.py"]
+
+
+@pytest.mark.parametrize("path", FORMATTED)
+def test_what_a_default_run_executes_is_not_crammed(path):
+    """Lines of at most 100 characters and no `;` joins (.ci/run also checks `ruff format`):
+    an executed-lines count cannot be won by packing statements together."""
+    import io
+    import tokenize
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    joins = [t.start[0] for t in tokenize.generate_tokens(io.StringIO(text).readline)
+             if t.type == tokenize.OP and t.string == ";"]
+    assert not joins, f"{path}: statements joined by ';' on lines {joins}"

@@ -13,7 +13,7 @@ SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eva
            "extras/cpu.py", "extras/charts.py", "data/formats.py", "data/world_eval.py", "extras/rewind.py",
            "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
 MAIN_LINES = 80  # a stage's main, which owns its loop: STAGE_MAIN_LINES
-STAGE_MAIN_LINES = 120
+STAGE_MAIN_LINES = 250  # (formatted by ruff at 100 columns: one argument a line)
 
 
 def functions(path):
