@@ -412,8 +412,8 @@ def evaluate(model, ref, tok, held, prompts, beta, process, seed):
 def behaviour(model, tok, world, questions):
     """Greedy answers to `questions`: on the world (its rows) graded by its verifier
     (world_eval.qa_eval): task accuracy, the voted style strictly and loosely, the degenerate
-    rate; on other data (chat prompts) ungraded. Also their mean length in tokens and the first
-    five (question, answer), as samples."""
+    rate; on other data (chat prompts) ungraded. Also their mean length in tokens and five
+    (question, answer) samples."""
     if world:
         r = world_eval.qa_eval(model, tok, world, questions, longest=world_eval.world_longest())
         texts, said = [q["prompt"] for q in questions], r.pop("answers")
@@ -426,10 +426,13 @@ def behaviour(model, tok, world, questions):
             for o in nanosft.generate_batch(model, ids, 64, stop={tok.end, tok.endoftext})
         ]
         r = dict.fromkeys(("accuracy", "clean_style_rate", "style_rate", "degenerate_rate"))
+    shown = {}  # on the world the first question about each attribute, else the first five
+    for i, q in enumerate(questions):
+        shown.setdefault(q["attribute"] if world else i, i)
     return {
         **r,
         "response_tokens": sum(len(tok.encode(a)) for a in said) / max(1, len(said)),
-        "samples": [list(s) for s in zip(texts, said)][:5],
+        "samples": [[texts[i], said[i]] for i in list(shown.values())[:5]],
     }
 
 

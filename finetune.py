@@ -351,6 +351,10 @@ def parse_args(argv=None):
     world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
+    if args.data and args.rewind != "none":
+        raise nanosft.UserError(
+            "--rewind chooses by the world's held-out questions: it does not apply to --data"
+        )
     if args.alphas and args.rewind == "none":
         raise nanosft.UserError(
             "--alphas evaluates the line for rewinding: add --rewind path or --rewind interpolate"

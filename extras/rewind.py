@@ -21,7 +21,7 @@ from extras import charts, peft
 def sft_rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None):
     """The rule: among candidate points (the path's checkpoints, or weights on the line) keep
     those that have learned the task: held-out DEV accuracy within `tolerance` of the best
-    point's and, with loss_tolerance, dev answer loss (data/world_eval.py dev_answer_batches)
+    point's and, with loss_tolerance, dev answer loss (finetune.py dev_answer_batches)
     within loss_tolerance nats per token of the lowest. Of these take the one with the
     LOWEST retention loss: the good-enough point where SFT has paid the least of the
     pre-trained model's knowledge. Only the dev half chooses; the test half is reported.
