@@ -122,7 +122,7 @@ def test_every_parameter_group_steps_at_the_scheduled_rate_and_with_the_clipped_
       ran at the scheduled rate: step 0 at half the peak (warmup), step 4 in the cosine decay;
     - the first step's gradient was clipped to --grad-clip's norm: AdamW's first moment after one
       step is (1 - beta1) x the gradient it was given, and these runs start with a norm well over
-      0.05 (0.3 to 20)."""
+      0.05 (unclipped: pretrain 0.86, SFT 1.13, prompt tuning 0.67, DPO 634)."""
     saved = resume_files(monkeypatch)
     main, argv = stage_argv(stage, files, str(tmp_path), "--lr", str(PEAK), "--warmup", "2", "--max-iters", "5",
                             "--eval-interval", "1", "--grad-clip", "0.05")
