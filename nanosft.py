@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 
