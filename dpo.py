@@ -30,7 +30,7 @@ import time
 import nanosft
 import torch
 from torch.nn import functional
-from data import formats, world_eval
+from data import formats, world_eval, world_qa
 
 # Every default of this stage in one place. The loss is IPO plus rpo_alpha 0.1 x the chosen
 # answer's per-token NLL, not the DPO paper's Eq. 7 (--loss sigmoid --rpo-alpha 0): on the
@@ -188,9 +188,7 @@ def parse_args(argv=None):
     lesson.add_argument(
         "--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference"
     )
-    lesson.add_argument(
-        "--data", default=world_eval.THREADS, help="preference file (formats above)"
-    )
+    lesson.add_argument("--data", default=world_qa.THREADS, help="preference file (formats above)")
     lesson.add_argument("--beta", type=float, help="strength of the KL anchor to the reference")
     lesson.add_argument(
         "--loss",
@@ -244,7 +242,7 @@ def parse_args(argv=None):
             f"--label-smoothing (the sigmoid loss only) must be in [0, 0.5), got "
             f"{args.label_smoothing} with --loss {args.loss}"
         )
-    if args.rewind and not world_eval.is_default(args.data, world_eval.THREADS):
+    if args.rewind and not world_eval.is_default(args.data, world_qa.THREADS):
         raise nanosft.UserError(
             "--rewind reads the world's dev half: it needs the world's votes, not --data"
         )
@@ -320,12 +318,12 @@ def load_data(path, tok, block_size, min_margin, top_only, seed, strict, log):
     world's votes (world: its verifier, world_eval.load_world), held out the threads about the
     held-out people (HELDOUT_RULE); or your own file in any format extras/own_data.py reads
     (world None), held out a share of its records. Logs what was read."""
-    world = world_eval.load_world() if world_eval.is_default(path, world_eval.THREADS) else None
+    world = world_eval.load_world() if world_eval.is_default(path, world_qa.THREADS) else None
     if not world:
         from extras import own_data  # your own file's formats
     train, held, counts = formats.load_pairs(
         path,
-        heldout_path=world_eval.EVAL_THREADS if world else None,
+        heldout_path=world_qa.EVAL_THREADS if world else None,
         tok=tok,
         block_size=block_size,
         min_margin=min_margin,
@@ -411,11 +409,11 @@ def evaluate(model, ref, tok, held, prompts, beta, process, seed):
 
 def behaviour(model, tok, world, questions):
     """Greedy answers to `questions`: on the world (its rows) graded by its verifier
-    (world_eval.qa_eval): task accuracy, the voted style strictly and loosely, the degenerate
+    (world_qa.qa_eval): task accuracy, the voted style strictly and loosely, the degenerate
     rate; on other data (chat prompts) ungraded. Also their mean length in tokens and five
     (question, answer) samples."""
     if world:
-        r = world_eval.qa_eval(model, tok, world, questions, longest=world_eval.world_longest())
+        r = world_qa.qa_eval(model, tok, world, questions, longest=world_qa.world_longest())
         texts, said = [q["prompt"] for q in questions], r.pop("answers")
         del r["degenerate"]
     else:  # a prompt too long keeps its end and leaves 8 positions to answer in
@@ -598,7 +596,7 @@ def main(argv=None):
         {str(p["prompt"]): p["prompt"] for p in held_pairs or train_pairs[:64]}.values()
     )  # each once
     questions = (
-        world_eval.heldout_halves()[1] if world else prompts[:64]
+        world_qa.heldout_halves()[1] if world else prompts[:64]
     )  # the world: the TEST half, reported
     measure = lambda m: evaluate(
         m, ref, tok, held, prompts=prompts, beta=args.beta, process=process, seed=args.seed

@@ -23,7 +23,7 @@ import time
 
 import nanosft
 import torch
-from data import formats, world_eval
+from data import corpus, formats, world_eval, world_qa
 
 DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=75, warmup=20, log_interval=25)
 LR = {
@@ -198,9 +198,7 @@ def pretrain_stream(tok, file):
     """The pre-training text as one token stream, read and encoded once per run (None when
     the file is not at hand)."""
     return (
-        formats.encode_corpus(tok, formats.read_text(file))
-        if file and os.path.isfile(file)
-        else None
+        corpus.encode_corpus(tok, corpus.read_text(file)) if file and os.path.isfile(file) else None
     )
 
 
@@ -347,7 +345,7 @@ def parse_args(argv=None):
         raise nanosft.UserError(
             "--sft-attributes picks the world's questions: it does not apply to --data"
         )
-    args.sft_attributes = None if args.data else world_eval.sft_attributes(args.sft_attributes)
+    args.sft_attributes = None if args.data else world_qa.sft_attributes(args.sft_attributes)
     world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
@@ -390,7 +388,7 @@ def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
     convs = [
         [
             {"role": "user", "content": t["prompt"]},
-            {"role": "assistant", "content": world_eval.top_voted(t["answers"])},
+            {"role": "assistant", "content": world_qa.top_voted(t["answers"])},
         ]
         for _, t in threads
         if t["prompt"] in prompts
@@ -421,29 +419,25 @@ class SFTEvaluator:
     ):
         self.process, self.tok = process, tok
         self.world = world_eval.load_world(world_dir)
-        self.attributes = attributes or self.world[1]["attributes"]
-        self.longest = world_eval.world_longest(world_dir)
-        dev, self.test = world_eval.heldout_halves(world_dir)
-        self.dev = world_eval.by_domain(dev, self.attributes)[0]
+        self.attributes = attributes or self.world["attributes"]
+        self.longest = world_qa.world_longest(world_dir)
+        dev, self.test = world_qa.heldout_halves(world_dir)
+        self.dev = world_qa.by_domain(dev, self.attributes)[0]
         self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
-        self.train = world_eval.load_eval_rows("train", world_dir)[
-            :250
-        ]  # as many as a held-out half
-        self.tasks = world_eval.load_eval_rows("tasks", world_dir)
+        self.train = world_qa.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half
+        self.tasks = world_qa.load_eval_rows("tasks", world_dir)
         self.retention = None
         if (
             pretrain_stream is not None
         ):  # the same split pre-training used: retention = its validation loss
-            self.retention = formats.fixed_windows(
-                formats.split_corpus(pretrain_stream, block_size)[1], block_size
+            self.retention = corpus.fixed_windows(
+                corpus.split_corpus(pretrain_stream, block_size)[1], block_size
             )
 
     def __call__(self, model, full=False):
-        qa = lambda rows: world_eval.qa_eval(
-            model, self.tok, self.world, rows, longest=self.longest
-        )
+        qa = lambda rows: world_qa.qa_eval(model, self.tok, self.world, rows, longest=self.longest)
         test = qa(self.test)
-        inside, cross = world_eval.domain_accuracy(
+        inside, cross = world_qa.domain_accuracy(
             self.world, self.test, test["answers"], self.attributes
         )
         result = {
@@ -465,10 +459,10 @@ class SFTEvaluator:
         the report adds: the training people, the list tasks and the knowledge probe."""
         full = {
             **point,
-            "train": world_eval.qa_eval(
+            "train": world_qa.qa_eval(
                 model, self.tok, self.world, self.train, longest=self.longest
             )["accuracy"],
-            "tasks": world_eval.task_accuracy(model, self.tok, self.tasks) if self.tasks else None,
+            "tasks": world_qa.task_accuracy(model, self.tok, self.tasks) if self.tasks else None,
         }
         return {**full, "probe": self.probe(model) if point["probe"] is None else point["probe"]}
 
@@ -582,7 +576,7 @@ def main(argv=None):
         model.config.block_size,
         pretrain_text(start_checkpoint),
     )  # (for the next stage)
-    records, report = world_eval.load_records(
+    records, report = world_qa.load_records(
         args.data,
         labels=args.labels,
         seed=args.seed,
@@ -798,7 +792,7 @@ def main(argv=None):
                     final,
                     rewound=rewound,
                     choice=choice,
-                    chance=world_eval.chance(evaluator.world),
+                    chance=world_qa.chance(evaluator.world),
                     attributes=evaluator.attributes,
                 )
             )

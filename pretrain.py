@@ -6,20 +6,21 @@ Stage 1: next-token pre-training on plain text.
     python pretrain.py --world out/world_hard   # another world (python data/world.py --out-dir DIR)
     torchrun --nproc_per_node 2 pretrain.py     # several processes (DDP)
 
-Trains a BPE tokenizer on the text (unless resuming), holds out the last 10% of the tokens
-for validation, and on the world corpus measures the knowledge probe: how many facts
-("<name> was born in ...") the model can complete. Writes out/pretrain.pt (what a later
-stage needs), out/pretrain_last.pt at every evaluation (what --resume needs),
-out/pretrain.json and out/pretrain_loss.png.
+Trains a BPE tokenizer on the text (a world ships its own, world_tokenizer.json), holds out
+the last 10% of the tokens for validation, and on the world corpus measures the knowledge
+probe: how many facts ("<name> was born in ...") the model can complete. Writes
+out/pretrain.pt (what a later stage needs), out/pretrain_last.pt at every evaluation (what
+--resume needs), out/pretrain.json and out/pretrain_loss.png.
 """
 
 import dataclasses
+import json
 import os
 import time
 
 import nanosft
 import torch
-from data import formats, world_eval
+from data import corpus, world_eval
 
 # Every default of this stage in one place (the architecture's are GPTConfig's, in nanosft.py).
 DEFAULTS = dict(
@@ -94,21 +95,29 @@ def vocab_size_for(text):
     return int(min(16384, max(512, 256 * round(4 * len(text) ** 0.5 / 256))))
 
 
-def new_model(text, source, vocab_size, is_world, cfg, log):
-    """A BPE trained on the text, and a GPT of config `cfg` with that vocabulary."""
+def new_model(text, source, vocab_size, world_dir, cfg, log):
+    """A GPT of config `cfg` and its tokenizer: a world's own BPE (world_tokenizer.json, what
+    nanosft.train_tokenizer learns from its corpus, shipped beside it: tests/test_core.py checks
+    that they are equal), or one trained on the text."""
     if len(text) < 1000:
         raise nanosft.UserError(
             f"{source}: only {len(text)} characters; need at least 1,000 to train on"
         )
-    if vocab_size is None:
-        vocab_size = WORLD_VOCAB if is_world else vocab_size_for(text)
-        log(
-            f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; "
-            "set --vocab-size to choose)"
-        )
-    t0 = time.time()
-    tok = nanosft.train_tokenizer(text, vocab_size)
-    log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
+    shipped = world_dir and world_eval.path("world_tokenizer.json", world_dir)
+    if shipped and vocab_size is None and os.path.isfile(shipped):
+        with open(shipped, encoding="utf-8") as f:
+            tok = nanosft.Tokenizer(json.load(f)["merges"])
+        log(f"BPE of {tok.vocab_size} tokens: {shipped}")
+    else:
+        if vocab_size is None:
+            vocab_size = WORLD_VOCAB if world_dir else vocab_size_for(text)
+            log(
+                f"--vocab-size {vocab_size} (picked for {len(text):,} characters of text; "
+                "set --vocab-size to choose)"
+            )
+        t0 = time.time()
+        tok = nanosft.train_tokenizer(text, vocab_size)
+        log(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
     return nanosft.GPT(dataclasses.replace(cfg, vocab_size=tok.vocab_size)), tok
 
 
@@ -134,7 +143,7 @@ def main(argv=None):
         from extras import runtime  # --resume, --time-budget, torchrun's processes
 
     # ---- data and model (everything is validated before anything is written)
-    text = formats.read_text(args.data)
+    text = corpus.read_text(args.data)
     if args.resume:  # the tokenizer and config of the run being continued
         model, tok = nanosft.model_from_checkpoint(
             nanosft.load_checkpoint(nanosft.last_path(args.out_dir, "pretrain"))
@@ -148,13 +157,13 @@ def main(argv=None):
             text,
             source=args.data,
             vocab_size=args.vocab_size,
-            is_world=args.world is not None,
+            world_dir=args.world,
             cfg=arch,
             log=process.log,
         )
     cfg = model.config
-    data = formats.encode_corpus(tok, text)
-    train_data, val_data = formats.split_corpus(data, cfg.block_size)
+    data = corpus.encode_corpus(tok, text)
+    train_data, val_data = corpus.split_corpus(data, cfg.block_size)
     if len(train_data) <= cfg.block_size + 1:
         raise nanosft.UserError(
             f"{args.data}: {len(data)} tokens is too short for block size {cfg.block_size}"
@@ -177,7 +186,7 @@ def main(argv=None):
         ddp_model = runtime.wrap_ddp(ddp_model, process)
     world = world_eval.load_world(args.world) if args.world else None
     # ---- evaluate (validation loss, knowledge probe) and keep the resume file
-    val_batches = formats.fixed_windows(val_data, cfg.block_size)
+    val_batches = corpus.fixed_windows(val_data, cfg.block_size)
 
     def on_eval(it):
         if process.master:

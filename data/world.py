@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import re
 
 FIRST = """Ada Alan Bruno Carla Dario Elena Felix Greta Hugo Irene Jonas Kira Leon Maya Nora Omar
 Paula Quinn Rosa Simon Tara Ugo Vera Walter Xenia Yusuf Zora Anton Bianca Cyril Dora Emil Flora Gustav
@@ -75,7 +74,7 @@ def article(word):
 
 
 # Prose paraphrases of each fact. The FIRST one is also the gold answer sentence and the
-# knowledge probe ("<name> was born in" -> next words).
+# knowledge probe ("<name> was born in" -> next words: data/world_eval.py PROBE).
 TEMPLATES = {
     "city": [
         "{n} was born in {v}.",
@@ -112,13 +111,6 @@ TEMPLATES = {
         "{n} is passionate about {v}.",
         "The hobby of {n} is {v}.",
     ],
-}
-PROBE = {
-    "city": "{n} was born in",
-    "job": "{n} works as",
-    "food": "{n}'s favourite food is",
-    "pet": "{n} has a pet",
-    "hobby": "{n}'s hobby is",
 }
 QUESTIONS = {
     "city": ["Where was {n} born?", "In which city was {n} born?"],
@@ -346,73 +338,6 @@ def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
         "world_community_eval.jsonl": jsonl(community_eval),
         "world_eval.jsonl": jsonl(evals),
     }
-
-
-# ----------------------------------------------------------------------------------------
-# The verifier: grades an answer against the world. Used by every evaluation.
-
-
-def _words(text):
-    return [w.strip(".,!?;:'\"").lower() for w in text.replace("'s", " ").split()]
-
-
-def grade(world, person, attr, answer):
-    """True when the answer names the person's true value and no other value of that
-    attribute (so listing every city is not a correct answer)."""
-    truth = next(p[attr] for p in world["people"] if p["name"] == person)
-    said = {w for w in _words(answer)} & {v.lower() for v in VALUES[attr]}
-    return said == {truth.lower()}
-
-
-def is_polite(world, answer):
-    """The style the community votes for: the answer closes with the polite marker. (Loose:
-    "... Hope this helps! Hope this helps!" passes; `clean_style` is the strict check.)"""
-    return answer.strip().endswith(world["polite_marker"])
-
-
-CLOSINGS = (POLITE, RUDE, RAMBLE)
-
-
-def sentences(text):
-    """The sentences of an answer, normalised (lower case, inner spaces collapsed)."""
-    parts = [" ".join(s.split()).lower() for s in re.split(r"(?<=[.!?])\s+", text.strip())]
-    return [s for s in parts if s]
-
-
-def degenerate(answer, ended, longest):
-    """Why an answer is degenerate, or "" when it is not. Degenerate means: a sentence or a
-    closing said twice ("... burgers. Hope this helps! Hope this helps!"), no end-of-turn
-    token within the token limit (`ended` False: the model never stopped), or more than
-    twice as long, in characters, as the longest community answer to the question
-    (`longest`). A check that only looks at how an answer ends passes all three."""
-    sents = sentences(answer)
-    if len(sents) != len(set(sents)):
-        return "repeated sentence"
-    if any(answer.count(c) > 1 for c in CLOSINGS):
-        return "repeated closing"
-    if not ended:
-        return "no end token"
-    if longest and len(answer.strip()) > 2 * longest:
-        return "too long"
-    return ""
-
-
-def clean_style(world, person, attr, answer, ended, longest):
-    """The voted style, strictly: a correct answer, then the polite closing exactly once, at
-    the very end, and nothing degenerate."""
-    a = answer.strip()
-    if not a.endswith(POLITE) or a.count(POLITE) != 1 or degenerate(a, ended, longest):
-        return False
-    return grade(world, person, attr, a[: -len(POLITE)])
-
-
-def longest_answers(threads):
-    """{prompt: length in characters of the longest community answer} of thread records."""
-    return {t["prompt"]: max(len(a["text"]) for a in t["answers"]) for t in threads}
-
-
-def default_path(name):
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 
 
 def main():

@@ -15,17 +15,17 @@ import os
 
 import nanosft
 import torch
-from data import world_eval
+from data import world_eval, world_qa
 from extras import charts
 
 DEGENERATE_MAX = 0.01  # rewinding: the most degenerate dev answers a chosen checkpoint may give
 
 
 def dev_behaviour(model, tok):
-    """The dev half's greedy answers graded by the world's verifier (world_eval.qa_eval): task
+    """The dev half's greedy answers graded by the world's verifier (world_qa.qa_eval): task
     accuracy, the voted style strictly and loosely, the degenerate rate."""
-    r = world_eval.qa_eval(model, tok, world_eval.load_world(), world_eval.heldout_halves()[0],
-                           longest=world_eval.world_longest())
+    r = world_qa.qa_eval(model, tok, world_eval.load_world(), world_qa.heldout_halves()[0],
+                           longest=world_qa.world_longest())
     return {k: v for k, v in r.items() if k not in ("answers", "degenerate")}
 
 

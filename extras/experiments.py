@@ -360,7 +360,7 @@ def probe_by_attribute(ckpt, world_dir):
     from data import world_eval
     model, tok = nanosft.model_from_checkpoint(nanosft.load_checkpoint(ckpt), ckpt)
     world = world_eval.load_world(world_dir)
-    return {a: world_eval.knowledge_probe(model, tok, world, attributes=[a]) for a in world[1]["attributes"]}
+    return {a: world_eval.knowledge_probe(model, tok, world, attributes=[a]) for a in world["attributes"]}
 
 
 def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=None, jobs=1, reuse=False,
@@ -374,7 +374,7 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
     with open(os.path.join(world, "world.json")) as f:
         facts = json.load(f)
     from concurrent.futures import ThreadPoolExecutor
-    from data import world_eval
+    from data import world_eval, world_qa
     t0, res, sizes = time.time(), {}, sizes or SCALE
 
     def pretrain(name, seed):  # one size and seed -> its pretrain.json, with the probe per attribute and the bits
@@ -400,7 +400,7 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
             for init in ("pre", "scratch"):
                 res[name][init].append(done[init])
     plot_scale(os.path.join(os.path.dirname(root), "scale.png"), res)
-    chance = world_eval.chance(world_eval.load_world(world), SCALE_ATTRIBUTES)
+    chance = world_qa.chance(world_eval.load_world(world), SCALE_ATTRIBUTES)
     claims = scale_claims(res, chance)
     with open(os.path.join(root, "scale.json"), "w") as f:
         json.dump({"results": res, "claims": claims, "seeds": list(seeds), "people": people, "machine": machine(),

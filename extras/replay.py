@@ -6,7 +6,7 @@ step's micro-batches; their tokens join the step's count, so the loss stays one 
 import torch
 
 import nanosft
-from data import formats
+from data import corpus
 
 
 def train_split(pretrain_stream, file, block_size):
@@ -14,7 +14,7 @@ def train_split(pretrain_stream, file, block_size):
     pretrain_stream: the text's tokens, None when the file is missing."""
     if pretrain_stream is None:
         raise nanosft.UserError(f"--replay needs the pre-training text ({file}), which is missing")
-    return formats.split_corpus(pretrain_stream, block_size)[0]
+    return corpus.split_corpus(pretrain_stream, block_size)[0]
 
 
 def sampler(pretrain_stream, file, block_size, ratio, seed, process):

@@ -19,7 +19,7 @@ from extras import runtime
 from data import formats
 from extras import own_data
 from data import world as W
-from data import world_eval
+from data import world_eval, world_qa
 from conftest import tiny_gpt
 from test_dpo import PAIRS, answer_logprob
 
@@ -36,7 +36,7 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def facts():
-    return world_eval.load_world()[1]
+    return world_eval.load_world()
 
 
 def names_re(names):
@@ -133,11 +133,11 @@ def test_a_file_without_a_split_field_is_divided_by_record(tmp_path):
 
 
 def fake_answers(knows):
-    """world_eval.answer_questions for a model that knows the facts of the people in `knows` and
+    """world_qa.answer_questions for a model that knows the facts of the people in `knows` and
     gives a wrong fact about everyone else: its accuracy on a half says which half it saw."""
-    facts = world_eval.load_world()[1]
+    facts = world_eval.load_world()
     people = {p["name"]: p for p in facts["people"]}
-    rows = {r["prompt"]: r for r in world_eval.load_eval_rows() if "person" in r}
+    rows = {r["prompt"]: r for r in world_qa.load_eval_rows() if "person" in r}
 
     def answer(r):
         p, a = people[r["person"]], r["attribute"]
@@ -152,9 +152,9 @@ def fake_answers(knows):
 def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
     """Catches sft_eval.SFTEvaluator feeding the test half's accuracy into "dev" (what
     rewinding reads), or swapping the halves: the model knows the dev half's people only."""
-    dev, test = world_eval.heldout_halves()
+    dev, test = world_qa.heldout_halves()
     dev_people = {r["person"] for r in dev}
-    monkeypatch.setattr(world_eval, "answer_questions", fake_answers(dev_people))
+    monkeypatch.setattr(world_qa, "answer_questions", fake_answers(dev_people))
     monkeypatch.setattr(world_eval, "knowledge_probe", lambda *a, **k: 0.5)
     ev = sft_eval.SFTEvaluator(RT, tok, None, 256)
     r = ev(tiny_gpt(tok, block_size=256))
@@ -169,8 +169,8 @@ def test_dpo_path_is_measured_on_the_dev_half_and_the_report_on_the_test_half(to
     """Catches dpo.py --rewind measuring its path on the test half, or dpo.py reporting the dev
     half as the result: the model knows the dev half's people only. Without --rewind there is
     no path: out/dpo.pt holds the final weights."""
-    dev, _ = world_eval.heldout_halves()
-    monkeypatch.setattr(world_eval, "answer_questions", fake_answers({r["person"] for r in dev}))
+    dev, _ = world_qa.heldout_halves()
+    monkeypatch.setattr(world_qa, "answer_questions", fake_answers({r["person"] for r in dev}))
     monkeypatch.setattr(dpo, "kl_estimate", lambda *a, **k: 0.0)
     flags = ["--ckpt", start_ckpt, "--max-iters", "2", "--eval-interval", "1", "--batch-size", "2", "--device", "cpu",
              "--dtype", "float32"]
@@ -182,7 +182,7 @@ def test_dpo_path_is_measured_on_the_dev_half_and_the_report_on_the_test_half(to
         assert [p["step"] for p in path] == ([0, 1, 2] if rewinding else [])
         assert [p["accuracy"] for p in path] == [1.0] * len(path)  # the dev half, which rewinding reads
         assert result["heldout_accuracy_before"] == result["heldout_accuracy_after"] == 0.0  # the test half, reported
-        assert {s["prompt"] for s in result["samples"]} <= {r["prompt"] for r in world_eval.heldout_halves()[1]}
+        assert {s["prompt"] for s in result["samples"]} <= {r["prompt"] for r in world_qa.heldout_halves()[1]}
         assert os.path.isdir(f"{out}/dpo_path") == rewinding
         assert nanosft.load_checkpoint(f"{out}/dpo.pt")["iter"] == result["rewound_step"] == (result["rewound_step"] if rewinding else 2)
 

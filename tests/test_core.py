@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from nanosft import cpu_has_native_bf16
 
 sys.path.insert(0, ROOT)
 from data import world as W  # noqa: E402
+from data import world_eval, world_qa  # noqa: E402
 
 
 def random_unicode(rng, n):
@@ -43,6 +45,30 @@ def test_bpe_learns_merges_and_compresses(tok):
     ids = tok.encode(SAMPLE_TEXT[:5000])
     assert len(ids) < len(SAMPLE_TEXT[:5000].encode()) / 2.5  # real compression
     assert tok.vocab_size == 600
+
+
+def test_the_verifier_uses_the_generators_constants():
+    """world_eval/world_qa grade with the attributes, probe prompts and closings that
+    data/world.py writes the world with (the generator imports nothing from them)."""
+    assert world_qa.ATTRS == W.ATTRS == world_eval.load_world()["attributes"]
+    assert world_eval.PROBE == {a: re.split(r" \{[av]\}", t[0])[0] for a, t in W.TEMPLATES.items()}
+    assert (world_qa.POLITE, world_qa.RUDE, world_qa.RAMBLE) == (W.POLITE, W.RUDE, W.RAMBLE)
+
+
+def test_the_world_ships_the_bpe_that_training_on_its_corpus_learns():
+    """A default pre-training loads data/world_tokenizer.json instead of training: it must be
+    exactly what nanosft.train_tokenizer learns from the corpus at the world's vocabulary."""
+    import pretrain
+
+    with open(os.path.join(ROOT, "data", "world_tokenizer.json"), encoding="utf-8") as f:
+        shipped = json.load(f)
+    corpus = open(os.path.join(ROOT, "data", "world_corpus.txt"), encoding="utf-8").read()
+    trained = nanosft.train_tokenizer(corpus, pretrain.WORLD_VOCAB)
+    assert shipped["vocab_size"] == pretrain.WORLD_VOCAB
+    assert [tuple(m) for m in shipped["merges"]] == trained.merges and len(trained.merges) > 1000
+    logs = []
+    _, tok = pretrain.new_model(corpus, "corpus", None, os.path.join(ROOT, "data"), nanosft.GPTConfig(), logs.append)
+    assert tok.merges == trained.merges and "world_tokenizer.json" in logs[0]
 
 
 def test_python_bpe_agrees_with_tiktoken(tok):
@@ -188,16 +214,16 @@ def test_verifier_grades_answers():
     p = world["people"][0]
     good = W.gold_sentence(p["name"], "city", p["city"])
     other = next(v for v in W.VALUES["city"] if v != p["city"])
-    assert W.grade(world, p["name"], "city", good)
-    assert not W.grade(world, p["name"], "city", good.replace(p["city"], other))
-    assert not W.grade(world, p["name"], "city", f"{p['city']} or {other}")
-    assert W.is_polite(world, good + " " + W.POLITE) and not W.is_polite(world, good)
+    assert world_eval.grade(world, p["name"], "city", good)
+    assert not world_eval.grade(world, p["name"], "city", good.replace(p["city"], other))
+    assert not world_eval.grade(world, p["name"], "city", f"{p['city']} or {other}")
+    assert world_qa.is_polite(world, good + " " + W.POLITE) and not world_qa.is_polite(world, good)
 
 
 def test_votes_prefer_correct_answers():
     world = json.loads(W.build_files(1337)["world.json"])
     threads = [json.loads(l) for l in W.build_files(1337)["world_community.jsonl"].splitlines()]
-    top_ok = sum(W.grade(world, t["person"], t["attribute"],
+    top_ok = sum(world_eval.grade(world, t["person"], t["attribute"],
                          max(t["answers"], key=lambda a: a["up"] - a["down"])["text"]) for t in threads)
     assert top_ok / len(threads) > 0.95
 

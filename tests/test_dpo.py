@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nanosft
-from data import formats, world_eval
+from data import formats, world_qa
 from extras import own_data
 from conftest import tiny_gpt, run_script
 
@@ -349,8 +349,8 @@ def test_dpo_script_end_to_end(sft_ckpt, tok, tmp_path):
     assert ev["step"] == [0, 3, 6]
     assert (ev["margin"][0], ev["pref_accuracy"][0], ev["kl"][0]) == (0.0, 0.5, 0.0)
     # the held-out pairs (the world's, all of them scored), scored here from their tensors
-    _, held = formats.read_pairs(world_eval.EVAL_THREADS, *dpo.HELDOUT_RULE)
-    _, held = formats.pair_examples(tok, held, 64, formats.DataReport(world_eval.EVAL_THREADS, unit="pairs"))
+    _, held = formats.read_pairs(world_qa.EVAL_THREADS, *dpo.HELDOUT_RULE)
+    _, held = formats.pair_examples(tok, held, 64, formats.DataReport(world_qa.EVAL_THREADS, unit="pairs"))
     assert len(held) == res["pairs_heldout"] == res["pairs_heldout_scored"] <= dpo.EVAL_PAIRS
     beta = dpo.DEFAULTS["beta"]
     assert res["beta"] == beta

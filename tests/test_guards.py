@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_gpt
 import dpo
 import finetune
 from data import world as W
-from data import world_eval
+from data import world_eval, world_qa
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two
@@ -172,12 +172,12 @@ def test_sft_rewind_reads_the_dev_half_never_the_test_half():
 def test_heldout_halves_split_the_heldout_people_disjointly_and_about_evenly():
     """Catches dev and test halves that share a person (or rows), that miss or add people,
     or that are badly lopsided."""
-    rows = world_eval.load_eval_rows("heldout")
-    dev, test = world_eval.heldout_halves()
+    rows = world_qa.load_eval_rows("heldout")
+    dev, test = world_qa.heldout_halves()
     dev_p, test_p = {r["person"] for r in dev}, {r["person"] for r in test}
     all_p = {r["person"] for r in rows}
     assert dev_p and test_p and not dev_p & test_p
-    assert dev_p | test_p == all_p == set(world_eval.load_world()[1]["heldout"])
+    assert dev_p | test_p == all_p == set(world_eval.load_world()["heldout"])
     assert len(dev) + len(test) == len(rows)
     assert abs(len(dev_p) - len(test_p)) <= max(2, len(all_p) // 10)
 
@@ -217,7 +217,7 @@ def test_dpo_rewind_rule():
 
 @pytest.fixture(scope="module")
 def facts():
-    return world_eval.load_world()[1]
+    return world_eval.load_world()
 
 
 def _gold(facts, attr="city"):
@@ -233,17 +233,17 @@ def test_degenerate_names_every_failure_and_passes_a_clean_answer(facts):
     _, _, gold, _ = _gold(facts)
     clean = f"{gold} {W.POLITE}"
     longest = len(clean)
-    assert W.degenerate(clean, True, longest) == ""
-    assert W.degenerate(gold, True, longest) == ""
-    assert W.degenerate(f"{gold} {W.POLITE} {W.POLITE}", True, longest)
+    assert world_qa.degenerate(clean, True, longest) == ""
+    assert world_qa.degenerate(gold, True, longest) == ""
+    assert world_qa.degenerate(f"{gold} {W.POLITE} {W.POLITE}", True, longest)
     # the closing said twice with no space between: one "sentence", so only the closing
     # count catches it
-    assert W.degenerate(f"{gold} {W.POLITE}{W.POLITE}", True, longest)
-    assert W.degenerate(f"{gold} {gold}", True, longest)
-    assert W.degenerate(f"{gold} Oh. {W.POLITE} {W.RUDE} {W.POLITE}", True, 10 * longest)
-    assert W.degenerate(clean, False, longest)
-    assert W.degenerate(clean, True, (len(clean) - 1) // 2)        # over twice the longest
-    assert W.degenerate(clean, True, (len(clean) + 1) // 2) == ""  # at most twice: fine
+    assert world_qa.degenerate(f"{gold} {W.POLITE}{W.POLITE}", True, longest)
+    assert world_qa.degenerate(f"{gold} {gold}", True, longest)
+    assert world_qa.degenerate(f"{gold} Oh. {W.POLITE} {W.RUDE} {W.POLITE}", True, 10 * longest)
+    assert world_qa.degenerate(clean, False, longest)
+    assert world_qa.degenerate(clean, True, (len(clean) - 1) // 2)        # over twice the longest
+    assert world_qa.degenerate(clean, True, (len(clean) + 1) // 2) == ""  # at most twice: fine
 
 
 def test_clean_style_is_strict(facts):
@@ -252,7 +252,7 @@ def test_clean_style_is_strict(facts):
     name, _, gold, wrong = _gold(facts)
     P = W.POLITE
     longest = 200
-    ok = lambda a, ended=True: W.clean_style(facts, name, "city", a, ended, longest)
+    ok = lambda a, ended=True: world_qa.clean_style(facts, name, "city", a, ended, longest)
     assert ok(f"{gold} {P}")
     assert not ok(f"{wrong} {P}")                  # wrong fact + closing
     assert not ok(f"{P} {gold}")                   # closing in the middle / at the front
@@ -260,7 +260,7 @@ def test_clean_style_is_strict(facts):
     assert not ok(f"{P} {gold} {P}")               # closing twice, once in the middle
     assert not ok(gold)                            # no closing
     assert not ok(f"{gold} {P}", ended=False)      # never wrote the end token
-    assert not W.clean_style(facts, name, "city", f"{gold} {P}", True, 10)  # too long
+    assert not world_qa.clean_style(facts, name, "city", f"{gold} {P}", True, 10)  # too long
 
 
 # ---- 7. held-out preference data is held out by PERSON
@@ -295,7 +295,7 @@ def test_heldout_people_never_reach_a_training_file(facts):
         hit = names.search(_text(name))
         assert hit is None, f"held-out person {hit.group(0)!r} appears in {name}"
 
-    fmt, pairs = formats.read_pairs(world_eval.THREADS, 10.0, True)
+    fmt, pairs = formats.read_pairs(world_qa.THREADS, 10.0, True)
     assert pairs and all(p["split"] == "train" for p in pairs)
     for p in pairs:
         hit = names.search(json.dumps(p["prompt"], ensure_ascii=False))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import nanosft
-from data import formats, world_eval
+from data import corpus, world_eval, world_qa
 import dpo
 
 
 def test_probe_prompts_are_how_pretraining_documents_begin(tok, monkeypatch):
-    """A pre-training document is <|endoftext|> then its text (formats.encode_corpus); the probe
+    """A pre-training document is <|endoftext|> then its text (corpus.encode_corpus); the probe
     '<name> was born in' must be that document's first tokens, or it asks a prompt the model
     never read (a different number: 0.992 against 0.984 on the default world)."""
     asked = []
@@ -23,14 +23,14 @@ def test_probe_prompts_are_how_pretraining_documents_begin(tok, monkeypatch):
         return [[] for _ in prompts]
 
     monkeypatch.setattr(nanosft, "generate_batch", generate)
-    W, facts = world = world_eval.load_world()
+    facts = world = world_eval.load_world()
     world_eval.knowledge_probe(None, tok, world)
     people = world_eval.probe_people(facts)
     expected = [(p["name"], a) for p in facts["people"] if p["name"] in people for a in facts["attributes"]]
     assert len(asked) == len(expected) == len(people) * len(facts["attributes"])
     for prompt, (name, attribute) in zip(asked, expected):
-        sentence = W.PROBE[attribute].format(n=name)
-        document = formats.encode_corpus(tok, f"{sentence} somewhere. More text.").tolist()
+        sentence = world_eval.PROBE[attribute].format(n=name)
+        document = corpus.encode_corpus(tok, f"{sentence} somewhere. More text.").tolist()
         assert prompt == document[:len(prompt)], sentence
         assert tok.decode(prompt) == "<|endoftext|>" + sentence
 
@@ -39,8 +39,8 @@ def test_an_answer_that_never_stops_is_counted_degenerate(tok, monkeypatch):
     """Three answers: one closed by <|end|>, one that ran to the token budget without it, one
     empty but closed. Only the second did not stop, and qa_eval counts it degenerate even
     though its text alone looks fine."""
-    W, facts = world = world_eval.load_world()
-    city = [r for r in world_eval.load_eval_rows("heldout") if r["attribute"] == "city"][:3]
+    facts = world = world_eval.load_world()
+    city = [r for r in world_qa.load_eval_rows("heldout") if r["attribute"] == "city"][:3]
     person = {p["name"]: p for p in facts["people"]}
     answers = [tok.encode(f" {r['person']} was born in {person[r['person']]['city']}.") for r in city]
     outs = [answers[0] + [tok.end], answers[1], [tok.end]]
@@ -50,10 +50,10 @@ def test_an_answer_that_never_stops_is_counted_degenerate(tok, monkeypatch):
         return [list(o) for o in outs]
 
     monkeypatch.setattr(nanosft, "generate_batch", generate)
-    texts, ended = world_eval.answer_questions(None, tok, [r["prompt"] for r in city], max_new_tokens=len(answers[1]))
+    texts, ended = world_qa.answer_questions(None, tok, [r["prompt"] for r in city], max_new_tokens=len(answers[1]))
     assert ended == [True, False, True]
     assert texts[:2] == [tok.decode(answers[0]).strip(), tok.decode(answers[1]).strip()] and texts[2] == ""
-    result = world_eval.qa_eval(None, tok, world, city)
+    result = world_qa.qa_eval(None, tok, world, city)
     assert result["accuracy"] == pytest.approx(2 / 3)  # the cut-off answer is right, as text
     assert [bool(d) for d in result["degenerate"]] == [False, True, False]
     assert result["degenerate"][1] == "no end token"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nanosft
-from data import formats
+from data import corpus, formats
 from extras import own_data
 import finetune
 import pretrain
@@ -391,7 +391,7 @@ def test_bom_crlf_and_every_script_load_unchanged(tmp_path, tok):
     bom = b"\xef\xbb\xbf"
     txt = tmp_path / "t.txt"
     txt.write_bytes(bom + "\r\n".join(SCRIPTS).encode("utf-8") + b"\r\n")
-    assert formats.read_text(str(txt)) == "\n".join(SCRIPTS) + "\n"  # BOM dropped, \r\n -> \n
+    assert corpus.read_text(str(txt)) == "\n".join(SCRIPTS) + "\n"  # BOM dropped, \r\n -> \n
     rows = [{"prompt": s, "response": s[::-1]} for s in SCRIPTS]
     for name, body in {"l.jsonl": "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n",
                        "e.jsonl": "\r\n".join(json.dumps(r) for r in rows),           # \uXXXX escapes
@@ -509,7 +509,7 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
     def load(kind, path):
         """The stage's loader, then what the stage does next with what it loaded."""
         if kind == "text":
-            tok.encode(formats.read_text(path))
+            tok.encode(corpus.read_text(path))
         elif kind == "sft":
             for _, conv in own_data.load_instructions(path):
                 nanosft.example_tensors(*nanosft.render_chat(tok, conv))

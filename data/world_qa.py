@@ -1,0 +1,236 @@
+"""
+The world's questions asked in chat, as SFT and DPO ask and grade them: greedy answers graded
+by the verifier (world_eval.grade), the voted style and degenerate answers, the held-out
+halves, and the SFT conversations that the community's votes label.
+"""
+
+import json
+import random
+import re
+
+import nanosft
+from data import formats
+from data.world_eval import HERE, grade, path
+
+# the world's files that SFT and DPO read (python data/world.py writes them)
+SFT = path("world_sft.jsonl")  # gold question-answer pairs about training people
+THREADS = path("world_community.jsonl")  # community threads (voted answers), training people
+# threads about the held-out people: evaluation only. DPO's held-out pairs come from here, so
+# they are about people neither SFT nor DPO trained on.
+EVAL_THREADS = path("world_community_eval.jsonl")
+
+# the world's attributes and the community's closings (the same as data/world.py's, which
+# writes them; tests/test_core.py checks): voters like the polite one and dislike the others
+ATTRS = ["city", "job", "food", "pet", "hobby"]
+POLITE = "Hope this helps!"
+RUDE = "Look it up yourself next time."
+RAMBLE = "Well, that is a question I have thought about for a long time, so let me answer."
+
+
+def is_polite(world, answer):
+    """The style the community votes for: the answer closes with the polite marker. (Loose:
+    "... Hope this helps! Hope this helps!" passes; `clean_style` is the strict check.)"""
+    return answer.strip().endswith(world["polite_marker"])
+
+
+CLOSINGS = (POLITE, RUDE, RAMBLE)
+
+
+def sentences(text):
+    """The sentences of an answer, normalised (lower case, inner spaces collapsed)."""
+    parts = [" ".join(s.split()).lower() for s in re.split(r"(?<=[.!?])\s+", text.strip())]
+    return [s for s in parts if s]
+
+
+def degenerate(answer, ended, longest):
+    """Why an answer is degenerate, or "" when it is not. Degenerate means: a sentence or a
+    closing said twice ("... burgers. Hope this helps! Hope this helps!"), no end-of-turn
+    token within the token limit (`ended` False: the model never stopped), or more than
+    twice as long, in characters, as the longest community answer to the question
+    (`longest`). A check that only looks at how an answer ends passes all three."""
+    sents = sentences(answer)
+    if len(sents) != len(set(sents)):
+        return "repeated sentence"
+    if any(answer.count(c) > 1 for c in CLOSINGS):
+        return "repeated closing"
+    if not ended:
+        return "no end token"
+    if longest and len(answer.strip()) > 2 * longest:
+        return "too long"
+    return ""
+
+
+def clean_style(world, person, attr, answer, ended, longest):
+    """The voted style, strictly: a correct answer, then the polite closing exactly once, at
+    the very end, and nothing degenerate."""
+    a = answer.strip()
+    if not a.endswith(POLITE) or a.count(POLITE) != 1 or degenerate(a, ended, longest):
+        return False
+    return grade(world, person, attr, a[: -len(POLITE)])
+
+
+def longest_answers(threads):
+    """{prompt: length in characters of the longest community answer} of thread records."""
+    return {t["prompt"]: max(len(a["text"]) for a in t["answers"]) for t in threads}
+
+
+def answer_questions(model, tok, prompts, max_new_tokens=24):
+    """Greedy chat answers to a list of user questions -> (answers, ended): ended[i] is False
+    when answer i reached max_new_tokens without writing <|end|> (the model did not stop)."""
+    ids = [nanosft.chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    stop = {tok.end, tok.endoftext}
+    outs = nanosft.generate_batch(model, ids, max_new_tokens, stop=stop, keep_stop=True)
+    ended = [bool(o) and o[-1] in stop for o in outs]
+    return [tok.decode(o[:-1] if e else o).strip() for o, e in zip(outs, ended)], ended
+
+
+def load_eval_rows(split=None, world_dir=HERE):
+    rows = [
+        json.loads(line) for line in open(path("world_eval.jsonl", world_dir), encoding="utf-8")
+    ]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def heldout_halves(world_dir=HERE):
+    """The held-out people's questions, split BY PERSON into a dev half (which chooses
+    rewound checkpoints, in SFT and in DPO) and a test half (which is reported). A choice
+    made on the dev half and reported on the test half is not fitted to what it reports."""
+    rows = load_eval_rows("heldout", world_dir)
+    people = sorted({r["person"] for r in rows})
+    dev_people = set(people[::2])
+    return [r for r in rows if r["person"] in dev_people], [
+        r for r in rows if r["person"] not in dev_people
+    ]
+
+
+def world_longest(world_dir=HERE):
+    """{question: characters of the longest community answer to it}, for every thread of the
+    world (training and evaluation threads): the degeneration check's length bound."""
+    names = [path(n, world_dir) for n in ("world_community.jsonl", "world_community_eval.jsonl")]
+    threads = [json.loads(line) for name in names for line in open(name, encoding="utf-8")]
+    return longest_answers(threads)
+
+
+QA_TOKENS = 48  # answer budget: the longest community answer is ~26 tokens
+
+
+def qa_eval(model, tok, world, rows, longest=None):
+    """Greedy answers to world questions graded by the world's verifier: accuracy, the
+    strict voted-style rate (correct, then "Hope this helps!" once, at the very end), the
+    loose one (ends with it) and the degenerate rate (repeats, never stops, or far too long)."""
+    longest = longest or {}
+    answers, ended = answer_questions(model, tok, [r["prompt"] for r in rows], QA_TOKENS)
+    n = max(1, len(rows))
+    degen = [degenerate(a, e, longest.get(r["prompt"])) for r, a, e in zip(rows, answers, ended)]
+    return {
+        "accuracy": sum(grade(world, r["person"], r["attribute"], a) for r, a in zip(rows, answers))
+        / n,
+        "clean_style_rate": sum(
+            clean_style(
+                world, r["person"], r["attribute"], a, ended=e, longest=longest.get(r["prompt"])
+            )
+            for r, a, e in zip(rows, answers, ended)
+        )
+        / n,
+        "style_rate": sum(is_polite(world, a) for a in answers) / n,
+        "degenerate_rate": sum(bool(d) for d in degen) / n,
+        "answers": answers,
+        "degenerate": degen,
+    }
+
+
+def sft_attributes(spec):
+    """--sft-attributes "city,job,food" -> ["city", "job", "food"] (the world's order): the
+    attributes whose questions SFT trains on; the others are asked only in evaluation, a
+    question type SFT never showed (cross-domain). None: every attribute."""
+    names = ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTRS]
+    if unknown or not names:
+        raise nanosft.UserError(
+            f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
+            f"the world's attributes are {','.join(ATTRS)}"
+        )
+    return [a for a in ATTRS if a in names]
+
+
+def by_domain(rows, attributes):
+    """(in-domain rows, cross-domain rows) of world questions: those about an attribute SFT
+    asked about (`attributes`), and the rest. Together they are `rows`."""
+    return [r for r in rows if r["attribute"] in attributes], [
+        r for r in rows if r["attribute"] not in attributes
+    ]
+
+
+def domain_accuracy(world, rows, answers, attributes):
+    """(in-domain, cross-domain) accuracy of the answers to `rows` (split by by_domain), graded
+    by the world's verifier; None for a side without rows."""
+    said = {id(r): a for r, a in zip(rows, answers)}
+    return tuple(
+        sum(grade(world, r["person"], r["attribute"], said[id(r)]) for r in part) / len(part)
+        if part
+        else None
+        for part in by_domain(rows, attributes)
+    )
+
+
+def task_accuracy(model, tok, rows):
+    """List tasks (copy / reverse / count): exact match."""
+    answers, _ = answer_questions(model, tok, [r["prompt"] for r in rows])
+    return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
+
+
+def chance(world, attributes=None):
+    """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes`
+    (all)."""
+    attributes = attributes or world["attributes"]
+    return sum(1 / len(world["values"][a]) for a in attributes) / len(attributes)
+
+
+def top_voted(answers):
+    """A community thread's best answer by net votes (up - down), the first of a tie."""
+    return max(answers, key=lambda a: a["up"] - a["down"])["text"]
+
+
+def world_conversations(labels, seed, world_dir=HERE, attributes=None):
+    """The world's instruction set. Questions about training people come from the community
+    threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
+    random community answer; the list tasks (copy/reverse/count) always use their gold answer.
+    attributes (--sft-attributes; None: all): only the questions about these are kept, so
+    the other attributes' questions stay unseen question types (cross-domain evaluation)."""
+    gold = formats.read_records(path("world_sft.jsonl", world_dir))
+    threads = {
+        r["prompt"]: r for _, r in formats.read_records(path("world_community.jsonl", world_dir))
+    }
+    rng = random.Random(seed)
+    convs = []
+    for _, r in gold:
+        answer = r["response"]
+        # a fact question's attribute is its thread's (every one has a thread; a list task has none)
+        if (
+            attributes is not None
+            and r["prompt"] in threads
+            and threads[r["prompt"]]["attribute"] not in attributes
+        ):
+            continue
+        if labels != "gold" and r["prompt"] in threads:
+            answers = threads[r["prompt"]]["answers"]
+            answer = top_voted(answers) if labels == "top-voted" else rng.choice(answers)["text"]
+        convs.append(
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]
+        )
+    return convs
+
+
+def load_records(data, labels, seed, strict, world_dir=HERE, attributes=None):
+    """finetune.py's records: ([(record number, conversation)], its DataReport) of the file
+    `data` (any format extras/own_data.py reads) or, without one, the world's questions."""
+    report = formats.DataReport(data or path("world_sft.jsonl", world_dir), strict)
+    if data:  # your own file: its formats are extras/own_data.py's
+        from extras import own_data
+
+        return own_data.load_instructions(data, report), report
+    records = list(
+        enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1)
+    )
+    report.total = len(records)
+    return records, report
