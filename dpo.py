@@ -630,14 +630,17 @@ def main(argv=None):
                     log=process.log,
                 )
             model.train()  # (generating put it in eval mode)
-            nanosft.save_checkpoint(
-                nanosft.last_path(args.out_dir, "dpo"),
-                nanosft.checkpoint_dict(
-                    "dpo", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=state
-                ),
-            )
+            keep(it)
         if process.world > 1:
             runtime.barrier(process)
+
+    def keep(it):  # dpo_last.pt: what --resume needs to continue after step `it`
+        nanosft.save_checkpoint(
+            nanosft.last_path(args.out_dir, "dpo"),
+            nanosft.checkpoint_dict(
+                "dpo", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=state
+            ),
+        )
 
     # ---- train: the loss of a step is the mean over its pairs (every process and micro-batch)
     ddp_model = torch.compile(model) if args.compile else model
@@ -648,85 +651,84 @@ def main(argv=None):
     )  # fp16 only: see below
     params = [p for p in model.parameters() if p.requires_grad]
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
-    for it in range(start_iter, args.max_iters):
-        if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
-            break
-        lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = micro_batches(
-            train_examples,
-            step_pair_ids(args.seed, it, args.batch_size, len(train_examples), process=process),
-            tok.pad,
-            packed,
-            grad_accum=args.grad_accum,
-            device=process.device,
-        )
-        sums = torch.zeros(
-            5, device=process.device
-        )  # the step's loss; rewards of chosen, of rejected; right; pairs
-        for i, batch in enumerate(batches):
-            if (
-                process.world > 1
-            ):  # DDP averages the gradients over the processes after the last micro-batch
-                ddp_model.require_backward_grad_sync = i == len(batches) - 1
-            X, Y, segments, _ = batch
-            with nanosft.autocast(process.device, process.dtype):
-                ref_chosen, ref_rejected = reference_logprobs(ref, ref_cache, batch)
-                loss_sum, reward_chosen, reward_rejected = pair_loss(
-                    ddp_model,
-                    X,
-                    Y,
-                    ref_chosen=ref_chosen,
-                    ref_rejected=ref_rejected,
-                    beta=args.beta,
-                    loss=args.loss,
-                    label_smoothing=args.label_smoothing,
-                    rpo_alpha=args.rpo_alpha,
-                    segments=segments,
+    with nanosft.finish_step_on_interrupt(process) as interrupted:
+        for it in range(start_iter, args.max_iters):
+            if interrupted():  # Ctrl-C: the steps taken are kept for --resume, then exit 130
+                keep(step)
+                raise KeyboardInterrupt(f"step {step} kept in dpo_last.pt; --resume continues")
+            if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
+                break
+            # warmup, then cosine decay
+            lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = micro_batches(
+                train_examples,
+                step_pair_ids(args.seed, it, args.batch_size, len(train_examples), process=process),
+                tok.pad,
+                packed,
+                grad_accum=args.grad_accum,
+                device=process.device,
+            )
+            # the step's loss; rewards of chosen, of rejected; right; pairs
+            sums = torch.zeros(5, device=process.device)
+            for i, batch in enumerate(batches):
+                # DDP averages the gradients over the processes after the last micro-batch
+                if process.world > 1:
+                    ddp_model.require_backward_grad_sync = i == len(batches) - 1
+                X, Y, segments, _ = batch
+                with nanosft.autocast(process.device, process.dtype):
+                    ref_chosen, ref_rejected = reference_logprobs(ref, ref_cache, batch)
+                    loss_sum, reward_chosen, reward_rejected = pair_loss(
+                        ddp_model,
+                        X,
+                        Y,
+                        ref_chosen=ref_chosen,
+                        ref_rejected=ref_rejected,
+                        beta=args.beta,
+                        loss=args.loss,
+                        label_smoothing=args.label_smoothing,
+                        rpo_alpha=args.rpo_alpha,
+                        segments=segments,
+                    )
+                # x world: DDP averages. fp16 only: the loss scaled up so small gradients do not
+                # underflow (else scale() is the identity)
+                scaler.scale(loss_sum * (process.world / args.batch_size)).backward()
+                sums += torch.stack(
+                    [
+                        loss_sum.detach(),
+                        reward_chosen.sum(),
+                        reward_rejected.sum(),
+                        (reward_chosen > reward_rejected).sum(),
+                        reward_chosen.new_tensor(len(reward_chosen)),
+                    ]
                 )
-            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is
-            # the identity)
-            scaler.scale(
-                loss_sum * (process.world / args.batch_size)
-            ).backward()  # x world: DDP averages
-            sums += torch.stack(
-                [
-                    loss_sum.detach(),
-                    reward_chosen.sum(),
-                    reward_rejected.sum(),
-                    (reward_chosen > reward_rejected).sum(),
-                    reward_chosen.new_tensor(len(reward_chosen)),
-                ]
-            )
-            tokens += X.numel()
-        if process.world > 1:
-            torch.distributed.all_reduce(sums)  # the whole step's, every process's
-        step_loss, *rewards = sums.tolist()
-        nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step = it + 1
-        add_rewards(state["train"], step, rewards)
-        if step % args.log_interval == 0 or step == args.max_iters:
-            nanosft.log_step(
-                process,
-                step,
-                args.max_iters,
-                loss=step_loss / args.batch_size,
-                lr=lr,
-                seconds=time.time() - t0,
-                tokens=tokens,
-            )
-            process.log(
-                "  "
-                + " | ".join(f"{k} {v[-1]:+.3f}" for k, v in state["train"].items() if k != "step")
-            )
-        if step % args.eval_interval == 0 and step < args.max_iters:
-            on_eval(step)
+                tokens += X.numel()
+            if process.world > 1:
+                torch.distributed.all_reduce(sums)  # the whole step's, every process's
+            step_loss, *rewards = sums.tolist()
+            nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step = it + 1
+            add_rewards(state["train"], step, rewards)
+            if step % args.log_interval == 0 or step == args.max_iters:
+                nanosft.log_step(
+                    process,
+                    step,
+                    args.max_iters,
+                    loss=step_loss / args.batch_size,
+                    lr=lr,
+                    seconds=time.time() - t0,
+                    tokens=tokens,
+                )
+                means = (f"{k} {v[-1]:+.3f}" for k, v in state["train"].items() if k != "step")
+                process.log("  " + " | ".join(means))
+            if step % args.eval_interval == 0 and step < args.max_iters:
+                on_eval(step)
     on_eval(step)
     if not process.master:
         return

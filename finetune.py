@@ -658,32 +658,33 @@ def main(argv=None):
         )
     )
 
-    def on_eval(
-        it,
-    ):  # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
+    # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
+    def on_eval(it):
         if process.master:
-            plain_model = peft.plain_model(model) if peft else model  # adapters merged
-            if (
-                evaluator and path[-1]["step"] != it
-            ):  # (after --resume the last point may be measured already)
+            # (after --resume the last point may be measured already)
+            if evaluator and path[-1]["step"] != it:
                 path.append({"step": it, **evaluator(model)})
                 log_eval(process.log, path[-1])
                 if args.rewind != "none":
+                    plain_model = peft.plain_model(model) if peft else model  # adapters merged
                     rewind.keep_step(
                         plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir
                     )
-            save_last(
-                nanosft.last_path(args.out_dir, "sft"),
-                plain_model,
-                model,
-                tok=tok,
-                optimizer=optimizer,
-                it=it,
-                flags=vars(args),
-                state={"path": path},
-            )
+            keep(it)
         if process.world > 1:
             runtime.barrier(process)
+
+    def keep(it):  # sft_last.pt: what --resume needs to continue after step `it`
+        save_last(
+            nanosft.last_path(args.out_dir, "sft"),
+            peft.plain_model(model) if peft else model,
+            model,
+            tok=tok,
+            optimizer=optimizer,
+            it=it,
+            flags=vars(args),
+            state={"path": path},
+        )
 
     # ---- train: every answer token is a target; the loss is their mean over the whole step
     # (sft_loss)
@@ -696,58 +697,60 @@ def main(argv=None):
     )  # fp16 only: see below
     params = [p for p in model.parameters() if p.requires_grad]
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
-    for it in range(start_iter, args.max_iters):
-        if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
-            break
-        lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches, supervised = step_batches(
-            examples,
-            it,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            grad_accum=args.grad_accum,
-            pad=tok.pad,
-            process=process,
-            replay=replay_windows,
-        )
-        step_loss = 0.0
-        for i, (X, Y) in enumerate(micro_batches):
-            if (
-                process.world > 1
-            ):  # DDP averages the gradients over the processes after the last micro-batch
-                ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
-            with nanosft.autocast(process.device, process.dtype):
-                loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
-            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is
-            # the identity)
-            scaler.scale(
-                loss_sum * (process.world / supervised)
-            ).backward()  # x world: DDP averages
-            step_loss += loss_sum.item()
-            tokens += X.numel()
-        if process.world > 1:
-            step_loss = runtime.all_reduce(step_loss, process)  # the whole step's, every process's
-        nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step = it + 1
-        if step % args.log_interval == 0 or step == args.max_iters:
-            nanosft.log_step(
-                process,
-                step,
-                args.max_iters,
-                loss=step_loss / supervised,
-                lr=lr,
-                seconds=time.time() - t0,
-                tokens=tokens,
+    with nanosft.finish_step_on_interrupt(process) as interrupted:
+        for it in range(start_iter, args.max_iters):
+            if interrupted():  # Ctrl-C: the steps taken are kept for --resume, then exit 130
+                keep(step)
+                raise KeyboardInterrupt(f"step {step} kept in sft_last.pt; --resume continues")
+            if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
+                break
+            # warmup, then cosine decay
+            lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches, supervised = step_batches(
+                examples,
+                it,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                grad_accum=args.grad_accum,
+                pad=tok.pad,
+                process=process,
+                replay=replay_windows,
             )
-        if step % args.eval_interval == 0 and step < args.max_iters:
-            on_eval(step)
+            step_loss = 0.0
+            for i, (X, Y) in enumerate(micro_batches):
+                # DDP averages the gradients over the processes after the last micro-batch
+                if process.world > 1:
+                    ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
+                with nanosft.autocast(process.device, process.dtype):
+                    loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
+                # x world: DDP averages. fp16 only: the loss scaled up so small gradients do not
+                # underflow (else scale() is the identity)
+                scaler.scale(loss_sum * (process.world / supervised)).backward()
+                step_loss += loss_sum.item()
+                tokens += X.numel()
+            if process.world > 1:  # the whole step's, every process's
+                step_loss = runtime.all_reduce(step_loss, process)
+            nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step = it + 1
+            if step % args.log_interval == 0 or step == args.max_iters:
+                nanosft.log_step(
+                    process,
+                    step,
+                    args.max_iters,
+                    loss=step_loss / supervised,
+                    lr=lr,
+                    seconds=time.time() - t0,
+                    tokens=tokens,
+                )
+            if step % args.eval_interval == 0 and step < args.max_iters:
+                on_eval(step)
     train_seconds = time.time() - t0
     on_eval(step)
     # ---- save and report (world data: before and after; with --rewind out/sft.pt is the

@@ -15,8 +15,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
-from contextlib import nullcontext, suppress
+import threading
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 
 # OpenMP reads this once, when torch loads: its idle threads then sleep instead of spinning, which
@@ -50,8 +52,11 @@ def cli(main):
             "error: " + " ".join(str(e).split()), file=sys.stderr
         )  # one line, even if it quotes a newline
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; checkpoints on disk are complete (written atomically)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, exit code 130 (the shell's for SIGINT)
+        print(
+            f"interrupted: {str(e) or 'checkpoints on disk are complete (written atomically)'}",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 
@@ -185,7 +190,14 @@ def cpu_has_native_bf16():
 
 
 def pick_dtype(device, name="auto"):
-    """auto: bf16 where the hardware runs it natively, else fp32; fp16 on CUDA GPUs without bf16."""
+    """auto: bf16 where the hardware runs it natively, else fp32; fp16 on CUDA GPUs without bf16.
+    On a Mac's GPU (MPS): fp32, or bf16 from macOS 14 (before it MPS has no bf16); never fp16,
+    whose loss scaling is written for CUDA (and runs on a CPU, slowly: the tests check it)."""
+    if device.type == "mps":
+        if name == "float16":
+            raise UserError("--dtype float16: fp16 needs CUDA; on MPS use float32 or bfloat16")
+        if name == "bfloat16" and not torch.backends.mps.is_macos_or_newer(14, 0):
+            raise UserError("--dtype bfloat16 on MPS needs macOS 14 or later; use --dtype float32")
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -243,6 +255,29 @@ def check_finite(step_loss, it, lr):
             f"non-finite loss at step {it} (lr {lr:.2e}); stopped, the last checkpoint on disk "
             f"is the last good one. Try a lower --lr"
         )
+
+
+@contextmanager
+def finish_step_on_interrupt(process):
+    """Around a training loop: Ctrl-C (SIGINT) asks it to stop after the step under way. The
+    loop sees `interrupted()` true before its next step, keeps that step in <stage>_last.pt and
+    exits 130, so --resume continues exactly where it stopped. A second Ctrl-C stops at once.
+    Outside the loop, and under torchrun (every process would have to stop at the same step),
+    Ctrl-C stops at once as usual."""
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    here = process.world == 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if here else None
+    try:
+        yield lambda: bool(asked)
+    finally:
+        if here:
+            signal.signal(signal.SIGINT, previous)
 
 
 def log_step(process, it, max_iters, loss, lr, seconds, tokens):

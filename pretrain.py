@@ -199,20 +199,17 @@ def main(argv=None):
                 f"eval step {it}: val loss {history['val_loss'][-1]:.4f}"
                 + (f" | probe {history['probe'][-1]:.3f}" if world else "")
             )
-            nanosft.save_checkpoint(
-                nanosft.last_path(args.out_dir, "pretrain"),
-                nanosft.checkpoint_dict(
-                    "pretrain",
-                    model,
-                    tok,
-                    optimizer=optimizer,
-                    it=it,
-                    flags=vars(args),
-                    state=history,
-                ),
-            )
+            keep(it)
         if process.world > 1:
             runtime.barrier(process)
+
+    def keep(it):  # pretrain_last.pt: what --resume needs to continue after step `it`
+        nanosft.save_checkpoint(
+            nanosft.last_path(args.out_dir, "pretrain"),
+            nanosft.checkpoint_dict(
+                "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history
+            ),
+        )
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
@@ -222,55 +219,60 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
-    for it in range(start_iter, args.max_iters):
-        if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
-            break
-        lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)  # warmup, then cosine decay
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = window_batch(
-            train_data,
-            it,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            block_size=cfg.block_size,
-            process=process,
-            grad_accum=args.grad_accum,
-        )
-        step_loss = 0.0
-        for i, (X, Y) in enumerate(micro_batches):
-            if (
-                process.world > 1
-            ):  # DDP averages the gradients over the processes after the last micro-batch
-                ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
-            with nanosft.autocast(process.device, process.dtype):
-                _, loss_sum = ddp_model(X, Y, reduction="sum")  # summed next-token cross-entropy
-            # fp16 only: the loss scaled up so small gradients do not underflow (else scale() is
-            # the identity)
-            scaler.scale(loss_sum * (process.world / n_targets)).backward()  # x world: DDP averages
-            step_loss += loss_sum.item()
-            tokens += X.numel()
-        if process.world > 1:
-            step_loss = runtime.all_reduce(step_loss, process)  # the whole step's, every process's
-        nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step = it + 1
-        if step % args.log_interval == 0 or step == args.max_iters:
-            nanosft.log_step(
-                process,
-                step,
-                args.max_iters,
-                loss=step_loss / n_targets,
-                lr=lr,
-                seconds=time.time() - t0,
-                tokens=tokens,
+    with nanosft.finish_step_on_interrupt(process) as interrupted:
+        for it in range(start_iter, args.max_iters):
+            if interrupted():  # Ctrl-C: the steps taken are kept for --resume, then exit 130
+                keep(step)
+                raise KeyboardInterrupt(f"step {step} kept in pretrain_last.pt; --resume continues")
+            if args.time_budget and runtime.out_of_time(t0, args.time_budget, process, it):
+                break
+            # warmup, then cosine decay
+            lr = nanosft.lr_at(it, args.lr, args.warmup, args.max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = window_batch(
+                train_data,
+                it,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                block_size=cfg.block_size,
+                process=process,
+                grad_accum=args.grad_accum,
             )
-        if step % args.eval_interval == 0 and step < args.max_iters:
-            on_eval(step)
+            step_loss = 0.0
+            for i, (X, Y) in enumerate(micro_batches):
+                # DDP averages the gradients over the processes after the last micro-batch
+                if process.world > 1:
+                    ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
+                with nanosft.autocast(process.device, process.dtype):
+                    # summed next-token cross-entropy
+                    _, loss_sum = ddp_model(X, Y, reduction="sum")
+                # x world: DDP averages. fp16 only: the loss scaled up so small gradients do not
+                # underflow (else scale() is the identity)
+                scaler.scale(loss_sum * (process.world / n_targets)).backward()
+                step_loss += loss_sum.item()
+                tokens += X.numel()
+            if process.world > 1:  # the whole step's, every process's
+                step_loss = runtime.all_reduce(step_loss, process)
+            nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step = it + 1
+            if step % args.log_interval == 0 or step == args.max_iters:
+                nanosft.log_step(
+                    process,
+                    step,
+                    args.max_iters,
+                    loss=step_loss / n_targets,
+                    lr=lr,
+                    seconds=time.time() - t0,
+                    tokens=tokens,
+                )
+            if step % args.eval_interval == 0 and step < args.max_iters:
+                on_eval(step)
     train_seconds = time.time() - t0
     on_eval(step)
     # ---- save and report

@@ -17,6 +17,7 @@ import torch
 import nanosft
 from data import corpus, formats
 from extras import own_data
+import dpo
 import finetune
 import pretrain
 import sample
@@ -346,6 +347,46 @@ def test_pretrain_resume_equals_straight_run(F, tmp_path, monkeypatch):
     assert resumed["iter"] == straight["iter"] == 20
     for k, v in straight["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=1e-5, msg=k)
+
+
+CTRL_C = {  # stage -> (its module, its flags, the resume file): tiny runs, no evaluation between
+    "pretrain": (pretrain, lambda F: ["--data", F["corpus"], "--warmup", "4", *TINY], "pretrain_last.pt"),
+    "sft": (finetune, lambda F: ["--ckpt", F["pre"], "--data", F["good"], "--batch-size", "2"], "sft_last.pt"),
+    "dpo": (dpo, lambda F: ["--ckpt", F["sft"], "--data", F["pairs"], "--batch-size", "2"], "dpo_last.pt"),
+}
+
+
+@pytest.mark.parametrize("stage", list(CTRL_C))
+def test_ctrl_c_keeps_the_last_step_and_resume_ends_bit_identical(stage, F, tmp_path):
+    """A real SIGINT to a training process, once it has logged step 3: it finishes the step
+    under way, writes <stage>_last.pt at the steps it took, exits 130 with one line; --resume
+    then ends with the same weights, bit for bit, as a run never interrupted (these two in
+    this process: the same code, without a second start-up)."""
+    module, flags, last = CTRL_C[stage]
+    argv = lambda out: [*flags(F), "--out-dir", out, "--max-iters", "12", "--eval-interval", "1000",
+                        "--log-interval", "1", "--dtype", "float32", "--device", "cpu"]
+    a, b = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    p = subprocess.Popen([sys.executable, module.__name__ + ".py", *argv(a)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in p.stdout:
+        if re.match(r"step +3/", line):
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=120)
+    kept = torch.load(os.path.join(a, last), weights_only=True)
+    assert p.returncode == 130 and err.splitlines() == [f"interrupted: step {kept['iter']} kept in {last}; --resume continues"], err
+    assert 3 <= kept["iter"] < 12 and not os.path.exists(os.path.join(a, last.replace("_last", "")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the process above: the same sums in the same order
+    try:
+        module.main(argv(a) + ["--resume"])
+        module.main(argv(b))
+    finally:
+        torch.set_num_threads(threads)
+    resumed, straight = (torch.load(os.path.join(d, last.replace("_last", "")), weights_only=True) for d in (a, b))
+    assert resumed["iter"] == straight["iter"] == 12
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
 
 
 # ---- a non-finite loss stops training and keeps the last good checkpoint
