@@ -30,7 +30,7 @@ import time
 import nanosft
 import torch
 from torch.nn import functional
-from data import formats, world_eval, world_qa
+from data import preferences, world_eval, world_qa
 
 # Every default of this stage in one place. The loss is IPO plus rpo_alpha 0.1 x the chosen
 # answer's per-token NLL, not the DPO paper's Eq. 7 (--loss sigmoid --rpo-alpha 0): on the
@@ -321,7 +321,7 @@ def load_data(path, tok, block_size, min_margin, top_only, seed, strict, log):
     world = world_eval.load_world() if world_eval.is_default(path, world_qa.THREADS) else None
     if not world:
         from extras import own_data  # your own file's formats
-    train, held, counts = formats.load_pairs(
+    train, held, counts = preferences.load_pairs(
         path,
         heldout_path=world_qa.EVAL_THREADS if world else None,
         tok=tok,

@@ -18,6 +18,7 @@ docs/forgetting.md).
 
 import functools
 import os
+import random
 import sys
 import time
 
@@ -77,6 +78,57 @@ def sft_loss(model, X, Y):
 
 # ----------------------------------------------------------------------------------------
 # 2. data: conversations -> (inputs, targets), and the examples of each step
+
+
+def top_voted(answers):
+    """A community thread's best answer by net votes (up - down), the first of a tie."""
+    return max(answers, key=lambda a: a["up"] - a["down"])["text"]
+
+
+def world_conversations(labels, seed, world_dir=world_eval.HERE, attributes=None):
+    """The world's instruction set. Questions about training people come from the community
+    threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
+    random community answer; the list tasks (copy/reverse/count) always use their gold answer.
+    attributes (--sft-attributes; None: all): only the questions about these are kept, so
+    the other attributes' questions stay unseen question types (cross-domain evaluation)."""
+    gold = formats.read_records(world_eval.path("world_sft.jsonl", world_dir))
+    threads = {
+        r["prompt"]: r
+        for _, r in formats.read_records(world_eval.path("world_community.jsonl", world_dir))
+    }
+    rng = random.Random(seed)
+    convs = []
+    for _, r in gold:
+        answer = r["response"]
+        # a fact question's attribute is its thread's (every one has a thread; a list task has none)
+        if (
+            attributes is not None
+            and r["prompt"] in threads
+            and threads[r["prompt"]]["attribute"] not in attributes
+        ):
+            continue
+        if labels != "gold" and r["prompt"] in threads:
+            answers = threads[r["prompt"]]["answers"]
+            answer = top_voted(answers) if labels == "top-voted" else rng.choice(answers)["text"]
+        convs.append(
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]
+        )
+    return convs
+
+
+def load_records(data, labels, seed, strict, world_dir=world_eval.HERE, attributes=None):
+    """finetune.py's records: ([(record number, conversation)], its DataReport) of the file
+    `data` (any format extras/own_data.py reads) or, without one, the world's questions."""
+    report = formats.DataReport(data or world_eval.path("world_sft.jsonl", world_dir), strict)
+    if data:  # your own file: its formats are extras/own_data.py's
+        from extras import own_data
+
+        return own_data.load_instructions(data, report), report
+    records = list(
+        enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1)
+    )
+    report.total = len(records)
+    return records, report
 
 
 def show_mask(tok, conv):
@@ -223,6 +275,24 @@ def projection_bytes(model):
 # 4. arguments and checkpoints
 
 
+# the world's attributes (data/world.py writes them; tests/test_core.py checks)
+ATTRS = ["city", "job", "food", "pet", "hobby"]
+
+
+def sft_attributes(spec):
+    """--sft-attributes "city,job,food" -> ["city", "job", "food"] (the world's order): the
+    attributes whose questions SFT trains on; the others are asked only in evaluation, a
+    question type SFT never showed (cross-domain). None: every attribute."""
+    names = ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTRS]
+    if unknown or not names:
+        raise nanosft.UserError(
+            f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
+            f"the world's attributes are {','.join(ATTRS)}"
+        )
+    return [a for a in ATTRS if a in names]
+
+
 def method(lora_rank, oft_block, prompt_tokens):
     """What trains: "lora", "oft", "prompt" or "full" (every weight; also --init scratch)."""
     return "lora" if lora_rank else "oft" if oft_block else "prompt" if prompt_tokens else "full"
@@ -345,7 +415,7 @@ def parse_args(argv=None):
         raise nanosft.UserError(
             "--sft-attributes picks the world's questions: it does not apply to --data"
         )
-    args.sft_attributes = None if args.data else world_qa.sft_attributes(args.sft_attributes)
+    args.sft_attributes = None if args.data else sft_attributes(args.sft_attributes)
     world_eval.check_world_dir(args.world)
     if args.lr is None:
         args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
@@ -379,6 +449,33 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
 # 5. the world's evaluation: what SFT makes usable (held-out accuracy), what it costs (retention)
 
 
+def by_domain(rows, attributes):
+    """(in-domain rows, cross-domain rows) of world questions: those about an attribute SFT
+    asked about (`attributes`), and the rest. Together they are `rows`."""
+    return [r for r in rows if r["attribute"] in attributes], [
+        r for r in rows if r["attribute"] not in attributes
+    ]
+
+
+def domain_accuracy(world, rows, answers, attributes):
+    """(in-domain, cross-domain) accuracy of the answers to `rows` (split by by_domain), graded
+    by the world's verifier; None for a side without rows."""
+    said = {id(r): a for r, a in zip(rows, answers)}
+    return tuple(
+        sum(world_eval.grade(world, r["person"], r["attribute"], said[id(r)]) for r in part)
+        / len(part)
+        if part
+        else None
+        for part in by_domain(rows, attributes)
+    )
+
+
+def task_accuracy(model, tok, rows):
+    """List tasks (copy / reverse / count): exact match."""
+    answers, _ = world_qa.answer_questions(model, tok, [r["prompt"] for r in rows])
+    return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
+
+
 def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
     """The community's top-voted answers to the dev half's questions `prompts`
     (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
@@ -388,7 +485,7 @@ def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
     convs = [
         [
             {"role": "user", "content": t["prompt"]},
-            {"role": "assistant", "content": world_qa.top_voted(t["answers"])},
+            {"role": "assistant", "content": top_voted(t["answers"])},
         ]
         for _, t in threads
         if t["prompt"] in prompts
@@ -422,7 +519,7 @@ class SFTEvaluator:
         self.attributes = attributes or self.world["attributes"]
         self.longest = world_qa.world_longest(world_dir)
         dev, self.test = world_qa.heldout_halves(world_dir)
-        self.dev = world_qa.by_domain(dev, self.attributes)[0]
+        self.dev = by_domain(dev, self.attributes)[0]
         self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
         self.train = world_qa.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half
         self.tasks = world_qa.load_eval_rows("tasks", world_dir)
@@ -437,9 +534,7 @@ class SFTEvaluator:
     def __call__(self, model, full=False):
         qa = lambda rows: world_qa.qa_eval(model, self.tok, self.world, rows, longest=self.longest)
         test = qa(self.test)
-        inside, cross = world_qa.domain_accuracy(
-            self.world, self.test, test["answers"], self.attributes
-        )
+        inside, cross = domain_accuracy(self.world, self.test, test["answers"], self.attributes)
         result = {
             "dev": qa(self.dev)["accuracy"],
             "heldout": test["accuracy"],
@@ -462,7 +557,7 @@ class SFTEvaluator:
             "train": world_qa.qa_eval(
                 model, self.tok, self.world, self.train, longest=self.longest
             )["accuracy"],
-            "tasks": world_qa.task_accuracy(model, self.tok, self.tasks) if self.tasks else None,
+            "tasks": task_accuracy(model, self.tok, self.tasks) if self.tasks else None,
         }
         return {**full, "probe": self.probe(model) if point["probe"] is None else point["probe"]}
 
@@ -576,7 +671,7 @@ def main(argv=None):
         model.config.block_size,
         pretrain_text(start_checkpoint),
     )  # (for the next stage)
-    records, report = world_qa.load_records(
+    records, report = load_records(
         args.data,
         labels=args.labels,
         seed=args.seed,

@@ -1,15 +1,13 @@
 """
 The world's questions asked in chat, as SFT and DPO ask and grade them: greedy answers graded
-by the verifier (world_eval.grade), the voted style and degenerate answers, the held-out
-halves, and the SFT conversations that the community's votes label.
+by the verifier (world_eval.grade), the voted style and degenerate answers, and the held-out
+halves. (The SFT conversations that the community's votes label are finetune.py's data.)
 """
 
 import json
-import random
 import re
 
 import nanosft
-from data import formats
 from data.world_eval import HERE, grade, path
 
 # the world's files that SFT and DPO read (python data/world.py writes them)
@@ -19,9 +17,8 @@ THREADS = path("world_community.jsonl")  # community threads (voted answers), tr
 # they are about people neither SFT nor DPO trained on.
 EVAL_THREADS = path("world_community_eval.jsonl")
 
-# the world's attributes and the community's closings (the same as data/world.py's, which
-# writes them; tests/test_core.py checks): voters like the polite one and dislike the others
-ATTRS = ["city", "job", "food", "pet", "hobby"]
+# the community's closings (the same as data/world.py's, which writes them; tests/test_core.py
+# checks): voters like the polite one and dislike the others
 POLITE = "Hope this helps!"
 RUDE = "Look it up yourself next time."
 RAMBLE = "Well, that is a question I have thought about for a long time, so let me answer."
@@ -139,98 +136,8 @@ def qa_eval(model, tok, world, rows, longest=None):
     }
 
 
-def sft_attributes(spec):
-    """--sft-attributes "city,job,food" -> ["city", "job", "food"] (the world's order): the
-    attributes whose questions SFT trains on; the others are asked only in evaluation, a
-    question type SFT never showed (cross-domain). None: every attribute."""
-    names = ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
-    unknown = [a for a in names if a not in ATTRS]
-    if unknown or not names:
-        raise nanosft.UserError(
-            f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
-            f"the world's attributes are {','.join(ATTRS)}"
-        )
-    return [a for a in ATTRS if a in names]
-
-
-def by_domain(rows, attributes):
-    """(in-domain rows, cross-domain rows) of world questions: those about an attribute SFT
-    asked about (`attributes`), and the rest. Together they are `rows`."""
-    return [r for r in rows if r["attribute"] in attributes], [
-        r for r in rows if r["attribute"] not in attributes
-    ]
-
-
-def domain_accuracy(world, rows, answers, attributes):
-    """(in-domain, cross-domain) accuracy of the answers to `rows` (split by by_domain), graded
-    by the world's verifier; None for a side without rows."""
-    said = {id(r): a for r, a in zip(rows, answers)}
-    return tuple(
-        sum(grade(world, r["person"], r["attribute"], said[id(r)]) for r in part) / len(part)
-        if part
-        else None
-        for part in by_domain(rows, attributes)
-    )
-
-
-def task_accuracy(model, tok, rows):
-    """List tasks (copy / reverse / count): exact match."""
-    answers, _ = answer_questions(model, tok, [r["prompt"] for r in rows])
-    return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
-
-
 def chance(world, attributes=None):
     """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes`
     (all)."""
     attributes = attributes or world["attributes"]
     return sum(1 / len(world["values"][a]) for a in attributes) / len(attributes)
-
-
-def top_voted(answers):
-    """A community thread's best answer by net votes (up - down), the first of a tie."""
-    return max(answers, key=lambda a: a["up"] - a["down"])["text"]
-
-
-def world_conversations(labels, seed, world_dir=HERE, attributes=None):
-    """The world's instruction set. Questions about training people come from the community
-    threads, answered by the gold fact sentence, the best net-voted answer (up - down), or a
-    random community answer; the list tasks (copy/reverse/count) always use their gold answer.
-    attributes (--sft-attributes; None: all): only the questions about these are kept, so
-    the other attributes' questions stay unseen question types (cross-domain evaluation)."""
-    gold = formats.read_records(path("world_sft.jsonl", world_dir))
-    threads = {
-        r["prompt"]: r for _, r in formats.read_records(path("world_community.jsonl", world_dir))
-    }
-    rng = random.Random(seed)
-    convs = []
-    for _, r in gold:
-        answer = r["response"]
-        # a fact question's attribute is its thread's (every one has a thread; a list task has none)
-        if (
-            attributes is not None
-            and r["prompt"] in threads
-            and threads[r["prompt"]]["attribute"] not in attributes
-        ):
-            continue
-        if labels != "gold" and r["prompt"] in threads:
-            answers = threads[r["prompt"]]["answers"]
-            answer = top_voted(answers) if labels == "top-voted" else rng.choice(answers)["text"]
-        convs.append(
-            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]
-        )
-    return convs
-
-
-def load_records(data, labels, seed, strict, world_dir=HERE, attributes=None):
-    """finetune.py's records: ([(record number, conversation)], its DataReport) of the file
-    `data` (any format extras/own_data.py reads) or, without one, the world's questions."""
-    report = formats.DataReport(data or path("world_sft.jsonl", world_dir), strict)
-    if data:  # your own file: its formats are extras/own_data.py's
-        from extras import own_data
-
-        return own_data.load_instructions(data, report), report
-    records = list(
-        enumerate(world_conversations(labels, seed, world_dir=world_dir, attributes=attributes), 1)
-    )
-    report.total = len(records)
-    return records, report

@@ -54,7 +54,7 @@ import time
 import regex
 import torch
 
-from data import corpus, formats
+from data import corpus, formats, preferences
 from data import world_eval, world_qa
 from extras import packing
 from extras.cpu import keep_freed_memory
@@ -340,7 +340,7 @@ def world_pairs(tok, cfg):
     """The default DPO run's training pair examples and its defaults."""
     dpo = load_script("dpo")
     d = dpo.DEFAULTS
-    (_, ex), _, _ = formats.load_pairs(world_qa.THREADS, world_qa.EVAL_THREADS, tok, cfg.block_size,
+    (_, ex), _, _ = preferences.load_pairs(world_qa.THREADS, world_qa.EVAL_THREADS, tok, cfg.block_size,
                                        d["min_margin"], d["pairs"] == "top", SEED, False, lambda line: None,
                                        dpo.EVAL_PAIRS)
     return dpo, d, ex
@@ -351,7 +351,7 @@ def bench_padding(res, tok, cfg):
     try:
         finetune = load_script("finetune")
         B = finetune.DEFAULTS["batch_size"]
-        ex = formats.render_all(tok, list(enumerate(world_qa.world_conversations("top-voted", SEED), 1)), cfg.block_size,
+        ex = formats.render_all(tok, list(enumerate(finetune.world_conversations("top-voted", SEED), 1)), cfg.block_size,
                                 formats.DataReport("world"))
         lengths = [len(x) for x, _ in ex]
         r = t = 0

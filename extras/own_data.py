@@ -4,7 +4,7 @@ machinery of data/formats.py (one clear error per malformed record; a valid reco
 teaches nothing skipped and counted). The stages import this where --data names a file.
 
     load_instructions(path, report)  SFT: Alpaca, {prompt,response}, {messages}, ShareGPT
-    READER                           DPO (formats.read_pairs(..., reader=READER)): pairs as
+    READER                           DPO (preferences.read_pairs(..., reader=READER)): pairs as
     load_preferences(path, ...)      strings or TRL's messages, HH, Alpaca pairs, ShareGPT
                                      pairs, votes, scores; and the train/held-out split
 Formats with examples: docs/own_data.md.
@@ -13,7 +13,7 @@ import json
 import re
 
 import nanosft
-from data import formats
+from data import formats, preferences
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -171,12 +171,12 @@ def conversational_pair(r, where):
 def record_pairs(fmt, r, where, min_margin, top_only=True):
     """One record -> (prompt messages, [(chosen, rejected), ...])."""
     if fmt == "votes":  # the world's format
-        return formats.votes_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
+        return preferences.votes_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
     if fmt == "scores":
         def score(a, w):
-            return formats.number(a.get("score"), "score", w)
+            return preferences.number(a.get("score"), "score", w)
         user = [{"role": "user", "content": formats.field(r, "prompt", where)}]
-        return user, formats.ranked_pairs(formats.scored_items(r, "responses", where, score), min_margin, top_only)
+        return user, preferences.ranked_pairs(preferences.scored_items(r, "responses", where, score), min_margin, top_only)
     if fmt == "pairs":
         user = [{"role": "user", "content": formats.field(r, "prompt", where)}]
         return user, [(formats.field(r, "chosen", where), formats.field(r, "rejected", where))]
@@ -199,9 +199,9 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
     return msgs_c, [(chosen, rejected)]
 
 
-READER = (record_format, record_pairs)  # formats.read_pairs's reader for every format above
+READER = (record_format, record_pairs)  # preferences.read_pairs's reader for every format above
 
 
 def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None):
-    """formats.load_preferences of a file in any format above."""
-    return formats.load_preferences(path, min_margin, seed=seed, top_only=top_only, report=report, reader=READER)
+    """preferences.load_preferences of a file in any format above."""
+    return preferences.load_preferences(path, min_margin, seed=seed, top_only=top_only, report=report, reader=READER)

@@ -16,7 +16,7 @@ import torch
 
 import nanosft
 from extras import runtime
-from data import formats
+from data import formats, preferences
 from extras import own_data
 from data import world as W
 from data import world_eval, world_qa
@@ -67,24 +67,24 @@ def test_dpo_on_the_world_scores_held_out_pairs_about_held_out_people_only(start
     def load_pairs(path, heldout_path, *a, **k):
         seen.update(path=path, heldout=heldout_path)
         raise Stop
-    monkeypatch.setattr(formats, "load_pairs", load_pairs)
+    monkeypatch.setattr(preferences, "load_pairs", load_pairs)
     with pytest.raises(Stop):
         dpo.main(["--ckpt", start_ckpt, "--out-dir", str(tmp_path / "o"), "--device", "cpu", "--dtype", "float32"])
     held = names_re(facts["heldout"])
-    train_pairs = formats.read_pairs(seen["path"], 10.0)[1]
-    held_pairs = formats.read_pairs(seen["heldout"], 10.0)[1]
+    train_pairs = preferences.read_pairs(seen["path"], 10.0)[1]
+    held_pairs = preferences.read_pairs(seen["heldout"], 10.0)[1]
     assert train_pairs and held_pairs
     assert all(held.search(p["prompt"][0]["content"]) for p in held_pairs)
     assert not any(held.search(p["prompt"][0]["content"]) for p in train_pairs)
 
 
 def test_load_pairs_takes_held_out_pairs_from_the_held_out_file(tok, tmp_path):
-    """Catches formats.load_pairs reading its held-out pairs from the training file."""
+    """Catches preferences.load_pairs reading its held-out pairs from the training file."""
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Where was Ada Stone born? ({k})", "chosen": "Lisbon.",
                                                     "rejected": "Oslo."} for k in range(6)])
     heldout = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Where was Leon Berg born? ({k})", "chosen": "Cairo.",
                                                      "rejected": "Lima."} for k in range(3)])
-    (tp, tx), (hp, hx), counts = formats.load_pairs(train, heldout, tok, 64, 1.0, True, 1337, False, lambda s: None, 100,
+    (tp, tx), (hp, hx), counts = preferences.load_pairs(train, heldout, tok, 64, 1.0, True, 1337, False, lambda s: None, 100,
                                                      reader=own_data.READER)
     assert len(tp) == len(tx) == 6 and len(hp) == len(hx) == 3 and counts["pairs_heldout"] == 3
     assert all("Ada Stone" in p["prompt"][0]["content"] for p in tp)
@@ -103,7 +103,7 @@ def test_held_out_benchmark_stays_the_same_whatever_the_training_pairs(tok, tmp_
                                                  for v in votes])
     seen = set()
     for margin, top in ((10.0, True), (20.0, True), (1.0, False), (30.0, False)):
-        (tp, _), (hp, _), _ = formats.load_pairs(train, held, tok, 64, margin, top, 1337, False, lambda s: None, 100,
+        (tp, _), (hp, _), _ = preferences.load_pairs(train, held, tok, 64, margin, top, 1337, False, lambda s: None, 100,
                                                  heldout_rule=dpo.HELDOUT_RULE)
         seen.add(tuple((p["chosen"], p["rejected"]) for p in hp))
     # top answer (40) against those it beat by >= 10: Oslo (25) and Lima (5), in each of 4 threads
@@ -123,8 +123,8 @@ def test_a_file_without_a_split_field_is_divided_by_record(tmp_path):
     for seed in range(1, 6):
         _, train, held = own_data.load_preferences(path, 1.0, seed)
         assert len(train) + len(held) == 30 * 3
-        assert len({p["group"] for p in held}) == round(30 * formats.HELDOUT_FRAC)
-        assert len(held) == 3 * round(30 * formats.HELDOUT_FRAC)  # whole threads
+        assert len({p["group"] for p in held}) == round(30 * preferences.HELDOUT_FRAC)
+        assert len(held) == 3 * round(30 * preferences.HELDOUT_FRAC)  # whole threads
         assert not {p["group"] for p in train} & {p["group"] for p in held}
         assert not {p["prompt"][0]["content"] for p in train} & {p["prompt"][0]["content"] for p in held}
 
@@ -272,7 +272,7 @@ def test_a_pair_too_long_keeps_the_end_of_its_prompt(tok):
     report = formats.DataReport("pairs", unit="pairs")
     full = nanosft.chat_prompt(tok, pair["prompt"])
     assert len(full) > 64
-    e = formats.pair_example(tok, pair, 64, report)
+    e = preferences.pair_example(tok, pair, 64, report)
     for x, y in (e[:2], e[2:]):
         start = int((y != -1).nonzero()[0])  # x[:start + 1] is the prompt that was kept
         kept = x[:start + 1].tolist()
@@ -290,7 +290,7 @@ def test_plain_dpo_steps_raise_the_chosen_answer_over_the_rejected(tok, packed):
     example, the collate step, the concatenated forward, the loss's sign) with rpo_alpha 0:
     a few steps must raise log pi(chosen) - log pi(rejected), measured from the text."""
     model = tiny_gpt(tok, seed=7)
-    ex = [formats.pair_example(tok, {"prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}, 64)
+    ex = [preferences.pair_example(tok, {"prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}, 64)
           for q, c, r in PAIRS]
     X, Y, S = dpo.collate_pairs(ex, tok.pad, packed)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nanosft
-from data import formats
+from data import formats, preferences
 from extras import own_data
 from conftest import ROOT
 
@@ -51,8 +51,8 @@ def load_sft(tok, name, strict=False):
 
 def load_pref(tok, name, strict=False):
     report = formats.DataReport(fixture(name), strict, unit="pairs")
-    fmt, pairs = formats.read_pairs(fixture(name), report=report, reader=own_data.READER)
-    kept, examples = formats.pair_examples(tok, pairs, BLOCK, report)
+    fmt, pairs = preferences.read_pairs(fixture(name), report=report, reader=own_data.READER)
+    kept, examples = preferences.pair_examples(tok, pairs, BLOCK, report)
     return fmt, kept, examples, report
 
 

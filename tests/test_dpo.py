@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nanosft
-from data import formats, world_qa
+from data import formats, world_qa, preferences
 from extras import own_data
 from conftest import tiny_gpt, run_script
 
@@ -32,7 +32,7 @@ def pair_dict(q, c, r):
 
 
 def examples(tok, block_size=64):
-    return [formats.pair_example(tok, pair_dict(*p), block_size) for p in PAIRS]
+    return [preferences.pair_example(tok, pair_dict(*p), block_size) for p in PAIRS]
 
 
 def answer_logprob(model, tok, question, answer):
@@ -79,7 +79,7 @@ def test_sequence_logprobs_is_the_sum_of_picked_log_softmax():
 
 
 def test_pair_example_masks_exactly_the_response(tok):
-    (xc, yc, xr, yr), = [formats.pair_example(tok, pair_dict(*PAIRS[0]), 64)]
+    (xc, yc, xr, yr), = [preferences.pair_example(tok, pair_dict(*PAIRS[0]), 64)]
     prompt = nanosft.chat_prompt(tok, [{"role": "user", "content": PAIRS[0][0]}])
     for x, y, text in ((xc, yc, PAIRS[0][1]), (xr, yr, PAIRS[0][2])):
         resp = nanosft.encode_content(tok, text) + [tok.end]
@@ -277,7 +277,7 @@ def test_hh_split_on_a_multi_turn_dialogue(tok):
                               {"role": "user", "content": "What is 2+2?"}]
     assert (chosen, rejected) == ("It is 4.", "5, obviously.")
     # the earlier assistant turn is context: only the last reply is scored
-    _, yc, _, _ = formats.pair_example(tok, {"prompt": msgs, "chosen": chosen, "rejected": rejected}, 64)
+    _, yc, _, _ = preferences.pair_example(tok, {"prompt": msgs, "chosen": chosen, "rejected": rejected}, 64)
     assert [t for t in yc.tolist() if t != -1] == nanosft.encode_content(tok, "It is 4.") + [tok.end]
 
 
@@ -349,8 +349,8 @@ def test_dpo_script_end_to_end(sft_ckpt, tok, tmp_path):
     assert ev["step"] == [0, 3, 6]
     assert (ev["margin"][0], ev["pref_accuracy"][0], ev["kl"][0]) == (0.0, 0.5, 0.0)
     # the held-out pairs (the world's, all of them scored), scored here from their tensors
-    _, held = formats.read_pairs(world_qa.EVAL_THREADS, *dpo.HELDOUT_RULE)
-    _, held = formats.pair_examples(tok, held, 64, formats.DataReport(world_qa.EVAL_THREADS, unit="pairs"))
+    _, held = preferences.read_pairs(world_qa.EVAL_THREADS, *dpo.HELDOUT_RULE)
+    _, held = preferences.pair_examples(tok, held, 64, formats.DataReport(world_qa.EVAL_THREADS, unit="pairs"))
     assert len(held) == res["pairs_heldout"] == res["pairs_heldout_scored"] <= dpo.EVAL_PAIRS
     beta = dpo.DEFAULTS["beta"]
     assert res["beta"] == beta

@@ -12,7 +12,7 @@ from torch import nn
 
 import nanosft
 from extras import dpo_eval, peft, rewind
-from data import formats
+from data import preferences
 from conftest import ROOT, tiny_gpt
 
 import dpo
@@ -295,7 +295,7 @@ def test_heldout_people_never_reach_a_training_file(facts):
         hit = names.search(_text(name))
         assert hit is None, f"held-out person {hit.group(0)!r} appears in {name}"
 
-    fmt, pairs = formats.read_pairs(world_qa.THREADS, 10.0, True)
+    fmt, pairs = preferences.read_pairs(world_qa.THREADS, 10.0, True)
     assert pairs and all(p["split"] == "train" for p in pairs)
     for p in pairs:
         hit = names.search(json.dumps(p["prompt"], ensure_ascii=False))

@@ -13,7 +13,8 @@ TOP_LEVEL = {"README.md", "requirements.txt", "nanosft.py", "pretrain.py", "fine
              "data", "tests", "docs", "extras", ".ci", ".gitignore"}
 CORE = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py"]
 SHARED = {"ns": "nanosft.py", "nanosft": "nanosft.py", "formats": "data/formats.py", "world_eval": "data/world_eval.py",
-          "world_qa": "data/world_qa.py", "corpus": "data/corpus.py", "world": "data/world.py"}
+          "world_qa": "data/world_qa.py", "corpus": "data/corpus.py", "preferences": "data/preferences.py",
+          "world": "data/world.py"}
 
 
 def tree(path):
@@ -118,7 +119,7 @@ def test_readme_opens_with_how_to_read_this_and_its_line_ranges_are_true():
 
 
 FORMATTED = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "data/corpus.py", "data/formats.py",
-             "data/world_eval.py", "data/world_qa.py"]
+             "data/preferences.py", "data/world_eval.py", "data/world_qa.py"]
 
 
 @pytest.mark.parametrize("path", FORMATTED)

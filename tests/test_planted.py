@@ -10,7 +10,7 @@ import torch
 import nanosft
 import finetune
 from conftest import tiny_gpt
-from data import formats
+from data import formats, preferences
 from extras import hf, own_data  # noqa: F401 (importing hf lets load_checkpoint read a directory)
 
 BLOCK = 64
@@ -110,7 +110,7 @@ def test_conversational_pair_prompt_takes_the_earlier_turns_of_chosen(tmp_path):
               "rejected": [{"role": "assistant", "content": "Paris."}]}
     path = tmp_path / "trl.jsonl"
     path.write_text(json.dumps(record) + "\n" + json.dumps(single) + "\n", encoding="utf-8")
-    fmt, pairs = formats.read_pairs(str(path), report=formats.DataReport(str(path), unit="pairs"),
+    fmt, pairs = preferences.read_pairs(str(path), report=formats.DataReport(str(path), unit="pairs"),
                                     reader=own_data.READER)
     assert fmt == "conversational"
     got = [(p["prompt"], p["chosen"], p["rejected"], p["record"]) for p in pairs]
@@ -156,7 +156,7 @@ def test_strict_refuses_a_preference_pair_that_would_only_be_truncated(tok):
     left (answers fit) is kept and counted without --strict, an error naming it with."""
     pair = {"prompt": [{"role": "user", "content": LONG_Q}], "chosen": "Lisbon.", "rejected": "Porto.", "record": 5}
     report = formats.DataReport("pairs.jsonl", unit="pairs")
-    kept, examples = formats.pair_examples(tok, [pair], BLOCK, report)
+    kept, examples = preferences.pair_examples(tok, [pair], BLOCK, report)
     assert kept == [pair] and len(examples) == 1
     assert report.truncated == {"prompts cut from the left to fit": [5]} and report.skipped == {}
     xc, yc, xr, yr = examples[0]
@@ -165,7 +165,7 @@ def test_strict_refuses_a_preference_pair_that_would_only_be_truncated(tok):
     assert [t for t in yr.tolist() if t != -1] == nanosft.encode_content(tok, "Porto.") + [tok.end]
 
     with pytest.raises(nanosft.UserError) as e:
-        formats.pair_examples(tok, [pair], BLOCK, formats.DataReport("pairs.jsonl", strict=True, unit="pairs"))
+        preferences.pair_examples(tok, [pair], BLOCK, formats.DataReport("pairs.jsonl", strict=True, unit="pairs"))
     assert str(e.value).startswith("pairs.jsonl: record 5: ") and "truncated" in str(e.value)
 
 

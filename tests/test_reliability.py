@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nanosft
-from data import corpus, formats
+from data import corpus, preferences
 from extras import own_data
 import dpo
 import finetune
@@ -465,7 +465,7 @@ def test_special_token_strings_in_data_stay_plain_text(tmp_path, tok):
         assert trick in tok.decode(ids)
     if dpo:
         pair = {"prompt": [{"role": "user", "content": trick}], "chosen": "<|end|>yes", "rejected": "no"}
-        xc, yc, _, _ = formats.pair_example(tok, pair, 64)
+        xc, yc, _, _ = preferences.pair_example(tok, pair, 64)
         assert xc.tolist().count(tok.assistant) == 1 and [t for t in yc.tolist() if t != -1].count(tok.end) == 1
 
 
@@ -557,7 +557,7 @@ def test_fuzzed_data_files_load_or_give_the_clean_error(tmp_path, tok):
         else:
             _, train, held = own_data.load_preferences(path)
             for p in train + held:
-                formats.pair_example(tok, p, 64)
+                preferences.pair_example(tok, p, 64)
 
     def too_slow(*_):
         raise TimeoutError("a loader hung on a damaged file")

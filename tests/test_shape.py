@@ -11,7 +11,7 @@ from conftest import ROOT
 SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eval.py", "extras/peft.py", "sample.py",
            "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "extras/packing.py",
            "extras/cpu.py", "extras/charts.py", "data/formats.py", "data/world_eval.py", "data/world_qa.py",
-           "data/corpus.py", "extras/rewind.py",
+           "data/corpus.py", "data/preferences.py", "extras/rewind.py",
            "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
 MAIN_LINES = 80  # a stage's main, which owns its loop: STAGE_MAIN_LINES
 STAGE_MAIN_LINES = 250  # (formatted by ruff at 100 columns: one argument a line)
@@ -103,7 +103,7 @@ def test_every_module_imports_and_none_imports_one_that_imports_it_back():
 
 
 READ = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "sample.py", "data/formats.py", "data/world_eval.py",
-        "data/world_qa.py", "data/corpus.py", "data/world.py"]
+        "data/world_qa.py", "data/corpus.py", "data/preferences.py", "data/world.py"]
 
 
 @pytest.mark.parametrize("path", READ)
