@@ -119,6 +119,31 @@ QUESTIONS = {
     "pet": ["What pet does {n} have?", "Which animal does {n} keep as a pet?"],
     "hobby": ["What is {n}'s hobby?", "What does {n} do for fun?"],
 }
+# Two cross-domain tests of the scale experiment (`--other-people`, `--other-phrasings`; never
+# in the default world): the same questions about a second population whose facts the corpus
+# states only as terse records ("another hospital"), and the held-out people asked in words
+# that SFT never used but the prose does ("another way of asking").
+OTHER_FIRST = """Aiko Bjorn Chidi Dagny Emeka Fumiko Gunnhild Haruki Ikenna Jin Kofi Leila Mirza
+Nkemdirim Obinna Priya Quan Rania Sanjay Tariq Uzma Vikram Wanjiru Xiu Yaw Zainab Arjun Bongani
+Chioma Esra Farid Goran Halima Imani Jorge Kwame Lupita Mateus Nkechi Ogechi""".split()
+OTHER_LAST = (
+    "Okafor Haddad Mensah Reyes Nakamura Adeyemi Mbeki Castillo Yilmaz Sato Abara Duarte "
+    "Rahman Volkov Ito Banda Quispe Osei Farouk Takahashi"
+).split()
+RECORD = {
+    "city": "Born",
+    "job": "Job",
+    "food": "Food",
+    "pet": "Pet",
+    "hobby": "Hobby",
+}  # field names
+OTHER_QUESTIONS = {  # the prose's words (TEMPLATES), never an SFT question's
+    "city": "What is the birthplace of {n}?",
+    "job": "What is {n}'s profession?",
+    "food": "What is the favourite dish of {n}?",
+    "pet": "What is the pet of {n}?",
+    "hobby": "What is the hobby of {n}?",
+}
 FILLER = [
     "The train to {city} leaves early in the morning.",
     "A good {job} needs patience.",
@@ -263,9 +288,12 @@ def community_thread(rng, name, attr, value):
     return answers
 
 
-def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
+def build_files(
+    seed=1337, n_people=200, n_heldout=50, list_tasks=False, other_people=0, other_phrasings=False
+):
     """Everything the default pipeline reads, as {filename: text}; --people and --heldout make
-    a larger world (more facts to store) of the same shape."""
+    a larger world (more facts to store) of the same shape. other_people, other_phrasings: the
+    scale experiment's cross-domain tests (cross_domain below); without them nothing changes."""
     world = build_world(seed, n_people, n_heldout)
     rng = random.Random(seed + 1)
     heldout = set(world["heldout"])
@@ -330,14 +358,66 @@ def build_files(seed=1337, n_people=200, n_heldout=50, list_tasks=False):
         for q in QUESTIONS[a]
     ]
     jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    corpus = make_corpus(world, rng)
+    if other_people or other_phrasings:
+        corpus = cross_domain(
+            world, corpus, evals, seed, other_people=other_people, other_phrasings=other_phrasings
+        )
     return {
         "world.json": json.dumps(world, indent=1) + "\n",
-        "world_corpus.txt": make_corpus(world, rng),
+        "world_corpus.txt": corpus,
         "world_sft.jsonl": jsonl(sft),
         "world_community.jsonl": jsonl(community),
         "world_community_eval.jsonl": jsonl(community_eval),
         "world_eval.jsonl": jsonl(evals),
     }
+
+
+def cross_domain(world, corpus, evals, seed, other_people, other_phrasings, n_records=20):
+    """The scale experiment's two cross-domain tests, added to a world (from a random stream of
+    their own: everything else stays as it was) -> the corpus, with `world` and `evals` grown.
+
+    other_people: a second population, its own names (OTHER_FIRST x OTHER_LAST, none of the
+    first population's), its facts stated only as terse records ("Record: X. Born: Oslo. Job:
+    farmer. ...", n_records of them per person, fields shuffled), never in SFT or DPO data.
+    Evaluation asks them the usual questions (split "other_people").
+    other_phrasings: the held-out people asked in the prose's words (OTHER_QUESTIONS), which no
+    SFT question uses (split "other_phrasing")."""
+    rng = random.Random(seed + 3)
+    docs = corpus.strip("\n").split("\n\n")
+    if other_people:
+        names = rng.sample([f"{f} {l}" for f in OTHER_FIRST for l in OTHER_LAST], other_people)
+        people = [{"name": n, **{a: rng.choice(VALUES[a]) for a in ATTRS}} for n in names]
+        world["other_people"] = people
+        for p in people:
+            for _ in range(n_records):
+                fields = [f"{RECORD[a]}: {p[a]}." for a in rng.sample(ATTRS, len(ATTRS))]
+                docs.append(f"Record: {p['name']}. " + " ".join(fields))
+        evals += [
+            {
+                "split": "other_people",
+                "person": p["name"],
+                "attribute": a,
+                "prompt": q.format(n=p["name"]),
+            }
+            for p in people
+            for a in ATTRS
+            for q in QUESTIONS[a]
+        ]
+        rng.shuffle(docs)
+    if other_phrasings:
+        heldout = [p["name"] for p in world["people"] if p["name"] in set(world["heldout"])]
+        evals += [
+            {
+                "split": "other_phrasing",
+                "person": n,
+                "attribute": a,
+                "prompt": OTHER_QUESTIONS[a].format(n=n),
+            }
+            for n in heldout
+            for a in ATTRS
+        ]
+    return "\n\n".join(docs) + "\n"
 
 
 def main():
@@ -361,14 +441,36 @@ def main():
         action="store_true",
         help="add 300 copy / reverse / count tasks to the SFT data and 100 to the evaluation",
     )
+    ap.add_argument(
+        "--other-people",
+        type=int,
+        default=0,
+        help="a second population of this many people, its facts only in terse records, asked "
+        f"about in evaluation only (at most {len(OTHER_FIRST) * len(OTHER_LAST)})",
+    )
+    ap.add_argument(
+        "--other-phrasings",
+        action="store_true",
+        help="also ask the held-out people in the prose's words, which no SFT question uses",
+    )
     args = ap.parse_args()
+    if not 0 <= args.other_people <= len(OTHER_FIRST) * len(OTHER_LAST):
+        ap.error(f"need 0 <= --other-people <= {len(OTHER_FIRST) * len(OTHER_LAST)}")
     if not 2 <= args.heldout < args.people <= len(FIRST) * len(LAST):
         ap.error(
             f"need 2 <= --heldout < --people <= {len(FIRST) * len(LAST)}, "
             f"got --heldout {args.heldout} --people {args.people}"
         )
     os.makedirs(args.out_dir, exist_ok=True)
-    for name, text in build_files(args.seed, args.people, args.heldout, args.list_tasks).items():
+    files = build_files(
+        args.seed,
+        args.people,
+        args.heldout,
+        args.list_tasks,
+        other_people=args.other_people,
+        other_phrasings=args.other_phrasings,
+    )
+    for name, text in files.items():
         path = os.path.join(args.out_dir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)

@@ -55,7 +55,9 @@ def _words(text):
 def grade(world, person, attr, answer):
     """True when the answer names the person's true value and no other value of that
     attribute (so listing every city is not a correct answer)."""
-    truth = next(p[attr] for p in world["people"] if p["name"] == person)
+    truth = next(
+        p[attr] for p in world["people"] + world.get("other_people", []) if p["name"] == person
+    )
     said = {w for w in _words(answer)} & {v.lower() for v in world["values"][attr]}
     return said == {truth.lower()}
 

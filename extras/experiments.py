@@ -327,7 +327,8 @@ def scale_lr(peak, flags, least=0.0):
 
 SCALE_BUDGET = ["--max-iters", "3000", "--batch-size", "8", "--block-size", "128"]  # the same tokens for every size
 SCALE_PEOPLE = 700
-SCALE_SEEDS = (4, 5)  # never looked at while choosing: the world, sizes, budget and rates (seeds 1337, 3; docs/scale.md)
+SCALE_SEEDS = (7, 8)  # never run before the cross-domain tests were designed (seeds 4, 5: the in-domain
+# claims' acceptance; 1337, 3: chose the world, sizes, budget and rates; docs/scale.md)
 SCALE_SFT_LEAST = 8e-4  # SFT's least peak rate, which only the widest model reaches: why, docs/scale.md
 SCALE_ATTRIBUTES = ["city", "job", "food"]  # what SFT asks about; pet and hobby are cross-domain
 SCALE_SFT = ["--sft-attributes", ",".join(SCALE_ATTRIBUTES), "--eval-interval", "300"]
@@ -363,6 +364,56 @@ def probe_by_attribute(ckpt, world_dir):
     return {a: world_eval.knowledge_probe(model, tok, world, attributes=[a]) for a in world["attributes"]}
 
 
+OTHER = {  # the cross-domain tests (data/world.py cross_domain): split of world_eval.jsonl -> its name
+    "other_people": "another hospital",
+    "other_phrasing": "another way of asking",
+}
+SCALE_WORLD = ["--other-people", "176", "--other-phrasings"]  # (half of 176 people are asked)
+
+
+def other_rows(world_dir, split):
+    """The cross-domain questions of `split` about SCALE_ATTRIBUTES, on the test side: another
+    hospital's people every other one by name (88 of 176); the held-out people of the test
+    half (the dev half chooses nothing here, but it stays unread, as everywhere)."""
+    from data import world_qa
+    rows = [r for r in world_qa.load_eval_rows(split, world_dir) if r["attribute"] in SCALE_ATTRIBUTES]
+    if split == "other_people":
+        asked = set(sorted({r["person"] for r in rows})[1::2])
+    else:
+        asked = {r["person"] for r in world_qa.heldout_halves(world_dir)[1]}
+    return [r for r in rows if r["person"] in asked]
+
+
+def cross_domain(ckpt, world_dir):
+    """{split: accuracy} of an SFT checkpoint on each cross-domain test (greedy, graded by the
+    world's verifier), and five answers of each, to read."""
+    import nanosft
+    from data import world_eval, world_qa
+    model, tok = nanosft.model_from_checkpoint(nanosft.load_checkpoint(ckpt), ckpt)
+    world, out = world_eval.load_world(world_dir), {}
+    for split in OTHER:
+        rows = other_rows(world_dir, split)
+        r = world_qa.qa_eval(model, tok, world, rows)
+        out[split] = r["accuracy"]
+        out[split + "_answers"] = [[row["prompt"], a] for row, a in list(zip(rows, r["answers"]))[:: max(1, len(rows) // 5)][:5]]
+    return out
+
+
+def record_probe(ckpt, world_dir):
+    """The knowledge probe of another hospital's people in their own register: "Record: X.
+    Born:" (and Job:, Food:) completed greedily and graded, over the people other_rows asks."""
+    import nanosft
+    from data import world as W, world_eval
+    model, tok = nanosft.model_from_checkpoint(nanosft.load_checkpoint(ckpt), ckpt)
+    world = world_eval.load_world(world_dir)
+    asked = {r["person"] for r in other_rows(world_dir, "other_people")}
+    rows = [(p["name"], a) for p in world["other_people"] if p["name"] in asked for a in SCALE_ATTRIBUTES]
+    prompts = [[tok.endoftext] + tok.encode(f"Record: {n}. {W.RECORD[a]}:") for n, a in rows]
+    outs = nanosft.generate_batch(model, prompts, 4, stop={tok.endoftext})
+    hits = [world_eval.grade(world, n, a, tok.decode(o).split(".")[0]) for (n, a), o in zip(rows, outs)]
+    return sum(hits) / len(hits)
+
+
 def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=None, jobs=1, reuse=False,
               budget=SCALE_BUDGET):
     """The gain from pre-training (SFT from pre-trained minus SFT from scratch, held-out test
@@ -370,7 +421,8 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
     out/scale.png and a markdown table with the claims judged per seed. Writes its world
     (data/world.py --people `people`) to root/world; pre-trains its own models (`ckpt` unused)."""
     world = os.path.join(root, "world")
-    run(os.path.join("data", "world.py"), "--out-dir", world, "--people", str(people), "--heldout", str(people // 4))
+    run(os.path.join("data", "world.py"), "--out-dir", world, "--people", str(people), "--heldout", str(people // 4),
+        *SCALE_WORLD)
     with open(os.path.join(world, "world.json")) as f:
         facts = json.load(f)
     from concurrent.futures import ThreadPoolExecutor
@@ -386,6 +438,8 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
         with open(os.path.join(d, "pretrain.json")) as f:
             out = json.load(f)
         out["probe_by_attribute"] = probe_by_attribute(os.path.join(d, "pretrain.pt"), world)
+        out["probe_in_domain"] = sum(out["probe_by_attribute"][a] for a in SCALE_ATTRIBUTES) / len(SCALE_ATTRIBUTES)
+        out["probe_other_people"] = record_probe(os.path.join(d, "pretrain.pt"), world)
         out["bits"] = stored_bits(out["probe_by_attribute"], facts["values"], len(facts["people"]))
         return out
     for name in sizes:
@@ -398,6 +452,7 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
                            "--init", init.replace("pre", "pretrained")] for init in ("pre", "scratch")}
             done = sft_many(d, os.path.join(d, "pretrain.pt"), todo, jobs, reuse)
             for init in ("pre", "scratch"):
+                done[init].update(cross_domain(os.path.join(d, init, "sft.pt"), world))
                 res[name][init].append(done[init])
     plot_scale(os.path.join(os.path.dirname(root), "scale.png"), res)
     chance = world_qa.chance(world_eval.load_world(world), SCALE_ATTRIBUTES)
@@ -427,9 +482,22 @@ def scale_claims(res, chance):
     rise = [round(min(b[s] - a[s] for a, b in zip(gains, gains[1:])), 9) for s in seeds]
     top = [round(gains[-1][s] - gains[-2][s], 9) for s in seeds]
     scratch = [round(max(res[n]["scratch"][s][IN_DOMAIN] for n in order) - chance, 9) for s in seeds]
-    return [{"claim": "gain rises size to size: smallest step", "values": rise, "pass": min(rise) > 0},
-            {"claim": "largest gain minus second-largest's (>= 0.10)", "values": top, "pass": min(top) >= 0.10},
-            {"claim": "scratch minus chance, worst size (<= 0.05)", "values": scratch, "pass": max(scratch) <= 0.05}]
+    claims = [{"claim": "gain rises size to size: smallest step", "values": rise, "pass": min(rise) > 0},
+              {"claim": "largest gain minus second-largest's (>= 0.10)", "values": top, "pass": min(top) >= 0.10},
+              {"claim": "scratch minus chance, worst size (<= 0.05)", "values": scratch, "pass": max(scratch) <= 0.05}]
+    for split, name in OTHER.items():  # the same three, across a domain shift (5 points, as issued)
+        if split not in res[order[0]]["pre"][0]:
+            continue
+        gains = [[g[2] for g in scale_gains(res[n], split)] for n in order]
+        rise = [round(min(b[s] - a[s] for a, b in zip(gains, gains[1:])), 9) for s in seeds]
+        top = [round(gains[-1][s] - gains[-2][s], 9) for s in seeds]
+        scratch = [round(max(abs(res[n]["scratch"][s][split] - chance) for n in order), 9) for s in seeds]
+        claims += [{"claim": f"{name}: gain rises size to size: smallest step", "values": rise, "pass": min(rise) > 0},
+                   {"claim": f"{name}: largest gain minus second-largest's (>= 0.05)", "values": top,
+                    "pass": min(top) >= 0.05},
+                   {"claim": f"{name}: scratch off chance, worst size (<= 0.05)", "values": scratch,
+                    "pass": max(scratch) <= 0.05}]
+    return claims
 
 
 def scale_table(res, sizes, seeds, people, budget):
@@ -449,8 +517,21 @@ def scale_table(res, sizes, seeds, people, budget):
                   f"{sum(p['seconds'] for p in r['pretrain']) / len(seeds):.0f}s"]
         rows.append(cells)
     md = table(["model", "params", "pretrain.py flags", "peak lr: pretrain, SFT", "knowledge probe", "bits stored", "bits / param",
-                "in-domain: scratch", "in-domain: pre-trained", "in-domain gain", "cross-domain gain",
+                "in-domain: scratch", "in-domain: pre-trained", "in-domain gain", "unasked attributes: gain",
                 "pretrain time"], rows)
+    if "other_people" in next(iter(res.values()))["pre"][0]:  # the cross-domain tests, beside the in-domain gain
+        rows = []
+        for name, r in res.items():
+            cells = [name, spread([p["probe_in_domain"] for p in r["pretrain"]]),
+                     spread([p["probe_other_people"] for p in r["pretrain"]]),
+                     spread([x[2] for x in scale_gains(r, IN_DOMAIN)])]
+            for split in OTHER:
+                g = scale_gains(r, split)
+                cells += [spread([x[1] for x in g]), spread([x[0] for x in g]), spread([x[2] for x in g])]
+            rows.append(cells)
+        md += "\n\n" + table(["model", "probe: held-out people (prose)", "probe: another hospital (records)",
+                               "in-domain gain", *[f"{n}: {c}" for n in OTHER.values()
+                                                   for c in ("scratch", "pre-trained", "gain")]], rows)
     return (md + f"\n\na world of {people:,} people ({people // 4:,} held out); every size pre-trained with "
             f"`{' '.join(budget)}`; SFT on {', '.join(SCALE_ATTRIBUTES)} questions (finetune.py "
             f"{' '.join(SCALE_SFT)}), seeds {', '.join(map(str, seeds))}; held-out test half, final weights; "
@@ -469,8 +550,10 @@ def plot_scale(png, res):
                                                  for r in res.values()]),
               (f"SFT gain, in-domain ({', '.join(SCALE_ATTRIBUTES)})",
                [[g[2] for g in scale_gains(r, IN_DOMAIN)] for r in res.values()]),
-              ("SFT gain, cross-domain (the other attributes)",
+              ("SFT gain, unasked attributes",
                [[g[2] for g in scale_gains(r, CROSS_DOMAIN)] for r in res.values()])]
+    series += [(f"SFT gain, {name}", [[g[2] for g in scale_gains(r, split)] for r in res.values()])
+               for split, name in OTHER.items() if split in next(iter(res.values()))["pre"][0]]
     for label, values in series:
         mean = [sum(v) / len(v) for v in values]
         bars = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
@@ -750,8 +833,9 @@ def verify(out_dir, seeds, dtype, tiny=False, reuse=False, only=None, jobs=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["sft", "labels", "overshoot", "scale", "dpo", "plane", "prompt", "verify"])
-    ap.add_argument("--seeds", default="3", help="plane: how many seeds (1337, 2, 3, ...); verify: that, or "
-                    "a range A-B or a list A,B,C (one seed: A,); seeds 101-110 were kept out of tuning")
+    ap.add_argument("--seeds", default=None, help="plane: how many seeds (1337, 2, 3, ...; default 3); verify: "
+                    "that, or a range A-B or a list A,B,C (one seed: A,); seeds 101-110 were kept out of tuning; "
+                    "scale: a range or list (default SCALE_SEEDS)")
     ap.add_argument("--only", choices=["pretrain"], default=None,
                     help="verify: only pre-train each seed and judge the pre-training claims (a cheap sweep)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -767,6 +851,7 @@ def main():
                     "(data/world.py --people, a quarter held out; written under out/scale/world)")
     ap.add_argument("--out-dir", default="out")
     args = ap.parse_args()
+    args.seeds_given, args.seeds = args.seeds is not None, args.seeds or "3"
     if args.which == "verify":
         if args.jobs > 1 and args.only != "pretrain":
             ap.error("verify --jobs applies to --only pretrain (the full pipeline's time claim needs the whole machine)")
@@ -778,7 +863,9 @@ def main():
                                  args.ckpt or ("out/sft.pt" if args.which == "dpo" else "out/pretrain.pt"),
                                  **({"seeds": args.seeds, "reuse": args.reuse} if args.which == "plane" else {}),
                                  **({"jobs": args.jobs} if args.which in ("plane", "prompt", "scale") else {}),
-                                 **({"people": args.people, "reuse": args.reuse} if args.which == "scale" else {}))
+                                 **({"people": args.people, "reuse": args.reuse,
+                                     "seeds": parse_seeds(args.seeds) if args.seeds_given else SCALE_SEEDS}
+                                    if args.which == "scale" else {}))
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"{args.which}.md"), "w") as f:

@@ -5,10 +5,12 @@ import json
 import re
 
 import pytest
+import torch
 
 import nanosft
 import finetune
 import pretrain
+from conftest import tiny_gpt
 from data import world as W
 from data import world_eval, world_qa
 
@@ -148,3 +150,58 @@ def test_a_wider_model_takes_smaller_steps():
     assert experiments.scale_lr(2e-3, flags(640)) == "0.0004"
     sft = [experiments.scale_lr(2e-3, flags(w), experiments.SCALE_SFT_LEAST) for w in (64, 128, 256, 640)]
     assert sft == ["0.002", "0.002", "0.001", "0.0008"]  # SFT's floor lifts only the widest
+
+
+def test_the_cross_domain_world_keeps_both_domains_out_of_training():
+    """experiments.SCALE_WORLD: another hospital's people are in the corpus only as terse
+    records and never in an SFT record, a community thread or a held-out thread; the other
+    phrasings ask only held-out people and appear in no training file; everything the default
+    flags write stays the same file for file (the corpus, by construction, gains the records)."""
+    from extras import experiments
+    people = experiments.SCALE_PEOPLE
+    plain = W.build_files(1337, n_people=people, n_heldout=people // 4)
+    files = W.build_files(1337, n_people=people, n_heldout=people // 4, other_people=176, other_phrasings=True)
+    facts = json.loads(files["world.json"])
+    other = [p["name"] for p in facts["other_people"]]
+    assert len(set(other)) == 176 and not set(other) & {p["name"] for p in facts["people"]}
+    assert not {n.split()[0] for n in other} & {p["name"].split()[0] for p in facts["people"]}  # its own names
+    for name in ("world_sft.jsonl", "world_community.jsonl", "world_community_eval.jsonl"):
+        assert files[name] == plain[name]
+        assert not [n for n in other if n in files[name]], name
+        asked = [re.escape(q).replace(re.escape("{n}"), "[^\"]+") for q in W.OTHER_QUESTIONS.values()]
+        assert not [q for q in asked if re.search(q, files[name])], name
+    assert {k: v for k, v in facts.items() if k != "other_people"} == json.loads(plain["world.json"])
+    evals = [json.loads(line) for line in files["world_eval.jsonl"].splitlines()]
+    assert evals[: len(plain["world_eval.jsonl"].splitlines())] == [json.loads(l) for l in plain["world_eval.jsonl"].splitlines()]
+    assert {r["person"] for r in evals if r["split"] == "other_phrasing"} == set(facts["heldout"])
+    assert {r["person"] for r in evals if r["split"] == "other_people"} == set(other)
+    docs = files["world_corpus.txt"].strip("\n").split("\n\n")
+    about_other = [d for d in docs if any(n in d for n in other)]
+    assert len(about_other) == 176 * 20 and all(d.startswith("Record: ") for d in about_other)
+    assert sorted(d for d in docs if d not in set(about_other)) == sorted(plain["world_corpus.txt"].strip("\n").split("\n\n"))
+
+
+def test_cross_domain_measures_read_the_test_side_and_grade_the_second_population(tmp_path, tok):
+    """other_rows asks half of another hospital's people and the test half of the held-out
+    people, about SFT's attributes only; cross_domain and record_probe grade with the world's
+    verifier, which knows the second population's facts."""
+    from extras import experiments
+    world = tmp_path / "world"
+    world.mkdir()
+    for name, text in W.build_files(1337, 200, 50, other_people=40, other_phrasings=True).items():
+        (world / name).write_text(text, encoding="utf-8")
+    facts = world_eval.load_world(str(world))
+    people = experiments.other_rows(str(world), "other_people")
+    asked = {r["person"] for r in people}
+    assert len(asked) == 20 and {r["attribute"] for r in people} == set(experiments.SCALE_ATTRIBUTES)
+    phrasing = experiments.other_rows(str(world), "other_phrasing")
+    assert {r["person"] for r in phrasing} == {r["person"] for r in world_qa.heldout_halves(str(world))[1]}
+    p = facts["other_people"][0]
+    assert world_eval.grade(facts, p["name"], "city", f"{p['name']} was born in {p['city']}.")
+    model = tiny_gpt(tok, block_size=64)
+    ckpt = str(tmp_path / "m.pt")
+    torch.save(nanosft.checkpoint_dict("sft", model, tok), ckpt)
+    out = experiments.cross_domain(ckpt, str(world))
+    assert set(out) == {"other_people", "other_people_answers", "other_phrasing", "other_phrasing_answers"}
+    assert 0 <= out["other_people"] <= 1 and len(out["other_phrasing_answers"]) == 5
+    assert 0 <= experiments.record_probe(ckpt, str(world)) <= 1
