@@ -313,11 +313,11 @@ def reference_logprobs(ref, cache, batch):
     return cache[0][ids].to(X.device), cache[1][ids].to(X.device)
 
 
-def load_data(path, tok, block_size, min_margin, top_only, seed, strict, log):
+def load_data(path, tok, block_size, min_margin, top_only, strict, log):
     """The pairs -> world, (train pairs, their examples), (held-out pairs, examples), counts: the
     world's votes (world: its verifier, world_eval.load_world), held out the threads about the
     held-out people (HELDOUT_RULE); or your own file in any format extras/own_data.py reads
-    (world None), held out a share of its records. Logs what was read."""
+    (world None), held out about 10% of its prompts. Logs what was read."""
     world = world_eval.load_world() if world_eval.is_default(path, world_qa.THREADS) else None
     if not world:
         from extras import own_data  # your own file's formats
@@ -328,7 +328,6 @@ def load_data(path, tok, block_size, min_margin, top_only, seed, strict, log):
         block_size=block_size,
         min_margin=min_margin,
         top_only=top_only,
-        seed=seed,
         strict=strict,
         log=log,
         max_scored=EVAL_PAIRS,
@@ -550,7 +549,6 @@ def main(argv=None):
         model.config.block_size,
         min_margin=args.min_margin,
         top_only=args.pairs == "top",
-        seed=args.seed,
         strict=args.strict,
         log=process.log,
     )
@@ -739,6 +737,12 @@ def main(argv=None):
         else step
     )
     after = {**measure(model), **behaviour(model, tok, world, questions)}  # (the saved weights')
+    if not world:  # your own pairs: greedy answers start -> final, the chosen answer as reference
+        from extras import own_eval
+
+        counts["own_eval"] = own_eval.dpo_answers(
+            ref, model, tok, held_pairs, process=process, out_dir=args.out_dir
+        )
     result = report(
         state, after, kept, step, flags=vars(args), counts=counts, process=process, t_start=t_start
     )

@@ -569,6 +569,10 @@ class SFTEvaluator:
         return [{"step": 0, **self(model), "probe": self.probe(model)}]
 
 
+def fmt_loss(v):  # a loss for the log: None (no pre-training text at hand) as "n/a"
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def log_eval(log, result):
     cross = (
         ""
@@ -579,7 +583,7 @@ def log_eval(log, result):
     log(
         f"eval step {result['step']}: held-out {result['heldout']:.3f} "
         f"(dev {result['dev']:.3f}, dev answer loss "
-        f"{result['dev_loss']:.4f}{cross}) | retention loss {result['retention']:.4f}{probe}"
+        f"{result['dev_loss']:.4f}{cross}) | retention loss {fmt_loss(result['retention'])}{probe}"
     )
 
 
@@ -610,8 +614,8 @@ def world_report(log, path, final, rewound, choice, chance, attributes):
             f"before SFT {start['heldout_cross']:.3f}"
         )
     log(
-        f"retention loss:    before {start['retention']:.4f} | final {final['retention']:.4f} | "
-        f"rewound {rewound['retention']:.4f}"
+        f"retention loss:    before {fmt_loss(start['retention'])} | "
+        f"final {fmt_loss(final['retention'])} | rewound {fmt_loss(rewound['retention'])}"
     )
     log(
         f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
@@ -667,10 +671,8 @@ def main(argv=None):
     model, tok, start_checkpoint = build_model(
         args.ckpt, init=args.init, seed=args.seed, train_embeddings=args.train_embeddings
     )
-    block_size, args.pretrain_data = (
-        model.config.block_size,
-        pretrain_text(start_checkpoint),
-    )  # (for the next stage)
+    # the pre-training text's name travels on to the next stage
+    block_size, args.pretrain_data = model.config.block_size, pretrain_text(start_checkpoint)
     records, report = load_records(
         args.data,
         labels=args.labels,
@@ -681,10 +683,23 @@ def main(argv=None):
     )
     if args.show_mask:
         return show_mask(tok, records[0][1])
-    examples = formats.render_all(
-        tok, records, block_size, report
-    )  # what was skipped or cut: report.lines()
-    rows = peft = replay_windows = evaluator = None  # what the extras below set
+    rows = peft = replay_windows = evaluator = own = None  # what the extras below set
+    if not args.data:  # the world's questions: held-out accuracy and retention along the way
+        evaluator = SFTEvaluator(
+            process,
+            tok,
+            pretrain_stream(tok, args.pretrain_data),
+            block_size,
+            world_dir=args.world,
+            attributes=args.sft_attributes,
+        )
+    else:  # your own file: its held-out records are measured, never trained on
+        from extras import own_eval
+
+        own = own_eval.SFTHeldout(args.data, records, tok, model=model, process=process)
+        records = own.train
+    # what was skipped or cut: report.lines()
+    examples = formats.render_all(tok, records, block_size, report)
     if args.lora_rank or args.oft_block or args.prompt_tokens:
         from extras import (
             peft,
@@ -713,15 +728,6 @@ def main(argv=None):
             ratio=args.replay,
             seed=args.seed,
             process=process,
-        )
-    if not args.data:  # the world's questions: held-out accuracy and retention along the way
-        evaluator = SFTEvaluator(
-            process,
-            tok,
-            pretrain_stream(tok, args.pretrain_data),
-            block_size,
-            world_dir=args.world,
-            attributes=args.sft_attributes,
         )
     if args.rewind != "none":
         from extras import (
@@ -765,6 +771,8 @@ def main(argv=None):
                     rewind.keep_step(
                         plain_model, tok, it=it, flags=vars(args), out_dir=args.out_dir
                     )
+            elif own:  # your own file: the held-out answer loss, start model vs now
+                own.evaluate(model, it)
             keep(it)
         if process.world > 1:
             runtime.barrier(process)
@@ -897,6 +905,8 @@ def main(argv=None):
             checkpoint["metrics"] = {
                 k: v for k, v in out.items() if isinstance(v, (int, float, str))
             }
+        elif own:  # your own file: held-out answers, start -> final (out/sft_eval.jsonl)
+            out["own_eval"] = own.finish(plain_model, args.out_dir)
         nanosft.save_checkpoint(sft_file, checkpoint)
         out["seconds"] = time.time() - t_start
         nanosft.write_json(os.path.join(args.out_dir, "sft.json"), out)

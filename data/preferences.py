@@ -10,7 +10,8 @@ counted, a pair too long for the block is cut and counted.
     load_pairs(...)                  dpo.py's pairs as token examples, cut to the block size
 """
 
-import random
+import hashlib
+import unicodedata
 
 import nanosft
 from data.formats import DataReport, field, read_records
@@ -159,17 +160,33 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None, reader=None):
     return fmt, pairs
 
 
-def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None, reader=None):
-    """A preference file -> (format, train pairs, held-out pairs). The split is by record
-    (all pairs of one thread land on the same side): a record's "split" field
-    ("train" / "heldout") when the file has one, else a seeded HELDOUT_FRAC of the records."""
+def prompt_key(messages):
+    """What a prompt asks, normalised: the text of its user turns (of every turn when it has
+    none), NFKC, case-folded, whitespace collapsed. Records with the same key ask the same
+    thing, so they are held out together."""
+    turns = [m for m in messages if m["role"] == "user"] or messages
+    text = "\n".join(m["content"] for m in turns)
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def hash_share(key):
+    """Where a prompt key falls in [0, 1): the first 8 bytes of its SHA-1. The same on every
+    machine, run and process (Python's hash() of a string is salted per process)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def load_preferences(path, min_margin=1.0, top_only=True, report=None, reader=None):
+    """A preference file -> (format, train pairs, held-out pairs). A record's "split" field
+    ("train" / "heldout") when the file has one; else the pairs whose prompt hashes below
+    HELDOUT_FRAC (hash_share of prompt_key): about 10% of the prompts, every pair of a prompt on
+    the same side, and the same prompts finetune.py holds out of an instruction file with
+    those prompts (extras/own_eval.py), so DPO's held-out prompts are not SFT's training
+    ones. (A file whose every prompt hashes below it keeps them all for training.)"""
     fmt, pairs = read_pairs(path, min_margin, top_only, report, reader=reader)
     if all(p["split"] is None for p in pairs):
-        groups = sorted({p["group"] for p in pairs})
-        random.Random(seed).shuffle(groups)
-        held = set(groups[: round(len(groups) * HELDOUT_FRAC)] if len(groups) > 1 else [])
-        for p in pairs:
-            p["split"] = "heldout" if p["group"] in held else "train"
+        held = [hash_share(prompt_key(p["prompt"])) < HELDOUT_FRAC for p in pairs]
+        for p, h in zip(pairs, held):
+            p["split"] = "heldout" if h and not all(held) else "train"
     train = [p for p in pairs if p["split"] == "train"]
     heldout = [p for p in pairs if p["split"] == "heldout"]
     if not train:
@@ -188,7 +205,6 @@ def load_pairs(
     block_size,
     min_margin,
     top_only,
-    seed,
     strict,
     log,
     max_scored,
@@ -209,7 +225,7 @@ def load_pairs(
         held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)), reader=reader)[1]
     else:
         fmt, train, held = load_preferences(
-            path, min_margin=min_margin, seed=seed, top_only=top_only, report=report, reader=reader
+            path, min_margin=min_margin, top_only=top_only, report=report, reader=reader
         )
     train = pair_examples(tok, train, block_size, report)
     held = pair_examples(

@@ -341,7 +341,7 @@ def world_pairs(tok, cfg):
     dpo = load_script("dpo")
     d = dpo.DEFAULTS
     (_, ex), _, _ = preferences.load_pairs(world_qa.THREADS, world_qa.EVAL_THREADS, tok, cfg.block_size,
-                                       d["min_margin"], d["pairs"] == "top", SEED, False, lambda line: None,
+                                       d["min_margin"], d["pairs"] == "top", False, lambda line: None,
                                        dpo.EVAL_PAIRS)
     return dpo, d, ex
 

@@ -237,19 +237,32 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
+def spell(b):
+    """A token's bytes as GPT-2's files write them (BYTE_CHARS): b" the" -> "Ġthe"."""
+    return "".join(BYTE_CHARS[x] for x in b)
+
+
+def merge_list(tok):
+    """Our tiktoken ranks as GPT-2-style merges [left, right] (spelled), for a tokenizer that
+    merges by merge order: tokenizer.json here, a GGUF in extras/gguf_export.py. tiktoken
+    merges the adjacent pair whose merged token has the lowest rank, whichever two tokens it
+    is made of; a merge list gives one rank per pair. So the list holds EVERY split of a token
+    into two tokens, ordered by the token's id: the pairs that make a token come together, in
+    the token's place."""
+    return [[spell(b[:k]), spell(b[k:])] for b, _ in sorted(tok.ranks.items(), key=lambda x: x[1])
+            for k in range(1, len(b)) if b[:k] in tok.ranks and b[k:] in tok.ranks]
+
+
 def tokenizer_json(tok):
     """tokenizer.json (HF `tokenizers`) that gives exactly our tiktoken ids: our split regex
-    as a Split pre-tokenizer, then bytes as GPT-2's characters. tiktoken merges by the rank of
-    the merged token and takes a chunk that is itself a token whole; `tokenizers` merges by
-    merge order and does the latter with ignore_merges. So the merges are EVERY split of a
-    token into two tokens, ordered by the token's id. (Not covered: a chunk where two
-    overlapping pairs make the same token; tiktoken takes the left one, HF the split listed
-    first. Tests check whole texts in several scripts.)"""
-    spell = lambda b: "".join(BYTE_CHARS[x] for x in b)
+    as a Split pre-tokenizer, then bytes as GPT-2's characters, then merge_list. tiktoken
+    also takes a chunk that is itself a token whole; `tokenizers` does that with
+    ignore_merges. (Not covered: a chunk where two overlapping pairs make the same token;
+    tiktoken takes the left one, HF the split listed first. Tests check whole texts in
+    several scripts.)"""
     vocab = {spell(b): i for b, i in tok.ranks.items()}
     vocab.update(tok.special)  # also here, or `tokenizers` renumbers specials that follow a gap in the ids
-    merges = [[spell(b[:k]), spell(b[k:])] for b, _ in sorted(tok.ranks.items(), key=lambda x: x[1])
-              for k in range(1, len(b)) if b[:k] in tok.ranks and b[k:] in tok.ranks]
+    merges = merge_list(tok)
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in sorted(tok.special.items(), key=lambda x: x[1])]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}

@@ -202,6 +202,6 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
 READER = (record_format, record_pairs)  # preferences.read_pairs's reader for every format above
 
 
-def load_preferences(path, min_margin=1.0, seed=1337, top_only=True, report=None):
+def load_preferences(path, min_margin=1.0, top_only=True, report=None):
     """preferences.load_preferences of a file in any format above."""
-    return preferences.load_preferences(path, min_margin, seed=seed, top_only=top_only, report=report, reader=READER)
+    return preferences.load_preferences(path, min_margin, top_only=top_only, report=report, reader=READER)

@@ -84,7 +84,7 @@ def test_load_pairs_takes_held_out_pairs_from_the_held_out_file(tok, tmp_path):
                                                     "rejected": "Oslo."} for k in range(6)])
     heldout = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Where was Leon Berg born? ({k})", "chosen": "Cairo.",
                                                      "rejected": "Lima."} for k in range(3)])
-    (tp, tx), (hp, hx), counts = preferences.load_pairs(train, heldout, tok, 64, 1.0, True, 1337, False, lambda s: None, 100,
+    (tp, tx), (hp, hx), counts = preferences.load_pairs(train, heldout, tok, 64, 1.0, True, False, lambda s: None, 100,
                                                      reader=own_data.READER)
     assert len(tp) == len(tx) == 6 and len(hp) == len(hx) == 3 and counts["pairs_heldout"] == 3
     assert all("Ada Stone" in p["prompt"][0]["content"] for p in tp)
@@ -103,7 +103,7 @@ def test_held_out_benchmark_stays_the_same_whatever_the_training_pairs(tok, tmp_
                                                  for v in votes])
     seen = set()
     for margin, top in ((10.0, True), (20.0, True), (1.0, False), (30.0, False)):
-        (tp, _), (hp, _), _ = preferences.load_pairs(train, held, tok, 64, margin, top, 1337, False, lambda s: None, 100,
+        (tp, _), (hp, _), _ = preferences.load_pairs(train, held, tok, 64, margin, top, False, lambda s: None, 100,
                                                  heldout_rule=dpo.HELDOUT_RULE)
         seen.add(tuple((p["chosen"], p["rejected"]) for p in hp))
     # top answer (40) against those it beat by >= 10: Oslo (25) and Lima (5), in each of 4 threads
@@ -114,19 +114,21 @@ def test_held_out_benchmark_stays_the_same_whatever_the_training_pairs(tok, tmp_
 # ---- 2. a file without a "split" field is divided by record
 
 
-def test_a_file_without_a_split_field_is_divided_by_record(tmp_path):
+def test_a_file_without_a_split_field_is_divided_by_prompt(tmp_path):
     """Catches a split by pair: the pairs of one thread (one record, one prompt) must all
-    land on the same side, whatever the seed."""
+    land on the same side; the held-out prompts are those whose hash falls below
+    HELDOUT_FRAC, in any order of the file (so SFT's own-data split agrees)."""
     rows = [{"prompt": f"Question {i}?", "answers": [{"text": f"answer {i}.{j}", "up": 40 - 10 * j, "down": 0}
-                                                     for j in range(4)]} for i in range(30)]
+                                                     for j in range(4)]} for i in range(300)]
     path = write_jsonl(tmp_path / "votes.jsonl", rows)
-    for seed in range(1, 6):
-        _, train, held = own_data.load_preferences(path, 1.0, seed)
-        assert len(train) + len(held) == 30 * 3
-        assert len({p["group"] for p in held}) == round(30 * preferences.HELDOUT_FRAC)
-        assert len(held) == 3 * round(30 * preferences.HELDOUT_FRAC)  # whole threads
-        assert not {p["group"] for p in train} & {p["group"] for p in held}
-        assert not {p["prompt"][0]["content"] for p in train} & {p["prompt"][0]["content"] for p in held}
+    _, train, held = own_data.load_preferences(path, 1.0)
+    expect = {r["prompt"] for r in rows
+              if preferences.hash_share(preferences.prompt_key([{"role": "user", "content": r["prompt"]}])) < 0.1}
+    assert {p["prompt"][0]["content"] for p in held} == expect and 15 <= len(expect) <= 60  # about 10%
+    assert len(train) + len(held) == 300 * 3 and len(held) == 3 * len(expect)  # whole threads
+    assert not {p["prompt"][0]["content"] for p in train} & {p["prompt"][0]["content"] for p in held}
+    _, _, held_reversed = own_data.load_preferences(write_jsonl(tmp_path / "reversed.jsonl", rows[::-1]), 1.0)
+    assert {p["prompt"][0]["content"] for p in held_reversed} == expect
 
 
 # ---- 3, 4. rewinding reads the dev half; the test half is what is reported

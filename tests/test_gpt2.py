@@ -240,10 +240,12 @@ def test_finetune_on_imported_gpt2_then_sample(gpt2_dir, tmp_path, capsys, monke
     d, _, _ = gpt2_dir
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keeps one_thread's setting: tiny model
     data = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}."} for a in range(4) for b in range(3)]
+    rows = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}.", "split": "train"}
+            for a in range(4) for b in range(3)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = str(tmp_path / "out")
-    # every step is all 12 rows: step 1's loss is the imported model's answer loss on them
+    # every step is all 12 rows (all "train": none held out): step 1's loss is the imported
+    # model's answer loss on them
     finetune.main(["--ckpt", d, "--data", str(data), "--max-iters", "5", "--batch-size", "12", "--lr", "1e-3",
                    "--warmup", "1", "--eval-interval", "5", "--log-interval", "1", "--out-dir", out,
                    "--dtype", "float32"])

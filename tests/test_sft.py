@@ -342,3 +342,16 @@ def test_cli_prompt_from_task_words_through_an_mlp_saves_a_plain_prefix(tiny_ckp
     assert sorted(k for k in sft["model"] if "prefix" in k) == ["prefix"]
     model, _ = nanosft.model_from_checkpoint(sft)
     assert model.config.n_prefix == 4
+
+
+def test_the_world_log_lines_hold_a_missing_retention_loss():
+    """Started from a checkpoint that does not name its pre-training text (an imported GPT-2,
+    a checkpoint from elsewhere) there is no retention loss: the log says n/a, never crashes."""
+    import finetune
+    point = {"step": 0, "heldout": 0.5, "dev": 0.5, "dev_loss": 1.0, "heldout_in": 0.5, "heldout_cross": None,
+             "retention": None, "probe": 0.1, "train": 0.5, "tasks": None, "degenerate": 0.0}
+    lines = []
+    finetune.log_eval(lines.append, point)
+    finetune.world_report(lines.append, [point], point, rewound=point, choice=finetune.not_rewound(0), chance=0.05,
+                          attributes=["city"])
+    assert "retention loss n/a" in lines[0] and "before n/a | final n/a | rewound n/a" in " ".join(lines)
