@@ -205,3 +205,35 @@ def test_cross_domain_measures_read_the_test_side_and_grade_the_second_populatio
     assert set(out) == {"other_people", "other_people_answers", "other_phrasing", "other_phrasing_answers"}
     assert 0 <= out["other_people"] <= 1 and len(out["other_phrasing_answers"]) == 5
     assert 0 <= experiments.record_probe(ckpt, str(world)) <= 1
+
+
+def test_cross_domain_claims_and_table_on_a_hand_made_case(tmp_path):
+    """The three checks per cross-domain test, worked by hand. "another way of asking" gains
+    per seed: small 0.10, 0.00; mid 0.20, 0.10; big 0.40, 0.12 -> smallest rise 0.10, 0.02
+    (both > 0); top minus second 0.20, 0.02 (< 0.05 on seed 2); scratch off chance |0.0 - 0.05| and
+    |0.12 - 0.05| -> 0.05, 0.07: the bound is two-sided."""
+    from extras import experiments
+    res = {"small": result(1000, [0.1, 0.3], pre=[0.2, 0.3], scratch=[0.1, 0.0]),
+           "mid": result(4000, [0.5, 0.5], pre=[0.5, 0.4], scratch=[0.0, 0.1]),
+           "big": result(9000, [0.9, 0.7], pre=[1.0, 0.8], scratch=[0.0, 0.1])}
+    phrasing = {"small": ([0.10, 0.12], [0.0, 0.12]), "mid": ([0.20, 0.15], [0.0, 0.05]),
+                "big": ([0.40, 0.17], [0.0, 0.05])}  # (pre-trained, scratch) accuracy per seed
+    for name, r in res.items():
+        for s in range(2):
+            r["pre"][s].update(other_people=0.05, other_phrasing=phrasing[name][0][s])
+            r["scratch"][s].update(other_people=0.05, other_phrasing=phrasing[name][1][s])
+        for p in r["pretrain"]:
+            p.update(probe_in_domain=p["knowledge_probe_accuracy"], probe_other_people=0.5)
+    claims = {c["claim"]: c for c in experiments.scale_claims(res, chance=0.05)}
+    rise = claims["another way of asking: gain rises size to size: smallest step"]
+    assert rise["values"] == pytest.approx([0.10, 0.02]) and rise["pass"]
+    top = claims["another way of asking: largest gain minus second-largest's (>= 0.05)"]
+    assert top["values"] == pytest.approx([0.20, 0.02]) and not top["pass"]
+    scratch = claims["another way of asking: scratch off chance, worst size (<= 0.05)"]
+    assert scratch["values"] == pytest.approx([0.05, 0.07]) and not scratch["pass"]
+    flat = claims["another hospital: gain rises size to size: smallest step"]  # every gain 0
+    assert flat["values"] == [0.0, 0.0] and not flat["pass"]
+    md = experiments.scale_table(res, {n: ["--n-layer", "1", "--n-embd", "256"] for n in res}, [1, 2], 1000,
+                                 ["--max-iters", "9"])
+    big = [line for line in md.splitlines() if line.startswith("| big")][-1]  # the cross-domain table's row
+    assert big.endswith("| 0.025 [0.000–0.050] | 0.285 [0.170–0.400] | 0.260 [0.120–0.400] |"), big
