@@ -1,8 +1,9 @@
 """
-nanosft: what the stages of the pre-train -> SFT -> DPO pipeline share, nothing else. File
-formats are in data/formats.py; what only some runs need (torchrun, --resume, --time-budget,
-PEFT, packed rows, GPT-2) in extras/, imported where its flag is handled. Top to bottom:
-  1. running      bad input is one line and exit code 2; flags; device, dtype, the log line
+nanosft: what the stages of the pre-train -> SFT -> DPO pipeline share, nothing else. What
+they read is in data/ (text, records, preference pairs, the world's files and evaluation);
+what only some runs need (torchrun, --resume, --time-budget, PEFT, packed rows, GPT-2, your
+own data's formats) in extras/, imported where its flag is handled. Top to bottom:
+  1. running      bad input is one line and exit code 2; flags; device, dtype; Ctrl-C; the log
   2. tokenizer    a byte-level BPE (trained here) served by tiktoken
   3. model        a small GPT (pre-LayerNorm, learned positions, tied weights, KV cache)
   4. optimizer    AdamW (decay on matrices only), warmup + cosine schedule
