@@ -50,6 +50,10 @@ DEFAULTS = dict(
     rpo_alpha=0.1,
     min_margin=10.0,
     pairs="top",
+    no_ref_cache=False,  # this and below: flags of extras/flags.py
+    strict=False,
+    pack=False,
+    rewind=False,
 )
 EVAL_PAIRS = 2048  # held-out pairs scored at each evaluation (more: an evenly spaced subset)
 HELDOUT_RULE = (
@@ -183,7 +187,7 @@ def pair_loss(
 
 
 def parse_args(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__, stage="dpo")  # more flags: extras/flags.py
     lesson = ap.add_argument_group("DPO: the starting model, the pairs, the loss")
     lesson.add_argument(
         "--ckpt", default="out/sft.pt", help="starting checkpoint (sft); also the frozen reference"
@@ -196,57 +200,11 @@ def parse_args(argv=None):
         help="ipo: Azar et al.; sigmoid: DPO's Eq. 7; hinge: SLiC",
     )
     lesson.add_argument(
-        "--label-smoothing", type=float, help="conservative DPO: assumed label-flip rate eps"
-    )
-    nanosft.add_common_args(ap)
-    extra = ap.add_argument_group(
-        "pair construction (votes and scores formats), NLL term, reference cache, extras"
-    )
-    extra.add_argument(
-        "--min-margin", type=float, help="least difference of net votes or scores that makes a pair"
-    )
-    extra.add_argument(
-        "--pairs",
-        choices=["top", "all"],
-        help="the top answer against each other one, or every "
-        "two answers (the world's held-out pairs stay the same: dpo.HELDOUT_RULE)",
-    )
-    extra.add_argument(
         "--rpo-alpha", type=float, help="add alpha x the chosen answers' per-token NLL (0 = off)"
     )
-    extra.add_argument(
-        "--no-ref-cache", action="store_true", help="a reference forward every step, no cache"
-    )
-    extra.add_argument(
-        "--strict",
-        action="store_true",
-        help="a pair that would be skipped or truncated "
-        "(a tie, a duplicate, too long) is an error instead",
-    )
-    extra.add_argument(
-        "--pack",
-        action="store_true",
-        help="several answers per row (extras/packing.py): less "
-        "padding, the same log-probs up to float rounding",
-    )
-    extra.add_argument(
-        "--rewind",
-        action="store_true",
-        help="the world only: measure the dev half's path, keep its "
-        "checkpoints in out/dpo_path/ and save its latest good point (extras/dpo_eval.py)",
-    )
+    nanosft.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
-    args = ap.parse_args(argv)  # (nanosft.ArgumentParser checks each number's range)
-    if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss != "sigmoid"):
-        raise nanosft.UserError(
-            f"--label-smoothing (the sigmoid loss only) must be in [0, 0.5), got "
-            f"{args.label_smoothing} with --loss {args.loss}"
-        )
-    if args.rewind and not world_eval.is_default(args.data, world_qa.THREADS):
-        raise nanosft.UserError(
-            "--rewind reads the world's dev half: it needs the world's votes, not --data"
-        )
-    return args
+    return ap.parse_args(argv)  # (nanosft.ArgumentParser checks each number's range)
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,7 +290,7 @@ def load_data(path, tok, block_size, min_margin, top_only, strict, log):
         log=log,
         max_scored=EVAL_PAIRS,
         heldout_rule=HELDOUT_RULE if world else None,
-        reader=None if world else own_data.READER,
+        split=None if world else own_data.load_preferences,
     )
     log(
         f"{path}: {counts['format']} format, {len(train[1]):,} train / "

@@ -26,26 +26,35 @@ import nanosft
 import torch
 from data import corpus, formats, world_eval, world_qa
 
-DEFAULTS = dict(max_iters=300, batch_size=16, lr=None, eval_interval=75, warmup=20, log_interval=25)
-LR = {
-    "full": 2e-3,
-    "lora": 3e-3,
-    "oft": 3e-3,
-    "prompt": 3e-2,
-}  # --lr per method: why, docs/forgetting.md, docs/peft.md
-ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --alphas (extras/rewind.py)
-# the flags main hands on by name: to extras/peft.py sft_setup, to extras/rewind.py, to sft.json
-PEFT_FLAGS = (
-    "lora_rank",
-    "lora_alpha",
-    "lora_on",
-    "oft_block",
-    "prompt_tokens",
-    "prompt_init",
-    "prompt_mlp",
-    "new_rows",
+# Every default of this stage in one place; those of the flags that extras/flags.py declares
+# (PEFT, replay, rewinding, other worlds) too, so a default run has them without reading it.
+DEFAULTS = dict(
+    max_iters=300,
+    batch_size=16,
+    lr=2e-3,  # full SFT's; LoRA, OFT and prompt tuning have their own (extras/flags.py LR)
+    eval_interval=75,
+    warmup=20,
+    log_interval=25,
+    world=world_eval.HERE,
+    sft_attributes=None,
+    strict=False,
+    train_embeddings=False,
+    lora_rank=0,
+    lora_alpha=None,
+    oft_block=0,
+    lora_on="attn",
+    quantize_base="none",
+    prompt_tokens=0,
+    prompt_init="random",
+    prompt_mlp=0,
+    new_rows="train",
+    replay=0.0,
+    rewind="none",
+    rewind_min_gain=0.05,
+    rewind_tolerance=0.01,
+    rewind_loss_tolerance=0.02,
+    alphas=(),
 )
-REWIND_FLAGS = ("rewind", "alphas", "rewind_tolerance", "rewind_loss_tolerance", "rewind_min_gain")
 REPORTED_FLAGS = (
     "init",
     "lora_rank",
@@ -275,32 +284,9 @@ def projection_bytes(model):
 # 4. arguments and checkpoints
 
 
-# the world's attributes (data/world.py writes them; tests/test_core.py checks)
-ATTRS = ["city", "job", "food", "pet", "hobby"]
-
-
-def sft_attributes(spec):
-    """--sft-attributes "city,job,food" -> ["city", "job", "food"] (the world's order): the
-    attributes whose questions SFT trains on; the others are asked only in evaluation, a
-    question type SFT never showed (cross-domain). None: every attribute."""
-    names = ATTRS if spec is None else [a.strip() for a in spec.split(",") if a.strip()]
-    unknown = [a for a in names if a not in ATTRS]
-    if unknown or not names:
-        raise nanosft.UserError(
-            f"--sft-attributes {spec}: unknown attribute {', '.join(unknown) or '(none named)'}; "
-            f"the world's attributes are {','.join(ATTRS)}"
-        )
-    return [a for a in ATTRS if a in names]
-
-
-def method(lora_rank, oft_block, prompt_tokens):
-    """What trains: "lora", "oft", "prompt" or "full" (every weight; also --init scratch)."""
-    return "lora" if lora_rank else "oft" if oft_block else "prompt" if prompt_tokens else "full"
-
-
 def parse_args(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
-    lesson = ap.add_argument_group("fine-tuning: the model, the data, what trains")
+    ap = nanosft.ArgumentParser(__doc__, stage="finetune")  # more flags: extras/flags.py
+    lesson = ap.add_argument_group("fine-tuning: the model, the data, the labels")
     lesson.add_argument(
         "--ckpt", default="out/pretrain.pt", help="pre-trained checkpoint to start from"
     )
@@ -315,123 +301,17 @@ def parse_args(argv=None):
         help="scratch: random weights (the no-pre-training baseline)",
     )
     lesson.add_argument(
-        "--train-embeddings", action="store_true", help="train every row (see freeze_vocabulary)"
+        "--labels",
+        default="top-voted",
+        choices=["gold", "top-voted", "random-community"],
+        help="the world's answers: the gold fact, the community's top-voted or a random one",
     )
     lesson.add_argument(
         "--show-mask", action="store_true", help="print one rendered example and exit"
     )
     nanosft.add_common_args(ap)
-    data = ap.add_argument_group("data options (the world's questions)")
-    data.add_argument(
-        "--labels", default="top-voted", choices=["gold", "top-voted", "random-community"]
-    )
-    data.add_argument(
-        "--world", default=world_eval.HERE, help="the world directory (pretrain.py --world)"
-    )
-    data.add_argument(
-        "--sft-attributes",
-        help="train on the questions about these attributes only, e.g. "
-        "city,job,food; held-out accuracy is then also reported in- and cross-domain",
-    )
-    data.add_argument(
-        "--strict",
-        action="store_true",
-        help="a record that would be skipped or truncated is an error",
-    )
-    peft = ap.add_argument_group("PEFT: LoRA, OFT, prompt tuning (extras/peft.py, docs/peft.md)")
-    peft.add_argument(
-        "--lora-rank", type=int, default=0, help="LoRA adapters of this rank, base frozen"
-    )
-    peft.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2*rank)")
-    peft.add_argument(
-        "--oft-block", type=int, default=0, help="OFT rotations in blocks of this size, base frozen"
-    )
-    peft.add_argument(
-        "--lora-on",
-        default="attn",
-        choices=["attn", "mlp", "attn,mlp"],
-        help="what LoRA/OFT adapts",
-    )
-    peft.add_argument(
-        "--quantize-base", default="none", choices=["none", "int8"], help="LoRA/OFT: int8 base"
-    )
-    peft.add_argument(
-        "--prompt-tokens", type=int, default=0, help="prompt tuning: learned prefix length"
-    )
-    peft.add_argument(
-        "--prompt-init",
-        default="random",
-        choices=["random", "task"],
-        help="prompt tuning: its start",
-    )
-    peft.add_argument(
-        "--prompt-mlp", type=int, default=0, help="prompt tuning through an MLP of this width"
-    )
-    peft.add_argument(
-        "--new-rows", default="train", choices=["train", "freeze"], help="new tokens' embeddings"
-    )
-    forget = ap.add_argument_group(
-        "forgetting: replay, rewinding (extras/replay.py, extras/rewind.py)"
-    )
-    forget.add_argument(
-        "--replay", type=float, default=0.0, help="mix this many pre-training tokens per SFT token"
-    )
-    forget.add_argument(
-        "--rewind",
-        default="none",
-        choices=["none", "path", "interpolate"],
-        help="out/sft.pt: the final weights, or rewound along the path or the line",
-    )
-    forget.add_argument(
-        "--rewind-min-gain", type=float, default=0.05, help="the least retention loss it must save"
-    )
-    forget.add_argument(
-        "--rewind-tolerance", type=float, default=0.01, help="dev accuracy below the best"
-    )
-    forget.add_argument(
-        "--rewind-loss-tolerance", type=float, default=0.02, help="dev answer loss above the lowest"
-    )
-    forget.add_argument(
-        "--alphas",
-        type=lambda v: tuple(sorted({0.0, 1.0} | {float(a) for a in v.split(",")})),
-        help="with --rewind: the alphas of the line evaluated (comma-separated; 0 and 1 "
-        "always; default: with --rewind interpolate, ALPHAS, else none)",
-    )
     ap.set_defaults(**DEFAULTS)
-    args = ap.parse_args(argv)
-    if sum(map(bool, (args.lora_rank, args.oft_block, args.prompt_tokens))) > 1:
-        raise nanosft.UserError(
-            "--lora-rank, --oft-block and --prompt-tokens are alternatives; pick one"
-        )
-    if (args.prompt_mlp or args.prompt_init != "random") and not args.prompt_tokens:
-        raise nanosft.UserError(
-            "--prompt-init and --prompt-mlp shape a prompt: add --prompt-tokens"
-        )
-    if args.quantize_base != "none" and not (args.lora_rank or args.oft_block):
-        raise nanosft.UserError(
-            "--quantize-base needs a frozen base: add --lora-rank or --oft-block"
-        )
-    if args.data and args.sft_attributes:
-        raise nanosft.UserError(
-            "--sft-attributes picks the world's questions: it does not apply to --data"
-        )
-    args.sft_attributes = None if args.data else sft_attributes(args.sft_attributes)
-    world_eval.check_world_dir(args.world)
-    if args.lr is None:
-        args.lr = LR[method(args.lora_rank, args.oft_block, args.prompt_tokens)]
-    if args.data and args.rewind != "none":
-        raise nanosft.UserError(
-            "--rewind chooses by the world's held-out questions: it does not apply to --data"
-        )
-    if args.alphas and args.rewind == "none":
-        raise nanosft.UserError(
-            "--alphas evaluates the line for rewinding: add --rewind path or --rewind interpolate"
-        )
-    if args.alphas is None:
-        args.alphas = ALPHAS if args.rewind == "interpolate" else ()
-    if args.init == "scratch":  # no pre-trained end: no line pre-trained -> final to evaluate
-        args.alphas = ()
-    return args
+    return ap.parse_args(argv)
 
 
 def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
@@ -449,114 +329,64 @@ def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
 # 5. the world's evaluation: what SFT makes usable (held-out accuracy), what it costs (retention)
 
 
-def by_domain(rows, attributes):
-    """(in-domain rows, cross-domain rows) of world questions: those about an attribute SFT
-    asked about (`attributes`), and the rest. Together they are `rows`."""
-    return [r for r in rows if r["attribute"] in attributes], [
-        r for r in rows if r["attribute"] not in attributes
-    ]
-
-
-def domain_accuracy(world, rows, answers, attributes):
-    """(in-domain, cross-domain) accuracy of the answers to `rows` (split by by_domain), graded
-    by the world's verifier; None for a side without rows."""
-    said = {id(r): a for r, a in zip(rows, answers)}
-    return tuple(
-        sum(world_eval.grade(world, r["person"], r["attribute"], said[id(r)]) for r in part)
-        / len(part)
-        if part
-        else None
-        for part in by_domain(rows, attributes)
-    )
-
-
 def task_accuracy(model, tok, rows):
     """List tasks (copy / reverse / count): exact match."""
     answers, _ = world_qa.answer_questions(model, tok, [r["prompt"] for r in rows])
     return sum(a.strip() == r["answer"] for r, a in zip(rows, answers)) / max(1, len(rows))
 
 
-def dev_answer_batches(tok, prompts, world_dir=world_eval.HERE, batch=64):
-    """The community's top-voted answers to the dev half's questions `prompts`
-    (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
-    their loss says how closely the model writes the answers SFT teaches -- the voted
-    style included -- for people it was never trained on."""
-    threads = formats.read_records(world_eval.path("world_community_eval.jsonl", world_dir))
-    convs = [
-        [
-            {"role": "user", "content": t["prompt"]},
-            {"role": "assistant", "content": top_voted(t["answers"])},
-        ]
-        for _, t in threads
-        if t["prompt"] in prompts
-    ]
-    examples = [nanosft.example_tensors(*nanosft.render_chat(tok, c)) for c in convs]
-    return [
-        nanosft.collate(examples[i : i + batch], tok.pad) for i in range(0, len(examples), batch)
-    ]
-
-
 class SFTEvaluator:
-    """Held-out accuracy (dev half used for rewinding, test half reported, also split into
-    in-domain and cross-domain: the attributes SFT asked about and the others), training-people
-    accuracy, list-task accuracy and retention measured two ways: the pre-training
-    validation loss, and the knowledge probe (the biographies' facts completed as plain
-    text, as after pre-training; a stand-in for PEFT-Arena's general-ability benchmarks).
+    """What SFT makes usable and what it costs, on the world: held-out accuracy (the test half
+    of the held-out people's questions), the degenerate rate, and retention measured two ways:
+    the pre-training validation loss, and the knowledge probe (the biographies' facts completed
+    as plain text, as after pre-training; a stand-in for PEFT-Arena's general-ability
+    benchmarks).
 
-    evaluator(model) measures what the path and rewinding read at every evaluation point
-    (the probe is None there); evaluator(model, full=True) adds the training people, the
-    list tasks and the knowledge probe (before SFT, final, rewound: what sft.json reports).
+    evaluator(model) measures a point of the path (its probe None: measured at the ends);
+    evaluator(model, full=True) adds the training people, the list tasks and the knowledge
+    probe (before SFT and final: what sft.json reports). `more`: measures that flags add to
+    every point, more(model, test answers) -> their fields: the dev half that rewinding
+    chooses by (extras/rewind.py DevHalf), the in- and cross-domain split of --sft-attributes
+    (extras/cross_domain.py).
 
-    pretrain_stream: the pre-training text's tokens (None: no retention loss).
-    attributes: those SFT trains on (--sft-attributes). Rewinding sees the dev half's
-    questions about these only, so nothing about a cross-domain attribute informs the choice."""
+    pretrain_stream: the pre-training text's tokens (None: no retention loss)."""
 
-    def __init__(
-        self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE, attributes=None
-    ):
-        self.process, self.tok = process, tok
+    def __init__(self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE):
+        self.process, self.tok, self.world_dir = process, tok, world_dir
         self.world = world_eval.load_world(world_dir)
-        self.attributes = attributes or self.world["attributes"]
         self.longest = world_qa.world_longest(world_dir)
-        dev, self.test = world_qa.heldout_halves(world_dir)
-        self.dev = by_domain(dev, self.attributes)[0]
-        self.dev_answers = dev_answer_batches(tok, {r["prompt"] for r in self.dev}, world_dir)
+        self.test = world_qa.heldout_halves(world_dir)[1]
         self.train = world_qa.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half
         self.tasks = world_qa.load_eval_rows("tasks", world_dir)
-        self.retention = None
-        if (
-            pretrain_stream is not None
-        ):  # the same split pre-training used: retention = its validation loss
+        self.retention, self.more = None, []
+        if pretrain_stream is not None:  # the split pre-training used: its validation loss
             self.retention = corpus.fixed_windows(
                 corpus.split_corpus(pretrain_stream, block_size)[1], block_size
             )
 
+    def qa(self, model, rows):
+        return world_qa.qa_eval(model, self.tok, self.world, rows, longest=self.longest)
+
     def __call__(self, model, full=False):
-        qa = lambda rows: world_qa.qa_eval(model, self.tok, self.world, rows, longest=self.longest)
-        test = qa(self.test)
-        inside, cross = domain_accuracy(self.world, self.test, test["answers"], self.attributes)
-        result = {
-            "dev": qa(self.dev)["accuracy"],
+        test = self.qa(model, self.test)
+        point = {
             "heldout": test["accuracy"],
-            "heldout_in": inside,
-            "heldout_cross": cross,
-            "dev_loss": nanosft.mean_loss(model, self.dev_answers, self.process),
             "degenerate": test["degenerate_rate"],
             "retention": nanosft.mean_loss(model, self.retention, self.process)
             if self.retention
             else None,
             "probe": None,
         }
-        return self.complete(result, model) if full else result
+        for more in self.more:
+            point.update(more(model, test["answers"]))
+        return self.complete(point, model) if full else point
 
     def complete(self, point, model):
         """A point measured already (evaluator(model) at the same weights), completed with what
         the report adds: the training people, the list tasks and the knowledge probe."""
         full = {
             **point,
-            "train": world_qa.qa_eval(
-                model, self.tok, self.world, self.train, longest=self.longest
-            )["accuracy"],
+            "train": self.qa(model, self.train)["accuracy"],
             "tasks": task_accuracy(model, self.tok, self.tasks) if self.tasks else None,
         }
         return {**full, "probe": self.probe(model) if point["probe"] is None else point["probe"]}
@@ -573,18 +403,18 @@ def fmt_loss(v):  # a loss for the log: None (no pre-training text at hand) as "
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def log_eval(log, result):
-    cross = (
-        ""
-        if result["heldout_cross"] is None
-        else f", in-domain {result['heldout_in']:.3f}, cross-domain {result['heldout_cross']:.3f}"
-    )
-    probe = "" if result["probe"] is None else f" | knowledge probe {result['probe']:.3f}"
+def log_eval(log, p):
+    """An evaluation's log line (and what the flags' measures added: dev, in/cross-domain)."""
+    more = (f" | {k} {v:.3f}" for k, v in p.items() if k not in EVAL_KEYS and v is not None)
     log(
-        f"eval step {result['step']}: held-out {result['heldout']:.3f} "
-        f"(dev {result['dev']:.3f}, dev answer loss "
-        f"{result['dev_loss']:.4f}{cross}) | retention loss {fmt_loss(result['retention'])}{probe}"
+        f"eval step {p['step']}: held-out {p['heldout']:.3f} | retention loss "
+        f"{fmt_loss(p['retention'])}"
+        + ("" if p["probe"] is None else f" | knowledge probe {p['probe']:.3f}")
+        + "".join(more)
     )
+
+
+EVAL_KEYS = ("step", "heldout", "degenerate", "retention", "probe")
 
 
 def not_rewound(step):
@@ -597,33 +427,24 @@ def not_rewound(step):
     }
 
 
-def world_report(log, path, final, rewound, choice, chance, attributes):
+def world_report(log, path, final, rewound, choice, chance):
     """sft.json's world numbers: before SFT (the path's step 0), at the final step and at the
-    rewound point (`final`, `rewound`: their full evaluations); the headline is logged.
-    attributes: those SFT asked about; held-out accuracy is split into these (in-domain) and
-    the others (cross-domain; None when SFT asked about every attribute)."""
+    rewound point (`final`, `rewound`: their full evaluations; the same without --rewind); the
+    headline is logged."""
     start = path[0]
     log(
         f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
-        f"rewound ({choice['rewound']}) {rewound['heldout']:.3f}"
+        f"out/sft.pt: {choice['rewound']} {rewound['heldout']:.3f}"
     )
-    if rewound["heldout_cross"] is not None:
-        log(
-            f"  of it, rewound: in-domain ({','.join(attributes)}) {rewound['heldout_in']:.3f} | "
-            f"cross-domain (the other attributes) {rewound['heldout_cross']:.3f}, "
-            f"before SFT {start['heldout_cross']:.3f}"
-        )
     log(
         f"retention loss:    before {fmt_loss(start['retention'])} | "
-        f"final {fmt_loss(final['retention'])} | rewound {fmt_loss(rewound['retention'])}"
+        f"final {fmt_loss(final['retention'])} | out/sft.pt {fmt_loss(rewound['retention'])}"
     )
     log(
         f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
-        f"rewound {rewound['probe']:.3f}"
+        f"out/sft.pt {rewound['probe']:.3f}"
     )
-    tasks = (
-        f" | list tasks {rewound['tasks']:.3f}" if rewound["tasks"] is not None else ""
-    )  # (world.py --list-tasks)
+    tasks = "" if rewound["tasks"] is None else f" | list tasks {rewound['tasks']:.3f}"
     log(
         f"training people {rewound['train']:.3f}{tasks} | "
         f"degenerate answers {rewound['degenerate']:.3f}"
@@ -648,12 +469,6 @@ def world_report(log, path, final, rewound, choice, chance, attributes):
         "knowledge_probe_rewound": rewound["probe"],
         **choice,
         "chance_accuracy": chance,
-        "sft_attributes": attributes,
-        "heldout_accuracy_in_domain": rewound["heldout_in"],
-        "heldout_accuracy_cross_domain": rewound["heldout_cross"],
-        "heldout_accuracy_in_domain_final": final["heldout_in"],
-        "heldout_accuracy_cross_domain_final": final["heldout_cross"],
-        "heldout_accuracy_cross_domain_before": start["heldout_cross"],
         "path": path,
     }
 
@@ -691,19 +506,19 @@ def main(argv=None):
             pretrain_stream(tok, args.pretrain_data),
             block_size,
             world_dir=args.world,
-            attributes=args.sft_attributes,
         )
+        if args.sft_attributes:  # held-out accuracy also in-domain and cross-domain
+            from extras import cross_domain
+
+            evaluator.more.append(cross_domain.Domains(evaluator, args.sft_attributes))
     else:  # your own file: its held-out records are measured, never trained on
         from extras import own_eval
 
         own = own_eval.SFTHeldout(args.data, records, tok, model=model, process=process)
         records = own.train
-    # what was skipped or cut: report.lines()
     examples = formats.render_all(tok, records, block_size, report)
     if args.lora_rank or args.oft_block or args.prompt_tokens:
-        from extras import (
-            peft,
-        )  # --lora-rank, --oft-block, --prompt-tokens: adapters or a prefix train
+        from extras import peft  # --lora-rank, --oft-block, --prompt-tokens: adapters, a prefix
 
         counts = None if args.init == "scratch" else pretraining_counts(tok, start_checkpoint)
         model, rows = peft.sft_setup(
@@ -716,7 +531,7 @@ def main(argv=None):
             chat_tokens=chat_tokens(tok),
             rare=RARE,
             train_rows=train_rows,
-            **{k: getattr(args, k) for k in PEFT_FLAGS},
+            **{k: getattr(args, k) for k in peft.FLAGS},
         )
     if args.replay:
         from extras import replay  # --replay: pre-training windows in every step
@@ -729,10 +544,10 @@ def main(argv=None):
             seed=args.seed,
             process=process,
         )
-    if args.rewind != "none":
-        from extras import (
-            rewind,
-        )  # --rewind: every evaluation point's checkpoint kept, one chosen at the end
+    if args.rewind != "none":  # every evaluation point's checkpoint kept, one chosen at the end
+        from extras import rewind
+
+        evaluator.more.append(rewind.DevHalf(evaluator, args.sft_attributes))
     optimizer = nanosft.configure_optimizer(
         model.to(process.device), args.lr, weight_decay=0.0, device_type=process.device.type
     )
@@ -741,22 +556,18 @@ def main(argv=None):
         if args.resume
         else (0, {})
     )
-    path = state.get("path") or (
-        evaluator.start(model) if evaluator else []
-    )  # the world's evaluations
+    # the world's evaluations along the way, from the model before SFT
+    path = state.get("path") or (evaluator.start(model) if evaluator else [])
     trainable = (
         peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
     )
+    what = peft.method(args.lora_rank, args.oft_block, args.prompt_tokens) if peft else "full"
+    for line in report.lines():  # what was skipped or cut
+        process.log(line)
     process.log(
-        "\n".join(
-            report.lines()
-            + [
-                f"{len(examples)} examples from {report.path} | {trainable:,} trainable of "
-                f"{model.num_params():,} parameters | "
-                f"{method(args.lora_rank, args.oft_block, args.prompt_tokens)}, lr {args.lr:g} | "
-                f"{process.device} {process.dtype}"
-            ]
-        )
+        f"{len(examples)} examples from {report.path} | {trainable:,} trainable of "
+        f"{model.num_params():,} parameters | {what}, lr {args.lr:g} | {process.device} "
+        f"{process.dtype}"
     )
 
     # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
@@ -889,7 +700,7 @@ def main(argv=None):
                     flags=vars(args),
                     out_dir=args.out_dir,
                     plot=args.plot,
-                    **{k: getattr(args, k) for k in REWIND_FLAGS},
+                    **{k: getattr(args, k) for k in rewind.FLAGS},
                 )
             out.update(
                 world_report(
@@ -899,9 +710,14 @@ def main(argv=None):
                     rewound=rewound,
                     choice=choice,
                     chance=world_qa.chance(evaluator.world),
-                    attributes=evaluator.attributes,
                 )
             )
+            if args.sft_attributes:
+                out.update(
+                    cross_domain.report(
+                        process.log, path, final, rewound=rewound, evaluator=evaluator
+                    )
+                )
             checkpoint["metrics"] = {
                 k: v for k, v in out.items() if isinstance(v, (int, float, str))
             }

@@ -92,18 +92,44 @@ LEAST = {
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line and exit code 2 like every other bad input (not
-    the whole usage), and a number out of its range (LEAST) is refused at parse time."""
+    the whole usage), and a number out of its range (LEAST) is refused at parse time.
 
-    def __init__(self, description):
+    stage: "pretrain", "finetune" or "dpo": the flags of the runs that ask for more than the
+    lesson (--resume, PEFT, rewinding, ...) are declared in extras/flags.py and read only when
+    the command line holds a flag the stage does not declare (or asks for --help); their
+    defaults are the stage's DEFAULTS, so a default run never parses them."""
+
+    def __init__(self, description, stage=None):
         super().__init__(
-            description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,  # an abbreviation could name another flag once the rest are read
         )
+        self.stage, self.more = stage, False
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
+    def add_more(self):
+        """The flags of the runs that ask for more (extras/flags.py), declared once."""
+        if self.stage and not self.more:
+            from extras import flags
+
+            flags.add(self, self.stage)
+            self.more = True
+
+    def format_help(self):  # --help lists every flag
+        self.add_more()
+        return super().format_help()
+
     def parse_args(self, argv=None):
-        args = super().parse_args(argv)
+        args, unknown = self.parse_known_args(argv)
+        if unknown and self.stage:  # a flag of the runs that ask for more (or a mistake)
+            from extras import flags
+
+            args = flags.parse_args(self, argv, self.stage)
+        elif unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
         for name, v in vars(args).items():
             if (
                 name in LEAST
@@ -129,7 +155,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_common_args(ap, out_dir="out"):
-    """The flags every stage shares, under two headings of --help: training, and running."""
+    """The flags every stage shares, under two headings of --help: training, and running.
+    --resume, --time-budget, --compile and --plot: extras/flags.py (defaults here)."""
     train = ap.add_argument_group("training (every stage)")
     train.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
     train.add_argument("--max-iters", type=int, help="optimizer steps")
@@ -151,19 +178,7 @@ def add_common_args(ap, out_dir="out"):
         help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)",
     )
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="stop after this many seconds of training (then evaluate and save)",
-    )
-    run.add_argument(
-        "--resume", action="store_true", help="continue from this stage's checkpoint in --out-dir"
-    )
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument(
-        "--plot", action="store_true", help="also draw the stage's chart (a PNG in --out-dir)"
-    )
+    ap.set_defaults(resume=False, time_budget=None, compile=False, plot=False)
 
 
 def pick_device(name="auto"):
@@ -305,24 +320,18 @@ class Tokenizer:
     own {"bytes", "merges", "specials"} (GPT-2, extras/hf.py), growing with the merge order."""
 
     def __init__(self, merges, pattern=SPLIT_PATTERN, specials=tuple(SPECIALS), ids=None):
-        self.merges, self.pattern, self.ids = (
-            [tuple(int(x) for x in m) for m in merges],
-            pattern,
-            ids,
-        )
-        if ids is None:
-            n = 256 + len(self.merges)
-            ids = {
-                "bytes": range(256),
-                "merges": range(256, n),
-                "specials": range(n, n + len(specials)),
-            }
-        ids = {k: [int(i) for i in v] for k, v in ids.items()}
-        token_bytes = {i: bytes([b]) for b, i in enumerate(ids["bytes"])}
-        for (a, b), i in zip(self.merges, ids["merges"], strict=True):
-            token_bytes[i] = token_bytes[a] + token_bytes[b]
+        self.merges, self.pattern = [tuple(int(x) for x in m) for m in merges], pattern
+        n = 256 + len(self.merges)
+        self.ids = ids or {
+            "bytes": range(256),
+            "merges": range(256, n),
+            "specials": range(n, n + len(specials)),
+        }
+        token_bytes = {int(i): bytes([b]) for b, i in enumerate(self.ids["bytes"])}
+        for (a, b), i in zip(self.merges, self.ids["merges"], strict=True):
+            token_bytes[int(i)] = token_bytes[a] + token_bytes[b]
         self.ranks = {b: i for i, b in token_bytes.items()}
-        self.special = dict(zip(specials, ids["specials"], strict=True))
+        self.special = dict(zip(specials, map(int, self.ids["specials"]), strict=True))
         if len(self.ranks) != 256 + len(self.merges) or set(self.special.values()) & set(
             token_bytes
         ):
@@ -343,16 +352,12 @@ class Tokenizer:
 
     def state(self):
         """Plain tensors, strings and lists: safe under torch.load(weights_only=True)."""
-        s = {
+        return {
             "merges": torch.tensor(self.merges, dtype=torch.int64).reshape(-1, 2),
             "pattern": self.pattern,
             "specials": list(self.special),
+            "ids": {k: torch.tensor(list(v), dtype=torch.int64) for k, v in self.ids.items()},
         }
-        if self.ids is not None:
-            s["ids"] = {
-                k: torch.tensor([int(i) for i in v], dtype=torch.int64) for k, v in self.ids.items()
-            }
-        return s
 
     @classmethod
     def from_state(cls, s):
@@ -618,10 +623,6 @@ def save_checkpoint(path, obj):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    with suppress(OSError):  # make the rename itself durable (where a folder can be fsynced)
-        fd = os.open(folder, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
 
 
 def write_json(path, obj):

@@ -30,59 +30,30 @@ DEFAULTS = dict(
     eval_interval=200,
     warmup=50,
     log_interval=50,
-    weight_decay=0.0,
+    weight_decay=0.0,  # AdamW's on matrices: 0, decay erases memorised facts (--weight-decay)
+    vocab_size=None,  # picked for the text: vocab_size_for (--vocab-size)
+    world=None,  # the world directory whose knowledge probe is measured (--world)
 )
 WORLD_VOCAB = 2048  # the world's vocabulary: its prose has few distinct words
 
 
 def parse_args(argv=None):
-    ap = nanosft.ArgumentParser(__doc__)
+    ap = nanosft.ArgumentParser(__doc__, stage="pretrain")  # more flags: extras/flags.py
     lesson = ap.add_argument_group("pre-training: the data and the model")
     lesson.add_argument(
         "--data", default=None, help="UTF-8 text file to train on (default: the world's corpus)"
     )
-    lesson.add_argument(
-        "--world",
-        default=None,
-        help="a world directory (python data/world.py --out-dir DIR): "
-        "train on its corpus and measure its knowledge probe (default: data/, unless --data)",
-    )
     arch = nanosft.GPTConfig()  # the architecture's defaults live in one place: GPTConfig
     for name in ("block_size", "n_layer", "n_head", "n_embd"):
         lesson.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(arch, name))
-    lesson.add_argument(
-        "--vocab-size",
-        type=int,
-        default=None,
-        help="BPE vocabulary incl. special tokens (default: 2048 for the world, else "
-        "picked from the text's size, see vocab_size_for)",
-    )
-    lesson.add_argument(
-        "--weight-decay",
-        type=float,
-        help="AdamW decay on matrices; 0 by default: decay erases memorised facts",
-    )
     nanosft.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     args = ap.parse_args(argv)
-    if args.vocab_size and args.vocab_size < 256 + len(nanosft.SPECIALS):
-        raise nanosft.UserError(
-            f"--vocab-size must be at least {256 + len(nanosft.SPECIALS)} (256 bytes + "
-            f"{len(nanosft.SPECIALS)} special tokens), got {args.vocab_size}"
-        )
     if args.n_embd % args.n_head:
         raise nanosft.UserError(
             f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})"
         )
-    if args.world and args.data:
-        raise nanosft.UserError(
-            "--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both"
-        )
-    if args.world:
-        args.data = world_eval.path("world_corpus.txt", world_eval.check_world_dir(args.world))
-    elif args.data is None or world_eval.is_default(
-        args.data, world_eval.CORPUS
-    ):  # the default world
+    if args.data is None or world_eval.is_default(args.data, world_eval.CORPUS):  # the world's
         args.data, args.world = world_eval.CORPUS, world_eval.HERE
     return args
 

@@ -1,25 +1,19 @@
 """
-Preference data (dpo.py): a file's records -> (chosen, rejected) pairs -> token examples. The
-world's threads are ranked by their net votes; your own formats (pairs, HH, scores, ...) come
-in through `reader` (extras/own_data.py). The same rules as data/formats.py: a malformed
+Preference data (dpo.py): a file's records -> (chosen, rejected) pairs -> token examples.
+The world's threads are ranked by their net votes; your own formats (pairs, HH, scores, ...)
+and the train/held-out split of a file without held-out people come in through
+extras/own_data.py. The same rules as data/formats.py: a malformed
 record is one clear error, a pair that teaches nothing (a tie, an exact copy) is skipped and
 counted, a pair too long for the block is cut and counted.
 
     read_pairs(path, ..., report)    a thread's answers ranked by net votes -> pairs
-    load_preferences(...)            and the train/held-out split by record
     load_pairs(...)                  dpo.py's pairs as token examples, cut to the block size
 """
-
-import hashlib
-import unicodedata
 
 import nanosft
 from data.formats import DataReport, field, read_records
 
-HELDOUT_FRAC = 0.1  # share of preference records held out when the file has no "split" field
-
-
-# {"prompt": [messages], "chosen", "rejected", "split", "group", "record"}
+# a pair: {"prompt": [messages], "chosen", "rejected", "split", "record"}
 
 
 def ranked_pairs(items, min_margin, top_only=True):
@@ -68,19 +62,15 @@ def scored_items(r, key, where, score):
     ]
 
 
-def votes_format(r, where):
-    """The world's preference format: a thread,
-    {"prompt", "answers": [{"text", "up", "down"}, ...]}."""
+def votes_pairs(r, where, min_margin, top_only=True):
+    """A thread, the world's preference format {"prompt", "answers": [{"text", "up", "down"},
+    ...]} -> ("votes", its question as messages, [(chosen, rejected)] by net votes:
+    ranked_pairs)."""
     if not isinstance(r, dict) or "answers" not in r:
         raise nanosft.UserError(
             f"{where}: expected a thread {{prompt, answers: [{{text, up, down}}, ...]}} "
             "(your own formats: extras/own_data.py)"
         )
-    return "votes"
-
-
-def votes_pairs(fmt, r, where, min_margin, top_only=True):
-    """A thread -> (its question as messages, [(chosen, rejected)] by net votes: ranked_pairs)."""
 
     def net(a, w):  # a is a dict here: its "text" was read first
         return number(a.get("up"), "up", w, integer=True) - number(
@@ -88,43 +78,20 @@ def votes_pairs(fmt, r, where, min_margin, top_only=True):
         )
 
     user = [{"role": "user", "content": field(r, "prompt", where)}]
-    return user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
+    return "votes", user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
 
 
-def read_pairs(path, min_margin=1.0, top_only=True, report=None, reader=None):
+def read_pairs(path, min_margin=1.0, top_only=True, report=None, record_pairs=votes_pairs):
     """A preference file -> (format, pairs), each pair carrying its record's "split" field
-    (None when the file has none) and its record number as "group". A malformed record is
-    an error; a pair that teaches nothing is skipped and counted in `report`: chosen and
-    rejected the same text (a tie), or an exact copy of an earlier pair. reader: (record_format,
-    record_pairs) of the formats read: the world's votes, or every format (extras/own_data.py)."""
-    record_format, record_pairs = reader or (votes_format, votes_pairs)
+    (None when the file has none) and its record number. A malformed record is an error; a
+    pair that teaches nothing is skipped and counted in `report`: chosen and rejected the same
+    text (a tie), or an exact copy of an earlier pair. record_pairs(record, where, min_margin,
+    top_only) -> (format, prompt, pairs): the world's votes, or every format
+    (extras/own_data.py)."""
     report = report or DataReport(path, unit="pairs")
-    records = read_records(path)
-    fmt = record_format(records[0][1], records[0][0])
-    pairs, seen = [], set()
-    for group, (where, r) in enumerate(records):
-        n = group + 1
-        got = record_format(r, where)
-        if got != fmt:
-            raise nanosft.UserError(
-                f"{where}: a '{got}' record, but the file's first record is '{fmt}'"
-            )
-        split = r.get("split")
-        if split not in (None, "train", "heldout"):
-            raise nanosft.UserError(
-                f'{where}: field \'split\' must be "train" or "heldout", got {split!r}'
-            )
-        prompt, pr = record_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
-        if any(m["role"] == "tool" for m in prompt):
-            report.total += len(pr)
-            for _ in pr:
-                report.skip(
-                    n,
-                    "with tool-call turns (this chat format has no role for them)",
-                    "has tool-call turns ('function_call' / 'observation'), "
-                    "which this chat format cannot hold",
-                )
-            continue
+    pairs, seen, fmt = [], set(), None
+    for n, (where, r) in enumerate(read_records(path), 1):
+        fmt, prompt, pr = record_pairs(r, where, min_margin=min_margin, top_only=top_only)
         for chosen, rejected in pr:
             report.total += 1
             if chosen.strip() == rejected.strip():
@@ -147,8 +114,7 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None, reader=None):
                     "prompt": prompt,
                     "chosen": chosen,
                     "rejected": rejected,
-                    "split": split,
-                    "group": group,
+                    "split": r.get("split"),
                     "record": n,
                 }
             )
@@ -158,40 +124,6 @@ def read_pairs(path, min_margin=1.0, top_only=True, report=None, reader=None):
             f"{path}: no preference pairs (no two answers differ by --min-margin {min_margin})"
         )
     return fmt, pairs
-
-
-def prompt_key(messages):
-    """What a prompt asks, normalised: the text of its user turns (of every turn when it has
-    none), NFKC, case-folded, whitespace collapsed. Records with the same key ask the same
-    thing, so they are held out together."""
-    turns = [m for m in messages if m["role"] == "user"] or messages
-    text = "\n".join(m["content"] for m in turns)
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def hash_share(key):
-    """Where a prompt key falls in [0, 1): the first 8 bytes of its SHA-1. The same on every
-    machine, run and process (Python's hash() of a string is salted per process)."""
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
-def load_preferences(path, min_margin=1.0, top_only=True, report=None, reader=None):
-    """A preference file -> (format, train pairs, held-out pairs). A record's "split" field
-    ("train" / "heldout") when the file has one; else the pairs whose prompt hashes below
-    HELDOUT_FRAC (hash_share of prompt_key): about 10% of the prompts, every pair of a prompt on
-    the same side, and the same prompts finetune.py holds out of an instruction file with
-    those prompts (extras/own_eval.py), so DPO's held-out prompts are not SFT's training
-    ones. (A file whose every prompt hashes below it keeps them all for training.)"""
-    fmt, pairs = read_pairs(path, min_margin, top_only, report, reader=reader)
-    if all(p["split"] is None for p in pairs):
-        held = [hash_share(prompt_key(p["prompt"])) < HELDOUT_FRAC for p in pairs]
-        for p, h in zip(pairs, held):
-            p["split"] = "heldout" if h and not all(held) else "train"
-    train = [p for p in pairs if p["split"] == "train"]
-    heldout = [p for p in pairs if p["split"] == "heldout"]
-    if not train:
-        raise nanosft.UserError(f"{path}: every pair is held out; no training pairs")
-    return fmt, train, heldout
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,24 +141,23 @@ def load_pairs(
     log,
     max_scored,
     heldout_rule=None,
-    reader=None,
+    split=None,
 ):
     """dpo.py's data: training and held-out pairs, each as (pairs, examples), and their counts
     for dpo.json. The held-out pairs come from `heldout_path` (on the world: people neither
     SFT nor DPO trains on; pairs split off the training people's threads would share people,
     and the other phrasing of the question, with the training pairs) or, when it is None, are
-    a share of `path`'s records. At most `max_scored` held-out pairs are kept for scoring.
-    heldout_rule: (min_margin, top_only) for `heldout_path`'s votes (default: the training
-    pairs' rule), so that a fixed benchmark stays the same whatever pairs the training uses.
-    reader: how the files' records are read (read_pairs: the world's votes by default)."""
+    a share of `path`'s records: split(path, min_margin, top_only, report) -> (format, train,
+    held-out) reads your own file (extras/own_data.py load_preferences). At most `max_scored`
+    held-out pairs are kept for scoring. heldout_rule: (min_margin, top_only) for
+    `heldout_path`'s votes (default: the training pairs' rule), so that a fixed benchmark stays
+    the same whatever pairs the training uses."""
     report = DataReport(path, strict, unit="pairs")
     if heldout_path:
-        fmt, train = read_pairs(path, min_margin, top_only, report, reader=reader)
-        held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)), reader=reader)[1]
+        fmt, train = read_pairs(path, min_margin, top_only, report)
+        held = read_pairs(heldout_path, *(heldout_rule or (min_margin, top_only)))[1]
     else:
-        fmt, train, held = load_preferences(
-            path, min_margin=min_margin, top_only=top_only, report=report, reader=reader
-        )
+        fmt, train, held = split(path, min_margin, top_only, report)
     train = pair_examples(tok, train, block_size, report)
     held = pair_examples(
         tok,

@@ -4,13 +4,15 @@ machinery of data/formats.py (one clear error per malformed record; a valid reco
 teaches nothing skipped and counted). The stages import this where --data names a file.
 
     load_instructions(path, report)  SFT: Alpaca, {prompt,response}, {messages}, ShareGPT
-    READER                           DPO (preferences.read_pairs(..., reader=READER)): pairs as
-    load_preferences(path, ...)      strings or TRL's messages, HH, Alpaca pairs, ShareGPT
-                                     pairs, votes, scores; and the train/held-out split
+    read_pairs(path, ...)            DPO: pairs as strings or TRL's messages, HH, Alpaca
+                                     pairs, ShareGPT pairs, votes, scores
+    load_preferences(path, ...)      and the train/held-out split by prompt
 Formats with examples: docs/own_data.md.
 """
+import hashlib
 import json
 import re
+import unicodedata
 
 import nanosft
 from data import formats, preferences
@@ -171,7 +173,7 @@ def conversational_pair(r, where):
 def record_pairs(fmt, r, where, min_margin, top_only=True):
     """One record -> (prompt messages, [(chosen, rejected), ...])."""
     if fmt == "votes":  # the world's format
-        return preferences.votes_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
+        return preferences.votes_pairs(r, where, min_margin=min_margin, top_only=top_only)[1:]
     if fmt == "scores":
         def score(a, w):
             return preferences.number(a.get("score"), "score", w)
@@ -199,9 +201,66 @@ def record_pairs(fmt, r, where, min_margin, top_only=True):
     return msgs_c, [(chosen, rejected)]
 
 
-READER = (record_format, record_pairs)  # preferences.read_pairs's reader for every format above
+def read_pairs(path, min_margin=1.0, top_only=True, report=None):
+    """preferences.read_pairs of a file in any format above (every record in its first
+    record's format). A record's "split" field must be "train" or "heldout"; a record whose
+    prompt has tool-call turns is skipped and counted (this chat format has no role for them)."""
+    report = report or formats.DataReport(path, unit="pairs")
+    first, n = [], [0]
+
+    def one(r, where, min_margin, top_only):
+        n[0] += 1
+        fmt = record_format(r, where)
+        if not first:
+            first.append(fmt)
+        if fmt != first[0]:
+            raise nanosft.UserError(f"{where}: a '{fmt}' record, but the file's first record is '{first[0]}'")
+        if r.get("split") not in (None, "train", "heldout"):
+            raise nanosft.UserError(f'{where}: field \'split\' must be "train" or "heldout", got {r["split"]!r}')
+        prompt, pairs = record_pairs(fmt, r, where, min_margin=min_margin, top_only=top_only)
+        if any(m["role"] == "tool" for m in prompt):
+            report.total += len(pairs)
+            for _ in pairs:
+                report.skip(n[0], "with tool-call turns (this chat format has no role for them)",
+                            "has tool-call turns ('function_call' / 'observation'), which this chat format cannot hold")
+            return fmt, prompt, []
+        return fmt, prompt, pairs
+    return preferences.read_pairs(path, min_margin, top_only, report, record_pairs=one)
+
+
+HELDOUT_FRAC = 0.1  # share of preference prompts held out when the file has no "split" field
+
+
+def prompt_key(messages):
+    """What a prompt asks, normalised: the text of its user turns (of every turn when it has
+    none), NFKC, case-folded, whitespace collapsed. Records with the same key ask the same
+    thing, so they are held out together."""
+    turns = [m for m in messages if m["role"] == "user"] or messages
+    text = "\n".join(m["content"] for m in turns)
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def hash_share(key):
+    """Where a prompt key falls in [0, 1): the first 8 bytes of its SHA-1. The same on every
+    machine, run and process (Python's hash() of a string is salted per process)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def load_preferences(path, min_margin=1.0, top_only=True, report=None):
-    """preferences.load_preferences of a file in any format above."""
-    return preferences.load_preferences(path, min_margin, top_only=top_only, report=report, reader=READER)
+    """A preference file in any format above -> (format, train pairs, held-out pairs). A
+    record's "split" field ("train" / "heldout") when the file has one; else the pairs whose
+    prompt hashes below HELDOUT_FRAC (hash_share of prompt_key): about 10% of the prompts,
+    every pair of a prompt on the same side, and the same prompts finetune.py holds out of an
+    instruction file with those prompts (extras/own_eval.py), so DPO's held-out prompts are not
+    SFT's training ones. (A file whose every prompt hashes below it keeps them all for
+    training.)"""
+    fmt, pairs = read_pairs(path, min_margin, top_only, report)
+    if all(p["split"] is None for p in pairs):
+        held = [hash_share(prompt_key(p["prompt"])) < HELDOUT_FRAC for p in pairs]
+        for p, h in zip(pairs, held):
+            p["split"] = "heldout" if h and not all(held) else "train"
+    train = [p for p in pairs if p["split"] == "train"]
+    heldout = [p for p in pairs if p["split"] == "heldout"]
+    if not train:
+        raise nanosft.UserError(f"{path}: every pair is held out; no training pairs")
+    return fmt, train, heldout

@@ -30,7 +30,8 @@ import torch
 from torch.nn import functional
 
 import nanosft
-from data import formats, preferences
+from data import formats
+from extras import own_data
 
 TRAIN_NAMES = ("train",)
 HELDOUT_NAMES = ("heldout", "test", "validation", "valid", "val", "dev", "eval")
@@ -42,7 +43,7 @@ MAX_SCORED = 2048  # held-out answers whose likelihood is measured at each evalu
 # the split: which records are held out
 
 
-prompt_key, hash_share = preferences.prompt_key, preferences.hash_share  # as DPO's split
+prompt_key, hash_share = own_data.prompt_key, own_data.hash_share  # as DPO's split
 
 
 def record_splits(path):
@@ -78,11 +79,11 @@ def instruction_splits(path, report=None):
     return [(n, conv, splits[n]) for n, conv in own_data.load_instructions(path, report)]
 
 
-def split_instructions(path, records, frac=preferences.HELDOUT_FRAC):
+def split_instructions(path, records, frac=own_data.HELDOUT_FRAC):
     """The held-out split of an instruction file's records [(record number, conversation)]
     (own_data.load_instructions's) -> (train records, held-out records, counts).
 
-    As dpo.py's pairs (preferences.load_preferences): when any record has a "split" field, the
+    As dpo.py's pairs (own_data.load_preferences): when any record has a "split" field, the
     field decides, and a record without one is trained on; otherwise a share `frac` of the
     PROMPTS is held out, those whose prompt_key hashes below `frac` (hash_share). Records
     with the same prompt then land on the same side, and the split does not depend on the

@@ -288,6 +288,16 @@ def plain_model(model):
 # finetune.py's set-up: --lora-rank, --oft-block, --prompt-tokens and their options
 
 
+# the flags finetune.py hands on to sft_setup by name (extras/flags.py declares them)
+FLAGS = ("lora_rank", "lora_alpha", "lora_on", "oft_block", "prompt_tokens", "prompt_init", "prompt_mlp",
+         "new_rows")
+
+
+def method(lora_rank, oft_block, prompt_tokens):
+    """What SFT trains: "lora", "oft", "prompt" or "full" (every weight; also --init scratch)."""
+    return "lora" if lora_rank else "oft" if oft_block else "prompt" if prompt_tokens else "full"
+
+
 def sft_setup(model, tok, examples, seed, lora_rank=0, lora_alpha=None, lora_on="attn", oft_block=0,
               quantize="none", prompt_tokens=0, prompt_init="random", prompt_mlp=0, new_rows="train",
               counts=None, chat_tokens=(), rare=10, train_rows=None):

@@ -15,6 +15,7 @@ import os
 import torch
 
 import nanosft
+from data import formats, world_eval, world_qa
 from extras import charts, peft
 
 
@@ -44,6 +45,41 @@ def sft_rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None)
             and final["retention"] - pick["retention"] < min_gain:
         return final
     return pick
+
+
+# the flags finetune.py hands on to rewind() by name (extras/flags.py declares them)
+FLAGS = ("rewind", "alphas", "rewind_tolerance", "rewind_loss_tolerance", "rewind_min_gain")
+
+
+def dev_answer_batches(tok, prompts, world_dir, batch=64):
+    """The community's top-voted answers to the dev half's questions `prompts`
+    (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
+    their loss says how closely the model writes the answers SFT teaches -- the voted
+    style included -- for people it was never trained on."""
+    threads = formats.read_records(world_eval.path("world_community_eval.jsonl", world_dir))
+    best = lambda answers: max(answers, key=lambda a: a["up"] - a["down"])["text"]  # top voted
+    convs = [[{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": best(t["answers"])}]
+             for _, t in threads if t["prompt"] in prompts]
+    examples = [nanosft.example_tensors(*nanosft.render_chat(tok, c)) for c in convs]
+    return [nanosft.collate(examples[i:i + batch], tok.pad) for i in range(0, len(examples), batch)]
+
+
+class DevHalf:
+    """What rewinding chooses by, added to every point of the path (finetune.SFTEvaluator's
+    `more`): accuracy on the DEV half of the held-out people's questions (the test half is
+    reported, never chosen by) and the dev answer loss (dev_answer_batches). With
+    --sft-attributes only the dev questions about those attributes, so nothing about a
+    cross-domain attribute informs the choice."""
+
+    def __init__(self, evaluator, attributes=None):
+        self.evaluator = evaluator
+        dev = world_qa.heldout_halves(evaluator.world_dir)[0]
+        self.dev = [r for r in dev if attributes is None or r["attribute"] in attributes]
+        self.answers = dev_answer_batches(evaluator.tok, {r["prompt"] for r in self.dev}, evaluator.world_dir)
+
+    def __call__(self, model, test_answers):
+        return {"dev": self.evaluator.qa(model, self.dev)["accuracy"],
+                "dev_loss": nanosft.mean_loss(model, self.answers, self.evaluator.process)}
 
 
 def step_file(out_dir, it):
@@ -100,7 +136,7 @@ def interpolate(evaluator, start_checkpoint, model, known, alphas):
         if alpha not in known:
             on_line.load_state_dict(interpolated(pre, fin, alpha))
         result = known.get(alpha) or evaluator(on_line)
-        out.append({"alpha": alpha, **{k: result[k] for k in keys}})
+        out.append({"alpha": alpha, **{k: result.get(k) for k in keys}})
     return out
 
 

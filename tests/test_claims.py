@@ -80,12 +80,13 @@ def test_dpo_on_the_world_scores_held_out_pairs_about_held_out_people_only(start
 
 def test_load_pairs_takes_held_out_pairs_from_the_held_out_file(tok, tmp_path):
     """Catches preferences.load_pairs reading its held-out pairs from the training file."""
-    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Where was Ada Stone born? ({k})", "chosen": "Lisbon.",
-                                                    "rejected": "Oslo."} for k in range(6)])
-    heldout = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Where was Leon Berg born? ({k})", "chosen": "Cairo.",
-                                                     "rejected": "Lima."} for k in range(3)])
-    (tp, tx), (hp, hx), counts = preferences.load_pairs(train, heldout, tok, 64, 1.0, True, False, lambda s: None, 100,
-                                                     reader=own_data.READER)
+    thread = lambda q, good, bad: {"prompt": q, "answers": [{"text": good, "up": 9, "down": 0},
+                                                            {"text": bad, "up": 0, "down": 3}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [thread(f"Where was Ada Stone born? ({k})", "Lisbon.", "Oslo.")
+                                                   for k in range(6)])
+    heldout = write_jsonl(tmp_path / "held.jsonl", [thread(f"Where was Leon Berg born? ({k})", "Cairo.", "Lima.")
+                                                    for k in range(3)])
+    (tp, tx), (hp, hx), counts = preferences.load_pairs(train, heldout, tok, 64, 1.0, True, False, lambda s: None, 100)
     assert len(tp) == len(tx) == 6 and len(hp) == len(hx) == 3 and counts["pairs_heldout"] == 3
     assert all("Ada Stone" in p["prompt"][0]["content"] for p in tp)
     assert all("Leon Berg" in p["prompt"][0]["content"] for p in hp)
@@ -123,7 +124,7 @@ def test_a_file_without_a_split_field_is_divided_by_prompt(tmp_path):
     path = write_jsonl(tmp_path / "votes.jsonl", rows)
     _, train, held = own_data.load_preferences(path, 1.0)
     expect = {r["prompt"] for r in rows
-              if preferences.hash_share(preferences.prompt_key([{"role": "user", "content": r["prompt"]}])) < 0.1}
+              if own_data.hash_share(own_data.prompt_key([{"role": "user", "content": r["prompt"]}])) < 0.1}
     assert {p["prompt"][0]["content"] for p in held} == expect and 15 <= len(expect) <= 60  # about 10%
     assert len(train) + len(held) == 300 * 3 and len(held) == 3 * len(expect)  # whole threads
     assert not {p["prompt"][0]["content"] for p in train} & {p["prompt"][0]["content"] for p in held}
@@ -152,18 +153,23 @@ def fake_answers(knows):
 
 
 def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
-    """Catches sft_eval.SFTEvaluator feeding the test half's accuracy into "dev" (what
+    """Catches the rewinding measure (extras/rewind.py DevHalf, on every point of
+    finetune.SFTEvaluator with --rewind) feeding the test half's accuracy into "dev" (what
     rewinding reads), or swapping the halves: the model knows the dev half's people only."""
+    from extras import rewind
+
     dev, test = world_qa.heldout_halves()
     dev_people = {r["person"] for r in dev}
     monkeypatch.setattr(world_qa, "answer_questions", fake_answers(dev_people))
     monkeypatch.setattr(world_eval, "knowledge_probe", lambda *a, **k: 0.5)
     ev = sft_eval.SFTEvaluator(RT, tok, None, 256)
+    half = rewind.DevHalf(ev)
+    ev.more.append(half)
     r = ev(tiny_gpt(tok, block_size=256))
     assert r["dev"] == 1.0 and r["heldout"] == 0.0
-    assert {r["person"] for r in ev.dev} <= dev_people and {r["person"] for r in ev.test} == {r["person"] for r in test}
+    assert {r["person"] for r in half.dev} <= dev_people and {r["person"] for r in ev.test} == {r["person"] for r in test}
     # the dev answer loss is measured on the dev half's people too
-    said = " ".join(tok.decode(X[i].tolist()) for X, _ in ev.dev_answers for i in range(len(X)))
+    said = " ".join(tok.decode(X[i].tolist()) for X, _ in half.answers for i in range(len(X)))
     assert names_re(dev_people).search(said) and not names_re({r["person"] for r in test}).search(said)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import finetune
+from extras import cross_domain
 import nanosft
 import sample
 from conftest import ROOT, SAMPLE_TEXT, tiny_gpt
@@ -51,7 +52,7 @@ def test_bpe_learns_merges_and_compresses(tok):
 def test_the_verifier_uses_the_generators_constants():
     """world_eval/world_qa grade with the attributes, probe prompts and closings that
     data/world.py writes the world with (the generator imports nothing from them)."""
-    assert finetune.ATTRS == W.ATTRS == world_eval.load_world()["attributes"]
+    assert cross_domain.ATTRS == W.ATTRS == world_eval.load_world()["attributes"]
     assert world_eval.PROBE == {a: re.split(r" \{[av]\}", t[0])[0] for a, t in W.TEMPLATES.items()}
     assert (world_qa.POLITE, world_qa.RUDE, world_qa.RAMBLE) == (W.POLITE, W.RUDE, W.RAMBLE)
 

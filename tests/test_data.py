@@ -51,7 +51,7 @@ def load_sft(tok, name, strict=False):
 
 def load_pref(tok, name, strict=False):
     report = formats.DataReport(fixture(name), strict, unit="pairs")
-    fmt, pairs = preferences.read_pairs(fixture(name), report=report, reader=own_data.READER)
+    fmt, pairs = own_data.read_pairs(fixture(name), report=report)
     kept, examples = preferences.pair_examples(tok, pairs, BLOCK, report)
     return fmt, kept, examples, report
 

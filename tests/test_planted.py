@@ -110,8 +110,7 @@ def test_conversational_pair_prompt_takes_the_earlier_turns_of_chosen(tmp_path):
               "rejected": [{"role": "assistant", "content": "Paris."}]}
     path = tmp_path / "trl.jsonl"
     path.write_text(json.dumps(record) + "\n" + json.dumps(single) + "\n", encoding="utf-8")
-    fmt, pairs = preferences.read_pairs(str(path), report=formats.DataReport(str(path), unit="pairs"),
-                                    reader=own_data.READER)
+    fmt, pairs = own_data.read_pairs(str(path), report=formats.DataReport(str(path), unit="pairs"))
     assert fmt == "conversational"
     got = [(p["prompt"], p["chosen"], p["rejected"], p["record"]) for p in pairs]
     assert got == [([u1, a1, u2], "In Porto.", "I do not know.", 1), ([u1], "Lisbon.", "Paris.", 2)]

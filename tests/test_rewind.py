@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import nanosft
+from extras import flags
 import finetune
 from extras import rewind
 from conftest import tiny_gpt
@@ -35,7 +36,7 @@ def line_choice(tok, test):
     checkpoint = nanosft.checkpoint_dict("pretrain", pre, tok)
     ev = LineEvaluator(test)
     path = [{"step": 0, **ev(pre)}, {"step": 300, **ev(fin)}]
-    return rewind.choose_rewound(ev, checkpoint, fin, path, path[-1], where="interpolate", alphas=finetune.ALPHAS,
+    return rewind.choose_rewound(ev, checkpoint, fin, path, path[-1], where="interpolate", alphas=flags.ALPHAS,
                                  tolerance=0.01, loss_tolerance=0.02, min_gain=0.05)
 
 
@@ -51,7 +52,7 @@ def test_alpha_is_chosen_on_dev_and_the_test_half_cannot_move_it(tok):
         # ... while they are what is reported at the chosen point
         assert b["rewind_interpolate"]["heldout"] == test(0.7)
     # every alpha of the line was evaluated, the two ends reused
-    assert [p["alpha"] for p in a["interpolation"]] == list(finetune.ALPHAS)
+    assert [p["alpha"] for p in a["interpolation"]] == list(flags.ALPHAS)
 
 
 def test_interpolated_weights_are_the_convex_combination(tok):
@@ -68,7 +69,7 @@ def test_the_line_is_evaluated_only_when_rewinding_along_it_or_asked():
     import finetune
     assert finetune.parse_args([]).rewind == "none" and finetune.parse_args([]).alphas == ()
     assert finetune.parse_args(["--rewind", "path"]).alphas == ()
-    assert finetune.parse_args(["--rewind", "interpolate"]).alphas == finetune.ALPHAS
+    assert finetune.parse_args(["--rewind", "interpolate"]).alphas == flags.ALPHAS
     assert finetune.parse_args(["--rewind", "path", "--alphas", "0.5"]).alphas == (0.0, 0.5, 1.0)
     with pytest.raises(nanosft.UserError, match="add --rewind"):
         finetune.parse_args(["--alphas", "0.5"])

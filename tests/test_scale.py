@@ -9,6 +9,7 @@ import torch
 
 import nanosft
 import finetune
+from extras import cross_domain
 import pretrain
 from conftest import tiny_gpt
 from data import world as W
@@ -36,34 +37,34 @@ def test_sft_attributes_keep_the_evaluation_only_attributes_out_of_sft(labels):
     """Catches a filter that is missing (unfiltered data asks about pet and hobby: the
     detector below sees them), leaky (one labels path unfiltered) or too eager (an in-domain
     question dropped)."""
-    attrs = finetune.sft_attributes(SFT_ATTRS)
+    attrs = cross_domain.attributes(SFT_ATTRS)
     every = questions(finetune.world_conversations(labels, 1337))
     kept = questions(finetune.world_conversations(labels, 1337, world_eval.HERE, attrs))
-    cross = set(finetune.ATTRS) - set(attrs)
-    assert {asked_attribute(q) for q in every} == set(finetune.ATTRS)   # the detector has teeth (no list tasks by default)
+    cross = set(cross_domain.ATTRS) - set(attrs)
+    assert {asked_attribute(q) for q in every} == set(cross_domain.ATTRS)   # the detector has teeth (no list tasks by default)
     assert not [q for q in kept if asked_attribute(q) in cross]
     assert kept == [q for q in every if asked_attribute(q) not in cross]  # nothing else dropped, same order
 
 
 def test_in_and_cross_domain_rows_partition_the_test_half_by_attribute():
-    attrs = finetune.sft_attributes(SFT_ATTRS)
+    attrs = cross_domain.attributes(SFT_ATTRS)
     dev, test = world_qa.heldout_halves()
-    inside, cross = finetune.by_domain(test, attrs)
+    inside, cross = cross_domain.by_domain(test, attrs)
     assert sorted(map(json.dumps, inside + cross)) == sorted(map(json.dumps, test))
     assert {r["attribute"] for r in inside} == set(attrs)
-    assert {r["attribute"] for r in cross} == set(finetune.ATTRS) - set(attrs)
+    assert {r["attribute"] for r in cross} == set(cross_domain.ATTRS) - set(attrs)
     assert all(asked_attribute(r["prompt"]) == r["attribute"] for r in test)  # the rows' labels are right
     # graded per side: right answers in-domain, a wrong value cross-domain
     facts = world_eval.load_world()
     value = {p["name"]: p for p in facts["people"]}
     answers = [W.gold_sentence(r["person"], r["attribute"], value[r["person"]][r["attribute"]])
                if r["attribute"] in attrs else "I do not know." for r in test]
-    assert finetune.domain_accuracy(world_eval.load_world(), test, answers, attrs) == (1.0, 0.0)
-    assert finetune.domain_accuracy(world_eval.load_world(), test, answers, finetune.ATTRS) == (len(inside) / len(test), None)
+    assert cross_domain.domain_accuracy(world_eval.load_world(), test, answers, attrs) == (1.0, 0.0)
+    assert cross_domain.domain_accuracy(world_eval.load_world(), test, answers, cross_domain.ATTRS) == (len(inside) / len(test), None)
 
 
 def test_bad_world_flags_are_one_clear_error(tmp_path):
-    assert finetune.parse_args([]).sft_attributes == finetune.ATTRS
+    assert finetune.parse_args([]).sft_attributes is None  # every attribute
     assert finetune.parse_args(["--sft-attributes", "food,city"]).sft_attributes == ["city", "food"]
     for argv, needle in ((["--sft-attributes", "city,colour"], "unknown attribute colour"),
                          (["--sft-attributes", ","], "unknown attribute"),

@@ -10,6 +10,7 @@ from extras import peft
 from data import formats
 from extras import own_data
 import finetune
+from extras import flags
 from extras import rewind
 import pretrain
 from conftest import tiny_gpt, run_script
@@ -192,13 +193,13 @@ def test_defaults_one_table_and_the_learning_rate_of_each_method():
     plain = finetune.parse_args([])
     assert {k: getattr(plain, k) for k in finetune.DEFAULTS if k != "lr"} == \
         {k: v for k, v in finetune.DEFAULTS.items() if k != "lr"}
-    assert plain.lr == finetune.LR["full"] == 2e-3
-    assert finetune.parse_args(["--init", "scratch"]).lr == finetune.LR["full"]
-    assert finetune.parse_args(["--lora-rank", "8"]).lr == finetune.LR["lora"] == 3e-3
-    assert finetune.parse_args(["--lora-rank", "8", "--lora-on", "attn,mlp"]).lr == finetune.LR["lora"]
-    assert finetune.parse_args(["--prompt-tokens", "16"]).lr == finetune.LR["prompt"] == 3e-2
+    assert plain.lr == finetune.DEFAULTS["lr"] == 2e-3
+    assert finetune.parse_args(["--init", "scratch"]).lr == finetune.DEFAULTS["lr"]
+    assert finetune.parse_args(["--lora-rank", "8"]).lr == flags.LR["lora"] == 3e-3
+    assert finetune.parse_args(["--lora-rank", "8", "--lora-on", "attn,mlp"]).lr == flags.LR["lora"]
+    assert finetune.parse_args(["--prompt-tokens", "16"]).lr == flags.LR["prompt"] == 3e-2
     assert finetune.parse_args(["--lora-rank", "8", "--lr", "1e-2"]).lr == 1e-2
-    assert finetune.parse_args(["--oft-block", "32"]).lr == finetune.LR["oft"]
+    assert finetune.parse_args(["--oft-block", "32"]).lr == flags.LR["oft"]
     for bad, needle in ((["--lora-rank", "8", "--oft-block", "32"], "alternatives"),
                         (["--quantize-base", "int8"], "needs a frozen base"), (["--oft-block", "-1"], ">= 0")):
         with pytest.raises(nanosft.UserError, match=needle):
@@ -295,7 +296,7 @@ def test_cli_lora_resume_continues_the_adapters_and_sft_last_is_plain(tiny_ckpt,
     assert any(k.endswith(".A") for k in straight["train_state"])
     assert not any(k.endswith((".A", ".B")) for k in straight["model"])
     nanosft.model_from_checkpoint(straight)  # loads as a plain GPT
-    assert straight["args"]["lr"] == json.load(open(os.path.join(b, "sft.json")))["lr"] == finetune.LR["lora"]
+    assert straight["args"]["lr"] == json.load(open(os.path.join(b, "sft.json")))["lr"] == flags.LR["lora"]
 
 
 def test_cli_bad_record_is_one_clean_line(tiny_ckpt, tmp_path):
@@ -318,7 +319,7 @@ def test_cli_oft_on_an_int8_base_saves_a_plain_model(tiny_ckpt, tmp_path, one_th
     r = json.load(open(os.path.join(out, "sft.json")))
     base, _ = nanosft.model_from_checkpoint(nanosft.load_checkpoint(tiny_ckpt))
     fp32 = sum(m.weight.numel() * 4 for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not base.lm_head)
-    assert r["lr"] == finetune.LR["oft"] and r["oft_block"] == 8 and r["quantize_base"] == "int8"
+    assert r["lr"] == flags.LR["oft"] and r["oft_block"] == 8 and r["quantize_base"] == "int8"
     assert r["frozen_bytes"] <= 0.3 * fp32
     n, C = base.config.n_layer, base.config.n_embd
     q = n * (C // 8 * 3 + 4 * C // 8) * 8 * 7 // 2  # c_attn, attn c_proj, c_fc: C inputs; MLP c_proj: 4C
@@ -337,7 +338,7 @@ def test_cli_prompt_from_task_words_through_an_mlp_saves_a_plain_prefix(tiny_ckp
     finetune.main(sft_argv(tiny_ckpt, out, "--prompt-tokens", "4", "--prompt-init", "task", "--prompt-mlp", "8",
                            "--max-iters", "3", lr=None))
     r = json.load(open(os.path.join(out, "sft.json")))
-    assert (r["prompt_init"], r["prompt_mlp"], r["lr"]) == ("task", 8, finetune.LR["prompt"])
+    assert (r["prompt_init"], r["prompt_mlp"], r["lr"]) == ("task", 8, flags.LR["prompt"])
     sft = nanosft.load_checkpoint(os.path.join(out, "sft.pt"))
     assert sorted(k for k in sft["model"] if "prefix" in k) == ["prefix"]
     model, _ = nanosft.model_from_checkpoint(sft)
@@ -352,6 +353,5 @@ def test_the_world_log_lines_hold_a_missing_retention_loss():
              "retention": None, "probe": 0.1, "train": 0.5, "tasks": None, "degenerate": 0.0}
     lines = []
     finetune.log_eval(lines.append, point)
-    finetune.world_report(lines.append, [point], point, rewound=point, choice=finetune.not_rewound(0), chance=0.05,
-                          attributes=["city"])
-    assert "retention loss n/a" in lines[0] and "before n/a | final n/a | rewound n/a" in " ".join(lines)
+    finetune.world_report(lines.append, [point], point, rewound=point, choice=finetune.not_rewound(0), chance=0.05)
+    assert "retention loss n/a" in lines[0] and "before n/a | final n/a | out/sft.pt n/a" in " ".join(lines)

@@ -12,7 +12,7 @@ SCRIPTS = ["nanosft.py", "pretrain.py", "finetune.py", "dpo.py", "extras/dpo_eva
            "extras/bench.py", "extras/experiments.py", "extras/export.py", "extras/hf.py", "extras/packing.py",
            "extras/cpu.py", "extras/charts.py", "data/formats.py", "data/world_eval.py", "data/world_qa.py",
            "data/corpus.py", "data/preferences.py", "extras/rewind.py",
-           "extras/replay.py", "extras/runtime.py", "extras/own_data.py"]
+           "extras/replay.py", "extras/runtime.py", "extras/own_data.py", "extras/flags.py", "extras/cross_domain.py"]
 MAIN_LINES = 80  # a stage's main, which owns its loop: STAGE_MAIN_LINES
 STAGE_MAIN_LINES = 250  # (formatted by ruff at 100 columns: one argument a line)
 
