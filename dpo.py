@@ -602,10 +602,10 @@ def main(argv=None):
     ddp_model = torch.compile(model) if args.compile else model
     if process.world > 1:
         ddp_model = runtime.wrap_ddp(ddp_model, process)
-    scaler = torch.amp.GradScaler(
-        process.device.type, enabled=process.dtype == "float16"
-    )  # fp16 only: see below
-    params = [p for p in model.parameters() if p.requires_grad]
+    if process.dtype == "float16":  # the loss scaled, so small gradients do not underflow
+        from extras import fp16
+
+        fp16.LossScaling(model, optimizer)
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
     with nanosft.finish_step_on_interrupt(process) as interrupted:
         for it in range(start_iter, args.max_iters):
@@ -647,9 +647,8 @@ def main(argv=None):
                         rpo_alpha=args.rpo_alpha,
                         segments=segments,
                     )
-                # x world: DDP averages. fp16 only: the loss scaled up so small gradients do not
-                # underflow (else scale() is the identity)
-                scaler.scale(loss_sum * (process.world / args.batch_size)).backward()
+                # x world: DDP averages
+                (loss_sum * (process.world / args.batch_size)).backward()
                 sums += torch.stack(
                     [
                         loss_sum.detach(),
@@ -664,10 +663,8 @@ def main(argv=None):
                 torch.distributed.all_reduce(sums)  # the whole step's, every process's
             step_loss, *rewards = sums.tolist()
             nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
-            scaler.update()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step = it + 1
             add_rewards(state["train"], step, rewards)

@@ -271,15 +271,6 @@ def pretraining_counts(tok, start_checkpoint):
     return torch.bincount(stream, minlength=tok.vocab_size)
 
 
-def projection_bytes(model):
-    """The bytes of the blocks' projection weights (sft.json's frozen_bytes without PEFT)."""
-    return sum(
-        m.weight.numel() * m.weight.element_size()
-        for m in model.h.modules()
-        if isinstance(m, torch.nn.Linear)
-    )
-
-
 # ----------------------------------------------------------------------------------------
 # 4. arguments and checkpoints
 
@@ -312,17 +303,6 @@ def parse_args(argv=None):
     nanosft.add_common_args(ap)
     ap.set_defaults(**DEFAULTS)
     return ap.parse_args(argv)
-
-
-def save_last(file, plain_model, model, tok, optimizer, it, flags, state):
-    """out/sft_last.pt, written at every evaluation: an ordinary final checkpoint, plus what
-    --resume needs (runtime.resume): the optimizer, the stage's state (its path) and the weights
-    in their training form (adapters unmerged)."""
-    checkpoint = nanosft.checkpoint_dict(
-        "sft", plain_model, tok, optimizer, it=it, flags=flags, state=state
-    )
-    checkpoint["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    nanosft.save_checkpoint(file, checkpoint)
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,13 +541,12 @@ def main(argv=None):
     trainable = (
         peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
     )
-    what = peft.method(args.lora_rank, args.oft_block, args.prompt_tokens) if peft else "full"
-    for line in report.lines():  # what was skipped or cut
-        process.log(line)
     process.log(
-        f"{len(examples)} examples from {report.path} | {trainable:,} trainable of "
-        f"{model.num_params():,} parameters | {what}, lr {args.lr:g} | {process.device} "
-        f"{process.dtype}"
+        "\n".join(report.lines())  # what was skipped or cut, then what trains
+        + f"\n{len(examples)} examples from {report.path} | {trainable:,} trainable of "
+        f"{model.num_params():,} parameters | "
+        f"{peft.method(args.lora_rank, args.oft_block, args.prompt_tokens) if peft else 'full'}, "
+        f"lr {args.lr:g} | {process.device} {process.dtype}"
     )
 
     # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
@@ -589,16 +568,18 @@ def main(argv=None):
             runtime.barrier(process)
 
     def keep(it):  # sft_last.pt: what --resume needs to continue after step `it`
-        save_last(
-            nanosft.last_path(args.out_dir, "sft"),
-            peft.plain_model(model) if peft else model,
-            model,
-            tok=tok,
-            optimizer=optimizer,
+        checkpoint = nanosft.checkpoint_dict(
+            "sft",
+            peft.plain_model(model) if peft else model,  # adapters merged: an ordinary GPT
+            tok,
+            optimizer,
             it=it,
             flags=vars(args),
             state={"path": path},
         )
+        if peft:  # and unmerged, as they train (what --resume loads: extras/runtime.py)
+            checkpoint["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "sft"), checkpoint)
 
     # ---- train: every answer token is a target; the loss is their mean over the whole step
     # (sft_loss)
@@ -606,10 +587,10 @@ def main(argv=None):
     ddp_model = torch.compile(model) if args.compile else model
     if process.world > 1:
         ddp_model = runtime.wrap_ddp(ddp_model, process)
-    scaler = torch.amp.GradScaler(
-        process.device.type, enabled=process.dtype == "float16"
-    )  # fp16 only: see below
-    params = [p for p in model.parameters() if p.requires_grad]
+    if process.dtype == "float16":  # the loss scaled, so small gradients do not underflow
+        from extras import fp16
+
+        fp16.LossScaling(model, optimizer)
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
     with nanosft.finish_step_on_interrupt(process) as interrupted:
         for it in range(start_iter, args.max_iters):
@@ -639,18 +620,15 @@ def main(argv=None):
                     ddp_model.require_backward_grad_sync = i == len(micro_batches) - 1
                 with nanosft.autocast(process.device, process.dtype):
                     loss_sum = sft_loss(ddp_model, X, Y)  # summed over the supervised tokens
-                # x world: DDP averages. fp16 only: the loss scaled up so small gradients do not
-                # underflow (else scale() is the identity)
-                scaler.scale(loss_sum * (process.world / supervised)).backward()
+                # x world: DDP averages
+                (loss_sum * (process.world / supervised)).backward()
                 step_loss += loss_sum.item()
                 tokens += X.numel()
             if process.world > 1:  # the whole step's, every process's
                 step_loss = runtime.all_reduce(step_loss, process)
             nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
-            scaler.update()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step = it + 1
             if step % args.log_interval == 0 or step == args.max_iters:
@@ -677,7 +655,7 @@ def main(argv=None):
             process,
             data=report.state(),
             flags=vars(args),
-            frozen_bytes=peft.frozen_bytes(model) if peft else projection_bytes(model),
+            frozen_bytes=peft.frozen_bytes(model) if peft else None,  # nothing frozen
         )
         sft_file, plain_model = (
             os.path.join(args.out_dir, "sft.pt"),

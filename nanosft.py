@@ -155,19 +155,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_common_args(ap, out_dir="out"):
-    """The flags every stage shares, under two headings of --help: training, and running.
-    --resume, --time-budget, --compile and --plot: extras/flags.py (defaults here)."""
+    """The flags every stage shares, under two headings of --help: training, and running."""
     train = ap.add_argument_group("training (every stage)")
     train.add_argument("--out-dir", default=out_dir, help="where checkpoints, JSON and plots go")
     train.add_argument("--max-iters", type=int, help="optimizer steps")
     train.add_argument("--batch-size", type=int, help="sequences (or pairs) per optimizer step")
     train.add_argument("--lr", type=float, help="peak learning rate")
-    train.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
-    train.add_argument(
-        "--grad-clip", type=float, default=1.0, help="clip the step's gradient to this norm"
-    )
     train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
-    train.add_argument("--log-interval", type=int, help="print the loss every N steps")
     train.add_argument("--seed", type=int, default=1337)
     run = ap.add_argument_group("running: hardware, processes, time, resume")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -177,8 +171,11 @@ def add_common_args(ap, out_dir="out"):
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)",
     )
-    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.set_defaults(resume=False, time_budget=None, compile=False, plot=False)
+    # --warmup, --log-interval (their defaults: the stage's), --grad-clip, --grad-accum, --resume,
+    # --time-budget, --compile, --plot: extras/flags.py
+    ap.set_defaults(
+        grad_clip=1.0, grad_accum=1, resume=False, time_budget=None, compile=False, plot=False
+    )
 
 
 def pick_device(name="auto"):

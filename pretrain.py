@@ -184,11 +184,11 @@ def main(argv=None):
 
     # ---- train: every token of a window is a target; the loss is their mean over the whole step
     model.train()
-    scaler = torch.amp.GradScaler(
-        process.device.type, enabled=process.dtype == "float16"
-    )  # fp16 only: see below
-    params = [p for p in model.parameters() if p.requires_grad]
     n_targets = args.batch_size * cfg.block_size  # in the step, over every process and micro-batch
+    if process.dtype == "float16":  # the loss scaled, so small gradients do not underflow
+        from extras import fp16
+
+        fp16.LossScaling(model, optimizer)
     step, tokens, t0 = start_iter, 0, time.time()  # step: the steps taken
     with nanosft.finish_step_on_interrupt(process) as interrupted:
         for it in range(start_iter, args.max_iters):
@@ -218,18 +218,15 @@ def main(argv=None):
                 with nanosft.autocast(process.device, process.dtype):
                     # summed next-token cross-entropy
                     _, loss_sum = ddp_model(X, Y, reduction="sum")
-                # x world: DDP averages. fp16 only: the loss scaled up so small gradients do not
-                # underflow (else scale() is the identity)
-                scaler.scale(loss_sum * (process.world / n_targets)).backward()
+                # x world: DDP averages
+                (loss_sum * (process.world / n_targets)).backward()
                 step_loss += loss_sum.item()
                 tokens += X.numel()
             if process.world > 1:  # the whole step's, every process's
                 step_loss = runtime.all_reduce(step_loss, process)
             nanosft.check_finite(step_loss, it, lr)  # a NaN or inf stops the run before the step
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)  # optimizer.step() (fp16: skipped if the gradient overflowed)
-            scaler.update()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step = it + 1
             if step % args.log_interval == 0 or step == args.max_iters:
@@ -259,57 +256,30 @@ def main(argv=None):
                 metrics={"val_loss": history["val_loss"][-1]},
             ),
         )
-        report(
-            args.out_dir,
-            history,
-            model=model,
-            process=process,
-            seconds=(time.time() - t_start, train_seconds),
-            steps=step,
-            tokens=tokens,
-            world=world,
-            plot=args.plot,
-        )
+        tok_per_s = tokens * process.world / max(train_seconds, 1e-9)
+        result = {  # out/pretrain.json
+            "val_loss": history["val_loss"][-1],
+            "knowledge_probe_accuracy": history["probe"][-1],
+            "tokens_per_sec": tok_per_s,
+            "seconds": time.time() - t_start,
+            "train_seconds": train_seconds,
+            "steps": step,
+            "params": model.num_params(),
+            "device": str(process.device),
+            "dtype": process.dtype,
+            "history": history,
+        }
+        nanosft.write_json(os.path.join(args.out_dir, "pretrain.json"), result)
+        if args.plot:  # out/pretrain_loss.png
+            from extras import charts
 
-
-def report(out_dir, history, model, process, seconds, steps, tokens, world, plot=False):
-    """out/pretrain.json (with --plot also out/pretrain_loss.png) and the closing line."""
-    total_seconds, train_seconds = seconds
-    tok_per_s = tokens * process.world / max(train_seconds, 1e-9)
-    result = {
-        "val_loss": history["val_loss"][-1],
-        "knowledge_probe_accuracy": history["probe"][-1],
-        "tokens_per_sec": tok_per_s,
-        "seconds": total_seconds,
-        "train_seconds": train_seconds,
-        "steps": steps,
-        "params": model.num_params(),
-        "device": str(process.device),
-        "dtype": process.dtype,
-        "history": history,
-    }
-    nanosft.write_json(os.path.join(out_dir, "pretrain.json"), result)
-    if plot:
-        from extras import charts  # --plot: out/pretrain_loss.png
-
-        series = {"val loss": (history["step"], history["val_loss"])}
-        if world:
-            series["knowledge probe accuracy"] = (history["step"], history["probe"])
-        charts.plot(
-            os.path.join(out_dir, "pretrain_loss.png"),
-            "pre-training",
-            xlabel="step",
-            ylabel="value",
-            series=series,
+            charts.plot_pretrain(os.path.join(args.out_dir, "pretrain_loss.png"), history, world)
+        process.log(
+            f"done: val loss {result['val_loss']:.4f}"
+            + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
+            + f" | {tok_per_s:,.0f} tok/s | {result['seconds']:.0f}s -> "
+            + os.path.join(args.out_dir, "pretrain.pt")
         )
-    process.log(
-        f"done: val loss {result['val_loss']:.4f}"
-        + (f" | knowledge probe {result['knowledge_probe_accuracy']:.3f}" if world else "")
-        + (
-            f" | {tok_per_s:,.0f} tok/s | {total_seconds:.0f}s "
-            f"-> {os.path.join(out_dir, 'pretrain.pt')}"
-        )
-    )
 
 
 if __name__ == "__main__":

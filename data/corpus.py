@@ -39,11 +39,8 @@ def encode_corpus(tok, text):
     biographies of the world) each start with <|endoftext|>, so that token is a familiar
     "a document begins here" marker when later prompts start with it (probes, chat)."""
     docs = [d for d in text.split("\n\n") if d.strip()]
-    ids = []
-    for body in tok.enc.encode_ordinary_batch(docs):
-        ids.append(tok.endoftext)
-        ids.extend(body)
-    return torch.tensor(ids, dtype=torch.long)
+    bodies = tok.enc.encode_ordinary_batch(docs)
+    return torch.tensor([t for body in bodies for t in (tok.endoftext, *body)], dtype=torch.long)
 
 
 def split_corpus(data, block_size):

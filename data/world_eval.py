@@ -27,16 +27,6 @@ def is_default(file, name):
     return file is not None and os.path.abspath(file) == os.path.abspath(name)
 
 
-def check_world_dir(world_dir):
-    """One clear error for a directory that holds no world, before anything is written."""
-    if not os.path.isfile(path("world.json", world_dir)):
-        raise nanosft.UserError(
-            f"--world {world_dir}: no world.json there; write a world with "
-            f"python data/world.py --out-dir {world_dir}"
-        )
-    return world_dir
-
-
 def load_world(world_dir=HERE):
     """The world's facts (world.json): its people, attributes and their values, who is held
     out. Every grading function takes them."""
@@ -48,18 +38,14 @@ def load_world(world_dir=HERE):
 # the verifier: an answer is graded against the world's facts
 
 
-def _words(text):
-    return [w.strip(".,!?;:'\"").lower() for w in text.replace("'s", " ").split()]
-
-
 def grade(world, person, attr, answer):
     """True when the answer names the person's true value and no other value of that
     attribute (so listing every city is not a correct answer)."""
     truth = next(
         p[attr] for p in world["people"] + world.get("other_people", []) if p["name"] == person
     )
-    said = {w for w in _words(answer)} & {v.lower() for v in world["values"][attr]}
-    return said == {truth.lower()}
+    words = {w.strip(".,!?;:'\"").lower() for w in answer.replace("'s", " ").split()}
+    return words & {v.lower() for v in world["values"][attr]} == {truth.lower()}
 
 
 # the knowledge probe's prompts: the first paraphrase of each fact (data/world.py TEMPLATES),

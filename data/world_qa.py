@@ -11,7 +11,6 @@ import nanosft
 from data.world_eval import HERE, grade, path
 
 # the world's files that SFT and DPO read (python data/world.py writes them)
-SFT = path("world_sft.jsonl")  # gold question-answer pairs about training people
 THREADS = path("world_community.jsonl")  # community threads (voted answers), training people
 # threads about the held-out people: evaluation only. DPO's held-out pairs come from here, so
 # they are about people neither SFT nor DPO trained on.

@@ -24,3 +24,11 @@ def plot(path, title, xlabel, ylabel, series, marks=()):
     fig.savefig(tmp, dpi=110)
     pyplot.close(fig)
     os.replace(tmp, path)
+
+
+def plot_pretrain(path, history, world):
+    """pretrain.py --plot: validation loss (and on a world the knowledge probe) against the step."""
+    series = {"val loss": (history["step"], history["val_loss"])}
+    if world:
+        series["knowledge probe accuracy"] = (history["step"], history["probe"])
+    plot(path, "pre-training", xlabel="step", ylabel="value", series=series)

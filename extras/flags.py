@@ -9,6 +9,7 @@ which never reads this file, sees the same values.
 """
 
 import argparse
+import os
 import sys
 
 import nanosft
@@ -23,6 +24,11 @@ ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 def add(ap, stage):
+    tune = ap.add_argument_group("training: schedule, clipping, log, micro-batches")
+    tune.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay")
+    tune.add_argument("--grad-clip", type=float, help="clip the step's gradient to this norm")
+    tune.add_argument("--log-interval", type=int, help="print the loss every N steps")
+    tune.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     run = ap.add_argument_group("running: time, resume, compile, charts")
     run.add_argument(
         "--time-budget", type=float, help="stop after this many seconds of training (then save)"
@@ -158,6 +164,16 @@ def dpo(ap):
     )
 
 
+def check_world_dir(world_dir):
+    """One clear error for a directory that holds no world, before anything is written."""
+    if not os.path.isfile(world_eval.path("world.json", world_dir)):
+        raise nanosft.UserError(
+            f"--world {world_dir}: no world.json there; write a world with "
+            f"python data/world.py --out-dir {world_dir}"
+        )
+    return world_dir
+
+
 def parse_args(ap, argv, stage):
     """Every flag of `stage` (add), parsed, then the combinations that a single flag's range
     cannot say (nanosft.LEAST checks those): nanosft.ArgumentParser calls it when the command
@@ -175,7 +191,7 @@ def parse_args(ap, argv, stage):
                 "--world DIR trains on DIR/world_corpus.txt: give --world or --data, not both"
             )
         if args.world:
-            args.data = world_eval.path("world_corpus.txt", world_eval.check_world_dir(args.world))
+            args.data = world_eval.path("world_corpus.txt", check_world_dir(args.world))
     if stage == "dpo":
         if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss != "sigmoid"):
             raise nanosft.UserError(
@@ -202,7 +218,7 @@ def parse_args(ap, argv, stage):
         )
     if args.sft_attributes:
         args.sft_attributes = cross_domain.attributes(args.sft_attributes)
-    world_eval.check_world_dir(args.world)
+    check_world_dir(args.world)
     method = peft.method(args.lora_rank, args.oft_block, args.prompt_tokens)
     if method in LR and "--lr" not in (sys.argv[1:] if argv is None else argv):
         args.lr = LR[method]

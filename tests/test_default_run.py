@@ -28,7 +28,7 @@ RUNS = {  # stage -> its command line after the script's name
     "dpo": ["dpo.py", "--ckpt", "{out}/sft.pt", "--max-iters", "2", "--eval-interval", "1"],
 }
 TARGETS = {"pretrain": 450, "finetune": 700, "dpo": 700}  # executed lines, all project files together
-CEILINGS = {"pretrain": 468, "finetune": 741, "dpo": 750}  # today's counts: no change may add to them
+CEILINGS = {"pretrain": 452, "finetune": 721, "dpo": 739}  # today's counts: no change may add to them
 
 
 def coverage_run(stage, out, env):

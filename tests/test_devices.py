@@ -84,9 +84,12 @@ def test_no_unguarded_cuda_only_call():
     assert src.split("torch.cuda.set_device")[0].splitlines()[-3].strip() == 'if process.device.type == "cuda":'
 
 
-def test_the_fp16_scaler_is_built_for_the_device_and_off_without_fp16():
-    """Each stage builds torch's GradScaler for its own device type, enabled only with fp16 (a
-    CUDA scaler on a CPU or a Mac warns and does nothing)."""
+def test_the_fp16_loss_scale_is_set_up_by_every_stage_and_only_for_fp16():
+    """Each stage's loop is backward / clip / optimizer.step() whatever the dtype; fp16 runs
+    (and only they) set up extras/fp16.py's loss scaling on the model and its optimizer first."""
     for stage in ("pretrain.py", "finetune.py", "dpo.py"):
         src = open(os.path.join(ROOT, stage), encoding="utf-8").read()
-        assert 'torch.amp.GradScaler(\n        process.device.type, enabled=process.dtype == "float16"\n    )' in src, stage
+        assert 'if process.dtype == "float16":' in src and "fp16.LossScaling(model, optimizer)" in src, stage
+        assert "GradScaler" not in src and "optimizer.step()" in src, stage
+
+

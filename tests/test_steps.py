@@ -6,7 +6,7 @@ second run of the same code (a mistake shared by two runs cancels out):
     clipping               a step whose gradient norm is over 1.0 steps with a norm of exactly 1.0
     --time-budget          seconds, not minutes
     the non-finite stop    +inf, -inf and NaN each stop the run before the step is taken
-    fp16                   the loss scaler is on and its gradient is the fp32 one
+    fp16                   the loss scale is on, its gradient is the fp32 one, overflow skips
 
 Each stage runs in this process on a tiny model (about a second), reading its own data file,
 so no world evaluation runs. What a run did is read off the files it wrote (the optimizer's
@@ -191,18 +191,20 @@ def test_a_non_finite_loss_stops_before_its_step(stage, bad, files, tmp_path, mo
 
 # ---------------------------------------------------------------------------------- fp16
 
-def test_fp16_steps_with_the_loss_scaler_and_the_fp32_gradient(files, tmp_path, monkeypatch):
-    """--dtype float16 (the auto dtype on GPUs without bf16) scales every loss before backward
-    (GradScaler enabled for the run's device) and unscales before clipping: the first step's
-    gradient equals the fp32 run's to fp16 precision, not 2**16 times smaller or larger."""
+def test_fp16_steps_with_the_loss_scale_and_the_fp32_gradient(files, tmp_path, monkeypatch):
+    """--dtype float16 (the auto dtype on GPUs without bf16) scales the gradient at the logits
+    (extras/fp16.py) and unscales every parameter's: the first step's gradient equals the fp32
+    run's to fp16 precision, not 2**16 times smaller or larger; an fp32 run scales nothing."""
+    from extras import fp16
+
     scaled = []
-    real_scale = torch.amp.GradScaler.scale
+    real = fp16.LossScaling.scale_logits
 
-    def scale(self, outputs):
-        scaled.append(self.is_enabled())
-        return real_scale(self, outputs)
+    def scale_logits(self, module, inputs, logits):
+        scaled.append(logits.requires_grad)
+        return real(self, module, inputs, logits)
 
-    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
+    monkeypatch.setattr(fp16.LossScaling, "scale_logits", scale_logits)
     moments = {}
     for dtype in ("float32", "float16"):
         saved = resume_files(monkeypatch)
@@ -210,8 +212,39 @@ def test_fp16_steps_with_the_loss_scaler_and_the_fp32_gradient(files, tmp_path, 
                                 "--dtype", dtype, "--lr", "1e-4")
         main(argv)
         moments[dtype] = saved[-1]["optimizer"]["state"]
-        if dtype == "float16":
-            assert scaled and all(scaled), "fp16 losses must go through an enabled GradScaler"
+        assert any(scaled) == (dtype == "float16"), dtype
         scaled.clear()
     for i, s in moments["float32"].items():
         torch.testing.assert_close(moments["float16"][i]["exp_avg"], s["exp_avg"], rtol=0.05, atol=2e-4)
+
+
+def test_fp16_loss_scaling_skips_an_overflowed_step_halves_and_grows_the_scale():
+    """The rule, step by step: the gradients arrive unscaled (equal to an unscaled model's); a
+    step with an inf gradient leaves the weights alone and halves the scale; growth_interval
+    good steps in a row double it."""
+    from extras import fp16
+
+    torch.manual_seed(0)
+    cfg = nanosft.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)
+    model, plain = nanosft.GPT(cfg), nanosft.GPT(cfg)
+    plain.load_state_dict(model.state_dict())
+    opt = nanosft.configure_optimizer(model, 1e-2)
+    scaling = fp16.LossScaling(model, opt, scale=1024.0, growth_interval=2)
+    X = torch.randint(0, 50, (2, 16))
+    for m in (model, plain):
+        m(X, X)[1].backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.wte.weight.grad[0, 0] = float("inf")
+    opt.step()
+    assert scaling.scale == 512.0 and scaling.skipped == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for k in (1, 2):
+        opt.zero_grad()
+        model(X, X)[1].backward()
+        opt.step()
+        assert scaling.scale == (512.0 if k == 1 else 1024.0)
+    assert not torch.equal(model.wte.weight, before["wte.weight"])
+
+
