@@ -50,8 +50,7 @@ DEFAULTS = dict(
     rpo_alpha=0.1,
     min_margin=10.0,
     pairs="top",
-    no_ref_cache=False,  # this and below: flags of extras/flags.py
-    strict=False,
+    strict=False,  # this and below: flags of extras/flags.py
     pack=False,
     rewind=False,
 )
@@ -261,16 +260,6 @@ def pair_logprobs(model, examples, ids, pad_id, process, packed, pairs_per_forwa
     return logps[0], logps[1]
 
 
-def reference_logprobs(ref, cache, batch):
-    """log pi_ref(chosen), log pi_ref(rejected) of a micro-batch: `cache`'s, or a forward
-    (--no-ref-cache)."""
-    X, Y, segments, ids = batch
-    if cache is None:
-        with torch.no_grad():
-            return concatenated_logprobs(ref, X, Y, segments)
-    return cache[0][ids].to(X.device), cache[1][ids].to(X.device)
-
-
 def load_data(path, tok, block_size, min_margin, top_only, strict, log):
     """The pairs -> world, (train pairs, their examples), (held-out pairs, examples), counts: the
     world's votes (world: its verifier, world_eval.load_world), held out the threads about the
@@ -279,7 +268,7 @@ def load_data(path, tok, block_size, min_margin, top_only, strict, log):
     world = world_eval.load_world() if world_eval.is_default(path, world_qa.THREADS) else None
     if not world:
         from extras import own_data  # your own file's formats
-    train, held, counts = preferences.load_pairs(
+    return world, *preferences.load_pairs(
         path,
         heldout_path=world_qa.EVAL_THREADS if world else None,
         tok=tok,
@@ -292,12 +281,6 @@ def load_data(path, tok, block_size, min_margin, top_only, strict, log):
         heldout_rule=HELDOUT_RULE if world else None,
         split=None if world else own_data.load_preferences,
     )
-    log(
-        f"{path}: {counts['format']} format, {len(train[1]):,} train / "
-        f"{counts['pairs_heldout']:,} held-out pairs "
-        f"({len(held[1])} scored)"
-    )
-    return world, train, held, counts
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,7 +355,7 @@ def behaviour(model, tok, world, questions):
     if world:
         r = world_qa.qa_eval(model, tok, world, questions, longest=world_qa.world_longest())
         texts, said = [q["prompt"] for q in questions], r.pop("answers")
-        del r["degenerate"]
+        r.pop("degenerate")  # (why each answer is degenerate: only the rate is reported)
     else:  # a prompt too long keeps its end and leaves 8 positions to answer in
         ids = [nanosft.chat_prompt(tok, p)[-(model.config.block_size - 8) :] for p in questions]
         texts = [p[-1]["content"] for p in questions]
@@ -381,13 +364,12 @@ def behaviour(model, tok, world, questions):
             for o in nanosft.generate_batch(model, ids, 64, stop={tok.end, tok.endoftext})
         ]
         r = dict.fromkeys(("accuracy", "clean_style_rate", "style_rate", "degenerate_rate"))
-    shown = {}  # on the world the first question about each attribute, else the first five
-    for i, q in enumerate(questions):
-        shown.setdefault(q["attribute"] if world else i, i)
+    # shown: on the world the first question about each attribute, else the first five
+    keys = [q["attribute"] if world else i for i, q in enumerate(questions)]
     return {
         **r,
         "response_tokens": sum(len(tok.encode(a)) for a in said) / max(1, len(said)),
-        "samples": [[texts[i], said[i]] for i in list(shown.values())[:5]],
+        "samples": [[texts[keys.index(k)], said[keys.index(k)]] for k in dict.fromkeys(keys)][:5],
     }
 
 
@@ -450,14 +432,20 @@ def report(state, after, kept, step, flags, counts, process, t_start):
             {"prompt": p, "before": b, "after": a}
             for (p, b), (_, a) in zip(before["samples"], after["samples"])
         ],
-    }
-    for k in ("accuracy", "clean_style_rate", "style_rate", "degenerate_rate", "response_tokens"):
-        name = "heldout_accuracy" if k == "accuracy" else k
-        result[f"{name}_before"], result[f"{name}_after"] = before[k], after[k]
-    result.update(
-        rewound_step=kept,
-        steps=step,
-        **{
+        **{  # heldout_accuracy_before, ..._after, clean_style_rate_before, ...
+            f"{'heldout_accuracy' if k == 'accuracy' else k}_{when}": d[k]
+            for k in (
+                "accuracy",
+                "clean_style_rate",
+                "style_rate",
+                "degenerate_rate",
+                "response_tokens",
+            )
+            for when, d in (("before", before), ("after", after))
+        },
+        "rewound_step": kept,
+        "steps": step,
+        **{  # the flags that set the loss and the pairs
             k: flags[k]
             for k in (
                 "beta",
@@ -472,11 +460,11 @@ def report(state, after, kept, step, flags, counts, process, t_start):
             )
         },
         **counts,
-        device=str(process.device),
-        dtype=process.dtype,
-        seconds=seconds,
-        history={"train": state["train"], "eval": ev, "path": state.get("path", [])},
-    )
+        "device": str(process.device),
+        "dtype": process.dtype,
+        "seconds": seconds,
+        "history": {"train": state["train"], "eval": ev, "path": state.get("path", [])},
+    }
     nanosft.write_json(os.path.join(flags["out_dir"], "dpo.json"), result)
     return result
 
@@ -537,12 +525,8 @@ def main(argv=None):
         for it in range(start_iter, args.max_iters)
         for i in step_pair_ids(args.seed, it, args.batch_size, len(train_examples), process=process)
     }
-    ref_cache = (
-        None
-        if args.no_ref_cache
-        else pair_logprobs(
-            ref, train_examples, sorted(visited), tok.pad, process=process, packed=packed
-        )
+    ref_cache = pair_logprobs(
+        ref, train_examples, sorted(visited), tok.pad, process=process, packed=packed
     )
     score = lambda policy: pair_logprobs(
         policy, held_examples, range(len(held_examples)), tok.pad, process=process, packed=packed
@@ -592,7 +576,7 @@ def main(argv=None):
 
     def keep(it):  # dpo_last.pt: what --resume needs to continue after step `it`
         nanosft.save_checkpoint(
-            nanosft.last_path(args.out_dir, "dpo"),
+            os.path.join(args.out_dir, "dpo_last.pt"),
             nanosft.checkpoint_dict(
                 "dpo", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=state
             ),
@@ -632,9 +616,10 @@ def main(argv=None):
                 # DDP averages the gradients over the processes after the last micro-batch
                 if process.world > 1:
                     ddp_model.require_backward_grad_sync = i == len(batches) - 1
-                X, Y, segments, _ = batch
+                X, Y, segments, ids = batch
+                # the frozen reference's log-probs of these pairs (computed once, before training)
+                ref_chosen, ref_rejected = (c[ids].to(process.device) for c in ref_cache)
                 with nanosft.autocast(process.device, process.dtype):
-                    ref_chosen, ref_rejected = reference_logprobs(ref, ref_cache, batch)
                     loss_sum, reward_chosen, reward_rejected = pair_loss(
                         ddp_model,
                         X,

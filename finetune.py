@@ -156,6 +156,74 @@ def show_mask(tok, conv):
     )
 
 
+MIN_PROMPT = 8  # a prompt cut from the left keeps at least this many of its tokens
+
+
+def fit_conversation(tok, conv, block_size):
+    """A conversation's (ids, mask), made to fit block_size + 1 tokens, and what was done:
+    None (it fit), "turns" (the oldest turns were dropped), "prompt" (the last question was
+    cut from the left) or "answer" (the answer alone does not fit: skip the record). An
+    answer is never cut: without its <|end|> it would teach the model to stop nowhere, with
+    it to stop mid-sentence."""
+    ids, mask = nanosft.render_chat(tok, conv)
+    if len(ids) - 1 <= block_size:
+        return ids, mask, None
+    system = conv[:1] if conv[0]["role"] == "system" else []
+    rest = conv[len(system) :]
+    cuts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
+    for head in (system, []):  # drop turns first, the system message last
+        for i in cuts:
+            ids, mask = nanosft.render_chat(tok, head + rest[i:])
+            if len(ids) - 1 <= block_size:
+                return ids, mask, "turns"
+    # the last question and its answer alone are too long: cut the question from the left
+    question = next((m for m in reversed(conv[:-1]) if m["role"] == "user"), {"content": ""})
+    body, answer = (
+        nanosft.encode_content(tok, question["content"]),
+        nanosft.encode_content(tok, conv[-1]["content"]),
+    )
+    frame = [tok.endoftext, tok.user, tok.end, tok.assistant, tok.end]
+    room = block_size + 1 - len(frame) - len(answer)
+    if room < min(MIN_PROMPT, len(body)):
+        return None, None, "answer"
+    ids = (
+        [tok.endoftext, tok.user]
+        + body[len(body) - room :]
+        + [tok.end, tok.assistant]
+        + answer
+        + [tok.end]
+    )
+    return ids, [0] * (len(ids) - len(answer) - 1) + [1] * (len(answer) + 1), "prompt"
+
+
+def render_all(tok, records, block_size, report):
+    """(inputs, targets) per (record number, conversation), each fitted to the block; what
+    fitting did is counted in `report` (see fit_conversation)."""
+    out = []
+    too_long = f"longer than the model's block size {block_size}; shorten it"
+    for n, conv in records:
+        ids, mask, change = fit_conversation(tok, conv, block_size)
+        answer = len(nanosft.encode_content(tok, conv[-1]["content"]))
+        report.needs.append(answer + MIN_PROMPT + 5)  # the answer, a short question, the chat frame
+        if change == "answer":
+            tokens = len(nanosft.render_chat(tok, conv)[0]) - 1
+            report.skip(
+                n,
+                f"whose answer alone is longer than block_size {block_size}",
+                f"{tokens} tokens, {too_long}",
+            )
+            continue
+        if change == "turns":
+            report.truncate(n, "conversations cut to their last turns that fit", too_long)
+        elif change == "prompt":
+            report.truncate(n, "prompts cut from the left to fit", too_long)
+        out.append(nanosft.example_tensors(ids, mask))
+    report.check(block_size)
+    if not out:
+        raise nanosft.UserError(f"{report.path}: no assistant tokens to train on")
+    return out
+
+
 def step_order(n_examples, batch_size, seed, it, lengths):
     """The examples of optimizer step `it`, a pure function of (seed, it): shuffle once per
     epoch, then sort each window of 8 batches by length and cut it into batches, so a batch
@@ -329,9 +397,9 @@ class SFTEvaluator:
     chooses by (extras/rewind.py DevHalf), the in- and cross-domain split of --sft-attributes
     (extras/cross_domain.py).
 
-    pretrain_stream: the pre-training text's tokens (None: no retention loss)."""
+    pretrain_file: the pre-training text (None, or not at hand: no retention loss)."""
 
-    def __init__(self, process, tok, pretrain_stream, block_size, world_dir=world_eval.HERE):
+    def __init__(self, process, tok, pretrain_file, block_size, world_dir=world_eval.HERE):
         self.process, self.tok, self.world_dir = process, tok, world_dir
         self.world = world_eval.load_world(world_dir)
         self.longest = world_qa.world_longest(world_dir)
@@ -339,9 +407,10 @@ class SFTEvaluator:
         self.train = world_qa.load_eval_rows("train", world_dir)[:250]  # as many as a held-out half
         self.tasks = world_qa.load_eval_rows("tasks", world_dir)
         self.retention, self.more = None, []
-        if pretrain_stream is not None:  # the split pre-training used: its validation loss
+        stream = pretrain_stream(tok, pretrain_file)
+        if stream is not None:  # the split pre-training used: its validation loss
             self.retention = corpus.fixed_windows(
-                corpus.split_corpus(pretrain_stream, block_size)[1], block_size
+                corpus.split_corpus(stream, block_size)[1], block_size
             )
 
     def qa(self, model, rows):
@@ -407,6 +476,13 @@ def not_rewound(step):
     }
 
 
+def chance_accuracy(world, attributes=None):
+    """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes`
+    (all)."""
+    attributes = attributes or world["attributes"]
+    return sum(1 / len(world["values"][a]) for a in attributes) / len(attributes)
+
+
 def world_report(log, path, final, rewound, choice, chance):
     """sft.json's world numbers: before SFT (the path's step 0), at the final step and at the
     rewound point (`final`, `rewound`: their full evaluations; the same without --rewind); the
@@ -414,20 +490,14 @@ def world_report(log, path, final, rewound, choice, chance):
     start = path[0]
     log(
         f"held-out accuracy: before {start['heldout']:.3f} | final {final['heldout']:.3f} | "
-        f"out/sft.pt: {choice['rewound']} {rewound['heldout']:.3f}"
-    )
-    log(
+        f"out/sft.pt: {choice['rewound']} {rewound['heldout']:.3f}\n"
         f"retention loss:    before {fmt_loss(start['retention'])} | "
-        f"final {fmt_loss(final['retention'])} | out/sft.pt {fmt_loss(rewound['retention'])}"
-    )
-    log(
+        f"final {fmt_loss(final['retention'])} | out/sft.pt {fmt_loss(rewound['retention'])}\n"
         f"knowledge probe:   before {start['probe']:.3f} | final {final['probe']:.3f} | "
-        f"out/sft.pt {rewound['probe']:.3f}"
-    )
-    tasks = "" if rewound["tasks"] is None else f" | list tasks {rewound['tasks']:.3f}"
-    log(
-        f"training people {rewound['train']:.3f}{tasks} | "
-        f"degenerate answers {rewound['degenerate']:.3f}"
+        f"out/sft.pt {rewound['probe']:.3f}\n"
+        f"training people {rewound['train']:.3f}"
+        + ("" if rewound["tasks"] is None else f" | list tasks {rewound['tasks']:.3f}")
+        + f" | degenerate answers {rewound['degenerate']:.3f}"
     )
     return {
         "heldout_accuracy": rewound["heldout"],
@@ -480,13 +550,7 @@ def main(argv=None):
         return show_mask(tok, records[0][1])
     rows = peft = replay_windows = evaluator = own = None  # what the extras below set
     if not args.data:  # the world's questions: held-out accuracy and retention along the way
-        evaluator = SFTEvaluator(
-            process,
-            tok,
-            pretrain_stream(tok, args.pretrain_data),
-            block_size,
-            world_dir=args.world,
-        )
+        evaluator = SFTEvaluator(process, tok, args.pretrain_data, block_size, world_dir=args.world)
         if args.sft_attributes:  # held-out accuracy also in-domain and cross-domain
             from extras import cross_domain
 
@@ -496,7 +560,7 @@ def main(argv=None):
 
         own = own_eval.SFTHeldout(args.data, records, tok, model=model, process=process)
         records = own.train
-    examples = formats.render_all(tok, records, block_size, report)
+    examples = render_all(tok, records, block_size, report)
     if args.lora_rank or args.oft_block or args.prompt_tokens:
         from extras import peft  # --lora-rank, --oft-block, --prompt-tokens: adapters, a prefix
 
@@ -538,15 +602,23 @@ def main(argv=None):
     )
     # the world's evaluations along the way, from the model before SFT
     path = state.get("path") or (evaluator.start(model) if evaluator else [])
-    trainable = (
-        peft.trainable_params(model, rows) if peft else model.num_params(trainable_only=True)
+    trainable, what = (  # the weights that train, and the method
+        (model.num_params(trainable_only=True), "full")
+        if not peft
+        else (
+            peft.trainable_params(model, rows),
+            peft.method(args.lora_rank, args.oft_block, args.prompt_tokens),
+        )
     )
-    process.log(
-        "\n".join(report.lines())  # what was skipped or cut, then what trains
-        + f"\n{len(examples)} examples from {report.path} | {trainable:,} trainable of "
-        f"{model.num_params():,} parameters | "
-        f"{peft.method(args.lora_rank, args.oft_block, args.prompt_tokens) if peft else 'full'}, "
-        f"lr {args.lr:g} | {process.device} {process.dtype}"
+    process.log(  # what was skipped or cut, then what trains
+        "\n".join(
+            [
+                *report.lines(),
+                f"{len(examples)} examples from {report.path} | {trainable:,} trainable of "
+                f"{model.num_params():,} parameters | {what}, lr {args.lr:g} | "
+                f"{process.device} {process.dtype}",
+            ]
+        )
     )
 
     # every --eval-interval steps and at the end: the path's step (world), sft_last.pt
@@ -579,7 +651,7 @@ def main(argv=None):
         )
         if peft:  # and unmerged, as they train (what --resume loads: extras/runtime.py)
             checkpoint["train_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        nanosft.save_checkpoint(nanosft.last_path(args.out_dir, "sft"), checkpoint)
+        nanosft.save_checkpoint(os.path.join(args.out_dir, "sft_last.pt"), checkpoint)
 
     # ---- train: every answer token is a target; the loss is their mean over the whole step
     # (sft_loss)
@@ -657,13 +729,9 @@ def main(argv=None):
             flags=vars(args),
             frozen_bytes=peft.frozen_bytes(model) if peft else None,  # nothing frozen
         )
-        sft_file, plain_model = (
-            os.path.join(args.out_dir, "sft.pt"),
-            peft.plain_model(model) if peft else model,
-        )
-        checkpoint = nanosft.checkpoint_dict(
-            "sft", plain_model, tok, it=step, flags=vars(args)
-        )  # final weights
+        plain_model = peft.plain_model(model) if peft else model  # adapters merged
+        # the final weights (with --rewind: the checkpoint rewinding picks, below)
+        checkpoint = nanosft.checkpoint_dict("sft", plain_model, tok, it=step, flags=vars(args))
         if evaluator:  # the final weights' full evaluation: the path's last point, completed
             final = path[-1] = evaluator.complete(path[-1], model)
             rewound, choice = final, not_rewound(step)
@@ -687,7 +755,7 @@ def main(argv=None):
                     final,
                     rewound=rewound,
                     choice=choice,
-                    chance=world_qa.chance(evaluator.world),
+                    chance=chance_accuracy(evaluator.world),
                 )
             )
             if args.sft_attributes:
@@ -701,10 +769,10 @@ def main(argv=None):
             }
         elif own:  # your own file: held-out answers, start -> final (out/sft_eval.jsonl)
             out["own_eval"] = own.finish(plain_model, args.out_dir)
-        nanosft.save_checkpoint(sft_file, checkpoint)
+        nanosft.save_checkpoint(os.path.join(args.out_dir, "sft.pt"), checkpoint)
         out["seconds"] = time.time() - t_start
         nanosft.write_json(os.path.join(args.out_dir, "sft.json"), out)
-        process.log(f"done in {out['seconds']:.0f}s -> {sft_file}")
+        process.log(f"done in {out['seconds']:.0f}s -> {os.path.join(args.out_dir, 'sft.pt')}")
 
 
 def summary(model, trainable, steps, process, data, flags, frozen_bytes):

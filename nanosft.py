@@ -736,9 +736,6 @@ def checkpoint_dict(kind, model, tok, optimizer=None, it=0, flags=None, metrics=
     """What a .pt holds: the weights, config and tokenizer (all a later stage needs); for a
     <stage>_last.pt also the optimizer, the RNG and the stage's `state` (its history, its path):
     all --resume needs."""
-    plain = {
-        k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool, type(None)))
-    }
     return {
         "kind": kind,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -747,15 +744,14 @@ def checkpoint_dict(kind, model, tok, optimizer=None, it=0, flags=None, metrics=
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "iter": it,
         "rng": {"torch": torch.get_rng_state()},
-        "args": plain,
+        "args": {  # the flags that are plain values
+            k: v
+            for k, v in (flags or {}).items()
+            if isinstance(v, (int, float, str, bool, type(None)))
+        },
         "metrics": metrics or {},
         "state": state,
     }
-
-
-def last_path(out_dir, stage):
-    """The one resume file of a stage: written at every evaluation, read by --resume."""
-    return os.path.join(out_dir, f"{stage}_last.pt")
 
 
 # ----------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def main(argv=None):
     text = corpus.read_text(args.data)
     if args.resume:  # the tokenizer and config of the run being continued
         model, tok = nanosft.model_from_checkpoint(
-            nanosft.load_checkpoint(nanosft.last_path(args.out_dir, "pretrain"))
+            nanosft.load_checkpoint(os.path.join(args.out_dir, "pretrain_last.pt"))
         )
     else:
         torch.manual_seed(args.seed)
@@ -176,7 +176,7 @@ def main(argv=None):
 
     def keep(it):  # pretrain_last.pt: what --resume needs to continue after step `it`
         nanosft.save_checkpoint(
-            nanosft.last_path(args.out_dir, "pretrain"),
+            os.path.join(args.out_dir, "pretrain_last.pt"),
             nanosft.checkpoint_dict(
                 "pretrain", model, tok, optimizer=optimizer, it=it, flags=vars(args), state=history
             ),

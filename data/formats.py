@@ -4,14 +4,13 @@ records that are valid but unusable. Your own data's formats (Alpaca, ShareGPT, 
 messages, HH, TRL's pairs, scores) are read by extras/own_data.py with the same machinery;
 preference pairs by data/preferences.py.
 
-    render_all(tok, records, ...)    SFT: conversations as token examples, cut to the block size
     DataReport                       skipped and truncated records, counted per reason
     read_records(path), field(...)   JSON array or JSON lines; a record's string field
 
 A MALFORMED record (bad JSON, a missing field, a wrong type) is one clear error naming the
 file and the record. A VALID record that teaches nothing (no answer, a tie, an exact copy)
 is skipped and counted; the stages cut records that are too long for the block size and
-count those too (render_all below, preferences.pair_examples).
+count those too (finetune.render_all, preferences.pair_examples).
 """
 
 import json
@@ -175,75 +174,3 @@ class DataReport:
                 f"{self.path}: {self.n_skipped():,} of {self.total:,} {self.unit} would be "
                 f"skipped (most: {worst}); {why}"
             )
-
-
-# ----------------------------------------------------------------------------------------
-# SFT: conversations as token examples, cut to the block size
-
-
-MIN_PROMPT = 8  # a prompt cut from the left keeps at least this many of its tokens
-
-
-def fit_conversation(tok, conv, block_size):
-    """A conversation's (ids, mask), made to fit block_size + 1 tokens, and what was done:
-    None (it fit), "turns" (the oldest turns were dropped), "prompt" (the last question was
-    cut from the left) or "answer" (the answer alone does not fit: skip the record). An
-    answer is never cut: without its <|end|> it would teach the model to stop nowhere, with
-    it to stop mid-sentence."""
-    ids, mask = nanosft.render_chat(tok, conv)
-    if len(ids) - 1 <= block_size:
-        return ids, mask, None
-    system = conv[:1] if conv[0]["role"] == "system" else []
-    rest = conv[len(system) :]
-    cuts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
-    for head in (system, []):  # drop turns first, the system message last
-        for i in cuts:
-            ids, mask = nanosft.render_chat(tok, head + rest[i:])
-            if len(ids) - 1 <= block_size:
-                return ids, mask, "turns"
-    # the last question and its answer alone are too long: cut the question from the left
-    question = next((m for m in reversed(conv[:-1]) if m["role"] == "user"), {"content": ""})
-    body, answer = (
-        nanosft.encode_content(tok, question["content"]),
-        nanosft.encode_content(tok, conv[-1]["content"]),
-    )
-    frame = [tok.endoftext, tok.user, tok.end, tok.assistant, tok.end]
-    room = block_size + 1 - len(frame) - len(answer)
-    if room < min(MIN_PROMPT, len(body)):
-        return None, None, "answer"
-    ids = (
-        [tok.endoftext, tok.user]
-        + body[len(body) - room :]
-        + [tok.end, tok.assistant]
-        + answer
-        + [tok.end]
-    )
-    return ids, [0] * (len(ids) - len(answer) - 1) + [1] * (len(answer) + 1), "prompt"
-
-
-def render_all(tok, records, block_size, report):
-    """(inputs, targets) per (record number, conversation), each fitted to the block; what
-    fitting did is counted in `report` (see fit_conversation)."""
-    out = []
-    too_long = f"longer than the model's block size {block_size}; shorten it"
-    for n, conv in records:
-        ids, mask, change = fit_conversation(tok, conv, block_size)
-        answer = len(nanosft.encode_content(tok, conv[-1]["content"]))
-        report.needs.append(answer + MIN_PROMPT + 5)  # the answer, a short question, the chat frame
-        if change == "answer":
-            tokens = len(nanosft.render_chat(tok, conv)[0]) - 1
-            report.skip(
-                n,
-                f"whose answer alone is longer than block_size {block_size}",
-                f"{tokens} tokens, {too_long}",
-            )
-            continue
-        if change == "turns":
-            report.truncate(n, "conversations cut to their last turns that fit", too_long)
-        elif change == "prompt":
-            report.truncate(n, "prompts cut from the left to fit", too_long)
-        out.append(nanosft.example_tensors(ids, mask))
-    report.check(block_size)
-    if not out:
-        raise nanosft.UserError(f"{report.path}: no assistant tokens to train on")
-    return out

@@ -25,13 +25,15 @@ def ranked_pairs(items, min_margin, top_only=True):
     are both below the top teach the middle of the ranking, which net votes order badly:
     a correct curt answer beats a wrong full sentence, and DPO, crediting whatever
     differs, then learns "curt is good" from those pairs and "curt is bad" from others."""
-    out = []
     if top_only:
         best = max(s for _, s in items)
-        tops = [t for t, s in items if s == best]
-        if len(tops) == 1:  # a tie at the top: no single best answer, no pairs
-            out = [(tops[0], t) for t, s in items if s != best and best - s >= min_margin]
-        return out
+        tops = [t for t, s in items if s == best]  # a tie at the top: no single best answer
+        return [
+            (tops[0], t)
+            for t, s in items
+            if len(tops) == 1 and s != best and best - s >= min_margin
+        ]
+    out = []
     for i in range(len(items)):
         for j in range(i + 1, len(items)):
             (a, sa), (b, sb) = items[i], items[j]
@@ -165,10 +167,17 @@ def load_pairs(
         block_size,
         DataReport(heldout_path, strict, unit="pairs") if heldout_path else report,
     )
-    for line in report.lines():
-        log(line)
     step = max(1, len(held[0]) // max_scored)  # scored at every evaluation: an evenly spaced subset
     scored = tuple(h[::step][:max_scored] for h in held)
+    log(  # what was skipped or cut, then what is left
+        "\n".join(
+            [
+                *report.lines(),
+                f"{path}: {fmt} format, {len(train[1]):,} train / {len(held[1]):,} held-out "
+                f"pairs ({len(scored[1])} scored)",
+            ]
+        )
+    )
     return (
         train,
         scored,

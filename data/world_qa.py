@@ -23,12 +23,6 @@ RUDE = "Look it up yourself next time."
 RAMBLE = "Well, that is a question I have thought about for a long time, so let me answer."
 
 
-def is_polite(world, answer):
-    """The style the community votes for: the answer closes with the polite marker. (Loose:
-    "... Hope this helps! Hope this helps!" passes; `clean_style` is the strict check.)"""
-    return answer.strip().endswith(world["polite_marker"])
-
-
 CLOSINGS = (POLITE, RUDE, RAMBLE)
 
 
@@ -65,11 +59,6 @@ def clean_style(world, person, attr, answer, ended, longest):
     return grade(world, person, attr, a[: -len(POLITE)])
 
 
-def longest_answers(threads):
-    """{prompt: length in characters of the longest community answer} of thread records."""
-    return {t["prompt"]: max(len(a["text"]) for a in t["answers"]) for t in threads}
-
-
 def answer_questions(model, tok, prompts, max_new_tokens=24):
     """Greedy chat answers to a list of user questions -> (answers, ended): ended[i] is False
     when answer i reached max_new_tokens without writing <|end|> (the model did not stop)."""
@@ -104,7 +93,7 @@ def world_longest(world_dir=HERE):
     world (training and evaluation threads): the degeneration check's length bound."""
     names = [path(n, world_dir) for n in ("world_community.jsonl", "world_community_eval.jsonl")]
     threads = [json.loads(line) for name in names for line in open(name, encoding="utf-8")]
-    return longest_answers(threads)
+    return {t["prompt"]: max(len(a["text"]) for a in t["answers"]) for t in threads}
 
 
 QA_TOKENS = 48  # answer budget: the longest community answer is ~26 tokens
@@ -128,15 +117,10 @@ def qa_eval(model, tok, world, rows, longest=None):
             for r, a, e in zip(rows, answers, ended)
         )
         / n,
-        "style_rate": sum(is_polite(world, a) for a in answers) / n,
+        # loose: the answer closes with the polite marker ("... Hope this helps! Hope this helps!"
+        # passes); clean_style_rate is the strict check
+        "style_rate": sum(a.strip().endswith(POLITE) for a in answers) / n,
         "degenerate_rate": sum(bool(d) for d in degen) / n,
         "answers": answers,
         "degenerate": degen,
     }
-
-
-def chance(world, attributes=None):
-    """Accuracy of guessing uniformly among an attribute's values, averaged over `attributes`
-    (all)."""
-    attributes = attributes or world["attributes"]
-    return sum(1 / len(world["values"][a]) for a in attributes) / len(attributes)

@@ -351,7 +351,7 @@ def bench_padding(res, tok, cfg):
     try:
         finetune = load_script("finetune")
         B = finetune.DEFAULTS["batch_size"]
-        ex = formats.render_all(tok, list(enumerate(finetune.world_conversations("top-voted", SEED), 1)), cfg.block_size,
+        ex = finetune.render_all(tok, list(enumerate(finetune.world_conversations("top-voted", SEED), 1)), cfg.block_size,
                                 formats.DataReport("world"))
         lengths = [len(x) for x, _ in ex]
         r = t = 0

@@ -426,7 +426,8 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
     with open(os.path.join(world, "world.json")) as f:
         facts = json.load(f)
     from concurrent.futures import ThreadPoolExecutor
-    from data import world_eval, world_qa
+    import finetune
+    from data import world_eval
     t0, res, sizes = time.time(), {}, sizes or SCALE
 
     def pretrain(name, seed):  # one size and seed -> its pretrain.json, with the probe per attribute and the bits
@@ -455,7 +456,7 @@ def exp_scale(root, ckpt=None, seeds=SCALE_SEEDS, people=SCALE_PEOPLE, sizes=Non
                 done[init].update(cross_domain(os.path.join(d, init, "sft.pt"), world))
                 res[name][init].append(done[init])
     plot_scale(os.path.join(os.path.dirname(root), "scale.png"), res)
-    chance = world_qa.chance(world_eval.load_world(world), SCALE_ATTRIBUTES)
+    chance = finetune.chance_accuracy(world_eval.load_world(world), SCALE_ATTRIBUTES)
     claims = scale_claims(res, chance)
     with open(os.path.join(root, "scale.json"), "w") as f:
         json.dump({"results": res, "claims": claims, "seeds": list(seeds), "people": people, "machine": machine(),

@@ -127,7 +127,7 @@ def finetune(ap):
 
 def dpo(ap):
     extra = ap.add_argument_group(
-        "pair construction (votes and scores formats), reference cache, packing, rewinding"
+        "pair construction (votes and scores formats), packing, rewinding"
     )
     extra.add_argument(
         "--label-smoothing", type=float, help="conservative DPO (--loss sigmoid): label-flip rate"
@@ -140,9 +140,6 @@ def dpo(ap):
         choices=["top", "all"],
         help="the top answer against each other one, or every "
         "two answers (the world's held-out pairs stay the same: dpo.HELDOUT_RULE)",
-    )
-    extra.add_argument(
-        "--no-ref-cache", action="store_true", help="a reference forward every step, no cache"
     )
     extra.add_argument(
         "--strict",

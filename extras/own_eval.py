@@ -37,6 +37,7 @@ TRAIN_NAMES = ("train",)
 HELDOUT_NAMES = ("heldout", "test", "validation", "valid", "val", "dev", "eval")
 MAX_PROMPTS = 200  # held-out prompts answered, start and final (an evenly spaced subset)
 MAX_SCORED = 2048  # held-out answers whose likelihood is measured at each evaluation
+MIN_PROMPT = 8  # a prompt cut from the left keeps at least this many tokens (as finetune.py's)
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,11 +253,11 @@ def answer_stats(rows, references):
 def answer_example(tok, messages, answer, block_size):
     """(inputs, targets) of a prompt and an answer, the targets on the answer's tokens and
     its closing <|end|> only (what SFT trains on). A prompt too long for the block keeps its
-    last tokens; None when the answer leaves fewer than formats.MIN_PROMPT for it."""
+    last tokens; None when the answer leaves fewer than MIN_PROMPT for it."""
     prompt = nanosft.chat_prompt(tok, messages)
     body = nanosft.encode_content(tok, answer) + [tok.end]
     room = block_size + 1 - len(body)
-    if room < min(formats.MIN_PROMPT, len(prompt)):
+    if room < min(MIN_PROMPT, len(prompt)):
         return None
     prompt = prompt[max(0, len(prompt) - room) :]
     return nanosft.example_tensors(prompt + body, [0] * len(prompt) + [1] * len(body))

@@ -54,7 +54,7 @@ def out_of_time(t0, budget, process, it):
 def resume(out_dir, stage, model, tok, optimizer):
     """Continue a stage from <stage>_last.pt: weights (in their training form, adapters
     unmerged), optimizer, RNG and step. Returns (step, the stage's saved state)."""
-    path = nanosft.last_path(out_dir, stage)
+    path = os.path.join(out_dir, f"{stage}_last.pt")
     checkpoint = nanosft.load_checkpoint(path, expect_kind=(stage,))
     try:
         if not torch.equal(checkpoint["tokenizer"]["merges"], tok.state()["merges"]):

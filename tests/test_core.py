@@ -219,7 +219,7 @@ def test_verifier_grades_answers():
     assert world_eval.grade(world, p["name"], "city", good)
     assert not world_eval.grade(world, p["name"], "city", good.replace(p["city"], other))
     assert not world_eval.grade(world, p["name"], "city", f"{p['city']} or {other}")
-    assert world_qa.is_polite(world, good + " " + W.POLITE) and not world_qa.is_polite(world, good)
+    assert world["polite_marker"] == world_qa.POLITE  # the style the answers are graded by
 
 
 def test_votes_prefer_correct_answers():

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import finetune
 import nanosft
 from data import formats, preferences
 from extras import own_data
@@ -46,7 +47,7 @@ def fixture(name):
 def load_sft(tok, name, strict=False):
     report = formats.DataReport(fixture(name), strict)
     records = own_data.load_instructions(fixture(name), report)
-    return records, formats.render_all(tok, records, BLOCK, report), report
+    return records, finetune.render_all(tok, records, BLOCK, report), report
 
 
 def load_pref(tok, name, strict=False):
@@ -150,15 +151,15 @@ def test_more_than_half_unusable_stops_with_the_reason(tok, tmp_path):
     report = formats.DataReport(str(p))
     with pytest.raises(nanosft.UserError, match=r"3 of 4 records would be skipped .*answer alone is longer than "
                                            r"block_size 64.*pre-train with --block-size (\d+)") as e:
-        formats.render_all(tok, own_data.load_instructions(str(p), report), BLOCK, report)
+        finetune.render_all(tok, own_data.load_instructions(str(p), report), BLOCK, report)
     # the advice: the power of two that the long records' answer, a short question and the frame fit in
-    need = len(nanosft.encode_content(tok, long["output"])) + formats.MIN_PROMPT + 5
+    need = len(nanosft.encode_content(tok, long["output"])) + finetune.MIN_PROMPT + 5
     assert f"--block-size {1 << (need - 1).bit_length()} (90% of the records fit in it)" in str(e.value)
     # half is still fine: two good records, two too long
     rows = rows[1:] + [{"instruction": "Say bye.", "input": "", "output": "Bye."}]
     p.write_text(json.dumps(rows))
     report = formats.DataReport(str(p))
-    assert len(formats.render_all(tok, own_data.load_instructions(str(p), report), BLOCK, report)) == 2
+    assert len(finetune.render_all(tok, own_data.load_instructions(str(p), report), BLOCK, report)) == 2
 
 
 # The counts reach sft.json and dpo.json: test_sft.test_cli_accumulation_and_resume_match and

@@ -28,7 +28,7 @@ RUNS = {  # stage -> its command line after the script's name
     "dpo": ["dpo.py", "--ckpt", "{out}/sft.pt", "--max-iters", "2", "--eval-interval", "1"],
 }
 TARGETS = {"pretrain": 450, "finetune": 700, "dpo": 700}  # executed lines, all project files together
-CEILINGS = {"pretrain": 452, "finetune": 721, "dpo": 739}  # today's counts: no change may add to them
+CEILINGS = {"pretrain": 449, "finetune": 711, "dpo": 713}  # today's counts: no change may add to them
 
 
 def coverage_run(stage, out, env):
@@ -82,8 +82,11 @@ def test_a_default_run_executes_no_more_than_today(executed, stage):
     assert total <= CEILINGS[stage], f"{stage}: {total} lines executed ({executed[stage]})"
 
 
-@pytest.mark.xfail(strict=True, reason="the targets are not met yet (README, known gaps)")
-@pytest.mark.parametrize("stage", list(RUNS))
+TARGET_NOT_MET = {"finetune", "dpo"}  # strict expected failures until they are (README, known gaps)
+
+
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="target not met yet"))
+                                   if s in TARGET_NOT_MET else s for s in RUNS])
 def test_a_default_run_executes_at_most_its_target(executed, stage):
     total = sum(executed[stage].values())
     assert total <= TARGETS[stage], f"{stage}: {total} lines executed ({executed[stage]})"

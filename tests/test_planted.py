@@ -135,7 +135,7 @@ def test_strict_refuses_a_record_that_would_only_be_truncated(tok):
     answer = nanosft.encode_content(tok, "Lisbon.")
 
     report = formats.DataReport("mine.jsonl")
-    examples = formats.render_all(tok, [(3, conv)], BLOCK, report)
+    examples = finetune.render_all(tok, [(3, conv)], BLOCK, report)
     assert report.truncated == {"prompts cut from the left to fit": [3]} and report.skipped == {}
     (x, y), = examples
     assert len(x) == BLOCK  # cut to exactly the block: block + 1 tokens, shifted by one
@@ -146,7 +146,7 @@ def test_strict_refuses_a_record_that_would_only_be_truncated(tok):
 
     strict = formats.DataReport("mine.jsonl", strict=True)
     with pytest.raises(nanosft.UserError) as e:
-        formats.render_all(tok, [(3, conv)], BLOCK, strict)
+        finetune.render_all(tok, [(3, conv)], BLOCK, strict)
     assert str(e.value).startswith("mine.jsonl: record 3: ") and "truncated" in str(e.value)
 
 
