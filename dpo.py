@@ -235,13 +235,12 @@ def step_pair_ids(seed, it, batch_size, n, process=None):
 
 def micro_batches(examples, ids, pad_id, packed, grad_accum, device):
     """The pairs `ids` in grad_accum micro-batches -> [(X, Y, segments, ids)] on `device`."""
-    batches = []
-    for chunk in torch.tensor(ids).chunk(grad_accum):
-        X, Y, segments = collate_pairs([examples[i] for i in chunk.tolist()], pad_id, packed)
-        batches.append(
-            (X.to(device), Y.to(device), None if segments is None else segments.to(device), chunk)
-        )
-    return batches
+    chunks = torch.tensor(ids).chunk(grad_accum)
+    return [
+        (*(t if t is None else t.to(device) for t in collate_pairs(pairs, pad_id, packed)), chunk)
+        for chunk in chunks
+        for pairs in [[examples[i] for i in chunk.tolist()]]
+    ]
 
 
 @torch.no_grad()
@@ -325,11 +324,16 @@ def kl_estimate(model, ref, tok, prompts, process, seed):
             generator=torch.Generator().manual_seed(seed),
             keep_stop=True,
         )
-        X, Y = nanosft.collate(
-            [nanosft.example_tensors(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(ids, ys)],
-            tok.pad,
+        X, Y = (
+            t.to(process.device)
+            for t in nanosft.collate(
+                [
+                    nanosft.example_tensors(x + y, [0] * len(x) + [1] * len(y))
+                    for x, y in zip(ids, ys)
+                ],
+                tok.pad,
+            )
         )
-        X, Y = X.to(process.device), Y.to(process.device)
         lp = torch.log_softmax(model(X)[0].float(), -1)  # (N, T, V)
         lq = torch.log_softmax(ref(X)[0].float(), -1)  # (N, T, V)
     kl_t = (lp.exp() * (lp - lq)).sum(-1)  # (N, T)
@@ -340,9 +344,8 @@ def evaluate(model, ref, tok, held, prompts, beta, process, seed):
     """What every evaluation reports: the held-out pairs' implicit rewards (held: score, where
     score(model) gives their log-probs, and the reference's scores; None without held-out pairs)
     and the KL(pi || ref) on the first KL_PROMPTS `prompts`."""
-    rewards = heldout_rewards(held[0](model), held[1], beta) if held else {}
     return {
-        **rewards,
+        **(heldout_rewards(held[0](model), held[1], beta) if held else {}),
         "kl": kl_estimate(model, ref, tok, prompts[:KL_PROMPTS], process=process, seed=seed),
     }
 
@@ -663,8 +666,12 @@ def main(argv=None):
                     seconds=time.time() - t0,
                     tokens=tokens,
                 )
-                means = (f"{k} {v[-1]:+.3f}" for k, v in state["train"].items() if k != "step")
-                process.log("  " + " | ".join(means))
+                process.log(  # the step's mean implicit rewards (TRL's names)
+                    "  "
+                    + " | ".join(
+                        f"{k} {v[-1]:+.3f}" for k, v in state["train"].items() if k != "step"
+                    )
+                )
             if step % args.eval_interval == 0 and step < args.max_iters:
                 on_eval(step)
     on_eval(step)

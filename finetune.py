@@ -234,11 +234,12 @@ def step_order(n_examples, batch_size, seed, it, lengths):
         seed * 1_000_003 + epoch
     )  # a stream per (seed, epoch); 1,000,003 is prime
     perm = torch.randperm(n_examples, generator=g).tolist()
-    window = 8 * batch_size
-    batches = []
-    for w in range(0, per_epoch * batch_size, window):
-        chunk = sorted(perm[w : min(w + window, per_epoch * batch_size)], key=lengths.__getitem__)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    # windows of 8 batches, each sorted by length, cut into batches
+    windows = [
+        sorted(perm[w : min(w + 8 * batch_size, per_epoch * batch_size)], key=lengths.__getitem__)
+        for w in range(0, per_epoch * batch_size, 8 * batch_size)
+    ]
+    batches = [c[i : i + batch_size] for c in windows for i in range(0, len(c), batch_size)]
     order = torch.randperm(len(batches), generator=g).tolist()
     return batches[order[k % len(batches)]]
 
@@ -454,16 +455,16 @@ def fmt_loss(v):  # a loss for the log: None (no pre-training text at hand) as "
 
 def log_eval(log, p):
     """An evaluation's log line (and what the flags' measures added: dev, in/cross-domain)."""
-    more = (f" | {k} {v:.3f}" for k, v in p.items() if k not in EVAL_KEYS and v is not None)
     log(
         f"eval step {p['step']}: held-out {p['heldout']:.3f} | retention loss "
         f"{fmt_loss(p['retention'])}"
         + ("" if p["probe"] is None else f" | knowledge probe {p['probe']:.3f}")
-        + "".join(more)
+        + "".join(
+            f" | {k} {v:.3f}"
+            for k, v in p.items()
+            if k not in ("step", "heldout", "degenerate", "retention", "probe") and v is not None
+        )
     )
-
-
-EVAL_KEYS = ("step", "heldout", "degenerate", "retention", "probe")
 
 
 def not_rewound(step):
@@ -723,8 +724,10 @@ def main(argv=None):
         out = summary(
             model,
             trainable,
-            (step, train_seconds, tokens),
             process,
+            step=step,
+            seconds=train_seconds,
+            tokens=tokens,
             data=report.state(),
             flags=vars(args),
             frozen_bytes=peft.frozen_bytes(model) if peft else None,  # nothing frozen
@@ -775,10 +778,9 @@ def main(argv=None):
         process.log(f"done in {out['seconds']:.0f}s -> {os.path.join(args.out_dir, 'sft.pt')}")
 
 
-def summary(model, trainable, steps, process, data, flags, frozen_bytes):
-    """sft.json's fields of every run (the world's: world_report).
-    steps: (steps taken, seconds of training, this process's tokens)."""
-    step, seconds, tokens = steps
+def summary(model, trainable, process, step, seconds, tokens, data, flags, frozen_bytes):
+    """sft.json's fields of every run (the world's: world_report): `step` steps taken in
+    `seconds` of training, this process's `tokens`."""
     return {
         "trainable_params": trainable,
         "total_params": model.num_params(),

@@ -440,9 +440,8 @@ class GPTConfig:
     bias: bool = False  # biases on the linear layers: GPT-2 has them (extras/hf.py), ours not
     gelu: str = "none"  # gelu's `approximate`: "none" (exact erf, ours) or "tanh" (GPT-2's)
 
-    @classmethod
-    def from_dict(cls, d):  # keys of another version's config are dropped
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+GPT_FIELDS = {f.name for f in fields(GPTConfig)}  # (a newer version's other keys are dropped)
 
 
 class KVCache:
@@ -639,11 +638,11 @@ def load_checkpoint(path, expect_kind=None):
         return hf.load_dir(path, expect_kind)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
-    unreadable = (
-        f"{path}: not a readable checkpoint, expected a complete file written by torch.save"
-    )
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off zip loses its directory
-        raise UserError(f"{unreadable} (this one is truncated or in another format)")
+        raise UserError(
+            f"{path}: not a readable checkpoint, expected a complete file written by torch.save "
+            "(this one is truncated or in another format)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (
@@ -666,7 +665,8 @@ def load_checkpoint(path, expect_kind=None):
     except Exception as e:  # truncated, not a zip, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
-            f"{unreadable} (truncated or another format? {type(e).__name__}: {first[:80]})"
+            f"{path}: not a readable checkpoint, expected a complete file written by torch.save "
+            f"(truncated or another format? {type(e).__name__}: {first[:80]})"
         )
     if not isinstance(checkpoint, dict) or not {"model", "config", "tokenizer", "kind"} <= set(
         checkpoint
@@ -686,7 +686,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     built."""
     sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
     cfg = (
-        GPTConfig.from_dict(checkpoint["config"])
+        GPTConfig(**{k: v for k, v in checkpoint["config"].items() if k in GPT_FIELDS})
         if isinstance(checkpoint["config"], dict)
         else None
     )

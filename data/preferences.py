@@ -73,14 +73,14 @@ def votes_pairs(r, where, min_margin, top_only=True):
             f"{where}: expected a thread {{prompt, answers: [{{text, up, down}}, ...]}} "
             "(your own formats: extras/own_data.py)"
         )
-
-    def net(a, w):  # a is a dict here: its "text" was read first
-        return number(a.get("up"), "up", w, integer=True) - number(
-            a.get("down"), "down", w, integer=True
-        )
-
     user = [{"role": "user", "content": field(r, "prompt", where)}]
-    return "votes", user, ranked_pairs(scored_items(r, "answers", where, net), min_margin, top_only)
+    answers = scored_items(  # each answer's net votes, up - down (its "text" was read first)
+        r,
+        "answers",
+        where,
+        lambda a, w: number(a.get("up"), "up", w, True) - number(a.get("down"), "down", w, True),
+    )
+    return "votes", user, ranked_pairs(answers, min_margin, top_only)
 
 
 def read_pairs(path, min_margin=1.0, top_only=True, report=None, record_pairs=votes_pairs):

@@ -19,11 +19,11 @@ EVAL_THREADS = path("world_community_eval.jsonl")
 # the community's closings (the same as data/world.py's, which writes them; tests/test_core.py
 # checks): voters like the polite one and dislike the others
 POLITE = "Hope this helps!"
-RUDE = "Look it up yourself next time."
-RAMBLE = "Well, that is a question I have thought about for a long time, so let me answer."
-
-
-CLOSINGS = (POLITE, RUDE, RAMBLE)
+CLOSINGS = (  # polite, rude, rambling
+    POLITE,
+    "Look it up yourself next time.",
+    "Well, that is a question I have thought about for a long time, so let me answer.",
+)
 
 
 def sentences(text):
@@ -70,10 +70,8 @@ def answer_questions(model, tok, prompts, max_new_tokens=24):
 
 
 def load_eval_rows(split=None, world_dir=HERE):
-    rows = [
-        json.loads(line) for line in open(path("world_eval.jsonl", world_dir), encoding="utf-8")
-    ]
-    return [r for r in rows if split is None or r["split"] == split]
+    with open(path("world_eval.jsonl", world_dir), encoding="utf-8") as lines:
+        return [r for r in map(json.loads, lines) if split is None or r["split"] == split]
 
 
 def heldout_halves(world_dir=HERE):
@@ -81,8 +79,7 @@ def heldout_halves(world_dir=HERE):
     rewound checkpoints, in SFT and in DPO) and a test half (which is reported). A choice
     made on the dev half and reported on the test half is not fitted to what it reports."""
     rows = load_eval_rows("heldout", world_dir)
-    people = sorted({r["person"] for r in rows})
-    dev_people = set(people[::2])
+    dev_people = set(sorted({r["person"] for r in rows})[::2])  # every other person, by name
     return [r for r in rows if r["person"] in dev_people], [
         r for r in rows if r["person"] not in dev_people
     ]

@@ -54,7 +54,7 @@ def test_the_verifier_uses_the_generators_constants():
     data/world.py writes the world with (the generator imports nothing from them)."""
     assert cross_domain.ATTRS == W.ATTRS == world_eval.load_world()["attributes"]
     assert world_eval.PROBE == {a: re.split(r" \{[av]\}", t[0])[0] for a, t in W.TEMPLATES.items()}
-    assert (world_qa.POLITE, world_qa.RUDE, world_qa.RAMBLE) == (W.POLITE, W.RUDE, W.RAMBLE)
+    assert world_qa.CLOSINGS == (W.POLITE, W.RUDE, W.RAMBLE) and world_qa.POLITE == W.POLITE
 
 
 def test_the_world_ships_the_bpe_that_training_on_its_corpus_learns():

@@ -91,7 +91,7 @@ def test_two_gloo_ranks_equal_one_process(runs):
         torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-4, atol=1e-6)
     # the weights moved, so the equality is not just the shared initialisation ...
     torch.manual_seed(1337)  # pretrain.py's default --seed, set right before building the GPT
-    init = nanosft.GPT(nanosft.GPTConfig.from_dict(a["config"])).state_dict()
+    init = nanosft.GPT(nanosft.GPTConfig(**a["config"])).state_dict()
     assert max((a["model"][k] - init[k]).abs().max() for k in init) > 1e-3
     # ... and the logged loss is the whole step's, not rank 0's half of it
     losses = [logged_losses(log) for log in logs]
