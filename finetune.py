@@ -74,7 +74,7 @@ REPORTED_FLAGS = (
 # loss mask: 1 on every assistant token and its closing <|end|>, 0 on the roles, the question
 # and the system message. nanosft.example_tensors shifts by one (position t predicts token
 # t + 1) and sets the target of every unmasked position to -1; nanosft.collate pads with -1
-# too. cross_entropy(ignore_index=-1) skips those.
+# too. cross_entropy(ignore_index=-1) skips those. render_all (2.) does both for every record.
 
 
 def sft_loss(model, X, Y):
@@ -341,7 +341,7 @@ def pretraining_counts(tok, start_checkpoint):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. arguments and checkpoints
+# 4. arguments (the flags beyond the lesson: extras/flags.py)
 
 
 def parse_args(argv=None):

@@ -139,14 +139,14 @@ class ArgumentParser(argparse.ArgumentParser):
                 kind = "integer" if isinstance(v, int) else "number"
                 rule = f"a {kind} >= 0" if LEAST[name][1] else f"a positive {kind}"
                 raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
-        flags, world = vars(args), int(os.environ.get("WORLD_SIZE", 1))  # processes, under torchrun
-        if flags.get("batch_size") and flags["batch_size"] % (world * flags["grad_accum"]):
+        values, world = vars(args), int(os.environ.get("WORLD_SIZE", 1))  # processes (torchrun)
+        if values.get("batch_size") and values["batch_size"] % (world * values["grad_accum"]):
             raise UserError(
-                f"--batch-size {flags['batch_size']} must be divisible by processes x --grad-accum "
-                f"({world} x {flags['grad_accum']})"
+                f"--batch-size {values['batch_size']} must be divisible by processes x "
+                f"--grad-accum ({world} x {values['grad_accum']})"
             )
         if (
-            flags.get("out_dir")
+            values.get("out_dir")
             and os.path.exists(args.out_dir)
             and not os.path.isdir(args.out_dir)
         ):
