@@ -18,7 +18,9 @@ What it measures (targets in TARGETS below):
   kv_cache_speedup   256 new tokens after a 64-token prompt, greedy, decoded with the KV cache
                      vs re-running the whole prefix for every token (the same GPT, block 320).
   dpo_step_ratio     a DPO step over an SFT step on the same tokens (reference log-probs cached,
-                     as dpo.py does).
+                     as dpo.py does), on packed rows (dpo.py --pack); dpo_step_ratio_unpacked
+                     the same with one row per sequence (a default run), pack_speedup the
+                     default DPO step's time over the packed one's.
   pad_efficiency     real tokens over computed tokens in the SFT and DPO batches of the world data.
   bpe_train_seconds_1mb  nanosft.train_tokenizer to 4096 tokens (specials included) on 1 MB of
                      English: the help topics of the Python reference manual that ship with
@@ -380,9 +382,11 @@ def bench_padding(res, tok, cfg):
 
 
 def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
-    """A DPO step and an SFT step on the same packed rows: chosen and rejected answers of
-    world preference pairs, the SFT loss on the same response tokens. The reference
-    log-probs are computed once beforehand, as dpo.py caches them."""
+    """A DPO step and an SFT step on the same rows: chosen and rejected answers of world
+    preference pairs, the SFT loss on the same response tokens; the reference log-probs are
+    computed once beforehand, as dpo.py caches them. Both layouts: packed rows (dpo.py --pack,
+    `dpo_step_ratio`) and one row per sequence (the default run, `dpo_step_ratio_unpacked`);
+    `pack_speedup`: the default DPO step's time over the packed one's."""
     try:
         dpo, d, ex = world_pairs(tok, cfg)
     except Exception as e:
@@ -392,12 +396,6 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
     torch.manual_seed(0)
     model = nanosft.GPT(cfg)
     ref = copy.deepcopy(model).requires_grad_(False).eval()
-    batches = []
-    for it in range(n_batches):
-        X, Y, S = dpo.collate_pairs([ex[i] for i in dpo.step_pair_ids(SEED, it, d["batch_size"], len(ex))], tok.pad)
-        with torch.no_grad():
-            rc, rr = dpo.concatenated_logprobs(ref, X, Y, S)
-        batches.append((X, Y, S, rc, rr))
     sft_m, dpo_m = copy.deepcopy(model), copy.deepcopy(model)
     sft_opt, dpo_opt = nanosft.configure_optimizer(sft_m, 1e-5), nanosft.configure_optimizer(dpo_m, 1e-5)
 
@@ -407,7 +405,9 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sft_loss(X, Y, S):  # the SFT loss of packed rows: a mean over their supervised tokens
+    def sft_loss(X, Y, S):  # the SFT loss of the rows: a mean over their supervised tokens
+        if S is None:
+            return sft_m(X, Y)[1]
         logits = packing.packed_logits(sft_m, X, packing.packed_layout(S, cfg.block_size))
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), ignore_index=-1,
                                                  reduction="none").sum() / (Y != -1).sum()
@@ -418,14 +418,27 @@ def bench_dpo_step(res, tok, cfg, rounds, n_batches=4):
     def dpo_step(X, Y, S, rc, rr):
         return lambda: step(dpo_m, dpo_opt, dpo.pair_loss(dpo_m, X, Y, rc, rr, d["beta"], d["loss"], d["label_smoothing"],
                                                                d["rpo_alpha"], S)[0] / len(rc))
-    fns = [f(*b) for b in batches for f in (sft, dpo_step)]  # SFT, DPO, SFT, DPO, ... per batch
-    for f in fns:  # warm-up
-        f()
-    best = best_times(fns, 3 * rounds)  # short steps: more rounds are cheap
-    t_sft, t_dpo = sum(best[0::2]), sum(best[1::2])
+    times = {}
+    for packed in (True, False):
+        batches = []
+        for it in range(n_batches):
+            ids = dpo.step_pair_ids(SEED, it, d["batch_size"], len(ex))
+            X, Y, S = dpo.collate_pairs([ex[i] for i in ids], tok.pad, packed)
+            with torch.no_grad():
+                rc, rr = dpo.concatenated_logprobs(ref, X, Y, S)
+            batches.append((X, Y, S, rc, rr))
+        fns = [f(*b) for b in batches for f in (sft, dpo_step)]  # SFT, DPO, SFT, DPO, ... per batch
+        for f in fns:  # warm-up
+            f()
+        best = best_times(fns, 3 * rounds)  # short steps: more rounds are cheap
+        times[packed] = sum(best[0::2]), sum(best[1::2])
+    (t_sft, t_dpo), (u_sft, u_dpo) = times[True], times[False]
     res["sft_step_seconds"] = round(t_sft / n_batches, 4)
     res["dpo_step_seconds"] = round(t_dpo / n_batches, 4)
     res["dpo_step_ratio"] = round(t_dpo / t_sft, 3)
+    res["dpo_step_seconds_unpacked"] = round(u_dpo / n_batches, 4)
+    res["dpo_step_ratio_unpacked"] = round(u_dpo / u_sft, 3)
+    res["pack_speedup"] = round(u_dpo / t_dpo, 3)
 
 
 # ----------------------------------------------------------------------------------------
