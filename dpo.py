@@ -235,11 +235,10 @@ def step_pair_ids(seed, it, batch_size, n, process=None):
 
 def micro_batches(examples, ids, pad_id, packed, grad_accum, device):
     """The pairs `ids` in grad_accum micro-batches -> [(X, Y, segments, ids)] on `device`."""
-    chunks = torch.tensor(ids).chunk(grad_accum)
+    to_device = lambda t: None if t is None else t.to(device)  # (segments: None unless packed)
     return [
-        (*(t if t is None else t.to(device) for t in collate_pairs(pairs, pad_id, packed)), chunk)
-        for chunk in chunks
-        for pairs in [[examples[i] for i in chunk.tolist()]]
+        (*map(to_device, collate_pairs([examples[i] for i in c.tolist()], pad_id, packed)), c)
+        for c in torch.tensor(ids).chunk(grad_accum)
     ]
 
 
