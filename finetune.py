@@ -592,7 +592,7 @@ def main(argv=None):
     if args.rewind != "none":  # every evaluation point's checkpoint kept, one chosen at the end
         from extras import rewind
 
-        evaluator.more.append(rewind.DevHalf(evaluator, args.sft_attributes))
+        evaluator.more.append(rewind.DevHalf(evaluator, args.sft_attributes, top_voted))
     optimizer = nanosft.configure_optimizer(
         model.to(process.device), args.lr, weight_decay=0.0, device_type=process.device.type
     )
@@ -764,7 +764,7 @@ def main(argv=None):
             if args.sft_attributes:
                 out.update(
                     cross_domain.report(
-                        process.log, path, final, rewound=rewound, evaluator=evaluator
+                        process.log, path, final, rewound=rewound, attributes=args.sft_attributes
                     )
                 )
             checkpoint["metrics"] = {

@@ -57,9 +57,8 @@ class Domains:
         return {"heldout_in": inside, "heldout_cross": cross}
 
 
-def report(log, path, final, rewound, evaluator):
+def report(log, path, final, rewound, attributes):
     """sft.json's in- and cross-domain fields (before, final, out/sft.pt's), the latter logged."""
-    attributes = next(m for m in evaluator.more if isinstance(m, Domains)).attributes
     start = path[0]
     if rewound["heldout_cross"] is not None:  # (None: every attribute named)
         log(

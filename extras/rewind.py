@@ -51,14 +51,13 @@ def sft_rewind(points, tolerance, final=None, min_gain=0.0, loss_tolerance=None)
 FLAGS = ("rewind", "alphas", "rewind_tolerance", "rewind_loss_tolerance", "rewind_min_gain")
 
 
-def dev_answer_batches(tok, prompts, world_dir, batch=64):
-    """The community's top-voted answers to the dev half's questions `prompts`
-    (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
+def dev_answer_batches(tok, prompts, world_dir, top_voted, batch=64):
+    """The community's top-voted answers (top_voted: finetune.py's) to the dev half's questions
+    `prompts` (world_community_eval.jsonl: threads no stage trains on), as fixed (x, y) batches:
     their loss says how closely the model writes the answers SFT teaches -- the voted
     style included -- for people it was never trained on."""
     threads = formats.read_records(world_eval.path("world_community_eval.jsonl", world_dir))
-    best = lambda answers: max(answers, key=lambda a: a["up"] - a["down"])["text"]  # top voted
-    convs = [[{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": best(t["answers"])}]
+    convs = [[{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": top_voted(t["answers"])}]
              for _, t in threads if t["prompt"] in prompts]
     examples = [nanosft.example_tensors(*nanosft.render_chat(tok, c)) for c in convs]
     return [nanosft.collate(examples[i:i + batch], tok.pad) for i in range(0, len(examples), batch)]
@@ -71,11 +70,12 @@ class DevHalf:
     --sft-attributes only the dev questions about those attributes, so nothing about a
     cross-domain attribute informs the choice."""
 
-    def __init__(self, evaluator, attributes=None):
+    def __init__(self, evaluator, attributes, top_voted):
         self.evaluator = evaluator
         dev = world_qa.heldout_halves(evaluator.world_dir)[0]
         self.dev = [r for r in dev if attributes is None or r["attribute"] in attributes]
-        self.answers = dev_answer_batches(evaluator.tok, {r["prompt"] for r in self.dev}, evaluator.world_dir)
+        self.answers = dev_answer_batches(evaluator.tok, {r["prompt"] for r in self.dev}, evaluator.world_dir,
+                                          top_voted)
 
     def __call__(self, model, test_answers):
         return {"dev": self.evaluator.qa(model, self.dev)["accuracy"],

@@ -163,7 +163,7 @@ def test_sft_dev_key_is_the_dev_halfs_accuracy(tok, monkeypatch):
     monkeypatch.setattr(world_qa, "answer_questions", fake_answers(dev_people))
     monkeypatch.setattr(world_eval, "knowledge_probe", lambda *a, **k: 0.5)
     ev = sft_eval.SFTEvaluator(RT, tok, None, 256)
-    half = rewind.DevHalf(ev)
+    half = rewind.DevHalf(ev, None, sft_eval.top_voted)
     ev.more.append(half)
     r = ev(tiny_gpt(tok, block_size=256))
     assert r["dev"] == 1.0 and r["heldout"] == 0.0
