@@ -163,7 +163,7 @@ def add_common_args(ap, out_dir="out"):
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every N steps")
     train.add_argument("--seed", type=int, default=1337)
-    run = ap.add_argument_group("running: hardware, processes, time, resume")
+    run = ap.add_argument_group("running: the device and the dtype")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     run.add_argument(
         "--dtype",
